@@ -1,0 +1,7 @@
+"""HM4SR workbench core: data, model, training, evaluation and introspection.
+
+HM4SR is "Hierarchical Time-Aware Mixture of Experts for Multi-Modal Sequential
+Recommendation" (Zhang et al., WWW 2025, arXiv 2501.14269).
+"""
+
+__version__ = "0.1.0"

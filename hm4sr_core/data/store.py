@@ -1,0 +1,175 @@
+"""Persist a :class:`Dataset` as a folder, atomically, and read it back.
+
+Layout of ``data/processed/<name>/``::
+
+    manifest.json          name, source, preprocessing, stats, modalities, file hashes, split hashes
+    interactions.parquet   user, item, timestamp (sorted by user, timestamp, item)
+    items.parquet          item, token, text, categories, reader extras
+    users.parquet          user, token
+    categories.npy         (N+1, C) float32 multi-hot
+    features_<m>.npy       (N+1, D_m) float32, row 0 = padding
+    available_<m>.npy      (N+1,) bool
+
+The folder is written under a temporary name and renamed into place, so a failure
+never leaves a half-written dataset and never destroys the previous one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .schema import DataError, Dataset, ModalityFeatures
+
+FORMAT_VERSION = 1
+REPO_ROOT = Path(__file__).resolve().parents[2]
+PROCESSED_ROOT = REPO_ROOT / "data" / "processed"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _json_default(value):
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating,)):
+        return float(value)
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def write_json_atomic(path: Path, payload: dict) -> None:
+    """Write JSON through a temporary file in the same folder, then rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(payload, f, indent=2, default=_json_default)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def resolve_dataset_path(name_or_path: str | Path) -> Path:
+    """A folder path as given, or ``data/processed/<name>``."""
+    p = Path(name_or_path)
+    if (p / "manifest.json").exists():
+        return p
+    candidate = PROCESSED_ROOT / str(name_or_path)
+    if (candidate / "manifest.json").exists():
+        return candidate
+    raise DataError(f"no prepared dataset at {p} or {candidate} (no manifest.json); "
+                    f"run `hm4sr prepare` first")
+
+
+def save_dataset(ds: Dataset, folder: str | Path | None = None, *, extra: dict | None = None) -> Path:
+    """Write ``ds`` to ``folder`` (default ``data/processed/<ds.name>``) atomically.
+
+    ``extra`` is merged into the manifest (split hashes, for instance).
+    """
+    target = Path(folder) if folder is not None else PROCESSED_ROOT / ds.name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        ds.interactions.to_parquet(tmp / "interactions.parquet", index=False)
+        items = ds.items.copy()
+        items["categories"] = [list(map(str, c)) for c in items["categories"]]
+        for col in items.columns:
+            if items[col].dtype == object and col not in ("categories",):
+                items[col] = items[col].astype(str)
+        items.to_parquet(tmp / "items.parquet", index=False)
+        pd.DataFrame({"user": np.arange(ds.num_users), "token": ds.user_tokens.astype(str)}).to_parquet(
+            tmp / "users.parquet", index=False)
+        np.save(tmp / "categories.npy", ds.categories)
+        modalities = {}
+        for name, mod in ds.modalities.items():
+            np.save(tmp / f"features_{name}.npy", mod.features)
+            np.save(tmp / f"available_{name}.npy", mod.available)
+            modalities[name] = {"dim": mod.dim, "provenance": mod.provenance,
+                                "features": f"features_{name}.npy", "available": f"available_{name}.npy"}
+        files = {p.name: _sha256(p) for p in sorted(tmp.iterdir())}
+        data_hash = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "name": ds.name,
+            "source": ds.source,
+            "preprocessing": ds.preprocessing,
+            "stats": ds.stats,
+            "category_names": ds.category_names,
+            "modalities": modalities,
+            "files": files,
+            "data_hash": data_hash,
+        }
+        manifest.update(extra or {})
+        write_json_atomic(tmp / "manifest.json", manifest)
+        old = None
+        if target.exists():
+            old = target.parent / f".{target.name}.old-{os.getpid()}"
+            os.replace(target, old)
+        os.replace(tmp, target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def read_manifest(name_or_path: str | Path) -> dict:
+    folder = resolve_dataset_path(name_or_path)
+    with open(folder / "manifest.json") as f:
+        return json.load(f)
+
+
+def load_dataset(name_or_path: str | Path, *, verify: bool = True) -> Dataset:
+    """Read a folder written by :func:`save_dataset`; with ``verify`` check every file hash."""
+    folder = resolve_dataset_path(name_or_path)
+    manifest = read_manifest(folder)
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise DataError(f"{folder / 'manifest.json'}: format_version {manifest.get('format_version')!r}, "
+                        f"expected {FORMAT_VERSION}; re-run `hm4sr prepare`")
+    if verify:
+        for fname, digest in manifest["files"].items():
+            path = folder / fname
+            if not path.exists():
+                raise DataError(f"{path}: missing (listed in manifest.json)")
+            if _sha256(path) != digest:
+                raise DataError(f"{path}: content hash differs from manifest.json; the file was "
+                                f"changed after `hm4sr prepare` wrote it")
+    items = pd.read_parquet(folder / "items.parquet")
+    items["categories"] = [list(c) for c in items["categories"]]
+    modalities = {
+        name: ModalityFeatures(np.load(folder / m["features"]), np.load(folder / m["available"]),
+                               m["provenance"])
+        for name, m in manifest["modalities"].items()
+    }
+    return Dataset(
+        name=manifest["name"],
+        interactions=pd.read_parquet(folder / "interactions.parquet"),
+        items=items,
+        user_tokens=pd.read_parquet(folder / "users.parquet")["token"].to_numpy().astype(str),
+        category_names=list(manifest["category_names"]),
+        categories=np.load(folder / "categories.npy"),
+        modalities=modalities,
+        preprocessing=manifest["preprocessing"],
+        source=manifest["source"],
+        stats=manifest["stats"],
+    )
