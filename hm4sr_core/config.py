@@ -109,3 +109,134 @@ class SplitConfig(_Config):
         _check(0.0 < self.valid_quantile < self.test_quantile < 1.0,
                f"need 0 < valid_quantile < test_quantile < 1, got {self.valid_quantile}, {self.test_quantile}")
         _check(2 <= self.max_length <= 1024, f"max_length must be in [2, 1024], got {self.max_length}")
+
+
+LOSS_NAMES = ("rec", "id_contrastive", "category", "placeholder_contrastive")
+
+
+@dataclass(frozen=True)
+class ModelConfig(_Config):
+    """HM4SR hyper-parameters (paper's Games configuration) and ablation switches.
+
+    ``ModelConfig.sasrec()`` and ``ModelConfig.reference()`` give the two presets.
+    """
+
+    name: str = "hm4sr"  # label only: "hm4sr", "sasrec", "reference", an ablation's name
+    hidden_size: int = 64  # d
+    max_length: int = 50  # T, size of the position table
+    num_experts: int = 4  # E, experts per MoE level
+    num_layers: int = 2  # Transformer layers per stream
+    num_heads: int = 2  # attention heads
+    inner_size: int = 256  # feed-forward width
+    hidden_dropout: float = 0.5  # dropout on embeddings and sub-layer outputs (paper: 0.5)
+    attention_dropout: float = 0.5  # dropout on attention probabilities (paper: 0.5)
+    layer_norm_eps: float = 1e-12  # as RecBole
+    interval_scale: float = 100.0  # s in bucket = floor(s * log2(gap_seconds + 1))
+    modalities: tuple = ()  # feature modalities to use; () = every modality the dataset has
+    use_interactive_moe: bool = True  # first level: experts mix the modalities of each item
+    use_temporal_moe: bool = True  # second level: time-gated gains on every stream
+    lambda_init: tuple = (0.0, 1.0, 1.0)  # Interactive-MoE output scale per stream (id, then modalities; the last value repeats)
+    train_temporal_experts: bool = True  # False = released code (experts in a plain list: frozen random)
+    normalise_time: bool = True  # absolute time in days since the dataset's first interaction; False = raw seconds (released code)
+    mask_same_target: bool = True  # drop same-target pairs from contrastive denominators; False = released code (logit 0)
+    reference_init: bool = False  # True = released code: modules built after the init pass keep PyTorch defaults
+    w_rec: float = 1.0  # weight of the next-item cross-entropy
+    w_id_contrastive: float = 1.0  # weight of IDCL (0 = off)
+    w_category: float = 1.0  # weight of category prediction (0 = off)
+    w_placeholder_contrastive: float = 1.0  # weight of PCL (0 = off)
+    id_contrastive_temperature: float = 0.2  # IDCL temperature
+    placeholder_temperature: float = 1.0  # PCL temperature
+    placeholder_ratio: float = 0.3  # share of positions replaced by time placeholders in PCL
+    placeholder_min_length: int = 4  # sequences shorter than this get no placeholders (paper: n <= 3 -> none)
+    aux_positions: str = "last"  # dense mode: contrastive losses at the last position only ("last") or at every position ("all")
+    initializer_range: float = 0.02  # std of the normal init of weights
+
+    def __post_init__(self) -> None:
+        _check(self.hidden_size >= 2 and self.hidden_size % 2 == 0, f"hidden_size must be even >= 2, got {self.hidden_size}")
+        _check(self.hidden_size % self.num_heads == 0, f"hidden_size {self.hidden_size} must be divisible by num_heads {self.num_heads}")
+        _check(1 <= self.max_length <= 1024, f"max_length must be in [1, 1024], got {self.max_length}")
+        _check(self.num_experts >= 1, f"num_experts must be >= 1, got {self.num_experts}")
+        _check(self.num_layers >= 1, f"num_layers must be >= 1, got {self.num_layers}")
+        _check(self.inner_size >= 1, f"inner_size must be >= 1, got {self.inner_size}")
+        for f in ("hidden_dropout", "attention_dropout"):
+            v = getattr(self, f)
+            _check(0.0 <= v < 1.0, f"{f} must be in [0, 1), got {v}")
+        _check(self.interval_scale > 0, f"interval_scale must be > 0, got {self.interval_scale}")
+        _check(len(self.lambda_init) >= 1, "lambda_init needs at least one value")
+        for f in ("w_rec", "w_id_contrastive", "w_category", "w_placeholder_contrastive"):
+            _check(getattr(self, f) >= 0, f"{f} must be >= 0, got {getattr(self, f)}")
+        _check(self.w_rec > 0, "w_rec must be > 0: the model is trained for next-item prediction")
+        for f in ("id_contrastive_temperature", "placeholder_temperature"):
+            _check(getattr(self, f) > 0, f"{f} must be > 0, got {getattr(self, f)}")
+        _check(0.0 <= self.placeholder_ratio < 1.0, f"placeholder_ratio must be in [0, 1), got {self.placeholder_ratio}")
+        _check(self.aux_positions in ("last", "all"), f"aux_positions must be 'last' or 'all', got {self.aux_positions!r}")
+        _check(self.initializer_range > 0, f"initializer_range must be > 0, got {self.initializer_range}")
+
+    @property
+    def loss_weights(self) -> dict[str, float]:
+        return {"rec": self.w_rec, "id_contrastive": self.w_id_contrastive,
+                "category": self.w_category, "placeholder_contrastive": self.w_placeholder_contrastive}
+
+    @classmethod
+    def sasrec(cls, **changes) -> "ModelConfig":
+        """SASRec with full cross-entropy: the ID stream alone, no MoE, no time, no auxiliary task."""
+        base = dict(name="sasrec", modalities=("none",), use_interactive_moe=False, use_temporal_moe=False,
+                    w_id_contrastive=0.0, w_category=0.0, w_placeholder_contrastive=0.0)
+        base.update(changes)
+        return cls(**base)
+
+    @classmethod
+    def reference(cls, **changes) -> "ModelConfig":
+        """The authors' released behaviour for the defects that keep a switch (hm4sr_model.md, section 4)."""
+        base = dict(name="reference", train_temporal_experts=False, normalise_time=False,
+                    mask_same_target=False, reference_init=True)
+        base.update(changes)
+        return cls(**base)
+
+
+@dataclass(frozen=True)
+class TrainConfig(_Config):
+    """Optimisation and evaluation settings (paper: Adam 1e-3, batch 1024, patience 10 on NDCG@20)."""
+
+    mode: str = "dense"  # "dense" (one window per user, loss at every position) | "prefix" (paper: one example per prefix)
+    epochs: int = 100  # upper bound; early stopping usually ends sooner
+    batch_size: int = 1024  # examples per step (prefix: prefixes; dense: windows)
+    eval_batch_size: int = 2048  # users per evaluation batch
+    lr: float = 1e-3  # Adam learning rate
+    weight_decay: float = 0.0  # Adam L2 (paper: 0)
+    grad_clip: float = 0.0  # max gradient norm, 0 = no clipping (paper: none)
+    patience: int = 10  # epochs without validation improvement before stopping
+    valid_metric: str = "ndcg@20"  # model selection metric (validation only)
+    eval_every: int = 1  # epochs between validation runs
+    seed: int = 2025  # seeds torch, numpy and the batch order
+    split: str = "leave_one_out"  # "leave_one_out" | "temporal"
+    tie_policy: str = "expected"  # rank ties: "expected" (random tie-break) | "pessimistic" | "optimistic"
+    mask_history: bool = False  # exclude each user's training items from the ranking (off, as the paper's code)
+    eval_time: str = "real"  # timestamps at evaluation: "real" | "shuffled" (within each sequence) | "zeroed"
+    threads: int = 0  # torch CPU threads, 0 = leave torch's default
+    device: str = "cpu"  # "cpu", "cuda", "cuda:1", ...
+    amp: bool = False  # bf16 autocast on CUDA
+    log_every: int = 1  # steps between history rows
+    max_steps_per_epoch: int = 0  # 0 = full epochs; > 0 caps steps (smoke runs, benchmarks)
+
+    def __post_init__(self) -> None:
+        _check(self.mode in ("dense", "prefix"), f"mode must be 'dense' or 'prefix', got {self.mode!r}")
+        _check(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
+        _check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        _check(self.eval_batch_size >= 1, f"eval_batch_size must be >= 1, got {self.eval_batch_size}")
+        _check(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        _check(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
+        _check(self.grad_clip >= 0, f"grad_clip must be >= 0, got {self.grad_clip}")
+        _check(self.patience >= 1, f"patience must be >= 1, got {self.patience}")
+        kind, _, k = self.valid_metric.partition("@")
+        _check(kind in ("ndcg", "hr", "mrr") and k.isdigit() and int(k) in (5, 10, 20, 50),
+               f"valid_metric must be ndcg|hr|mrr @ 5|10|20|50, got {self.valid_metric!r}")
+        _check(self.eval_every >= 1, f"eval_every must be >= 1, got {self.eval_every}")
+        _check(self.split in ("leave_one_out", "temporal"), f"split must be 'leave_one_out' or 'temporal', got {self.split!r}")
+        _check(self.tie_policy in ("expected", "pessimistic", "optimistic"),
+               f"tie_policy must be expected|pessimistic|optimistic, got {self.tie_policy!r}")
+        _check(self.eval_time in ("real", "shuffled", "zeroed"), f"eval_time must be real|shuffled|zeroed, got {self.eval_time!r}")
+        _check(self.threads >= 0, f"threads must be >= 0, got {self.threads}")
+        _check(self.device == "cpu" or self.device.startswith("cuda"), f"device must be 'cpu' or 'cuda[:n]', got {self.device!r}")
+        _check(self.log_every >= 1, f"log_every must be >= 1, got {self.log_every}")
+        _check(self.max_steps_per_epoch >= 0, f"max_steps_per_epoch must be >= 0, got {self.max_steps_per_epoch}")

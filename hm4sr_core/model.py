@@ -1,0 +1,503 @@
+"""HM4SR and its SASRec baseline, in one file read top to bottom (hm4sr_model.md, section 2).
+
+Small modules first (time embedding, the two MoE levels, a stack of per-stream
+Transformers), then :class:`HM4SR`, then the four losses as pure functions.
+Pure torch: no file I/O, no device choice, no prints.
+
+Streams are stacked on one axis: ``(B, T, S, d)`` with S = 1 (ID) + M feature
+modalities. Each stream keeps its own weights (stacked as ``(S, ...)`` tensors), so
+the S Transformers run as one batched computation instead of S Python calls.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+from .data.splits import SequenceBatch
+
+MAX_GAP_LOG2 = 32  # gaps up to 2**32 s (136 years) get their own bucket; longer ones share the last
+PADDING_BUCKET, FIRST_BUCKET, GAP_BUCKET_OFFSET = 0, 1, 2
+
+
+# ----------------------------------------------------------------------------- output
+
+
+@dataclass
+class HM4SROutput:
+    """Everything one forward pass produces; optional fields are None unless asked for."""
+
+    sequence: torch.Tensor  # (B, S*d) query vector per sequence (concatenated stream outputs)
+    losses: dict[str, torch.Tensor] = field(default_factory=dict)  # unweighted, by name
+    loss: torch.Tensor | None = None  # weighted total, formed in HM4SR.total_loss
+    scores: torch.Tensor | None = None  # (B, N+1) full-catalogue scores, column 0 = padding (-inf)
+    interactive_gates: torch.Tensor | None = None  # (B, T, S, E) g_s per stream and position
+    temporal_gates: torch.Tensor | None = None  # (B, T, E) r per position
+    lambdas: torch.Tensor | None = None  # (S,) Interactive-MoE output scale per stream
+    interval_buckets: torch.Tensor | None = None  # (B, T) gap bucket (0 padding, 1 first item)
+    time_values: torch.Tensor | None = None  # (B, T) absolute time as fed to the embedding
+    stream_names: tuple[str, ...] = ()
+
+
+# ----------------------------------------------------------------------------- modules
+
+
+class TimeEmbedding(nn.Module):
+    """tau = [interval embedding ; absolute-time embedding], (B, T, 2d) (paper eq. for TE).
+
+    interval: bucket = floor(s * log2(gap + 1)) looked up in a table, with padding and
+    the first item of a sequence in buckets of their own (the released code computed
+    log2 of a negative gap at padding). absolute: cos((w t + b) * f), f_i = 10000^(-i/d).
+    """
+
+    def __init__(self, d: int, interval_scale: float, normalise: bool, time_origin: float):
+        super().__init__()
+        self.interval_scale = interval_scale
+        self.normalise = normalise
+        self.time_origin = float(time_origin)
+        self.num_buckets = GAP_BUCKET_OFFSET + int(interval_scale * MAX_GAP_LOG2) + 1
+        self.interval = nn.Embedding(self.num_buckets, d)
+        self.absolute = nn.Linear(1, d)
+        self.register_buffer("freq", 10000.0 ** (-torch.arange(d, dtype=torch.float32) / d), persistent=False)
+
+    def buckets(self, timestamps: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+        """(B, T) int64 bucket ids from (B, T) seconds and the (B, T) real-item mask."""
+        gaps = (timestamps[:, 1:] - timestamps[:, :-1]).clamp(min=0).double()  # shuffled times can go back
+        b = torch.floor(self.interval_scale * torch.log2(gaps + 1.0)).long() + GAP_BUCKET_OFFSET
+        b = b.clamp(max=self.num_buckets - 1)
+        first = torch.full_like(timestamps[:, :1], FIRST_BUCKET)
+        out = torch.cat([first, b], dim=1)
+        return torch.where(real, out, torch.full_like(out, PADDING_BUCKET))
+
+    def time_values(self, timestamps: torch.Tensor) -> torch.Tensor:
+        """(B, T) float32: days since the dataset's first interaction, or raw seconds."""
+        if self.normalise:
+            return ((timestamps.double() - self.time_origin) / 86400.0).float()
+        return timestamps.float()  # the released code: ~1e9 s straight into Linear -> cos
+
+    def forward(self, timestamps: torch.Tensor, real: torch.Tensor):
+        buckets = self.buckets(timestamps, real)
+        t = self.time_values(timestamps)
+        absolute = torch.cos(self.absolute(t.unsqueeze(-1)) * self.freq)  # (B, T, d)
+        return torch.cat([self.interval(buckets), absolute], dim=-1), buckets, t  # (B, T, 2d)
+
+
+class InteractiveMoE(nn.Module):
+    """First level: E experts Linear(Sd -> Sd) over all streams; one softmax gate per stream
+    from its own slice; o_s = lambda_s * sum_k g_s[k] * slice_s(Expert_k(z))."""
+
+    def __init__(self, num_streams: int, d: int, num_experts: int, lambda_init: tuple):
+        super().__init__()
+        self.S, self.d, self.E = num_streams, d, num_experts
+        self.experts = nn.Linear(num_streams * d, num_experts * num_streams * d)  # E experts side by side
+        self.gate_weight = nn.Parameter(torch.empty(num_streams, d, num_experts))
+        self.gate_bias = nn.Parameter(torch.zeros(num_streams, num_experts))
+        lam = [lambda_init[min(s, len(lambda_init) - 1)] for s in range(num_streams)]
+        self.lambdas = nn.Parameter(torch.tensor(lam, dtype=torch.float32))
+
+    def forward(self, z: torch.Tensor):
+        B, T, S, d = z.shape
+        gates = torch.softmax(torch.einsum("btsd,sde->btse", z, self.gate_weight) + self.gate_bias, dim=-1)
+        expert_out = self.experts(z.reshape(B, T, S * d)).view(B, T, self.E, S, d)
+        mixed = torch.einsum("btse,btesd->btsd", gates, expert_out)
+        return mixed * self.lambdas.view(1, 1, S, 1), gates  # (B, T, S, d), (B, T, S, E)
+
+
+class TemporalMoE(nn.Module):
+    """Second level: r = softmax(W_r tau + b_r); y = z * sum_k r_k w_k, w_k in R^{Sd}."""
+
+    def __init__(self, num_streams: int, d: int, num_experts: int, trainable: bool):
+        super().__init__()
+        self.gate = nn.Linear(2 * d, num_experts)
+        # Registered either way (saved, moved by .to()); frozen reproduces the released code,
+        # whose experts sat in a plain Python list and never left their random init.
+        self.experts = nn.Parameter(torch.empty(num_experts, num_streams * d), requires_grad=trainable)
+
+    def forward(self, z: torch.Tensor, tau: torch.Tensor):
+        B, T, S, d = z.shape
+        gates = torch.softmax(self.gate(tau), dim=-1)  # (B, T, E)
+        gain = (gates @ self.experts).view(B, T, S, d)
+        return z * gain, gates
+
+
+class StackedLinear(nn.Module):
+    """S independent Linear layers applied to (S, n, in) at once."""
+
+    def __init__(self, num_streams: int, d_in: int, d_out: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_streams, d_in, d_out))
+        self.bias = nn.Parameter(torch.zeros(num_streams, 1, d_out))
+
+    def forward(self, x: torch.Tensor, streams: torch.Tensor | None = None) -> torch.Tensor:
+        w, b = (self.weight, self.bias) if streams is None else (self.weight[streams], self.bias[streams])
+        return torch.baddbmm(b, x, w)
+
+
+class StackedLayerNorm(nn.Module):
+    def __init__(self, num_streams: int, d: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(num_streams, 1, d))
+        self.bias = nn.Parameter(torch.zeros(num_streams, 1, d))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor, streams: torch.Tensor | None = None) -> torch.Tensor:
+        w, b = (self.weight, self.bias) if streams is None else (self.weight[streams], self.bias[streams])
+        return F.layer_norm(x, x.shape[-1:], eps=self.eps) * w + b
+
+
+class StackedTransformerLayer(nn.Module):
+    """Post-LN Transformer layer (RecBole's), one set of weights per stream, causal."""
+
+    def __init__(self, S: int, d: int, heads: int, inner: int, hidden_dropout: float,
+                 attention_dropout: float, eps: float):
+        super().__init__()
+        self.heads = heads
+        self.qkv = StackedLinear(S, d, 3 * d)
+        self.out = StackedLinear(S, d, d)
+        self.ln1 = StackedLayerNorm(S, d, eps)
+        self.ff1 = StackedLinear(S, d, inner)
+        self.ff2 = StackedLinear(S, inner, d)
+        self.ln2 = StackedLayerNorm(S, d, eps)
+        self.hidden_dropout = hidden_dropout
+        self.attention_dropout = attention_dropout
+
+    def forward(self, x: torch.Tensor, streams: torch.Tensor | None, last: torch.Tensor | None):
+        """x (S', B, T, d). With ``last`` ((B,) index of each sequence's last real item),
+        only that position is computed and (S', B, 1, d) returned: keys and values still
+        span the sequence, queries, attention output and feed-forward only the last row."""
+        S, B, T, d = x.shape
+        H, dh = self.heads, d // self.heads
+        drop = self.training
+        qkv = self.qkv(x.reshape(S, B * T, d), streams).view(S, B, T, 3, H, dh)
+        k = qkv[:, :, :, 1].permute(0, 1, 3, 2, 4).reshape(S * B, H, T, dh)
+        v = qkv[:, :, :, 2].permute(0, 1, 3, 2, 4).reshape(S * B, H, T, dh)
+        if last is None:
+            q = qkv[:, :, :, 0].permute(0, 1, 3, 2, 4).reshape(S * B, H, T, dh)
+            # Left-aligned sequences: the causal mask alone keeps padding (after the last
+            # real item) out of every real position's attention.
+            a = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attention_dropout if drop else 0.0,
+                                               is_causal=True)
+            rows, residual = T, x
+        else:
+            idx = last.view(1, B, 1, 1, 1, 1).expand(S, B, 1, 1, H, dh)
+            q = torch.gather(qkv[:, :, :, :1], 2, idx).squeeze(3).permute(0, 1, 3, 2, 4).reshape(S * B, H, 1, dh)
+            keep = (torch.arange(T, device=x.device).view(1, T) <= last.view(B, 1))  # (B, T)
+            mask = keep.view(1, B, 1, 1, T).expand(S, B, 1, 1, T).reshape(S * B, 1, 1, T)
+            a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                               dropout_p=self.attention_dropout if drop else 0.0)
+            rows = 1
+            residual = torch.gather(x, 2, last.view(1, B, 1, 1).expand(S, B, 1, d))
+        a = a.view(S, B, H, rows, dh).permute(0, 1, 3, 2, 4).reshape(S, B * rows, d)
+        h = F.dropout(self.out(a, streams), self.hidden_dropout, drop) + residual.reshape(S, B * rows, d)
+        h = self.ln1(h, streams)
+        f = self.ff2(F.gelu(self.ff1(h, streams)), streams)
+        h = self.ln2(F.dropout(f, self.hidden_dropout, drop) + h, streams)
+        return h.view(S, B, rows, d)
+
+
+class StreamEncoders(nn.Module):
+    """Per stream: LayerNorm -> dropout -> causal Transformer (hm4sr_model.md 2.5)."""
+
+    def __init__(self, S: int, config: ModelConfig):
+        super().__init__()
+        self.ln = StackedLayerNorm(S, config.hidden_size, config.layer_norm_eps)
+        self.dropout = config.hidden_dropout
+        self.layers = nn.ModuleList([
+            StackedTransformerLayer(S, config.hidden_size, config.num_heads, config.inner_size,
+                                    config.hidden_dropout, config.attention_dropout, config.layer_norm_eps)
+            for _ in range(config.num_layers)])
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor, *, streams: torch.Tensor | None = None,
+                last_only: bool = True) -> torch.Tensor:
+        """x (S', B, T, d) -> (S', B, d) at the last real position if ``last_only``, else
+        (S', B, T, d) at every position. ``streams`` picks whose weights each slice uses."""
+        S, B, T, d = x.shape
+        h = F.dropout(self.ln(x.reshape(S, B * T, d), streams), self.dropout, self.training).view(S, B, T, d)
+        last = lengths - 1
+        for i, layer in enumerate(self.layers):
+            final = i == len(self.layers) - 1
+            h = layer(h, streams, last if (final and last_only) else None)
+        return h[:, :, 0] if last_only else h
+
+
+# ----------------------------------------------------------------------------- model
+
+
+class HM4SR(nn.Module):
+    """HM4SR over an ID stream plus any number of feature modalities.
+
+    The item tables are given as tensors (the model reads no files); they are buffers,
+    not parameters, and are not saved in the state dict (checkpoints carry the data hash).
+    """
+
+    def __init__(self, config: ModelConfig, num_items: int, features: dict[str, torch.Tensor],
+                 available: dict[str, torch.Tensor], categories: torch.Tensor, time_origin: float):
+        super().__init__()
+        self.config = config
+        d = config.hidden_size
+        self.num_items = num_items
+        self.modalities = tuple(features)
+        self.stream_names = ("id",) + self.modalities
+        S = self.S = len(self.stream_names)
+
+        self.item_embedding = nn.Embedding(num_items + 1, d, padding_idx=0)  # E_id
+        self.position = nn.Embedding(config.max_length, d)  # P, shared by every stream
+        self.projections = nn.ModuleList()
+        for i, name in enumerate(self.modalities):
+            self.register_buffer(f"features_{i}", features[name].float(), persistent=False)  # (N+1, D_m)
+            self.register_buffer(f"available_{i}", available[name].float(), persistent=False)  # (N+1,)
+            self.projections.append(nn.Linear(features[name].shape[1], d))  # W_m
+        self.register_buffer("categories", categories.float(), persistent=False)  # (N+1, C)
+
+        self.interactive = InteractiveMoE(S, d, config.num_experts, config.lambda_init) \
+            if config.use_interactive_moe else None
+        self.time = TimeEmbedding(d, config.interval_scale, config.normalise_time, time_origin) \
+            if config.use_temporal_moe or (config.w_placeholder_contrastive > 0 and self.modalities) else None
+        self.temporal = TemporalMoE(S, d, config.num_experts, config.train_temporal_experts) \
+            if config.use_temporal_moe else None
+        self.encoders = StreamEncoders(S, config)
+        C = categories.shape[1]
+        self.category_head = nn.Linear(S * d, C) if (config.w_category > 0 and C > 0) else None
+        self.placeholders = StackedLinear(len(self.modalities), 2 * d, d) \
+            if (config.w_placeholder_contrastive > 0 and self.modalities) else None
+        self._init_weights()
+
+    # -- init: one pass over every module, documented in one place
+    def _init_weights(self) -> None:
+        """Normal(0, initializer_range) for every weight matrix and embedding, zeros for
+        biases, ones for LayerNorm gains, lambda as configured; temporal experts
+        Normal(0, 0.1) as released. With ``reference_init`` the modules the released
+        code built after its init pass (category head, Interactive MoE, placeholders)
+        keep PyTorch's defaults instead."""
+        std = self.config.initializer_range
+        late = {id(m) for m in (self.category_head, self.interactive, self.placeholders) if m is not None}
+        for module in self.modules():
+            if self.config.reference_init and id(module) in late:
+                continue
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, 0.0, std)
+                if isinstance(module, nn.Linear) and module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, StackedLinear):
+                nn.init.normal_(module.weight, 0.0, std)
+                nn.init.zeros_(module.bias)
+            elif isinstance(module, InteractiveMoE):
+                nn.init.normal_(module.gate_weight, 0.0, std)
+        if self.config.reference_init:
+            if self.interactive is not None:  # nn.Linear's default for the hand-made gate too
+                bound = 1.0 / math.sqrt(self.interactive.d)
+                nn.init.uniform_(self.interactive.gate_weight, -bound, bound)
+            if self.placeholders is not None:
+                bound = 1.0 / math.sqrt(2 * self.config.hidden_size)
+                nn.init.uniform_(self.placeholders.weight, -bound, bound)
+                nn.init.uniform_(self.placeholders.bias, -bound, bound)
+        if self.temporal is not None:
+            with torch.no_grad():
+                self.temporal.experts.normal_(0.0, 0.1)
+        with torch.no_grad():
+            self.item_embedding.weight[0].zero_()
+
+    # -- item side
+    def item_tables(self) -> torch.Tensor:
+        """(N+1, S, d) raw item representations per stream: E_id and W_m x_m + b_m
+        (zero for items lacking the modality). Computed once per step, shared by the
+        sequence side, the scores and the category head."""
+        tables = [self.item_embedding.weight]
+        for i, proj in enumerate(self.projections):
+            feats = getattr(self, f"features_{i}")
+            avail = getattr(self, f"available_{i}")
+            tables.append(proj(feats) * avail.unsqueeze(1))
+        return torch.stack(tables, dim=1)
+
+    def item_matrix(self, tables: torch.Tensor | None = None) -> torch.Tensor:
+        """(N+1, S*d): scores are sequence (B, S*d) @ item_matrix.T (late fusion)."""
+        tables = self.item_tables() if tables is None else tables
+        return tables.reshape(tables.shape[0], -1)
+
+    # -- sequence side
+    def _streams(self, batch: SequenceBatch, tables: torch.Tensor, want: bool):
+        """Embeddings -> Interactive MoE -> time -> Temporal MoE; returns z (B, T, S, d)."""
+        items = batch.items
+        B, T = items.shape
+        real = items > 0
+        z = tables[items] + self.position.weight[:T].view(1, T, 1, -1)  # (B, T, S, d)
+        extras: dict = {}
+        if self.interactive is not None:
+            o, g = self.interactive(z)
+            z = z + o
+            if want:
+                extras["interactive_gates"] = g * real.view(B, T, 1, 1)
+                extras["lambdas"] = self.interactive.lambdas.detach()
+        tau = None
+        if self.time is not None:
+            tau, buckets, t = self.time(batch.timestamps, real)
+            if want:
+                extras["interval_buckets"] = buckets
+                extras["time_values"] = t * real
+        if self.temporal is not None:
+            z, r = self.temporal(z, tau)
+            if want:
+                extras["temporal_gates"] = r * real.unsqueeze(-1)
+        return z, tau, extras
+
+    def forward(self, batch: SequenceBatch, *, losses: bool = False, scores: bool = False,
+                introspect: bool = False, generator: torch.Generator | None = None) -> HM4SROutput:
+        """Encode ``batch``. ``losses`` computes every enabled loss (needs targets; dense
+        layout when ``batch.position_targets`` is set); ``scores`` returns full-catalogue
+        scores; ``introspect`` returns gates, lambda and the time inputs."""
+        cfg = self.config
+        tables = self.item_tables()
+        z, tau, extras = self._streams(batch, tables, introspect)
+        dense = losses and batch.position_targets is not None
+        x = z.permute(2, 0, 1, 3)  # (S, B, T, d)
+        real = batch.items > 0
+        place = None
+        if losses and cfg.w_placeholder_contrastive > 0 and self.placeholders is not None:
+            place = placeholder_positions(batch.lengths, batch.items.shape[1], cfg.placeholder_ratio,
+                                          cfg.placeholder_min_length, generator)
+            if not bool(place.any()):
+                place = None
+        if place is not None:
+            # Augmented modality streams ride along as extra stacked streams sharing weights.
+            M = len(self.modalities)
+            ph = self.placeholders(tau.reshape(1, -1, tau.shape[-1]).expand(M, -1, -1)).view(M, *tau.shape[:2], -1)
+            aug = torch.where(place.unsqueeze(0).unsqueeze(-1), ph, x[1:])
+            x = torch.cat([x, aug], dim=0)
+            streams = torch.cat([torch.arange(self.S), torch.arange(1, self.S)]).to(x.device)
+        else:
+            streams = None
+        h = self.encoders(x, batch.lengths, streams=streams, last_only=not dense)
+        last = batch.lengths - 1
+        if dense:
+            h_all = h
+            h = torch.gather(h, 2, last.view(1, -1, 1, 1).expand(h.shape[0], -1, 1, h.shape[-1])).squeeze(2)
+        seq = h[: self.S].permute(1, 0, 2).reshape(h.shape[1], -1)  # (B, S*d)
+        out = HM4SROutput(sequence=seq, stream_names=self.stream_names, **extras)
+        item_matrix = self.item_matrix(tables)
+        if scores:
+            out.scores = score_all(seq, item_matrix)
+        if losses:
+            named = {}
+            if dense:
+                q = h_all[: self.S].permute(1, 2, 0, 3).reshape(*batch.items.shape, -1)  # (B, T, S*d)
+                has = batch.position_targets > 0
+                named["rec"] = rec_loss(q[has], item_matrix, batch.position_targets[has])
+            else:
+                named["rec"] = rec_loss(seq, item_matrix, batch.targets)
+            if cfg.w_id_contrastive > 0:
+                named["id_contrastive"] = id_contrastive_loss(
+                    h[0], self.item_embedding(batch.targets), batch.targets,
+                    cfg.id_contrastive_temperature, cfg.mask_same_target)
+            if self.category_head is not None:
+                named["category"] = category_loss(self.category_head, item_matrix, self.categories, batch.items, real)
+            if self.placeholders is not None:
+                if place is not None:
+                    terms = [contrastive_loss(h[s], h[self.S + s - 1], batch.targets, cfg.placeholder_temperature,
+                                              cfg.mask_same_target) for s in range(1, self.S)]
+                    named["placeholder_contrastive"] = torch.stack(terms).mean()
+                else:
+                    named["placeholder_contrastive"] = seq.new_zeros(())
+            out.losses = named
+            out.loss = self.total_loss(named)
+        return out
+
+    def total_loss(self, named: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The one place the weighted total is formed."""
+        weights = self.config.loss_weights
+        return sum(weights[k] * v for k, v in named.items())
+
+    @torch.no_grad()
+    def query(self, batch: SequenceBatch) -> torch.Tensor:
+        """(B, S*d) query vectors for ranking: score = query @ item_matrix().T."""
+        return self.forward(batch).sequence
+
+    @torch.no_grad()
+    def full_sort_predict(self, batch: SequenceBatch) -> torch.Tensor:
+        """(B, N+1) scores over the whole catalogue (padding column = -inf)."""
+        return self.forward(batch, scores=True).scores
+
+    @torch.no_grad()
+    def predict(self, batch: SequenceBatch, candidates: torch.Tensor) -> torch.Tensor:
+        """(B, K) scores of the given candidate items (B, K) (sampled evaluation)."""
+        q = self.query(batch)
+        return torch.einsum("bk,bck->bc", q, self.item_matrix()[candidates])
+
+
+def build_model(config: ModelConfig, dataset) -> HM4SR:
+    """An :class:`HM4SR` sized from an in-memory :class:`~hm4sr_core.data.schema.Dataset`."""
+    names = list(dataset.modalities) if not config.modalities else \
+        [m for m in config.modalities if m != "none"]
+    unknown = [m for m in names if m not in dataset.modalities]
+    if unknown:
+        raise ValueError(f"modalities {unknown} not in dataset {dataset.name!r} "
+                         f"(has {list(dataset.modalities)})")
+    feats = {m: torch.from_numpy(dataset.modalities[m].features) for m in names}
+    avail = {m: torch.from_numpy(dataset.modalities[m].available) for m in names}
+    return HM4SR(config, dataset.num_items, feats, avail, torch.from_numpy(dataset.categories),
+                 float(dataset.stats["first_timestamp"]))
+
+
+# ----------------------------------------------------------------------------- losses
+
+
+def score_all(sequence: torch.Tensor, item_matrix: torch.Tensor) -> torch.Tensor:
+    """(B, K) x (N+1, K) -> (B, N+1); padding item 0 can never win."""
+    s = sequence @ item_matrix.T
+    s[:, 0] = float("-inf")
+    return s
+
+
+def rec_loss(sequence: torch.Tensor, item_matrix: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of the full-catalogue scores against the next item (padding excluded)."""
+    return F.cross_entropy(score_all(sequence, item_matrix), targets)
+
+
+def contrastive_loss(a: torch.Tensor, b: torch.Tensor, targets: torch.Tensor, temperature: float,
+                     mask_same_target: bool) -> torch.Tensor:
+    """In-batch InfoNCE between rows of a (B, d) and b (B, d), cosine / temperature.
+
+    Off-diagonal pairs that share a target are false negatives: masked out of the
+    denominator (default), or given logit 0 as the released code did."""
+    logits = F.normalize(a, dim=-1) @ F.normalize(b, dim=-1).T / temperature
+    same = (targets.view(-1, 1) == targets.view(1, -1)) & ~torch.eye(len(targets), dtype=torch.bool,
+                                                                       device=targets.device)
+    fill = float("-inf") if mask_same_target else 0.0
+    logits = logits.masked_fill(same, fill)
+    return F.cross_entropy(logits, torch.arange(len(targets), device=logits.device))
+
+
+def id_contrastive_loss(sequence_id: torch.Tensor, target_embedding: torch.Tensor, targets: torch.Tensor,
+                        temperature: float, mask_same_target: bool) -> torch.Tensor:
+    """IDCL: normalised s_id against the normalised ID embedding of each target."""
+    return contrastive_loss(sequence_id, target_embedding, targets, temperature, mask_same_target)
+
+
+def category_loss(head: nn.Linear, item_matrix: torch.Tensor, categories: torch.Tensor,
+                  items: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """CP: multi-label BCE of Linear(Sd -> C) over each real input item's raw representation.
+
+    Depends on the item alone, so it is computed once per distinct item and weighted
+    by how often the item occurs: equal to the per-token mean, at a fraction of the cost."""
+    uniq, counts = torch.unique(items[real], return_counts=True)
+    per_item = F.binary_cross_entropy_with_logits(head(item_matrix[uniq]), categories[uniq],
+                                                  reduction="none").mean(-1)
+    return (per_item * counts).sum() / counts.sum()
+
+
+def placeholder_positions(lengths: torch.Tensor, T: int, ratio: float, min_length: int,
+                          generator: torch.Generator | None) -> torch.Tensor:
+    """(B, T) bool: floor(ratio * n) distinct real positions per sequence (none when n <
+    min_length), drawn without a Python loop from ``generator``."""
+    B = lengths.shape[0]
+    noise = torch.rand(B, T, generator=generator).to(lengths.device)
+    pos = torch.arange(T, device=lengths.device).view(1, T)
+    noise = noise.masked_fill(pos >= lengths.view(B, 1), 2.0)  # padding sorts last
+    rank = noise.argsort(dim=1).argsort(dim=1)
+    k = torch.floor(lengths.double() * ratio).long()
+    k = torch.where(lengths >= min_length, k, torch.zeros_like(k))
+    return rank < k.view(B, 1)
