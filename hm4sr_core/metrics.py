@@ -52,6 +52,11 @@ DEFAULT_KS = (5, 10, 20, 50)
 # time, so the int32 running count stays far below the size of one score chunk.
 _TIE_RESOLUTION_ROWS = 64
 
+# Comparisons are counted this many columns at a time through a float32 buffer: on CPU,
+# summing a bool mask goes through a slow integer reduction (about 10x slower than
+# comparing into float32 and summing floats), and float32 counts are exact up to 2**24.
+_COUNT_COLUMNS = 8192
+
 
 # ---------------------------------------------------------------------------
 # Counting competitors of the target
@@ -215,15 +220,14 @@ def count_dot_product(
     targets = _check_targets(targets, batch, num_items)
     if not torch.isfinite(queries).all():
         raise ValueError("queries: contains NaN or inf")
-    if not torch.isfinite(item_table).all():
-        raise ValueError("item_table: contains NaN or inf")
     history = _padded_history(exclude_items, batch, num_items, targets)
 
     width = min(chunk_items, columns)
     chunks = _chunk_layout(columns, width)
     target_scores = _target_scores(queries, item_table, targets, width)
     if not torch.isfinite(target_scores).all():
-        raise ValueError("target scores overflowed to inf; rescale queries or item_table")
+        raise ValueError("target scores are NaN or inf: item_table has a non-finite target "
+                         "row or the dot products overflow")
 
     counts, in_chunk, top_items = _sweep(
         queries, item_table, targets, target_scores, chunks, width, history, top_k)
@@ -306,6 +310,7 @@ def _sweep(
     greater = torch.zeros(batch, dtype=torch.int64, device=device)
     equal = torch.zeros(batch, dtype=torch.int64, device=device)
     in_chunk = torch.empty_like(target_scores)
+    buffer = torch.empty(batch, min(width, _COUNT_COLUMNS), dtype=torch.float32, device=device)
     best_scores = torch.full((batch, top_k), -math.inf, dtype=queries.dtype, device=device)
     best_items = torch.zeros(batch, top_k, dtype=torch.int64, device=device)
     if history is not None:
@@ -313,7 +318,11 @@ def _sweep(
 
     for start, owned_from in chunks:
         end = start + width
-        scores = queries @ item_table[start:end].T  # (B, width)
+        block = item_table[start:end]
+        # Checked per chunk so that no (N+1, K) mask is ever built.
+        if not torch.isfinite(block).all():
+            raise ValueError(f"item_table: rows {start}..{end - 1} contain NaN or inf")
+        scores = queries @ block.T  # (B, width)
         here = (targets >= owned_from) & (targets < end)
         in_chunk[here] = scores[rows[here], targets[here] - start]
 
@@ -327,10 +336,10 @@ def _sweep(
             hit = (history >= owned_from) & (history < end)
             scores[history_rows[hit], history[hit] - start] = -math.inf
 
-        greater += (scores > threshold).sum(dim=1)
-        equal += (scores == threshold).sum(dim=1)
+        greater += _count(torch.gt, scores, threshold, buffer)
+        equal += _count(torch.eq, scores, threshold, buffer)
         if top_k:
-            chunk_scores, chunk_items = _chunk_top_k(scores, min(top_k, width))
+            chunk_scores, chunk_items = _chunk_top_k(scores, min(top_k, width), buffer)
             best_scores, best_items = _merge_top_k(
                 best_scores, best_items, chunk_scores, chunk_items + start, top_k)
 
@@ -341,13 +350,26 @@ def _sweep(
     return RankCounts(greater=greater, equal=equal), in_chunk, best_items
 
 
-def _chunk_top_k(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
+def _count(compare, scores: Tensor, threshold: Tensor, buffer: Tensor) -> Tensor:
+    """(B,) int64 number of entries of (B, C) ``scores`` for which
+    ``compare(scores, threshold)`` holds; ``threshold`` is (B, 1), ``buffer`` (B, c)."""
+    total = torch.zeros(scores.shape[0], dtype=torch.int64, device=scores.device)
+    step = buffer.shape[1]
+    for first in range(0, scores.shape[1], step):
+        part = scores[:, first:first + step]
+        hits = buffer[:, :part.shape[1]]
+        compare(part, threshold, out=hits)
+        total += hits.sum(dim=1).to(torch.int64)
+    return total
+
+
+def _chunk_top_k(scores: Tensor, k: int, buffer: Tensor) -> tuple[Tensor, Tensor]:
     """Top-k of each row of (B, C) ``scores`` as (values, columns), (B, k) each,
     sorted by value descending then column ascending; a tie at the k-th place keeps
     the lowest columns, so the result does not depend on ``torch.topk``'s tie order."""
     values, columns = torch.topk(scores, k, dim=1)
     kth = values[:, -1:]
-    tied_total = (scores == kth).sum(dim=1)
+    tied_total = _count(torch.eq, scores, kth, buffer)
     tied_taken = (values == kth).sum(dim=1)
     ambiguous = torch.nonzero(tied_total > tied_taken).flatten()
     for first in range(0, ambiguous.numel(), _TIE_RESOLUTION_ROWS):

@@ -14,8 +14,9 @@ Users with CLIP/ViT checkpoints on disk plug them in with :func:`load_image_enco
 :func:`render_poster` draws a *synthetic* card from the item's real title and
 genres; it carries title and genre signal, not visual content.
 
-Encoding is slow on CPU (MobileNetV2 ~20 images/s), so readers wrap encoders in
-:func:`cached`, keyed by the exact inputs: a re-run loads an ``.npy`` instantly.
+Encoding is slow on CPU (MobileNetV2: minutes for a few thousand images), so
+readers wrap encoders in :func:`cached`, keyed by the exact inputs: a re-run loads
+an ``.npy`` instantly.
 """
 
 from __future__ import annotations

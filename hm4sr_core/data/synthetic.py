@@ -30,6 +30,15 @@ The world, in plain words (for a teacher)
   prototype per category + item part + noise); the rest is pure noise, drawn
   independently of everything else with the same spread, so only a model that learns
   to ignore those dimensions benefits from the image.
+* A user's first category is uniformly random; an item may be picked again later
+  (the same user can return to a favourite).
+
+What this buys (seed 2025, defaults, half the users held out): predicting the next
+category from the previous ones alone is right 64% of the time overall but only 12%
+(chance) right after a long gap; adding the gap bucket and the month lifts that to
+92% after a gap and 83% overall. The previous category hints a little at the season
+(it was set a month or two earlier): even a time-blind model told where the breaks
+are reaches only about 0.22-0.36 after a break, depending on the seed.
 
 Everything is drawn from ``numpy.random.default_rng(seed)``: the same seed gives the
 same interactions, features and truth; another seed gives another world.

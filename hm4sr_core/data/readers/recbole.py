@@ -261,12 +261,16 @@ def load_matrix(path: str | Path) -> np.ndarray:
     raise DataError(f"{path}: unsupported matrix suffix {suffix!r}; expected one of {MATRIX_SUFFIXES}")
 
 
-def check_finite(features: np.ndarray, path: Path | str, row_label) -> None:
-    """DataError naming the first row with a NaN or infinite value; ``row_label(i)`` describes row i."""
+def check_finite(features: np.ndarray, path: Path | str, row_label, columns: list[str] | None = None) -> None:
+    """DataError naming the first row with a NaN or infinite value.
+
+    ``row_label(i)`` describes row i; ``columns`` names the columns (default: their index).
+    """
     bad = ~np.isfinite(features)
     if bad.any():
         row, col = (int(v) for v in np.argwhere(bad)[0])
-        raise DataError(f"{path}: {row_label(row)}, column {col}: found {features[row, col]!r}; "
+        column = repr(columns[col]) if columns is not None else str(col)
+        raise DataError(f"{path}: {row_label(row)}, column {column}: found {float(features[row, col])}; "
                         f"expected finite numbers ({int(bad.any(axis=1).sum())} such rows)")
 
 
@@ -287,8 +291,8 @@ def _sidecar(path: Path) -> Path | None:
     return None
 
 
-def _read_feature_table(path: Path) -> tuple[np.ndarray, np.ndarray, str]:
-    """``item_id`` + numeric columns (or one vector column) -> (features, tokens, "line"/"row" word)."""
+def _read_feature_table(path: Path) -> tuple[np.ndarray, np.ndarray, str, list[str] | None]:
+    """``item_id`` + numeric columns (or one vector column) -> (features, tokens, "line"/"row", column names)."""
     try:
         if path.suffix.lower() == ".csv":
             frame = pd.read_csv(path, dtype={"item_id": str}, keep_default_na=False, na_values=[""])
@@ -313,16 +317,18 @@ def _read_feature_table(path: Path) -> tuple[np.ndarray, np.ndarray, str]:
             row = int(np.flatnonzero(lengths != lengths[0])[0])
             raise DataError(f"{path}: {unit} {row + first_row}, column {column!r}: vector of length "
                             f"{lengths[row]}, expected {lengths[0]} like the first row")
-        return _to_float_matrix(np.stack(frame[column].to_numpy()), path), tokens, unit
+        return _to_float_matrix(np.stack(frame[column].to_numpy()), path), tokens, unit, None
     for column in value_columns:
         numbers = pd.to_numeric(frame[column], errors="coerce")
-        bad = (numbers.isna() & frame[column].notna()).to_numpy()
+        # "nan" parses to NaN: let the finiteness check report it as such, not as text.
+        spelled_nan = frame[column].astype(str).str.strip().str.lower().isin(["nan", "+nan", "-nan"])
+        bad = (numbers.isna() & frame[column].notna() & ~spelled_nan).to_numpy()
         if bad.any():
             row = int(np.flatnonzero(bad)[0])
             raise DataError(f"{path}: {unit} {row + first_row}, column {column!r}: expected a number, "
                             f"found {frame[column].iloc[row]!r}")
     matrix = frame[value_columns].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=np.float64)
-    return matrix.astype(np.float32), tokens, unit
+    return matrix.astype(np.float32), tokens, unit, [str(c) for c in value_columns]
 
 
 def _read_unisrec(path: Path, inter_items: np.ndarray) -> tuple[np.ndarray, np.ndarray, str]:
@@ -375,9 +381,9 @@ def read_feature_file(
     suffix = path.suffix.lower()
     n_inter = len(inter_items)
     if suffix in TABLE_SUFFIXES:
-        features, tokens, unit = _read_feature_table(path)
+        features, tokens, unit, columns = _read_feature_table(path)
         offset = 2 if unit == "line" else 1
-        check_finite(features, path, lambda r: f"{unit} {r + offset} (item {tokens[r]!r})")
+        check_finite(features, path, lambda r: f"{unit} {r + offset} (item {tokens[r]!r})", columns)
         alignment = "item_id column"
     elif suffix.startswith(".feat"):
         features, tokens, alignment = _read_unisrec(path, inter_items)

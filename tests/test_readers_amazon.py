@@ -1,0 +1,293 @@
+"""Amazon Reviews 2014 / 2018 / 2023 -> RawDataset, on tiny hand-written files.
+
+Each fixture follows its release's schema field for field (2014 metadata as Python
+literal lines, 2018/2023 as strict JSON lines), written plain or gzipped, and a
+small folder of real image files encoded by the real MobileNetV2.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+from hm4sr_core.config import PreprocessConfig
+from hm4sr_core.data.preprocess import preprocess
+from hm4sr_core.data.readers.amazon import read_amazon
+from hm4sr_core.data.schema import DataError
+
+ALL_ITEMS = PreprocessConfig(user_core=0, item_core=0)
+
+
+def write_lines(path: Path, lines: list[str]) -> Path:
+    text = "".join(line + "\n" for line in lines)
+    if path.suffix == ".gz":
+        with gzip.open(path, "wt", encoding="utf-8") as handle:
+            handle.write(text)
+    else:
+        path.write_text(text, encoding="utf-8")
+    return path
+
+
+def review_2014(user: str, asin: str, seconds: int) -> dict:
+    return {"reviewerID": user, "asin": asin, "reviewerName": "A. Gamer", "helpful": [0, 0],
+            "reviewText": "Great game, couldn't stop.", "overall": 5.0, "summary": "Fun",
+            "unixReviewTime": seconds, "reviewTime": "01 1, 2014"}
+
+
+def review_2018(user: str, asin: str, seconds: int) -> dict:
+    return {"overall": 4.0, "verified": True, "reviewTime": "07 14, 2017", "reviewerID": user,
+            "asin": asin, "reviewerName": "Sam", "reviewText": "ok", "summary": "ok",
+            "unixReviewTime": seconds}
+
+
+def review_2023(user: str, parent: str, millis: int) -> dict:
+    return {"rating": 5.0, "title": "Works", "text": "As described.", "images": [], "asin": parent + "-v",
+            "parent_asin": parent, "user_id": user, "timestamp": millis, "helpful_vote": 0,
+            "verified_purchase": True}
+
+
+@pytest.fixture
+def amazon_2014(tmp_path: Path) -> tuple[Path, Path]:
+    reviews = [review_2014("U1", "A1", 1388534400), review_2014("U1", "A2", 1388620800),
+               review_2014("U2", "A1", 1388707200), review_2014("U2", "A3", 1388793600),
+               review_2014("U3", "A4", 1388880000)]  # A4 has no metadata
+    meta = [
+        {"asin": "A1", "title": "Zelda", "brand": "Nintendo", "price": 19.99, "imUrl": "http://x/A1.jpg",
+         "categories": [["Video Games", "Nintendo 64", "Games"], ["Video Games", "More"]],
+         "salesRank": {"Video Games": 12}},
+        {"asin": "A2", "title": "Assassin's Creed", "categories": [["Video Games", "PC"]]},
+        {"asin": "A3", "title": "Tom &amp; Jerry", "brand": "Warner", "categories": [["Video Games"]]},
+        {"asin": "A9", "title": "Never reviewed", "categories": [["Video Games", "Xbox"]]},
+    ]
+    # The 2014 review dumps are JSON; the metadata dumps are Python literals (repr).
+    reviews_path = write_lines(tmp_path / "reviews_Video_Games_5.json.gz", [json.dumps(r) for r in reviews])
+    meta_path = write_lines(tmp_path / "meta_Video_Games.json.gz", [repr(m) for m in meta])
+    return reviews_path, meta_path
+
+
+def test_2014_reviews_meta_text_and_categories(amazon_2014):
+    raw = read_amazon(*amazon_2014, version="2014")
+    assert raw.name == "amazon2014-Video_Games"
+    assert raw.interactions["user"].tolist() == ["U1", "U1", "U2", "U2", "U3"]
+    assert raw.interactions["timestamp"].tolist() == [1388534400, 1388620800, 1388707200, 1388793600, 1388880000]
+    items = raw.items.set_index("item")
+    assert list(items.index) == ["A1", "A2", "A3", "A4"]  # A9 never reviewed: not kept
+    # Every item's first path starts with "Video Games": dropped from categories, kept in text.
+    assert raw.source["dropped_root_category"] == "Video Games"
+    assert items.loc["A1", "categories"] == ["Nintendo 64", "Games"]  # categories[0] only
+    assert items.loc["A3", "categories"] == []
+    assert items.loc["A1", "text"] == "Zelda | Video Games, Nintendo 64, Games | Nintendo"
+    assert items.loc["A2", "text"] == "Assassin's Creed | Video Games, PC"
+    assert items.loc["A3", "title"] == "Tom & Jerry"  # HTML entity decoded
+    assert items.loc["A4", "text"] == "A4" and items.loc["A4", "categories"] == []
+    assert items.loc["A1", "image_url"] == "http://x/A1.jpg"
+    assert raw.source["missing_meta"] == 1 and raw.source["reviews_without_meta"] == 1
+    assert [m.name for m in raw.modalities] == ["text"]
+    assert raw.source["image_modality"].startswith("none")
+    assert raw.modalities[0].encoder is not None and raw.modalities[0].provenance["dim"] == 384
+
+
+def test_2014_python_literal_reviews_plain_file(tmp_path: Path):
+    reviews = write_lines(tmp_path / "reviews_Toys_5.json", [repr(review_2014("U1", "A1", 100)), "",
+                                                              repr(review_2014("U2", "A1", 200))])
+    meta = write_lines(tmp_path / "meta_Toys.json", [repr({"asin": "A1", "title": "Ball",
+                                                            "categories": [["Toys", "Balls"]]})])
+    raw = read_amazon(reviews, meta, version="2014", name="toys")
+    assert raw.name == "toys"
+    assert raw.interactions["timestamp"].tolist() == [100, 200]
+    assert raw.items["categories"].tolist() == [["Balls"]]
+
+
+def test_2018_flat_category_duplicates_and_no_shared_root(tmp_path: Path):
+    reviews = write_lines(tmp_path / "Video_Games_5.json", [
+        json.dumps(review_2018("U1", "B1", 1500000000)), json.dumps(review_2018("U1", "B2", 1500000100)),
+        json.dumps(review_2018("U2", "B2", 1500000200))])
+    meta = write_lines(tmp_path / "meta_Video_Games.json.gz", [
+        json.dumps({"category": ["Video Games", "Xbox One", "Games"], "title": "Halo &amp; Friends",
+                    "brand": "Microsoft", "imageURL": ["http://x/s.jpg"], "imageURLHighRes": ["http://x/L.jpg"],
+                    "asin": "B1", "feature": [], "description": []}),
+        json.dumps({"category": ["Toys & Games", "Puzzles"], "title": "Cube", "brand": "", "asin": "B2"}),
+        json.dumps({"category": ["Video Games"], "title": "Halo duplicate", "asin": "B1"}),
+    ])
+    raw = read_amazon(reviews, meta, version="2018")
+    items = raw.items.set_index("item")
+    assert raw.source["duplicate_meta"] == 1
+    assert items.loc["B1", "text"] == "Halo & Friends | Video Games, Xbox One, Games | Microsoft"  # first kept
+    assert raw.source["dropped_root_category"] is None  # roots differ: paths kept whole
+    assert items.loc["B1", "categories"] == ["Video Games", "Xbox One", "Games"]
+    assert items.loc["B2", "categories"] == ["Toys & Games", "Puzzles"]
+    assert items.loc["B1", "image_url"] == "http://x/L.jpg"
+    assert raw.source["missing_meta"] == 0
+
+
+def test_2023_parent_asin_milliseconds_store_and_images(tmp_path: Path):
+    reviews = write_lines(tmp_path / "Video_Games.jsonl.gz", [
+        json.dumps(review_2023("AGX1", "C1", 1588687728923)), json.dumps(review_2023("AGX2", "C1", 1588687729999)),
+        json.dumps(review_2023("AGX2", "C2", 1588687800000))])
+    meta = write_lines(tmp_path / "meta_Video_Games.jsonl", [
+        json.dumps({"main_category": "Video Games", "title": "Spider-Man", "average_rating": 4.5,
+                    "rating_number": 10, "features": [], "description": [], "price": None,
+                    "images": [{"thumb": "t1", "large": "l1", "variant": "PT01", "hi_res": None},
+                               {"thumb": "t0", "large": "l0", "variant": "MAIN", "hi_res": "h0"}],
+                    "videos": [], "store": "Sony", "categories": ["Video Games", "PlayStation 4", "Games"],
+                    "details": {}, "parent_asin": "C1", "bought_together": None}),
+        json.dumps({"title": "Mouse", "store": "Logi", "categories": [], "images": [], "parent_asin": "C2"}),
+    ])
+    raw = read_amazon(reviews, meta, version="2023")
+    assert raw.name == "amazon2023-Video_Games"
+    assert raw.interactions["item"].tolist() == ["C1", "C1", "C2"]
+    assert raw.interactions["timestamp"].tolist() == [1588687728, 1588687729, 1588687800]
+    items = raw.items.set_index("item")
+    assert items.loc["C1", "text"] == "Spider-Man | Video Games, PlayStation 4, Games | Sony"
+    assert items.loc["C1", "categories"] == ["PlayStation 4", "Games"]  # only non-empty path: root shared
+    assert items.loc["C2", "text"] == "Mouse | Logi" and items.loc["C2", "categories"] == []
+    assert items.loc["C1", "image_url"] == "h0"  # the MAIN image
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def test_missing_file_is_named(amazon_2014, tmp_path: Path):
+    with pytest.raises(DataError, match=r"meta_Nope\.json\.gz: file not found"):
+        read_amazon(amazon_2014[0], tmp_path / "meta_Nope.json.gz", version="2014")
+
+
+def test_unknown_version():
+    with pytest.raises(ValueError, match="2014"):
+        read_amazon("r", "m", version="2020")
+
+
+def test_2018_rejects_python_literal_line(tmp_path: Path):
+    reviews = write_lines(tmp_path / "r.json", [json.dumps(review_2018("U1", "B1", 1)), "",
+                                                repr(review_2018("U2", "B1", 2))])
+    meta = write_lines(tmp_path / "m.json", [json.dumps({"asin": "B1"})])
+    with pytest.raises(DataError, match=r"r\.json: line 3: expected one JSON object per line"):
+        read_amazon(reviews, meta, version="2018")
+
+
+def test_2014_malformed_and_non_object_lines(tmp_path: Path):
+    meta = write_lines(tmp_path / "m.json", [repr({"asin": "A1"})])
+    broken = write_lines(tmp_path / "r.json.gz", [json.dumps(review_2014("U1", "A1", 1)), "{'asin': 'A1',"])
+    with pytest.raises(DataError, match=r"r\.json\.gz: line 2: expected one JSON object or Python dict literal"):
+        read_amazon(broken, meta, version="2014")
+    listed = write_lines(tmp_path / "r2.json", ["[1, 2]"])
+    with pytest.raises(DataError, match=r"r2\.json: line 1: expected .* found list"):
+        read_amazon(listed, meta, version="2014")
+
+
+def test_missing_required_field_names_field_file_line(tmp_path: Path):
+    record = review_2023("U2", "C1", 5000)
+    del record["parent_asin"]
+    reviews = write_lines(tmp_path / "Games.jsonl", [json.dumps(review_2023("U1", "C1", 1000)), json.dumps(record)])
+    meta = write_lines(tmp_path / "meta_Games.jsonl", [json.dumps({"parent_asin": "C1"})])
+    with pytest.raises(DataError, match=r"Games\.jsonl: line 2: missing field 'parent_asin'"):
+        read_amazon(reviews, meta, version="2023")
+    meta_bad = write_lines(tmp_path / "meta_bad.jsonl", [json.dumps({"title": "no id"})])
+    good = write_lines(tmp_path / "ok.jsonl", [json.dumps(review_2023("U1", "C1", 1000))])
+    with pytest.raises(DataError, match=r"meta_bad\.jsonl: line 1: missing field 'parent_asin'"):
+        read_amazon(good, meta_bad, version="2023")
+
+
+@pytest.mark.parametrize("value, expected", [("yesterday", "finite number of seconds"),
+                                             (-5, "seconds >= 0"), (None, "missing field")])
+def test_bad_timestamp_names_file_line_value(tmp_path: Path, value, expected: str):
+    record = review_2018("U2", "B1", 0)
+    record["unixReviewTime"] = value
+    reviews = write_lines(tmp_path / "r.json", [json.dumps(review_2018("U1", "B1", 10)), json.dumps(record)])
+    meta = write_lines(tmp_path / "m.json", [json.dumps({"asin": "B1"})])
+    with pytest.raises(DataError) as error:
+        read_amazon(reviews, meta, version="2018")
+    message = str(error.value)
+    assert "r.json: line 2" in message and "'unixReviewTime'" in message and expected in message
+
+
+def test_truncated_gzip(tmp_path: Path, amazon_2014):
+    data = amazon_2014[0].read_bytes()
+    cut = tmp_path / "cut.json.gz"
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(DataError, match=r"cut\.json\.gz: line \d+: truncated or corrupt gzip"):
+        read_amazon(cut, amazon_2014[1], version="2014")
+
+
+def test_missing_image_folder(amazon_2014, tmp_path: Path):
+    with pytest.raises(DataError, match=r"no_images: image folder not found"):
+        read_amazon(*amazon_2014, version="2014", image_dir=tmp_path / "no_images")
+
+
+# --------------------------------------------------------------------------- images, real encoders
+
+
+def draw_image(kind: str) -> Image.Image:
+    """Three visibly different pictures: concentric rings, stripes, a gradient with a square."""
+    image = Image.new("RGB", (160, 120), "white")
+    draw = ImageDraw.Draw(image)
+    if kind == "rings":
+        for r in range(60, 0, -12):
+            draw.ellipse([80 - r, 60 - r, 80 + r, 60 + r], fill=(200, 30 + 3 * r, 40))
+    elif kind == "stripes":
+        for x in range(0, 160, 16):
+            draw.rectangle([x, 0, x + 7, 119], fill=(20, 60, 220))
+    else:
+        for y in range(120):
+            draw.line([0, y, 159, y], fill=(0, 2 * y, 255 - 2 * y))
+        draw.rectangle([50, 30, 110, 90], fill=(250, 250, 0))
+    return image
+
+
+def test_image_folder_encoded_with_mobilenetv2_and_masked(tmp_path: Path, monkeypatch):
+    monkeypatch.setenv("HM4SR_CACHE_DIR", str(tmp_path / "cache"))
+    reviews = write_lines(tmp_path / "Games_5.json", [
+        json.dumps(review_2018(u, a, t)) for u, a, t in
+        [("U1", "B1", 1), ("U1", "B2", 2), ("U2", "B3", 3), ("U2", "B4", 4), ("U3", "B5", 5), ("U3", "B1", 6)]])
+    meta = write_lines(tmp_path / "meta_Games.json", [
+        json.dumps({"asin": a, "title": t, "category": ["Video Games", c], "brand": "X"})
+        for a, t, c in [("B1", "Rings", "PC"), ("B2", "Stripes", "Xbox"), ("B3", "Sunset", "PC"),
+                        ("B4", "No photo", "Xbox"), ("B5", "Rings again", "PC")]])
+    images = tmp_path / "images"
+    images.mkdir()
+    draw_image("rings").save(images / "B1.jpg")
+    draw_image("stripes").save(images / "B2.png")
+    draw_image("gradient").save(images / "B3.webp")
+    shutil.copy(images / "B1.jpg", images / "B5.JPG")  # same picture, upper-case suffix
+    (images / "notes.txt").write_text("not an image", encoding="utf-8")
+    draw_image("stripes").save(images / "B9.jpg")  # an item nobody reviewed
+
+    raw = read_amazon(reviews, meta, version="2018", image_dir=images)
+    image = next(m for m in raw.modalities if m.name == "image")
+    assert image.optional and image.provenance["dim"] == 1280
+    assert "MobileNetV2" in image.provenance["encoder"]
+    assert raw.source["items_with_image_file"] == 4
+
+    ds = preprocess(raw, ALL_ITEMS)
+    token_id = {t: i for i, t in zip(ds.items["item"], ds.items["token"])}
+    features = ds.modalities["image"].features
+    available = ds.modalities["image"].available
+    assert features.shape == (6, 1280)
+    assert {t: bool(available[i]) for t, i in token_id.items()} == \
+        {"B1": True, "B2": True, "B3": True, "B4": False, "B5": True}
+    assert not features[token_id["B4"]].any() and not features[0].any()
+    rings, stripes, sunset = (features[token_id[t]] for t in ("B1", "B2", "B3"))
+    assert min(np.abs(rings).sum(), np.abs(stripes).sum(), np.abs(sunset).sum()) > 0
+    np.testing.assert_allclose(features[token_id["B5"]], rings, rtol=1e-5, atol=1e-6)  # same file, same row
+    assert not np.allclose(rings, stripes, atol=1e-3) and not np.allclose(stripes, sunset, atol=1e-3)
+
+    text = ds.modalities["text"].features
+    assert text.shape == (6, 384)
+    np.testing.assert_allclose(np.linalg.norm(text[1:], axis=1), 1.0, atol=1e-5)
+    assert ds.items.set_index("token").loc["B4", "text"] == "No photo | Video Games, Xbox | X"
+
+    # A second run is served from the cache (keyed by image content): same features, no new files.
+    cached_files = sorted(p.name for p in (tmp_path / "cache").iterdir())
+    again = preprocess(read_amazon(reviews, meta, version="2018", image_dir=images), ALL_ITEMS)
+    np.testing.assert_array_equal(again.modalities["image"].features, features)
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == cached_files
+
+    (images / "B2.png").write_bytes(b"not really a png")
+    with pytest.raises(DataError, match=r"B2\.png: not a readable image"):
+        preprocess(read_amazon(reviews, meta, version="2018", image_dir=images), ALL_ITEMS)
