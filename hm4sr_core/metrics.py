@@ -5,8 +5,9 @@ This module implements the measuring half of the evaluation contract
 against the *whole* catalogue, with a declared tie policy, and turned into per-user
 HR/NDCG/MRR arrays that feed the paired tests between models.
 
-Conventions (shared by every model in the workbench, HM4SR paper Sec. 3.5 scores an
-item by the dot product of the sequence representation and the item embedding):
+Conventions (shared by every model in the workbench). HM4SR scores an item as
+``sum over streams s of <s_s, v_s(i)>`` (``docs/hm4sr_model.md``, step 6), which is one
+dot product ``<q_u, V_i>`` of the concatenated streams; SASRec's score is one too.
 
 * Items are numbered ``1..N``; column/row 0 is the padding item and is never a
   candidate, whatever its score.
@@ -160,6 +161,7 @@ def rank_of_targets(
 # ---------------------------------------------------------------------------
 
 
+@torch.no_grad()  # ranking never needs gradients; embedding weights may require them
 def count_dot_product(
     queries: Tensor,
     item_table: Tensor,
@@ -224,16 +226,18 @@ def count_dot_product(
 
     width = min(chunk_items, columns)
     chunks = _chunk_layout(columns, width)
-    target_scores = _target_scores(queries, item_table, targets, width)
+    # The one (B, width) score matrix, reused by every matmul below.
+    scores = torch.empty(batch, width, dtype=queries.dtype, device=queries.device)
+    target_scores = _target_scores(queries, item_table, targets, scores)
     if not torch.isfinite(target_scores).all():
         raise ValueError("target scores are NaN or inf: item_table has a non-finite target "
                          "row or the dot products overflow")
 
     counts, in_chunk, top_items = _sweep(
-        queries, item_table, targets, target_scores, chunks, width, history, top_k)
+        queries, item_table, targets, target_scores, chunks, scores, history, top_k)
     if not torch.equal(in_chunk, target_scores):
         counts, _, _ = _sweep(
-            queries, item_table, targets, in_chunk, chunks, width, history, 0)
+            queries, item_table, targets, in_chunk, chunks, scores, history, 0)
     return counts, top_items
 
 
@@ -274,10 +278,12 @@ def _chunk_layout(columns: int, width: int) -> list[tuple[int, int]]:
     return layout
 
 
-def _target_scores(queries: Tensor, item_table: Tensor, targets: Tensor, width: int) -> Tensor:
-    """(B,) score of each user's target, from matmuls shaped like the item chunks."""
+def _target_scores(queries: Tensor, item_table: Tensor, targets: Tensor, scores: Tensor) -> Tensor:
+    """(B,) score of each user's target, from matmuls shaped like the item chunks
+    (written into the (B, width) ``scores`` buffer)."""
     unique, position = torch.unique(targets, return_inverse=True)
     batch, dim = queries.shape
+    width = scores.shape[1]
     rows = torch.arange(batch, device=queries.device)
     result = torch.empty(batch, dtype=queries.dtype, device=queries.device)
     for first in range(0, unique.numel(), width):
@@ -285,7 +291,7 @@ def _target_scores(queries: Tensor, item_table: Tensor, targets: Tensor, width: 
         # Zero rows keep the block as wide as an item chunk.
         table = torch.zeros(width, dim, dtype=item_table.dtype, device=item_table.device)
         table[:block.numel()] = item_table[block]
-        scores = queries @ table.T  # (B, width)
+        torch.matmul(queries, table.T, out=scores)  # (B, width)
         mine = (position >= first) & (position < first + block.numel())
         result[mine] = scores[rows[mine], position[mine] - first]
     return result
@@ -297,13 +303,14 @@ def _sweep(
     targets: Tensor,
     target_scores: Tensor,
     chunks: list[tuple[int, int]],
-    width: int,
+    scores: Tensor,
     history: Tensor | None,
     top_k: int,
 ) -> tuple[RankCounts, Tensor, Tensor]:
     """One pass over the item chunks: counts vs ``target_scores``, in-chunk target
-    scores (B,), and the running top-k (B, top_k)."""
-    batch = queries.shape[0]
+    scores (B,), and the running top-k (B, top_k). ``scores`` is the (B, width)
+    buffer every chunk's matmul writes into."""
+    batch, width = scores.shape
     device = queries.device
     rows = torch.arange(batch, device=device)
     threshold = target_scores[:, None]
@@ -322,7 +329,7 @@ def _sweep(
         # Checked per chunk so that no (N+1, K) mask is ever built.
         if not torch.isfinite(block).all():
             raise ValueError(f"item_table: rows {start}..{end - 1} contain NaN or inf")
-        scores = queries @ block.T  # (B, width)
+        torch.matmul(queries, block.T, out=scores)  # (B, width)
         here = (targets >= owned_from) & (targets < end)
         in_chunk[here] = scores[rows[here], targets[here] - start]
 

@@ -47,6 +47,39 @@ class HM4SROutput:
 # ----------------------------------------------------------------------------- modules
 
 
+class _Dropout(torch.autograd.Function):
+    """Inverted dropout whose mask costs a quarter of the random draws of F.dropout on CPU.
+
+    Each int64 draw from torch's generator gives four 16-bit lanes; an element is kept
+    when its lane >= p * 65536 (keep-probability exact to 1/65536). The mask is saved
+    as bool for the backward. Seeded by torch's global generator, like F.dropout."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, p: float):
+        n = x.numel()
+        words = torch.randint(-(2**63), 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64, device=x.device)
+        lanes = words.view(torch.int16)[:n].view(x.shape)
+        keep = lanes >= int(round(p * 65536)) - 32768
+        scale = 1.0 / (1.0 - p)
+        ctx.save_for_backward(keep)
+        ctx.scale = scale
+        return torch.where(keep, x * scale, 0.0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (keep,) = ctx.saved_tensors
+        return torch.where(keep, grad * ctx.scale, 0.0), None
+
+
+def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """Same distribution as ``F.dropout`` (to 1/65536 in p), cheaper masks on CPU."""
+    if not training or p == 0.0:
+        return x
+    if x.device.type != "cpu":
+        return F.dropout(x, p, True)
+    return _Dropout.apply(x, p)
+
+
 class TimeEmbedding(nn.Module):
     """tau = [interval embedding ; absolute-time embedding], (B, T, 2d) (paper eq. for TE).
 
@@ -83,7 +116,8 @@ class TimeEmbedding(nn.Module):
     def forward(self, timestamps: torch.Tensor, real: torch.Tensor):
         buckets = self.buckets(timestamps, real)
         t = self.time_values(timestamps)
-        absolute = torch.cos(self.absolute(t.unsqueeze(-1)) * self.freq)  # (B, T, d)
+        # t is float32 by definition; the Linear may have been moved to another dtype.
+        absolute = torch.cos(self.absolute(t.unsqueeze(-1).to(self.absolute.weight.dtype)) * self.freq)  # (B, T, d)
         return torch.cat([self.interval(buckets), absolute], dim=-1), buckets, t  # (B, T, 2d)
 
 
@@ -173,31 +207,43 @@ class StackedTransformerLayer(nn.Module):
         S, B, T, d = x.shape
         H, dh = self.heads, d // self.heads
         drop = self.training
-        qkv = self.qkv(x.reshape(S, B * T, d), streams).view(S, B, T, 3, H, dh)
-        k = qkv[:, :, :, 1].permute(0, 1, 3, 2, 4).reshape(S * B, H, T, dh)
-        v = qkv[:, :, :, 2].permute(0, 1, 3, 2, 4).reshape(S * B, H, T, dh)
+        qkv = self.qkv(x.reshape(S, B * T, d), streams).view(S * B, T, 3, H, dh)
+        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # each (S*B, H, T, dh), views
         if last is None:
-            q = qkv[:, :, :, 0].permute(0, 1, 3, 2, 4).reshape(S * B, H, T, dh)
             # Left-aligned sequences: the causal mask alone keeps padding (after the last
             # real item) out of every real position's attention.
-            a = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attention_dropout if drop else 0.0,
-                                               is_causal=True)
+            a = attention(q, k, v, None, self.attention_dropout, drop)
             rows, residual = T, x
         else:
-            idx = last.view(1, B, 1, 1, 1, 1).expand(S, B, 1, 1, H, dh)
-            q = torch.gather(qkv[:, :, :, :1], 2, idx).squeeze(3).permute(0, 1, 3, 2, 4).reshape(S * B, H, 1, dh)
+            q = torch.gather(q, 2, last.repeat(S).view(S * B, 1, 1, 1).expand(S * B, H, 1, dh))
             keep = (torch.arange(T, device=x.device).view(1, T) <= last.view(B, 1))  # (B, T)
-            mask = keep.view(1, B, 1, 1, T).expand(S, B, 1, 1, T).reshape(S * B, 1, 1, T)
-            a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                               dropout_p=self.attention_dropout if drop else 0.0)
+            mask = keep.repeat(S, 1).view(S * B, 1, 1, T)
+            a = attention(q, k, v, mask, self.attention_dropout, drop)
             rows = 1
             residual = torch.gather(x, 2, last.view(1, B, 1, 1).expand(S, B, 1, d))
         a = a.view(S, B, H, rows, dh).permute(0, 1, 3, 2, 4).reshape(S, B * rows, d)
-        h = F.dropout(self.out(a, streams), self.hidden_dropout, drop) + residual.reshape(S, B * rows, d)
+        h = dropout(self.out(a, streams), self.hidden_dropout, drop) + residual.reshape(S, B * rows, d)
         h = self.ln1(h, streams)
         f = self.ff2(F.gelu(self.ff1(h, streams)), streams)
-        h = self.ln2(F.dropout(f, self.hidden_dropout, drop) + h, streams)
+        h = self.ln2(dropout(f, self.hidden_dropout, drop) + h, streams)
         return h.view(S, B, rows, d)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+              p: float, training: bool) -> torch.Tensor:
+    """Scaled dot-product attention, (n, H, Tq, dh) x (n, H, T, dh) -> (n, H, Tq, dh).
+
+    Causal when ``mask`` is None, else ``mask`` (n, 1, Tq, T) marks allowed keys. Without
+    dropout the fused kernel runs; with it (training) the probabilities are dropped by
+    :func:`dropout`, which on CPU is several times cheaper than the fused kernel's."""
+    if not training or p == 0.0:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+    scores = (q @ k.transpose(-1, -2)) * (q.shape[-1] ** -0.5)  # (n, H, Tq, T)
+    if mask is None:
+        T = scores.shape[-1]
+        mask = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return dropout(torch.softmax(scores, dim=-1), p, True) @ v
 
 
 class StreamEncoders(nn.Module):
@@ -217,7 +263,7 @@ class StreamEncoders(nn.Module):
         """x (S', B, T, d) -> (S', B, d) at the last real position if ``last_only``, else
         (S', B, T, d) at every position. ``streams`` picks whose weights each slice uses."""
         S, B, T, d = x.shape
-        h = F.dropout(self.ln(x.reshape(S, B * T, d), streams), self.dropout, self.training).view(S, B, T, d)
+        h = dropout(self.ln(x.reshape(S, B * T, d), streams), self.dropout, self.training).view(S, B, T, d)
         last = lengths - 1
         for i, layer in enumerate(self.layers):
             final = i == len(self.layers) - 1

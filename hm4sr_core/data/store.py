@@ -94,6 +94,7 @@ def save_dataset(ds: Dataset, folder: str | Path | None = None, *, extra: dict |
     target = Path(folder) if folder is not None else PROCESSED_ROOT / ds.name
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    old = None
     try:
         ds.interactions.to_parquet(tmp / "interactions.parquet", index=False)
         items = ds.items.copy()
@@ -126,16 +127,18 @@ def save_dataset(ds: Dataset, folder: str | Path | None = None, *, extra: dict |
         }
         manifest.update(extra or {})
         write_json_atomic(tmp / "manifest.json", manifest)
-        old = None
         if target.exists():
             old = target.parent / f".{target.name}.old-{os.getpid()}"
             os.replace(target, old)
         os.replace(tmp, target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
     except BaseException:
+        # The previous folder was moved aside but the new one never arrived: put it back.
+        if old is not None and old.exists() and not target.exists():
+            os.replace(old, target)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
     return target
 
 

@@ -1,0 +1,182 @@
+"""`make bench`: training and evaluation speed on ml-100k, written to benchmarks/results.json.
+
+Each measurement runs in its own subprocess so its peak RSS is its own. All use 2
+threads and batch 1024 (the paper's), on the prepared ml-100k (prepared on first use).
+
+    python -m benchmarks.run                 # everything (about 15-20 minutes here)
+    python -m benchmarks.run --only eval_1m  # one part, printed as JSON
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results.json"
+TARGET_NDCG20 = 0.0864  # the released code's validation NDCG@20 after 8 epochs (4,380 s) here
+PARTS = ("epochs", "to_target", "eval", "eval_1m")
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _dataset():
+    from hm4sr_core.data.prepare import prepare
+    from hm4sr_core.data.store import load_dataset, read_manifest
+    try:
+        return load_dataset("ml-100k"), read_manifest("ml-100k")["data_hash"]
+    except ValueError:
+        ds, _ = prepare("ml-100k")
+        return ds, read_manifest("ml-100k")["data_hash"]
+
+
+def part_epochs(args) -> dict:
+    """Seconds per training epoch: HM4SR prefix, HM4SR dense, SASRec dense (same run)."""
+    from hm4sr_core.config import ModelConfig, TrainConfig
+    from hm4sr_core.train import train
+    ds, h = _dataset()
+    out = {}
+    cases = [("hm4sr_prefix", ModelConfig(), "prefix", args.prefix_epochs),
+             ("hm4sr_dense", ModelConfig(), "dense", args.dense_epochs),
+             ("sasrec_dense", ModelConfig.sasrec(), "dense", args.dense_epochs)]
+    for key, mc, mode, epochs in cases:
+        cfg = TrainConfig(mode=mode, epochs=epochs, batch_size=1024, threads=2, patience=100)
+        r = train(ds, mc, cfg, data_hash=h, progress=False)
+        secs = r.epochs["train_seconds"].tolist()
+        out[f"{key}_seconds_per_epoch"] = float(np.median(secs))
+        out[f"{key}_epoch_seconds_all"] = secs
+        print(f"{key}: {secs}", file=sys.stderr)
+    out["peak_rss_mb"] = _peak_rss_mb()
+    return out
+
+
+def part_to_target(args) -> dict:
+    """Wall time (training + validation) of HM4SR, default mode, seed 2025, to reach the target."""
+    from hm4sr_core.config import ModelConfig, TrainConfig
+    from hm4sr_core.train import train
+    ds, h = _dataset()
+    cfg = TrainConfig(threads=2, seed=2025, epochs=args.max_epochs, patience=100)
+    reached: dict = {}
+
+    class Reached(Exception):
+        pass
+
+    def on_epoch(row):
+        if row.get("valid_ndcg@20", 0.0) >= TARGET_NDCG20 and not reached:
+            reached.update(epoch=row["epoch"], seconds=row["seconds_since_start"], ndcg20=row["valid_ndcg@20"])
+            raise Reached
+
+    t0 = time.perf_counter()
+    try:
+        train(ds, ModelConfig(), cfg, data_hash=h, progress=False, on_epoch=on_epoch)
+    except Reached:
+        pass
+    wall = time.perf_counter() - t0
+    return {"seconds_to_target": reached.get("seconds"), "epochs_to_target": reached.get("epoch"),
+            "valid_ndcg@20_at_target": reached.get("ndcg20"), "target_wall_seconds_incl_setup": wall,
+            "target_mode": cfg.mode, "target_batch_size": cfg.batch_size, "target_ndcg@20": TARGET_NDCG20,
+            "to_target_peak_rss_mb": _peak_rss_mb()}
+
+
+def part_eval(args) -> dict:
+    """Full ranking of ml-100k's test users (median of repeated runs, model untrained:
+    the cost does not depend on the weights)."""
+    from hm4sr_core.config import ModelConfig, SplitConfig, TrainConfig
+    from hm4sr_core.data.splits import build_split
+    from hm4sr_core.evaluate import evaluate
+    from hm4sr_core.model import build_model
+    torch.set_num_threads(2)
+    ds, _ = _dataset()
+    split = build_split(ds, SplitConfig())
+    model = build_model(ModelConfig(), ds)
+    cfg = TrainConfig()
+    evaluate(model, split.test, cfg)  # warm-up
+    times = []
+    for _ in range(args.repeats):
+        t = time.perf_counter()
+        evaluate(model, split.test, cfg)
+        times.append(time.perf_counter() - t)
+    n = len(split.test)
+    return {"eval_users": n, "eval_seconds_median": float(np.median(times)),
+            "eval_users_per_second": n / float(np.median(times)), "eval_seconds_all": times}
+
+
+def part_eval_1m(args) -> dict:
+    """Full ranking of 943 users against a synthetic 1,000,000-item catalogue (HM4SR with
+    text and image streams of random 64-d features): chunked, never users x items at once."""
+    from hm4sr_core.config import ModelConfig, SplitConfig, TrainConfig
+    from hm4sr_core.data.splits import build_split
+    from hm4sr_core.evaluate import evaluate
+    from hm4sr_core.model import HM4SR
+    torch.set_num_threads(2)
+    ds, _ = _dataset()
+    n_items = 1_000_000
+    g = torch.Generator().manual_seed(0)
+    feats = {m: torch.randn(n_items + 1, 64, generator=g) for m in ("text", "image")}
+    avail = {m: torch.ones(n_items + 1) for m in feats}
+    model = HM4SR(ModelConfig(), n_items, feats, avail, torch.zeros(n_items + 1, 0),
+                  float(ds.stats["first_timestamp"]))
+    test = build_split(ds, SplitConfig()).test
+    remap = torch.randperm(n_items, generator=g).numpy()[: ds.num_items + 1] + 1
+    remap[0] = 0
+    test.items = remap[test.items]
+    test.targets = remap[test.targets]
+    rss_before = _peak_rss_mb()
+    t = time.perf_counter()
+    r = evaluate(model, test, TrainConfig())
+    secs = time.perf_counter() - t
+    return {"eval_1m_users_per_second": len(test) / secs, "eval_1m_seconds": secs,
+            "eval_1m_peak_rss_mb": _peak_rss_mb(), "eval_1m_rss_before_ranking_mb": rss_before,
+            "eval_1m_hr@10": r.metrics["hr@10"]}
+
+
+def _run_part(name: str, extra: list[str]) -> dict:
+    cmd = [sys.executable, "-m", "benchmarks.run", "--only", name, *extra]
+    print(f"[bench] {name} ...", file=sys.stderr, flush=True)
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"benchmark part {name} failed:\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--only", choices=PARTS, help="run one part in this process and print its JSON")
+    p.add_argument("--prefix-epochs", type=int, default=1, help="prefix-mode epochs timed (default 1)")
+    p.add_argument("--dense-epochs", type=int, default=5, help="dense-mode epochs timed (default 5)")
+    p.add_argument("--max-epochs", type=int, default=200, help="cap for the time-to-target run")
+    p.add_argument("--repeats", type=int, default=7, help="evaluation repeats (median)")
+    p.add_argument("--skip", action="append", default=[], choices=PARTS, help="parts to leave out")
+    args = p.parse_args()
+    if args.only:
+        fn = {"epochs": part_epochs, "to_target": part_to_target, "eval": part_eval, "eval_1m": part_eval_1m}
+        print(json.dumps(fn[args.only](args)))
+        return
+    from hm4sr_core.data.store import write_json_atomic
+    from hm4sr_core.train import environment
+    extra = [f"--prefix-epochs={args.prefix_epochs}", f"--dense-epochs={args.dense_epochs}",
+             f"--max-epochs={args.max_epochs}", f"--repeats={args.repeats}"]
+    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    for part in PARTS:
+        if part not in args.skip:
+            results.update(_run_part(part, extra))
+    torch.set_num_threads(2)
+    results["environment"] = environment()
+    results["measured_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    results["command"] = "make bench"
+    write_json_atomic(RESULTS, results)
+    print(json.dumps({k: v for k, v in results.items() if not isinstance(v, (list, dict))}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,355 @@
+"""Reproducibility runs: execute ``notebooks/NN_*.ipynb`` in order with papermill into
+``runs/<run-id>/`` (``hm4sr run-notebooks``, ``make demo``).
+
+A run folder holds, per notebook: the executed notebook, its HTML rendering, the JSON
+record its last cell wrote, and its key figures (plotly JSON written by the notebook,
+exported here to PNG and SVG through kaleido in one browser session for the whole
+run, instead of one browser start per notebook kernel). Beside them:
+``manifest.json`` (mode, parameters, versions, data hash, git commit, timings) and
+``index.html`` linking everything.
+
+Three sizes, chosen by the runner and passed as notebook parameters:
+
+* ``smoke``: every notebook's ``smoke`` parameter is True (tiny sizes, set in the
+  notebook itself) on a run-local planted synthetic world: the test suite's run.
+* ``demo``: the notebooks' own defaults, sized so ``make demo`` on ml-100k finishes in
+  about 15 minutes on 2 cores: short training, stated as such in the notebooks.
+* ``full``: training to convergence (100 epochs, early stopping with patience 10).
+
+A notebook that raises stops the run: :class:`NotebookError` names the notebook, the
+cell and the error; the executed notebook (with the failing cell marked), its HTML and
+the manifest (status "failed") are still written.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+
+from .data.prepare import SOURCES, prepare
+from .data.schema import DataError, Dataset
+from .data.store import PROCESSED_ROOT, REPO_ROOT, load_dataset, read_manifest, write_json_atomic, write_text_atomic
+
+NOTEBOOK_DIR = REPO_ROOT / "notebooks"
+NOTEBOOKS = ("01_prepare_data", "02_train", "03_expert_gating", "04_temporal_embeddings",
+             "05_loss_contributions", "06_embedding_atlas")
+RUNS_ROOT = REPO_ROOT / "runs"
+SMOKE_DATASET = "synthetic-smoke"  # the run-local world a smoke run prepares
+FULL_TRAINING = {"epochs": 100, "patience": 10, "max_steps_per_epoch": 0}  # to convergence
+STATIC_FORMATS = ("png", "svg")
+# The kernel named "python3" is launched with the runner's own interpreter
+# (jupyter_client swaps a spec's "python" for sys.executable), so notebooks see
+# exactly the packages of the process that runs them, whichever kernels are registered.
+KERNEL_NAME = "python3"
+# Inherited by every kernel: nothing tries the Hugging Face hub; OpenMP threads sleep
+# instead of spinning (on 2 shared cores spinning makes tiny models ~20x slower).
+KERNEL_ENVIRONMENT = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_WAIT_POLICY": "PASSIVE"}
+VERSIONED_PACKAGES = ("torch", "numpy", "pandas", "scipy", "plotly", "ipywidgets", "papermill", "nbconvert",
+                      "nbformat", "ipykernel", "umap-learn", "kaleido", "sentence-transformers")
+
+
+class NotebookError(ValueError):
+    """A notebook failed during a run. A ValueError so ``hm4sr`` reports it as one line
+    and exits 2, like every other bad-input error (most failures are bad parameters)."""
+
+    def __init__(self, notebook: str, message: str, *, cell: int | None = None, source: str = "",
+                 ename: str = "", evalue: str = ""):
+        self.notebook, self.cell, self.source, self.ename, self.evalue = notebook, cell, source, ename, evalue
+        super().__init__(message)
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def prepared_dataset(source: str | None, name: str, *, path: str | Path | None = None,
+                     out_root: str | Path | None = None, reuse: bool = True,
+                     **prepare_options) -> tuple[Dataset, Path]:
+    """The dataset ``<out_root>/<name>`` (default ``data/processed/<name>``): loaded when
+    ``reuse`` and already prepared, otherwise prepared from ``source`` (see
+    :func:`hm4sr_core.data.prepare.prepare`). Returns the dataset and its folder."""
+    folder = Path(out_root) / name if out_root is not None else PROCESSED_ROOT / name
+    if reuse and (folder / "manifest.json").exists():
+        return load_dataset(folder), folder
+    if source is None:
+        raise DataError(f"{folder}: no prepared dataset named {name!r} (no manifest.json), and no source "
+                        f"to prepare it from; pass a source ({', '.join(SOURCES)}) or run `hm4sr prepare`")
+    return prepare(source, path, name=name, out_root=folder.parent, **prepare_options)
+
+
+# ----------------------------------------------------------------------------- parameters
+
+
+def notebook_parameters(notebook: str | Path) -> dict[str, dict]:
+    """The parameters a notebook declares in its ``parameters`` cell, as papermill infers
+    them: name -> {"name", "inferred_type_name", "default", "help"}."""
+    import papermill
+    return papermill.inspect_notebook(str(notebook))
+
+
+def plan_parameters(mode: str, data: str | None, run_dir: Path, seed: int | None = None) -> dict[str, dict]:
+    """Parameters for each notebook of a run (a notebook receives only those it declares).
+
+    ``mode`` is "smoke", "demo" or "full"; ``data`` a source name (prepared on the fly)
+    or the name of a dataset already under ``data/processed``."""
+    if mode not in ("smoke", "demo", "full"):
+        raise ValueError(f"mode must be 'smoke', 'demo' or 'full', got {mode!r}")
+    common: dict = {"output_dir": str(run_dir), "smoke": mode == "smoke", "train_dir": str(run_dir / "train")}
+    if seed is not None:
+        common["seed"] = seed
+    if mode == "smoke" and data in (None, "synthetic"):
+        name, root = SMOKE_DATASET, run_dir / "data"
+        first = {"source": "synthetic", "dataset_name": name, "data_root": str(root), "reuse": False}
+        dataset = str(root / name)
+    else:
+        name = data or "ml-100k"
+        first = {"source": name if name in SOURCES else None, "dataset_name": name, "data_root": None,
+                 "reuse": True}
+        dataset = name
+    plan = {}
+    for nb in NOTEBOOKS:
+        params = dict(common, dataset=dataset)
+        if nb == "01_prepare_data":
+            params.update(first)
+        if mode == "full":
+            params.update(FULL_TRAINING)
+        plan[nb] = params
+    return plan
+
+
+# ----------------------------------------------------------------------------- run
+
+
+def run_notebooks(smoke: bool = False, data: str | None = None, out: str | Path | None = None,
+                  full: bool = False, *, seed: int | None = None, notebooks: tuple[str, ...] = NOTEBOOKS,
+                  overrides: dict[str, dict] | None = None, notebook_dir: str | Path = NOTEBOOK_DIR,
+                  progress: bool = True) -> Path:
+    """Execute ``notebooks`` in order into a run folder and return the folder.
+
+    ``out`` defaults to ``runs/<YYYYmmdd-HHMMSS>-<mode>-<data>``. ``overrides`` maps a
+    notebook name to parameters that replace the planned ones. Raises
+    :class:`NotebookError` when a notebook fails (after writing what there is)."""
+    import papermill
+    from papermill.exceptions import PapermillExecutionError
+
+    if smoke and full:
+        raise ValueError("choose --smoke or --full, not both")
+    mode = "smoke" if smoke else "full" if full else "demo"
+    unknown = sorted(set(notebooks) - set(NOTEBOOKS))
+    if unknown:
+        raise ValueError(f"unknown notebook(s) {unknown}; known: {', '.join(NOTEBOOKS)}")
+    notebook_dir = Path(notebook_dir)
+    started = time.time()
+    run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{mode}-{data or ('synthetic' if smoke else 'ml-100k')}"
+    run_dir = Path(out) if out is not None else RUNS_ROOT / run_id
+    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = run_dir.resolve()
+    plan = plan_parameters(mode, data, run_dir, seed)
+    for nb, extra in (overrides or {}).items():
+        if nb not in plan:
+            raise ValueError(f"overrides for unknown notebook {nb!r}")
+        plan[nb].update(extra)
+    for key, value in KERNEL_ENVIRONMENT.items():
+        os.environ.setdefault(key, value)
+
+    manifest = {
+        "run_id": run_dir.name, "mode": mode, "status": "running",
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
+        "kernel": {"name": KERNEL_NAME, "python": sys.executable},
+        "versions": versions(), "git": git_state(), "machine": machine(), "data": {}, "notebooks": [],
+    }
+    try:
+        for i, nb in enumerate(notebooks, 1):
+            source = notebook_dir / f"{nb}.ipynb"
+            if not source.exists():
+                raise FileNotFoundError(f"{source}: notebook missing")
+            declared = notebook_parameters(source)
+            params = {k: v for k, v in plan[nb].items() if k in declared}
+            entry = {"name": nb, "parameters": params, "status": "running", "executed": f"{nb}.ipynb"}
+            manifest["notebooks"].append(entry)
+            write_json_atomic(run_dir / "manifest.json", manifest)
+            if progress:
+                print(f"[{i}/{len(notebooks)}] {nb} ...", flush=True)
+            t0 = time.perf_counter()
+            executed = run_dir / f"{nb}.ipynb"
+            try:
+                papermill.execute_notebook(str(source), str(executed), parameters=params,
+                                           kernel_name=KERNEL_NAME, progress_bar=False,
+                                           cwd=str(notebook_dir))
+            except PapermillExecutionError as err:
+                entry.update(status="failed", seconds=round(time.perf_counter() - t0, 2),
+                             error={"cell": err.exec_count, "ename": err.ename, "evalue": err.evalue})
+                entry["html"] = _render_html(executed)
+                raise NotebookError(
+                    nb, f"notebook {nb}.ipynb failed in cell [{err.exec_count}]: {err.ename}: {err.evalue}\n"
+                        f"--- cell source ---\n{err.source}\n--- executed notebook: {executed}",
+                    cell=err.exec_count, source=err.source, ename=err.ename, evalue=err.evalue) from None
+            entry["seconds"] = round(time.perf_counter() - t0, 2)
+            entry["status"] = "ok"
+            entry["html"] = _render_html(executed)
+            record = run_dir / f"{nb}.json"
+            entry["record"] = record.name if record.exists() else None
+            if nb == "01_prepare_data" and record.exists():
+                manifest["data"] = _data_entry(json.loads(record.read_text()))
+            if progress:
+                print(f"      {nb}: {entry['seconds']:.1f} s", flush=True)
+        manifest["status"] = "ok"
+    except BaseException as err:
+        manifest["status"] = "failed"
+        manifest["error"] = f"{type(err).__name__}: {err}"
+        raise
+    finally:
+        figures = export_static_figures(run_dir / "figures")
+        for entry in manifest["notebooks"]:
+            entry["figures"] = sorted(str(p.relative_to(run_dir)) for p in figures
+                                      if p.parent.name == entry["name"])
+        manifest["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        manifest["seconds"] = round(time.time() - started, 2)
+        write_json_atomic(run_dir / "manifest.json", manifest)
+        write_text_atomic(run_dir / "index.html", index_page(manifest))
+    return run_dir
+
+
+def _data_entry(record: dict) -> dict:
+    """The dataset part of the manifest, from 01_prepare_data's record."""
+    entry = {k: record.get(k) for k in ("dataset_name", "dataset_dir", "source")}
+    if record.get("dataset_dir"):
+        m = read_manifest(record["dataset_dir"])
+        entry.update(data_hash=m["data_hash"], split_hashes=m.get("split_hashes"),
+                     preprocessing=m.get("preprocessing"))
+    return entry
+
+
+def _render_html(executed: Path) -> str | None:
+    """Write ``<executed>.html`` (JupyterLab template, outputs as executed); return its name."""
+    import nbconvert
+    import nbformat
+    if not executed.exists():
+        return None
+    exporter = nbconvert.HTMLExporter(template_name="lab")
+    body, _ = exporter.from_notebook_node(nbformat.read(executed, as_version=4))
+    target = executed.with_suffix(".html")
+    write_text_atomic(target, body)
+    return target.name
+
+
+def export_static_figures(folder: Path, formats: tuple[str, ...] = STATIC_FORMATS) -> list[Path]:
+    """Export every plotly figure JSON under ``folder`` (``<notebook>/<name>.json``) to
+    ``formats`` beside it, skipping those already exported; returns every static file.
+
+    One kaleido browser serves the whole batch (starting it costs seconds; each image
+    then costs a fraction of one)."""
+    if not folder.exists():
+        return []
+    import plotly.io as pio
+    todo, paths = [], []
+    for source in sorted(folder.glob("*/*.json")):
+        for fmt in formats:
+            target = source.with_suffix(f".{fmt}")
+            if not target.exists():
+                todo.append((source, target))
+    if todo:
+        import kaleido
+        kaleido.start_sync_server(silence_warnings=True)
+        try:
+            figures = {s: pio.read_json(s) for s in {s for s, _ in todo}}
+            pio.write_images([figures[s] for s, _ in todo], [t for _, t in todo])
+        finally:
+            kaleido.stop_sync_server(silence_warnings=True)
+    for source in sorted(folder.glob("*/*.json")):
+        paths.extend(p for p in (source.with_suffix(f".{f}") for f in formats) if p.exists())
+    return paths
+
+
+# ----------------------------------------------------------------------------- provenance
+
+
+def versions() -> dict[str, str]:
+    """Python and the versions of the packages a run depends on."""
+    out = {"python": platform.python_version()}
+    from . import __version__
+    out["hm4sr_core"] = __version__
+    for name in VERSIONED_PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def git_state(root: Path = REPO_ROOT) -> dict:
+    """The commit the code came from and whether the tree had uncommitted changes."""
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=20)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+    commit = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {"commit": commit, "dirty": bool(status) if status is not None else None}
+
+
+def machine() -> dict:
+    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count()}
+
+
+# ----------------------------------------------------------------------------- index
+
+
+def index_page(manifest: dict) -> str:
+    """A self-contained HTML page linking a run's notebooks, records and figures."""
+    e = html.escape
+    data = manifest.get("data") or {}
+    git = manifest.get("git") or {}
+    rows = []
+    for nb in manifest["notebooks"]:
+        links = [f'<a href="{e(nb["html"])}">HTML</a>' if nb.get("html") else "",
+                 f'<a href="{e(nb["executed"])}">notebook</a>',
+                 f'<a href="{e(nb["record"])}">record</a>' if nb.get("record") else ""]
+        error = nb.get("error")
+        status = e(nb["status"]) + (f' in cell [{error["cell"]}]: {e(str(error["ename"]))}: '
+                                    f'{e(str(error["evalue"]))}' if error else "")
+        seconds = f'{nb["seconds"]:.1f}' if nb.get("seconds") is not None else ""
+        rows.append(f'<tr><td>{e(nb["name"])}</td><td class="{e(nb["status"])}">{status}</td>'
+                    f'<td>{seconds}</td><td>{" ".join(x for x in links if x)}</td></tr>')
+    gallery = []
+    for nb in manifest["notebooks"]:
+        pngs = [f for f in nb.get("figures", []) if f.endswith(".png")]
+        if pngs:
+            cards = "".join(
+                f'<figure><a href="{e(p[:-4])}.svg"><img src="{e(p)}" alt="{e(Path(p).stem)}"></a>'
+                f'<figcaption>{e(Path(p).stem)}</figcaption></figure>' for p in pngs)
+            gallery.append(f'<h3>{e(nb["name"])}</h3><div class="gallery">{cards}</div>')
+    versions_text = ", ".join(f"{k} {v}" for k, v in manifest.get("versions", {}).items() if v)
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>HM4SR run {e(manifest["run_id"])}</title>
+<style>
+body {{ font-family: sans-serif; margin: 2em; max-width: 70em; }}
+table {{ border-collapse: collapse; }} td, th {{ border: 1px solid #ccc; padding: 0.3em 0.6em; text-align: left; }}
+.ok {{ color: #176317; }} .failed {{ color: #a31515; font-weight: bold; }}
+.gallery {{ display: flex; flex-wrap: wrap; gap: 1em; }}
+figure {{ margin: 0; }} img {{ width: 22em; border: 1px solid #ddd; }}
+code {{ background: #f4f4f4; }}
+</style></head><body>
+<h1>HM4SR notebook run <code>{e(manifest["run_id"])}</code></h1>
+<p>Mode <b>{e(manifest["mode"])}</b>, status <b class="{e(manifest["status"])}">{e(manifest["status"])}</b>,
+started {e(manifest.get("started", ""))}, {manifest.get("seconds", 0):.0f} s.
+Data <code>{e(str(data.get("dataset_name", "")))}</code> (hash <code>{e(str(data.get("data_hash", ""))[:16])}</code>).
+Code at commit <code>{e(str(git.get("commit", "")))}</code>{" with uncommitted changes" if git.get("dirty") else ""}.
+Everything: <a href="manifest.json">manifest.json</a>.</p>
+<table><tr><th>notebook</th><th>status</th><th>seconds</th><th>files</th></tr>
+{chr(10).join(rows)}
+</table>
+<h2>Key figures (PNG; click for SVG)</h2>
+{chr(10).join(gallery) or "<p>none</p>"}
+<p><small>{e(versions_text)}</small></p>
+</body></html>
+"""

@@ -1,0 +1,106 @@
+"""Shared fixtures: a tiny planted synthetic dataset, its splits, a tiny model config
+and one tiny trained run folder, built once per session so every test stays fast.
+
+Sizes: 60 users, 40 items, ~700 interactions, T = 10, d = 16, one Transformer layer.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Before torch is imported: nothing may try the Hugging Face hub, and OpenMP worker
+# threads must sleep rather than spin while waiting, or two threads on a 2-core
+# machine shared with other jobs run tiny models ~20x slower (measured here).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from hm4sr_core.config import ModelConfig, PreprocessConfig, SplitConfig, TrainConfig  # noqa: E402
+from hm4sr_core.data.preprocess import preprocess  # noqa: E402
+from hm4sr_core.data.schema import RawDataset, RawModality  # noqa: E402
+from hm4sr_core.data.splits import build_split  # noqa: E402
+from hm4sr_core.data.synthetic import make_synthetic_world  # noqa: E402
+
+torch.set_num_threads(2)
+
+TINY_T = 10  # sequence length of every tiny split and model
+TINY_WORLD = dict(seed=3, n_users=60, n_items=40, mean_length=12, text_dim=8, image_dim=8)
+
+
+@pytest.fixture(scope="session")
+def tiny_raw() -> RawDataset:
+    return make_synthetic_world(**TINY_WORLD)
+
+
+@pytest.fixture(scope="session")
+def tiny_ds(tiny_raw):
+    """The preprocessed tiny world: timestamps strictly increase within each user."""
+    return preprocess(tiny_raw, PreprocessConfig(max_length=TINY_T))
+
+
+@pytest.fixture(scope="session")
+def tiny_split(tiny_ds):
+    return build_split(tiny_ds, SplitConfig(kind="leave_one_out", max_length=TINY_T))
+
+
+@pytest.fixture(scope="session")
+def tiny_temporal_split(tiny_ds):
+    return build_split(tiny_ds, SplitConfig(kind="temporal", max_length=TINY_T))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_config() -> ModelConfig:
+    """HM4SR with every part on, shrunk: d 16, 1 layer, T 10, light dropout."""
+    return ModelConfig(hidden_size=16, max_length=TINY_T, num_layers=1, num_heads=2, inner_size=32,
+                       hidden_dropout=0.1, attention_dropout=0.1)
+
+
+@pytest.fixture(scope="session")
+def tiny_train_config() -> TrainConfig:
+    """Two epochs of ~3 dense batches each; evaluation in one batch."""
+    return TrainConfig(epochs=2, batch_size=32, eval_batch_size=64, seed=11, patience=10)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_ds, tiny_split, tiny_model_config, tiny_train_config, tmp_path_factory):
+    """One finished tiny training run with its folder (results.json, best.pt, ...)."""
+    from hm4sr_core.train import train
+    out = tmp_path_factory.mktemp("tiny_run")
+    result = train(tiny_ds, tiny_model_config, tiny_train_config, out_dir=out, data_hash="tiny",
+                   progress=False, split=tiny_split)
+    return result, out
+
+
+@pytest.fixture
+def make_raw():
+    """Factory for hand-written RawDatasets: rows of (user, item, timestamp)."""
+
+    def _make(rows, *, items=None, modalities=(), name="hand") -> RawDataset:
+        inter = pd.DataFrame(list(rows), columns=["user", "item", "timestamp"])
+        if items is None:
+            tokens = sorted({str(r[1]) for r in rows})
+            items = pd.DataFrame({"item": tokens, "text": [f"title {t}" for t in tokens],
+                                  "categories": [["c" + t[:1]] for t in tokens]})
+        return RawDataset(name=name, source={"reader": "hand-written test rows"}, interactions=inter,
+                          items=items, modalities=list(modalities), interactions_file=f"{name}.inter")
+
+    return _make
+
+
+@pytest.fixture
+def make_modality():
+    """Factory for precomputed modalities: row i is (i+1, i+1, ...) unless ``values`` is given."""
+
+    def _make(tokens, dim=3, *, name="text", optional=False, available=None, values=None) -> RawModality:
+        tokens = [str(t) for t in tokens]
+        if values is None:
+            values = np.repeat(np.arange(1, len(tokens) + 1, dtype=np.float32)[:, None], dim, axis=1)
+        return RawModality(name=name, provenance={"encoder": "hand"}, features=np.asarray(values, np.float32),
+                           feature_items=np.array(tokens, dtype=object), available=available,
+                           optional=optional, source=f"{name}.npy")
+
+    return _make

@@ -1,0 +1,358 @@
+"""Tests for hm4sr_core.model (hm4sr_model.md sections 2-4): every parameter registered
+and trained, the temporal-expert switch, gates, padding invariance, dense = prefix,
+loss magnitudes, the loss functions on hand-made tensors, presets and ablations,
+config validation, and a checkpoint round trip."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hm4sr_core.config import ModelConfig, PreprocessConfig, SplitConfig, TrainConfig
+from hm4sr_core.data.splits import SequenceBatch, iterate_batches
+from hm4sr_core.model import (
+    HM4SR,
+    build_model,
+    category_loss,
+    contrastive_loss,
+    id_contrastive_loss,
+    placeholder_positions,
+)
+from hm4sr_core.train import load_checkpoint, model_from_checkpoint
+
+LOSSES = {"rec", "id_contrastive", "category", "placeholder_contrastive"}
+
+
+def _model(config, ds, seed=0) -> HM4SR:
+    torch.manual_seed(seed)
+    return build_model(config, ds)
+
+
+def _dense_batch(split, size=64, seed=0) -> SequenceBatch:
+    return next(iterate_batches(split.train_dense, size, shuffle=True, generator=torch.Generator().manual_seed(seed)))
+
+
+def _graph_leaves(loss: torch.Tensor) -> list[torch.Tensor]:
+    """Every leaf tensor the autograd graph of ``loss`` accumulates a gradient into."""
+    seen, stack, leaves = set(), [loss.grad_fn], []
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        if hasattr(fn, "variable"):
+            leaves.append(fn.variable)
+        stack.extend(next_fn for next_fn, _ in fn.next_functions)
+    return leaves
+
+
+# --- registration and training of every parameter ----------------------------------
+
+
+def test_every_parameter_is_registered_and_gets_a_gradient(tiny_ds, tiny_split, tiny_model_config):
+    model = _model(tiny_model_config, tiny_ds).train()
+    out = model(_dense_batch(tiny_split), losses=True, generator=torch.Generator().manual_seed(1))
+    assert set(out.losses) == LOSSES
+    params = dict(model.named_parameters())
+    registered = {id(p) for p in params.values()}
+    leaves = _graph_leaves(out.loss)
+    # whatever the loss depends on and could train is a registered parameter (the released
+    # code's temporal experts were leaves outside the module tree)
+    assert all(id(leaf) in registered for leaf in leaves)
+    used = {id(leaf) for leaf in leaves}
+    out.loss.backward()
+    for name, p in params.items():
+        assert p.requires_grad, name
+        assert id(p) in used, f"{name} is registered but not used by the forward pass"
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+        # rows of the item/position/interval tables that the batch does not touch get no
+        # gradient, and lambda_id = 0 zeroes the ID gate's: check each tensor as a whole
+        assert p.grad.abs().sum() > 0, f"{name} got an all-zero gradient"
+
+
+def test_temporal_experts_are_trained_by_default(tiny_ds, tiny_model_config):
+    model = _model(tiny_model_config, tiny_ds)
+    names = dict(model.named_parameters())
+    assert "temporal.experts" in names and names["temporal.experts"].requires_grad
+    assert "temporal.experts" in model.state_dict()
+    assert names["temporal.experts"].shape == (tiny_model_config.num_experts, 3 * tiny_model_config.hidden_size)
+
+
+def test_frozen_temporal_experts_are_saved_but_never_change(tiny_ds, tiny_split, tiny_model_config):
+    model = _model(tiny_model_config.replace(train_temporal_experts=False), tiny_ds).train()
+    experts = model.temporal.experts
+    assert "temporal.experts" in model.state_dict() and not experts.requires_grad
+    before = experts.detach().clone()
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.1)
+    out = model(_dense_batch(tiny_split), losses=True, generator=torch.Generator().manual_seed(1))
+    out.loss.backward()
+    assert experts.grad is None
+    assert model.temporal.gate.weight.grad is not None  # the time gate still trains
+    optimizer.step()
+    torch.testing.assert_close(experts.detach(), before, rtol=0, atol=0)
+    # the frozen random values survive a save/load into a differently seeded model
+    other = _model(tiny_model_config.replace(train_temporal_experts=False), tiny_ds, seed=5)
+    assert not torch.equal(other.temporal.experts, experts)
+    other.load_state_dict(model.state_dict())
+    assert torch.equal(other.temporal.experts, experts)
+
+
+def test_to_dtype_moves_every_parameter(tiny_ds, tiny_split, tiny_model_config):
+    for cfg in (tiny_model_config, tiny_model_config.replace(train_temporal_experts=False)):
+        model = _model(cfg, tiny_ds).to(torch.float64)
+        assert model.temporal.experts.dtype == torch.float64
+        assert all(p.dtype == torch.float64 for p in model.parameters())
+        out = model(_dense_batch(tiny_split, 8), losses=True, generator=torch.Generator().manual_seed(0))
+        assert out.sequence.dtype == torch.float64 and torch.isfinite(out.loss)
+
+
+# --- gates, lambda, padding ------------------------------------------------------------
+
+
+def test_gates_sum_to_one_at_real_positions_and_zero_at_padding(tiny_ds, tiny_split, tiny_model_config):
+    model = _model(tiny_model_config, tiny_ds).eval()
+    batch = next(iterate_batches(tiny_split.train_prefix, 32, trim=False))
+    real = batch.items > 0
+    assert (~real).any()  # the batch has padding
+    out = model(batch, introspect=True)
+    g, r = out.interactive_gates, out.temporal_gates
+    assert g.shape == (*batch.items.shape, 3, tiny_model_config.num_experts)
+    assert r.shape == (*batch.items.shape, tiny_model_config.num_experts)
+    torch.testing.assert_close(g.sum(-1)[real], torch.ones_like(g.sum(-1)[real]))
+    torch.testing.assert_close(r.sum(-1)[real], torch.ones_like(r.sum(-1)[real]))
+    assert (g[~real] == 0).all() and (r[~real] == 0).all()
+    assert (g[real] > 0).all() and (r[real] > 0).all()
+    assert out.stream_names == ("id", "text", "image")
+    assert (out.interval_buckets[~real] == 0).all() and (out.interval_buckets[:, 0] == 1).all()
+    assert (out.interval_buckets[real][:, None] >= 1).all()
+
+
+def test_lambda_starts_at_0_1_1(tiny_ds, tiny_model_config):
+    model = _model(tiny_model_config, tiny_ds)
+    assert model.interactive.lambdas.tolist() == [0.0, 1.0, 1.0]
+    assert "interactive.lambdas" in dict(model.named_parameters())
+    # a shorter lambda_init repeats its last value over the remaining streams
+    model = _model(tiny_model_config.replace(lambda_init=(0.5, 2.0)), tiny_ds)
+    assert model.interactive.lambdas.tolist() == [0.5, 2.0, 2.0]
+
+
+def test_padding_content_does_not_change_real_positions(tiny_ds, tiny_split, tiny_model_config):
+    model = _model(tiny_model_config, tiny_ds).eval()
+    batch = next(iterate_batches(tiny_split.valid, 40, trim=False))
+    pad = batch.items == 0
+    assert pad.any()
+    gen = torch.Generator().manual_seed(3)
+    noisy = SequenceBatch(
+        items=torch.where(pad, torch.randint(1, tiny_ds.num_items + 1, batch.items.shape, generator=gen), batch.items),
+        timestamps=torch.where(pad, torch.randint(0, 2**31, batch.items.shape, generator=gen), batch.timestamps),
+        lengths=batch.lengths, targets=batch.targets, users=batch.users)
+    a, b = model(batch, scores=True, introspect=True), model(noisy, scores=True, introspect=True)
+    torch.testing.assert_close(a.sequence, b.sequence, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(a.scores, b.scores, rtol=1e-5, atol=1e-5)
+    real = ~pad
+    torch.testing.assert_close(a.temporal_gates[real], b.temporal_gates[real])
+    torch.testing.assert_close(a.interactive_gates[real], b.interactive_gates[real])
+
+
+def test_dense_loss_at_each_position_equals_the_prefix_example(tiny_ds, tiny_split, tiny_model_config):
+    model = _model(tiny_model_config, tiny_ds).eval()
+    dense = tiny_split.train_dense
+    row = int(np.argmax(dense.lengths))  # a full window
+    n = int(dense.lengths[row])
+    items = torch.from_numpy(dense.items[row:row + 1])
+    times = torch.from_numpy(dense.timestamps[row:row + 1])
+    targets = torch.from_numpy(dense.position_targets[row:row + 1])
+    user = torch.from_numpy(dense.users[row:row + 1])
+    for j in range(n):
+        only_j = torch.zeros_like(targets)
+        only_j[0, j] = targets[0, j]
+        with torch.no_grad():
+            d = model(SequenceBatch(items, times, torch.tensor([n]), targets[:, n - 1], user, only_j), losses=True)
+            p = model(SequenceBatch(items[:, : j + 1], times[:, : j + 1], torch.tensor([j + 1]), targets[:, j], user),
+                      losses=True)
+        assert abs(float(d.losses["rec"]) - float(p.losses["rec"])) < 1e-5, j
+    # and the mean over positions is what dense mode reports
+    with torch.no_grad():
+        full = model(SequenceBatch(items, times, torch.tensor([n]), targets[:, n - 1], user, targets), losses=True)
+        per_position = [float(model(SequenceBatch(items[:, : j + 1], times[:, : j + 1], torch.tensor([j + 1]),
+                                                  targets[:, j], user), losses=True).losses["rec"])
+                        for j in range(n)]
+    assert float(full.losses["rec"]) == pytest.approx(np.mean(per_position), abs=1e-5)
+
+
+def test_starting_losses_have_the_documented_magnitudes(tiny_ds, tiny_split, tiny_model_config):
+    # hm4sr_model.md section 3: rec ~ ln N, contrastive ~ ln B, category ~ ln 2
+    model = _model(tiny_model_config, tiny_ds).train()
+    batch = _dense_batch(tiny_split, 64)
+    out = model(batch, losses=True, generator=torch.Generator().manual_seed(0))
+    losses = {k: float(v.detach()) for k, v in out.losses.items()}
+    assert all(math.isfinite(v) for v in losses.values())
+    n_items, b = tiny_ds.num_items, batch.size
+    assert abs(losses["rec"] - math.log(n_items)) < 0.35
+    assert abs(losses["category"] - math.log(2)) < 0.01
+    # random cosines at d = 16 spread the logits, which lifts log-sum-exp above ln B a little
+    assert math.log(b) - 1.0 < losses["id_contrastive"] < math.log(b) + 1.2
+    # placeholder: positives start close (few positions replaced), so below ln B, above the floor
+    assert math.log(b - 1) - 2.0 < losses["placeholder_contrastive"] < math.log(b) + 0.3
+    expected_total = sum(tiny_model_config.loss_weights[k] * v for k, v in losses.items())
+    assert float(out.loss) == pytest.approx(expected_total, rel=1e-6)
+
+
+# --- the loss functions on hand-made tensors --------------------------------------------
+
+
+def test_contrastive_same_target_masking_by_hand():
+    # rows 0 and 1 share target 3: each is the other's false negative
+    a = torch.tensor([[1.0, 0.0], [2.0, 0.0], [0.0, 1.0]])
+    b = torch.tensor([[3.0, 0.0], [1.0, 0.0], [0.0, 5.0]])  # cosine matrix [[1,1,0],[1,1,0],[0,0,1]]
+    targets = torch.tensor([3, 3, 4])
+    e = math.e
+    masked = np.mean([-math.log(e / (e + 1)), -math.log(e / (e + 1)), -math.log(e / (1 + 1 + e))])
+    zeroed = np.mean([-math.log(e / (e + 1 + 1)), -math.log(e / (1 + e + 1)), -math.log(e / (1 + 1 + e))])
+    plain = np.mean([-math.log(e / (e + e + 1)), -math.log(e / (e + e + 1)), -math.log(e / (1 + 1 + e))])
+    assert float(contrastive_loss(a, b, targets, 1.0, True)) == pytest.approx(masked, abs=1e-6)
+    assert float(contrastive_loss(a, b, targets, 1.0, False)) == pytest.approx(zeroed, abs=1e-6)
+    assert float(contrastive_loss(a, b, torch.tensor([3, 5, 4]), 1.0, True)) == pytest.approx(plain, abs=1e-6)
+    # temperature divides the cosines: at 0.5 the positive logit is 2
+    e2 = math.e ** 2
+    hot = np.mean([-math.log(e2 / (e2 + 1)), -math.log(e2 / (e2 + 1)), -math.log(e2 / (1 + 1 + e2))])
+    assert float(id_contrastive_loss(a, b, targets, 0.5, True)) == pytest.approx(hot, abs=1e-6)
+
+
+def test_category_loss_equals_the_naive_per_token_mean(tiny_ds, tiny_split, tiny_model_config):
+    model = _model(tiny_model_config, tiny_ds)
+    batch = next(iterate_batches(tiny_split.valid, 16, trim=False))
+    real = batch.items > 0
+    matrix = model.item_matrix()
+    fast = category_loss(model.category_head, matrix, model.categories, batch.items, real)
+    naive = []
+    for i in batch.items[real].tolist():  # every real token, repeats included
+        logits = model.category_head(matrix[i])
+        naive.append(F.binary_cross_entropy_with_logits(logits, model.categories[i]))
+    assert len(set(batch.items[real].tolist())) < len(naive)  # repeats are there to weigh
+    torch.testing.assert_close(fast, torch.stack(naive).mean(), rtol=1e-6, atol=1e-7)
+
+
+def test_placeholder_positions_count_and_reproducibility():
+    lengths = torch.tensor([1, 2, 3, 4, 5, 6, 9, 10, 10])
+    T = 10
+    mask = placeholder_positions(lengths, T, 0.3, 4, torch.Generator().manual_seed(7))
+    assert mask.shape == (9, T) and mask.dtype == torch.bool
+    assert mask.sum(1).tolist() == [0, 0, 0, 1, 1, 1, 2, 3, 3]  # floor(0.3 n), none when n <= 3
+    positions = torch.arange(T).view(1, T)
+    assert not (mask & (positions >= lengths.view(-1, 1))).any()  # only real positions
+    again = placeholder_positions(lengths, T, 0.3, 4, torch.Generator().manual_seed(7))
+    assert torch.equal(mask, again)
+    draws = {placeholder_positions(lengths, T, 0.3, 4, torch.Generator().manual_seed(s)).numpy().tobytes()
+             for s in range(6)}
+    assert len(draws) > 1  # the generator, not a constant, picks the positions
+    # every real position can be picked
+    many = placeholder_positions(torch.full((400,), 10), T, 0.3, 4, torch.Generator().manual_seed(0))
+    assert many.any(0).all()
+
+
+# --- presets, ablations, validation ------------------------------------------------------
+
+
+def test_sasrec_preset_is_id_only(tiny_ds, tiny_split, tiny_model_config):
+    cfg = ModelConfig.sasrec(**{k: v for k, v in tiny_model_config.to_dict().items() if k in
+                                ("hidden_size", "max_length", "num_layers", "inner_size")})
+    model = _model(cfg, tiny_ds)
+    assert model.stream_names == ("id",) and model.S == 1
+    assert model.interactive is None and model.temporal is None and model.time is None
+    assert model.category_head is None and model.placeholders is None and len(model.projections) == 0
+    prefixes = {name.split(".")[0] for name, _ in model.named_parameters()}
+    assert prefixes == {"item_embedding", "position", "encoders"}
+    out = model(_dense_batch(tiny_split, 16), losses=True, introspect=True)
+    assert set(out.losses) == {"rec"} and out.interactive_gates is None and out.temporal_gates is None
+    assert model.item_matrix().shape == (tiny_ds.num_items + 1, cfg.hidden_size)
+
+
+@pytest.mark.parametrize("change, absent_modules, absent_losses", [
+    (dict(use_interactive_moe=False), {"interactive"}, set()),
+    (dict(use_temporal_moe=False), {"temporal"}, set()),
+    (dict(use_temporal_moe=False, w_placeholder_contrastive=0.0), {"temporal", "time", "placeholders"},
+     {"placeholder_contrastive"}),
+    (dict(w_category=0.0), {"category_head"}, {"category"}),
+    (dict(w_id_contrastive=0.0), set(), {"id_contrastive"}),
+    (dict(w_placeholder_contrastive=0.0), {"placeholders"}, {"placeholder_contrastive"}),
+])
+def test_ablation_switches_remove_modules_and_losses(tiny_ds, tiny_split, tiny_model_config, change,
+                                                     absent_modules, absent_losses):
+    model = _model(tiny_model_config.replace(**change), tiny_ds)
+    prefixes = {name.split(".")[0] for name, _ in model.named_parameters()}
+    assert not (prefixes & absent_modules)
+    full = {"item_embedding", "position", "projections", "interactive", "time", "temporal", "encoders",
+            "category_head", "placeholders"}
+    assert prefixes == full - absent_modules
+    out = model(_dense_batch(tiny_split, 16), losses=True, introspect=True,
+                generator=torch.Generator().manual_seed(0))
+    assert set(out.losses) == LOSSES - absent_losses
+    assert (out.interactive_gates is None) == ("interactive" in absent_modules)
+    assert (out.temporal_gates is None) == ("temporal" in absent_modules)
+
+
+def test_modalities_are_chosen_by_name(tiny_ds, tiny_model_config):
+    model = _model(tiny_model_config.replace(modalities=("text",)), tiny_ds)
+    assert model.stream_names == ("id", "text") and len(model.projections) == 1
+    assert model.projections[0].in_features == tiny_ds.modalities["text"].dim
+    with pytest.raises(ValueError, match=r"modalities \['audio'\] not in dataset 'synthetic'"):
+        build_model(tiny_model_config.replace(modalities=("text", "audio")), tiny_ds)
+
+
+@pytest.mark.parametrize("cls, kwargs, message", [
+    (ModelConfig, dict(hidden_size=15), "hidden_size must be even >= 2, got 15"),
+    (ModelConfig, dict(hidden_size=16, num_heads=3), "divisible by num_heads 3"),
+    (ModelConfig, dict(hidden_dropout=1.0), r"hidden_dropout must be in \[0, 1\), got 1.0"),
+    (ModelConfig, dict(placeholder_ratio=-0.1), r"placeholder_ratio must be in \[0, 1\)"),
+    (ModelConfig, dict(w_rec=0.0), "w_rec must be > 0"),
+    (ModelConfig, dict(aux_positions="some"), "aux_positions must be 'last' or 'all'"),
+    (TrainConfig, dict(valid_metric="auc@10"), r"valid_metric must be ndcg\|hr\|mrr @ 5\|10\|20\|50"),
+    (TrainConfig, dict(batch_size=0), "batch_size must be >= 1, got 0"),
+    (TrainConfig, dict(eval_time="later"), "eval_time must be real|shuffled|zeroed"),
+    (SplitConfig, dict(valid_quantile=0.9, test_quantile=0.8), "need 0 < valid_quantile < test_quantile < 1"),
+    (PreprocessConfig, dict(max_length=1), r"max_length must be in \[2, 1024\], got 1"),
+    (PreprocessConfig, dict(dedup="all"), "dedup must be 'none', 'exact' or 'first'"),
+])
+def test_config_validation_names_the_allowed_range(cls, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        cls(**kwargs)
+
+
+def test_config_parse_value_types_and_rejects():
+    assert ModelConfig.parse_value("use_temporal_moe", "false") is False
+    assert ModelConfig.parse_value("hidden_size", "32") == 32
+    assert ModelConfig.parse_value("modalities", "text,image") == ("text", "image")
+    assert TrainConfig.parse_value("lr", "1e-2") == 0.01
+    with pytest.raises(ValueError, match="cannot read 'abc' as int"):
+        TrainConfig.parse_value("batch_size", "abc")
+    with pytest.raises(ValueError, match="unknown ModelConfig key 'nonsense'"):
+        ModelConfig.parse_value("nonsense", "1")
+
+
+# --- checkpoints --------------------------------------------------------------------------
+
+
+def test_checkpoint_round_trip_gives_identical_scores(tiny_ds, tiny_split, tiny_run):
+    result, out = tiny_run
+    payload = load_checkpoint(out / "best.pt")  # weights_only=True inside
+    assert "temporal.experts" in payload["best_state"]
+    restored = model_from_checkpoint(payload, tiny_ds).eval()
+    trained = result.model.eval()
+    for batch in iterate_batches(tiny_split.test, 25):
+        with torch.no_grad():
+            assert torch.equal(restored.full_sort_predict(batch), trained.full_sort_predict(batch))
+    assert ModelConfig.from_dict(payload["model_config"]) == result.model.config
+
+
+def test_load_checkpoint_rejects_another_version(tiny_run, tmp_path):
+    _, out = tiny_run
+    payload = load_checkpoint(out / "last.pt")
+    payload["checkpoint_version"] = 99
+    torch.save(payload, tmp_path / "future.pt")
+    with pytest.raises(ValueError, match="checkpoint_version 99, expected 1"):
+        load_checkpoint(tmp_path / "future.pt")

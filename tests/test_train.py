@@ -1,0 +1,157 @@
+"""Tests for hm4sr_core.train: the loss falls, runs are reproducible to the last digit,
+a killed run resumes to the same result, early stopping, the run folder's contents."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from hm4sr_core.train import load_checkpoint, train
+
+TIMING = ("train_seconds", "seconds_since_start", "seconds")
+
+
+def _untimed(frame: pd.DataFrame) -> pd.DataFrame:
+    """A history table without its wall-clock columns, columns in a fixed order."""
+    frame = frame.drop(columns=[c for c in TIMING if c in frame.columns])
+    return frame[sorted(frame.columns)].reset_index(drop=True)
+
+
+def _same_state(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_loss_falls_over_a_few_epochs(tiny_ds, tiny_split, tiny_model_config, tiny_train_config):
+    result = train(tiny_ds, tiny_model_config, tiny_train_config.replace(epochs=5, lr=5e-3), progress=False,
+                   split=tiny_split)
+    rec = result.epochs["loss_rec"].to_numpy()
+    assert rec[-1] < rec[0] - 0.15, rec
+    assert result.epochs["loss_id_contrastive"].iloc[-1] < result.epochs["loss_id_contrastive"].iloc[0]
+    # every named loss is logged per step, with its weighted share
+    for name in ("rec", "id_contrastive", "category", "placeholder_contrastive"):
+        assert f"loss_{name}" in result.steps and f"weighted_{name}" in result.steps
+    total = result.steps[[c for c in result.steps if c.startswith("weighted_")]].sum(axis=1)
+    np.testing.assert_allclose(total, result.steps["loss"], rtol=1e-5)
+    assert {"lambda_id", "lambda_text", "lambda_image", "temporal_entropy"} <= set(result.steps)
+
+
+def test_same_seed_gives_identical_runs(tiny_ds, tiny_split, tiny_model_config, tiny_train_config, tiny_run):
+    first, _ = tiny_run
+    again = train(tiny_ds, tiny_model_config, tiny_train_config, progress=False, split=tiny_split)
+    assert again.record["test"] == first.record["test"] and again.record["valid"] == first.record["valid"]
+    pd.testing.assert_frame_equal(_untimed(again.epochs), _untimed(first.epochs))
+    pd.testing.assert_frame_equal(_untimed(again.steps), _untimed(first.steps))
+    assert _same_state(again.model, first.model)
+    other = train(tiny_ds, tiny_model_config, tiny_train_config.replace(seed=12), progress=False, split=tiny_split)
+    assert other.record["test"] != first.record["test"]
+
+
+class _Kill(KeyboardInterrupt):
+    """What Ctrl-C (or a SIGINT from a scheduler) raises in the middle of a run."""
+
+
+def test_killed_run_resumes_to_the_same_result(tiny_ds, tiny_split, tiny_model_config, tiny_train_config,
+                                               tmp_path):
+    # three steps per epoch and a history row every second step: the killed run has done
+    # 3 steps and logged 2, so the step counter must be saved, not inferred from the rows
+    config = tiny_train_config.replace(epochs=4, log_every=2)
+    whole = train(tiny_ds, tiny_model_config, config, out_dir=tmp_path / "whole", data_hash="h", progress=False,
+                  split=tiny_split)
+    assert len(whole.steps) == 6  # 12 steps, every second one logged
+
+    def kill_in_epoch_2(row):
+        if row["epoch"] == 2:
+            raise _Kill
+
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_ds, tiny_model_config, config, out_dir=tmp_path / "killed", data_hash="h", progress=False,
+              split=tiny_split, on_epoch=kill_in_epoch_2)
+    assert load_checkpoint(tmp_path / "killed" / "last.pt")["epoch"] == 1  # 3 steps done, 2 logged
+    assert not (tmp_path / "killed" / "results.json").exists()
+
+    resumed = train(tiny_ds, tiny_model_config, config, out_dir=tmp_path / "killed", data_hash="h",
+                    progress=False, split=tiny_split, resume=True)
+    assert resumed.record["test"] == whole.record["test"]
+    assert resumed.record["valid"] == whole.record["valid"]
+    assert (resumed.best_epoch, resumed.epochs_run) == (whole.best_epoch, whole.epochs_run) and whole.epochs_run == 4
+    pd.testing.assert_frame_equal(_untimed(resumed.epochs), _untimed(whole.epochs))
+    pd.testing.assert_frame_equal(_untimed(resumed.steps), _untimed(whole.steps))
+    assert _same_state(resumed.model, whole.model)
+    saved = json.loads((tmp_path / "killed" / "results.json").read_text())
+    assert saved["test"] == json.loads((tmp_path / "whole" / "results.json").read_text())["test"]
+
+
+def test_resume_refuses_other_data_or_model(tiny_ds, tiny_split, tiny_model_config, tiny_train_config, tiny_run,
+                                            tmp_path):
+    _, out = tiny_run
+    with pytest.raises(ValueError, match="was trained on data tiny"):
+        train(tiny_ds, tiny_model_config, tiny_train_config, out_dir=out, data_hash="other", resume=True,
+              progress=False, split=tiny_split)
+    with pytest.raises(ValueError, match="different configuration"):
+        train(tiny_ds, tiny_model_config.replace(hidden_size=8), tiny_train_config, out_dir=out, data_hash="tiny",
+              resume=True, progress=False, split=tiny_split)
+    with pytest.raises(FileNotFoundError, match="no last.pt"):
+        train(tiny_ds, tiny_model_config, tiny_train_config, out_dir=tmp_path, resume=True, progress=False,
+              split=tiny_split)
+
+
+def test_run_folder_contents(tiny_ds, tiny_split, tiny_run):
+    result, out = tiny_run
+    for name in ("results.json", "per_user_test.parquet", "per_user_valid.parquet", "steps.csv", "epochs.csv",
+                 "best.pt", "last.pt"):
+        assert (out / name).is_file(), name
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no temporary files left
+    record = json.loads((out / "results.json").read_text())
+    assert {"valid", "test", "config", "data_hash", "split_hash", "dataset", "protocol", "epochs_run",
+            "best_epoch", "seconds_per_epoch", "environment"} <= set(record)
+    for part in ("valid", "test"):
+        assert {"ndcg@10", "hr@10", "mrr@10", "ndcg@20", "coverage@10", "popularity@10"} <= set(record[part])
+    assert record["data_hash"] == "tiny" and record["split_hash"] == tiny_split.hash()
+    assert record["epochs_run"] == 2 and record["seconds_per_epoch"] > 0
+    assert record["config"]["model"]["hidden_size"] == 16 and record["config"]["train"]["seed"] == 11
+    assert record["protocol"]["ranking"] == "full catalogue" and record["protocol"]["history_masked"] is False
+    assert record["dataset"]["stats"]["users"] == 60
+    per_user = pd.read_parquet(out / "per_user_test.parquet")
+    assert len(per_user) == len(tiny_split.test) and per_user["user"].is_unique
+    assert per_user["ndcg@10"].mean() == pytest.approx(record["test"]["ndcg@10"], abs=1e-12)
+    epochs = pd.read_csv(out / "epochs.csv")
+    assert epochs["epoch"].tolist() == [1, 2] and "valid_ndcg@20" in epochs
+    assert len(pd.read_csv(out / "steps.csv")) == len(result.steps)
+
+
+def _stop_epoch(values: list[float], patience: int) -> int:
+    """The epoch at which 'stop after `patience` epochs without a strict improvement' stops."""
+    best = -1.0
+    bad = 0
+    for epoch, v in enumerate(values, start=1):
+        if v > best:
+            best, bad = v, 0
+        else:
+            bad += 1
+        if bad >= patience:
+            return epoch
+    return len(values)
+
+
+def test_early_stopping_after_patience_epochs(tiny_ds, tiny_split, tiny_model_config, tiny_train_config):
+    seen = []
+    # a learning rate too small to move any rank: validation never improves after epoch 1
+    config = tiny_train_config.replace(epochs=12, patience=2, lr=1e-9, valid_metric="ndcg@10")
+    result = train(tiny_ds, tiny_model_config, config, progress=False, split=tiny_split,
+                   on_epoch=lambda row: seen.append(row["valid_ndcg@10"]))
+    assert result.epochs_run < 12
+    assert result.epochs_run == _stop_epoch(seen, 2) == len(seen)
+    assert result.best_epoch == int(np.argmax(seen)) + 1
+    assert result.record["valid"]["ndcg@10"] == pytest.approx(max(seen), abs=1e-12)
+
+
+def test_prefix_mode_trains_too(tiny_ds, tiny_split, tiny_model_config, tiny_train_config):
+    result = train(tiny_ds, tiny_model_config, tiny_train_config.replace(mode="prefix", epochs=1, batch_size=128,
+                                                                         max_steps_per_epoch=2),
+                   progress=False, split=tiny_split)
+    assert len(result.steps) == 2 and np.isfinite(result.steps["loss"]).all()

@@ -1,0 +1,487 @@
+"""Plotly figures from the tidy tables of :mod:`hm4sr_core.introspect`, and static export.
+
+Every function here is pure: DataFrame in, ``plotly.graph_objects.Figure`` out (no widgets,
+no model, no training). The ``*_data`` helpers return just the arrays a figure shows, so
+the explorers in :mod:`widgets.explorers` can update a trace in place instead of rebuilding
+the figure. :func:`save_figure` writes PNG/SVG through kaleido and a local Chromium.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import plotly.colors
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+GATE_SCALE = "Viridis"
+# A qualitative palette long enough for the categories of the data sets we use (Games has
+# many more categories than this; beyond it colours repeat, the hover still names them).
+PALETTE = plotly.colors.qualitative.Plotly + plotly.colors.qualitative.Set2 + plotly.colors.qualitative.Pastel1
+EXPORT_FORMATS = ("png", "svg", "pdf", "jpeg", "webp")
+BROWSER_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome")
+DEBIAN_CHROMIUM = "/usr/bin/chromium"
+
+
+def _expert_labels(experts) -> list[str]:
+    return [f"expert {int(k)}" for k in experts]
+
+
+def _example(df: pd.DataFrame, example: int) -> pd.DataFrame:
+    sub = df[df["example"] == example]
+    if sub.empty:
+        raise ValueError(f"no rows for example {example!r} (examples run {df['example'].min()}.."
+                         f"{df['example'].max()})")
+    return sub
+
+
+# ----------------------------------------------------------------------------- Interactive-MoE gates
+
+
+def gate_matrix_data(gates_df: pd.DataFrame, example: int, position: int):
+    """Gates g_s at one position of one example.
+
+    Returns (z (S, E) float array, stream names (S,), expert ids (E,))."""
+    sub = _example(gates_df, example)
+    sub = sub[sub["position"] == position]
+    if sub.empty:
+        raise ValueError(f"example {example} has no position {position}")
+    wide = sub.pivot_table(index="stream", columns="expert", values="gate", observed=True, sort=False)
+    streams = [s for s in (gates_df["stream"].cat.categories if hasattr(gates_df["stream"], "cat")
+                           else wide.index) if s in wide.index]
+    wide = wide.loc[streams]
+    return wide.to_numpy(), [str(s) for s in streams], wide.columns.to_numpy()
+
+
+def gate_heatmap(gates_df: pd.DataFrame, example: int, position: int) -> go.Figure:
+    """Heatmap stream x expert of the Interactive-MoE gates at one position (zmin 0, zmax 1)."""
+    z, streams, experts = gate_matrix_data(gates_df, example, position)
+    fig = go.Figure(go.Heatmap(z=z, x=_expert_labels(experts), y=streams, zmin=0.0, zmax=1.0,
+                               colorscale=GATE_SCALE, colorbar=dict(title="gate"),
+                               hovertemplate="%{y} / %{x}: %{z:.3f}<extra></extra>"))
+    fig.update_layout(title=f"Interactive-MoE gates at position {position}", xaxis_title="expert",
+                      yaxis_title="stream", height=300, margin=dict(t=50, b=40))
+    return fig
+
+
+def gate_trajectory_data(gates_df: pd.DataFrame, example: int, stream: str):
+    """One stream's gates along an example's sequence.
+
+    Returns (z (E, P) array, positions (P,), expert ids (E,))."""
+    sub = _example(gates_df, example)
+    sub = sub[sub["stream"] == stream]
+    if sub.empty:
+        raise ValueError(f"example {example} has no stream {stream!r}")
+    wide = sub.pivot_table(index="expert", columns="position", values="gate", observed=True)
+    return wide.to_numpy(), wide.columns.to_numpy(), wide.index.to_numpy()
+
+
+def gate_trajectory_figure(gates_df: pd.DataFrame, example: int, stream: str, position: int | None = None) -> go.Figure:
+    """Heatmap expert x position of one stream's gates along the sequence; a vertical line
+    marks ``position``."""
+    z, positions, experts = gate_trajectory_data(gates_df, example, stream)
+    fig = go.Figure(go.Heatmap(z=z, x=positions, y=_expert_labels(experts), zmin=0.0, zmax=1.0,
+                               colorscale=GATE_SCALE, colorbar=dict(title="gate"),
+                               hovertemplate="position %{x}, %{y}: %{z:.3f}<extra></extra>"))
+    fig.update_layout(title=f"{stream} stream: gates along the sequence", xaxis_title="position (0 = oldest)",
+                      yaxis_title="expert", height=300, margin=dict(t=50, b=40))
+    if position is not None:
+        fig.add_vline(x=position, line=dict(color="red", width=2))
+    return fig
+
+
+def expert_usage_heatmap(usage_df: pd.DataFrame) -> go.Figure:
+    """Heatmap stream x expert of :func:`~hm4sr_core.introspect.expert_usage` (bars per expert
+    for a temporal table, which has no stream)."""
+    if "stream" not in usage_df.columns:
+        fig = go.Figure(go.Bar(x=_expert_labels(usage_df["expert"]), y=usage_df["gate"],
+                               error_y=dict(type="data", array=usage_df.get("std"))))
+        fig.update_layout(title="Temporal-MoE: mean gate per expert", yaxis_title="mean gate", yaxis_range=[0, 1])
+        return fig
+    wide = usage_df.pivot_table(index="stream", columns="expert", values="gate", observed=True)
+    fig = go.Figure(go.Heatmap(z=wide.to_numpy(), x=_expert_labels(wide.columns), y=[str(s) for s in wide.index],
+                               zmin=0.0, zmax=1.0, colorscale=GATE_SCALE, text=np.round(wide.to_numpy(), 3),
+                               texttemplate="%{text}", colorbar=dict(title="mean gate")))
+    fig.update_layout(title="Interactive-MoE: mean gate per stream and expert", xaxis_title="expert",
+                      yaxis_title="stream", height=320)
+    return fig
+
+
+def gate_by_category_figure(by_category_df: pd.DataFrame, stream: str | None = None) -> go.Figure:
+    """Heatmap category x expert of :func:`~hm4sr_core.introspect.gate_by_category` for one
+    stream (the first when None; ignored for a temporal table)."""
+    df = by_category_df
+    if "stream" in df.columns:
+        stream = stream if stream is not None else str(df["stream"].iloc[0])
+        df = df[df["stream"] == stream]
+    wide = df.pivot_table(index="category", columns="expert", values="gate", observed=True)
+    fig = go.Figure(go.Heatmap(z=wide.to_numpy(), x=_expert_labels(wide.columns), y=[str(c) for c in wide.index],
+                               colorscale=GATE_SCALE, colorbar=dict(title="mean gate")))
+    title = "Mean gate per category" + (f" ({stream} stream)" if stream is not None else "")
+    fig.update_layout(title=title, xaxis_title="expert", yaxis_title="category",
+                      height=max(300, 22 * len(wide) + 120))
+    return fig
+
+
+# ----------------------------------------------------------------------------- Temporal-MoE gates
+
+
+def temporal_gate_data(temporal_df: pd.DataFrame, example: int, position: int):
+    """Temporal gate r at one position: (expert ids (E,), gates (E,))."""
+    sub = _example(temporal_df, example)
+    sub = sub[sub["position"] == position].sort_values("expert")
+    if sub.empty:
+        raise ValueError(f"example {example} has no position {position}")
+    return sub["expert"].to_numpy(), sub["gate"].to_numpy()
+
+
+def temporal_gate_bars(temporal_df: pd.DataFrame, example: int, position: int) -> go.Figure:
+    """Bar per expert of the temporal gate r at one position."""
+    experts, gates = temporal_gate_data(temporal_df, example, position)
+    fig = go.Figure(go.Bar(x=_expert_labels(experts), y=gates, marker_color=PALETTE[:len(experts)]))
+    fig.update_layout(title=f"Temporal-MoE gate at position {position}", yaxis_range=[0, 1],
+                      yaxis_title="gate", height=300, margin=dict(t=50, b=40))
+    return fig
+
+
+def temporal_gate_profile(temporal_df: pd.DataFrame, against: str = "gap_days", bins: int = 30) -> go.Figure:
+    """Mean temporal gate per expert against the gap (log-binned days), the date or the position.
+
+    Args:
+        temporal_df: :func:`~hm4sr_core.introspect.temporal_gate_table`.
+        against: "gap_days" (first items left out: they have no gap), "date" or "position".
+        bins: number of bins for gap_days and date (positions are used as they are).
+    """
+    if against not in ("gap_days", "date", "position"):
+        raise ValueError(f"against must be 'gap_days', 'date' or 'position', got {against!r}")
+    df = temporal_df
+    if against == "gap_days":
+        df = df[df["gap_days"].notna()]
+        x = np.log10(df["gap_days"].clip(lower=1e-6))
+        edges = np.linspace(x.min(), x.max() + 1e-9, bins + 1)
+        key = pd.Series(10 ** ((edges[:-1] + edges[1:]) / 2)[np.clip(np.digitize(x, edges) - 1, 0, bins - 1)],
+                        index=df.index)
+    elif against == "date":
+        secs = df["timestamp"].astype(np.float64)
+        edges = np.linspace(secs.min(), secs.max() + 1, bins + 1)
+        mids = (edges[:-1] + edges[1:]) / 2
+        key = pd.Series(pd.to_datetime(mids[np.clip(np.digitize(secs, edges) - 1, 0, bins - 1)].astype(np.int64),
+                                       unit="s", utc=True), index=df.index)
+    else:
+        key = df["position"]
+    mean = df.assign(_x=key).groupby(["_x", "expert"])["gate"].mean().unstack("expert")
+    fig = go.Figure()
+    for i, k in enumerate(mean.columns):
+        fig.add_trace(go.Scatter(x=mean.index, y=mean[k], mode="lines+markers", name=f"expert {k}",
+                                 line_color=PALETTE[i % len(PALETTE)]))
+    labels = {"gap_days": "gap before the item (days, log)", "date": "date", "position": "position (0 = oldest)"}
+    fig.update_layout(title="Temporal-MoE gate r by " + labels[against].split(" (")[0], xaxis_title=labels[against],
+                      yaxis_title="mean gate", yaxis_range=[0, 1])
+    if against == "gap_days":
+        fig.update_xaxes(type="log")
+    return fig
+
+
+def temporal_gate_grid_data(curve_df: pd.DataFrame, expert: int):
+    """One expert's gate on the (gap, date) grid of
+    :func:`~hm4sr_core.introspect.temporal_gate_curve`: (z (D, G), gap_days (G,), dates (D,)).
+    First-item rows (gap NaN) are left out: they have no place on a gap axis."""
+    sub = curve_df[(curve_df["expert"] == expert) & curve_df["gap_days"].notna()]
+    wide = sub.pivot_table(index="date", columns="gap_days", values="gate")
+    return wide.to_numpy(), wide.columns.to_numpy(), wide.index
+
+
+def temporal_gate_curve_figure(curve_df: pd.DataFrame, expert: int = 0) -> go.Figure:
+    """Heatmap of one expert's temporal gate over log gap (x) and date (y)."""
+    z, gaps, dates = temporal_gate_grid_data(curve_df, expert)
+    fig = go.Figure(go.Heatmap(z=z, x=gaps, y=dates, zmin=0.0, zmax=1.0, colorscale=GATE_SCALE,
+                               colorbar=dict(title="gate"),
+                               hovertemplate="gap %{x:.3g} d, %{y}: %{z:.3f}<extra></extra>"))
+    fig.update_xaxes(type="log", title="gap before the item (days)")
+    fig.update_layout(title=f"Temporal gate of expert {expert} over gap and date", yaxis_title="date", height=400)
+    return fig
+
+
+def time_embedding_figure(embedding_df: pd.DataFrame) -> go.Figure:
+    """tau at one (gap, date) (:func:`~hm4sr_core.introspect.time_embedding_at`): the interval
+    and absolute halves, value per dimension."""
+    fig = go.Figure()
+    for i, (part, sub) in enumerate(embedding_df.groupby("part", sort=False)):
+        fig.add_trace(go.Scatter(x=sub["dim"], y=sub["value"], mode="lines+markers", name=str(part),
+                                 line_color=PALETTE[i]))
+    fig.update_layout(title="Time embedding tau", xaxis_title="dimension", yaxis_title="value", height=300)
+    return fig
+
+
+# ----------------------------------------------------------------------------- time embedding tables
+
+
+def interval_figure(interval_df: pd.DataFrame) -> go.Figure:
+    """Interval-table rows at the used buckets: norm and cosine to the reference bucket
+    against the gap (days, log axis). The first-item bucket has no gap and is left out."""
+    df = interval_df[interval_df["kind"] == "gap"]
+    ref = interval_df.attrs.get("reference_bucket")
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("row norm", f"cosine to bucket {ref}"))
+    hover = "bucket %{customdata}<br>gap %{x:.3g} d<br>%{y:.3f}<extra></extra>"
+    fig.add_trace(go.Scatter(x=df["gap_days"], y=df["norm"], mode="markers", customdata=df["bucket"],
+                             hovertemplate=hover, name="norm", marker_size=5), row=1, col=1)
+    fig.add_trace(go.Scatter(x=df["gap_days"], y=df["cosine"], mode="markers", customdata=df["bucket"],
+                             hovertemplate=hover, name="cosine", marker_size=5), row=1, col=2)
+    fig.update_xaxes(type="log", title="gap (days)")
+    fig.update_layout(title="Interval embedding at the buckets the data uses", showlegend=False, height=350)
+    return fig
+
+
+def absolute_time_figure(absolute_df: pd.DataFrame) -> go.Figure:
+    """Heatmap dimension x day of :func:`~hm4sr_core.introspect.absolute_time_embedding`
+    (the first variant of a :func:`~hm4sr_core.introspect.compare_absolute_time` table)."""
+    df = absolute_df
+    title = "Absolute-time embedding"
+    if "variant" in df.columns:
+        first = df["variant"].iloc[0]
+        df = df[df["variant"] == first]
+        title += f" ({first})"
+    wide = df.pivot_table(index="dim", columns="day", values="value")
+    fig = go.Figure(go.Heatmap(z=wide.to_numpy(), x=wide.columns, y=wide.index, zmin=-1, zmax=1, colorscale="RdBu",
+                               colorbar=dict(title="cos")))
+    fig.update_layout(title=title, xaxis_title="days since the first interaction", yaxis_title="dimension",
+                      height=400)
+    return fig
+
+
+def absolute_time_similarity_figure(absolute_df: pd.DataFrame) -> go.Figure:
+    """Cosine of each day's absolute-time vector to the first day's, one line per variant:
+    smooth with normalised time, noise with raw seconds."""
+    df = absolute_df if "variant" in absolute_df.columns else absolute_df.assign(variant="model")
+    per_day = df.groupby(["variant", "day"], sort=False)["cosine_to_first"].first().reset_index()
+    fig = go.Figure()
+    for i, (variant, sub) in enumerate(per_day.groupby("variant", sort=False)):
+        fig.add_trace(go.Scatter(x=sub["day"], y=sub["cosine_to_first"], mode="lines", name=str(variant),
+                                 line_color=PALETTE[i]))
+    fig.update_layout(title="Absolute-time embedding: similarity to the first day", yaxis_range=[-1.05, 1.05],
+                      xaxis_title="days since the first interaction", yaxis_title="cosine to day 0")
+    return fig
+
+
+# ----------------------------------------------------------------------------- training curves
+
+
+def loss_lines_data(loss_df: pd.DataFrame, task: str, column: str = "value"):
+    """(steps (n,), values (n,)) of one task from a :func:`~hm4sr_core.introspect.loss_table`."""
+    sub = loss_df[loss_df["task"] == task].sort_values("step")
+    return sub["step"].to_numpy(), sub[column].to_numpy()
+
+
+def _tasks(loss_df: pd.DataFrame) -> list[str]:
+    t = loss_df["task"]
+    return [str(x) for x in (t.cat.categories if hasattr(t, "cat") else pd.unique(t))]
+
+
+def loss_figure(loss_df: pd.DataFrame, column: str = "value", tasks=None) -> go.Figure:
+    """One line per task: its unweighted ("value") or weighted loss per step. Tasks not in
+    ``tasks`` (default all) are present but hidden, so a legend click brings them back."""
+    fig = go.Figure()
+    show = set(_tasks(loss_df) if tasks is None else tasks)
+    for i, task in enumerate(_tasks(loss_df)):
+        x, y = loss_lines_data(loss_df, task, column)
+        fig.add_trace(go.Scatter(x=x, y=y, mode="lines", name=task, line_color=PALETTE[i % len(PALETTE)],
+                                 visible=True if task in show else "legendonly"))
+    fig.update_layout(title=f"Losses per step ({'weighted' if column == 'weighted' else 'unweighted'})",
+                      xaxis_title="step", yaxis_title="loss", height=350)
+    return fig
+
+
+def loss_share_figure(loss_df: pd.DataFrame, tasks=None) -> go.Figure:
+    """Stacked areas: each task's share of the weighted total per step (sums to 1)."""
+    fig = go.Figure()
+    show = set(_tasks(loss_df) if tasks is None else tasks)
+    for i, task in enumerate(_tasks(loss_df)):
+        x, y = loss_lines_data(loss_df, task, "share")
+        fig.add_trace(go.Scatter(x=x, y=y, mode="lines", stackgroup="share", name=task,
+                                 line_color=PALETTE[i % len(PALETTE)], visible=True if task in show else "legendonly"))
+    fig.update_layout(title="Share of the weighted total loss", xaxis_title="step", yaxis_title="share",
+                      yaxis_range=[0, 1], height=350)
+    return fig
+
+
+def lambda_figure(steps_df: pd.DataFrame) -> go.Figure:
+    """lambda_s (Interactive-MoE output scale per stream) over training steps."""
+    cols = [c for c in steps_df.columns if c.startswith("lambda_")]
+    if not cols:
+        raise ValueError("lambda_figure: no lambda_<stream> columns (was the Interactive MoE on?)")
+    fig = go.Figure()
+    for i, c in enumerate(cols):
+        fig.add_trace(go.Scatter(x=steps_df["step"], y=steps_df[c], mode="lines", name=c[len("lambda_"):],
+                                 line_color=PALETTE[i % len(PALETTE)]))
+    fig.update_layout(title="Interactive-MoE scale lambda per stream", xaxis_title="step", yaxis_title="lambda")
+    return fig
+
+
+def gradient_share_figure(gradient_df: pd.DataFrame) -> go.Figure:
+    """Bars: each loss's share of the weighted gradient norm on the shared parameters;
+    the hover gives the cosine to the rec gradient."""
+    fig = go.Figure(go.Bar(x=gradient_df["task"], y=gradient_df["share"], customdata=gradient_df["cosine_to_rec"],
+                           hovertemplate="%{x}: share %{y:.3f}, cosine to rec %{customdata:.3f}<extra></extra>"))
+    fig.update_layout(title="Gradient on the shared parameters, by loss", yaxis_title="share of weighted norm",
+                      yaxis_range=[0, 1])
+    return fig
+
+
+def time_control_figure(control_df: pd.DataFrame, metrics=("ndcg@10", "hr@10")) -> go.Figure:
+    """Grouped bars of :func:`~hm4sr_core.introspect.time_control_table`: each metric with
+    real, shuffled and zeroed timestamps."""
+    missing = [m for m in metrics if m not in control_df.columns]
+    if missing:
+        raise ValueError(f"time_control_figure: metric(s) {missing} not in the table")
+    fig = go.Figure()
+    for i, (_, row) in enumerate(control_df.iterrows()):
+        fig.add_trace(go.Bar(x=list(metrics), y=[row[m] for m in metrics], name=str(row["eval_time"]),
+                             marker_color=PALETTE[i % len(PALETTE)]))
+    fig.update_layout(barmode="group", title="Timestamps at evaluation: real, shuffled, zeroed", yaxis_title="value")
+    return fig
+
+
+# ----------------------------------------------------------------------------- item atlas
+
+
+def discrete_colorscale(n: int) -> list:
+    """A stepped colour scale giving the integer codes 0..n-1 one palette colour each
+    (use with cmin=-0.5, cmax=n-0.5)."""
+    n = max(n, 1)
+    scale = []
+    for i in range(n):
+        c = PALETTE[i % len(PALETTE)]
+        scale += [[i / n, c], [(i + 1) / n, c]]
+    return scale
+
+
+def scatter_data(atlas_df: pd.DataFrame, color: str, space: str | None = None, categories=None) -> dict:
+    """What the atlas scatter shows for a colour column, space and category filter.
+
+    Returns a dict of trace properties: x, y, customdata (title, category, popularity,
+    dominant expert, token per point) and marker settings (categorical columns coded
+    0..K-1 on a stepped scale with their names on the colour bar; popularity on log10(1+n))."""
+    df = atlas_df
+    if space is not None:
+        df = df[df["space"] == space]
+    if color not in atlas_df.columns:
+        raise ValueError(f"colour column {color!r} not in the atlas; has {list(atlas_df.columns)}")
+    levels = None
+    if not pd.api.types.is_numeric_dtype(atlas_df[color]):
+        levels = sorted(pd.unique(atlas_df[color].astype(str)))  # over the whole atlas: stable colours
+    if categories is not None:
+        df = df[df["category"].isin(list(categories))]
+    custom = np.stack([df["title"].astype(str), df["category"].astype(str), df["popularity"].astype(str),
+                       df["dominant_expert"].astype(str), df["item_token"].astype(str)], axis=1) \
+        if len(df) else np.zeros((0, 5), dtype=object)
+    if levels is None:
+        values = np.log10(1.0 + df[color].to_numpy(np.float64))
+        marker = dict(color=values, colorscale="Viridis", cmin=float(np.log10(1 + atlas_df[color].min())),
+                      cmax=float(np.log10(1 + atlas_df[color].max())),
+                      colorbar=dict(title=f"log10(1+{color})", tickvals=None, ticktext=None))
+    else:
+        code = {v: i for i, v in enumerate(levels)}
+        values = np.array([code[v] for v in df[color].astype(str)], dtype=np.float64)
+        marker = dict(color=values, colorscale=discrete_colorscale(len(levels)), cmin=-0.5, cmax=len(levels) - 0.5,
+                      colorbar=dict(title=color, tickvals=list(range(len(levels))), ticktext=levels))
+    return dict(x=df["x"].to_numpy(), y=df["y"].to_numpy(), customdata=custom, marker=marker)
+
+
+def embedding_scatter(atlas_df: pd.DataFrame, color: str = "category", space: str | None = None,
+                      categories=None) -> go.Figure:
+    """UMAP scatter of :func:`~hm4sr_core.introspect.atlas_table`, coloured by a column
+    ("category", "popularity", "dominant_expert"); hover shows the title."""
+    space = space if space is not None else str(atlas_df["space"].iloc[0])
+    d = scatter_data(atlas_df, color, space, categories)
+    fig = go.Figure(go.Scatter(
+        x=d["x"], y=d["y"], mode="markers", customdata=d["customdata"],
+        marker=dict(size=6, showscale=True, **d["marker"]),
+        hovertemplate="<b>%{customdata[0]}</b><br>%{customdata[4]} | %{customdata[1]}<br>"
+                      "interactions %{customdata[2]}<br>%{customdata[3]}<extra></extra>"))
+    fig.update_layout(title=f"Item atlas ({space} embedding, UMAP)", xaxis_title="UMAP 1", yaxis_title="UMAP 2",
+                      height=550)
+    return fig
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def find_browser() -> str:
+    """Path of a Chromium for kaleido: $BROWSER_PATH (kaleido's own override) when it names
+    an executable, else the first of ``BROWSER_NAMES`` on PATH, else /usr/bin/chromium.
+
+    Never downloads a browser; raises RuntimeError saying how to install one."""
+    env = os.environ.get("BROWSER_PATH")
+    candidates = ([env] if env else []) + [shutil.which(n) for n in BROWSER_NAMES] + [DEBIAN_CHROMIUM]
+    for c in candidates:
+        if c and os.path.isfile(c) and os.access(c, os.X_OK):
+            return c
+    raise RuntimeError("save_figure needs a Chromium for kaleido and found none (checked $BROWSER_PATH, "
+                       f"{', '.join(BROWSER_NAMES)} on PATH, {DEBIAN_CHROMIUM}); install it with "
+                       "`apt-get install chromium` (or point BROWSER_PATH at a Chrome/Chromium executable)")
+
+
+def _render(fig_dict: dict, formats, browser: str, width: int, height: int, scale: float) -> list[bytes]:
+    """Every format from one browser session (starting Chromium costs seconds)."""
+    import kaleido
+
+    async def run() -> list[bytes]:
+        # mathjax=False: kaleido would fetch MathJax from a CDN, and these machines are offline.
+        async with kaleido.Kaleido(path=browser, mathjax=False) as k:
+            return [await k.calc_fig(fig_dict, opts=dict(format=f, width=width, height=height, scale=scale))
+                    for f in formats]
+
+    # A fresh thread has no running event loop, so this works inside Jupyter too.
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(asyncio.run, run()).result()
+
+
+def save_figure(fig: go.Figure, path_without_ext, formats=("png", "svg"), *, width: int | None = None,
+                height: int | None = None, scale: float = 1.0) -> list[Path]:
+    """Write ``fig`` as ``<path_without_ext>.<format>`` for each format, atomically.
+
+    Args:
+        fig: a Figure or FigureWidget.
+        path_without_ext: e.g. "results/figures/gates"; parent folders are created.
+        formats: any of ``EXPORT_FORMATS``.
+        width, height: pixels; default the figure's own size, else 900 x 500.
+        scale: pixel density multiplier for raster formats.
+    Returns:
+        The paths written. Each file appears whole or not at all (temporary file + rename).
+    Raises:
+        RuntimeError when no Chromium is installed (``apt-get install chromium``).
+    """
+    formats = tuple(formats)
+    bad = [f for f in formats if f not in EXPORT_FORMATS]
+    if bad or not formats:
+        raise ValueError(f"save_figure: formats must be a non-empty subset of {EXPORT_FORMATS}, got {formats}")
+    browser = find_browser()
+    fig_dict = fig.to_dict()
+    layout = fig_dict.get("layout", {})
+    width = int(width or layout.get("width") or 900)
+    height = int(height or layout.get("height") or 500)
+    images = _render(fig_dict, formats, browser, width, height, scale)
+    base = Path(path_without_ext)
+    base.parent.mkdir(parents=True, exist_ok=True)
+    written = []
+    for fmt, data in zip(formats, images):
+        if not data:
+            raise RuntimeError(f"save_figure: kaleido returned an empty {fmt} image")
+        target = base.with_name(base.name + f".{fmt}")
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        written.append(target)
+    return written
