@@ -71,11 +71,12 @@ def gate_statistics(gates: torch.Tensor, real: torch.Tensor) -> tuple[float, np.
 
 def _step_row(out, model: HM4SR, batch, lr: float) -> dict:
     weights = model.config.loss_weights
-    row = {"lr": lr, "loss": float(out.loss)}
+    row = {"lr": lr, "loss": float(out.loss.detach())}
     for name in LOSS_NAMES:
         if name in out.losses:
-            row[f"loss_{name}"] = float(out.losses[name])
-            row[f"weighted_{name}"] = weights[name] * float(out.losses[name])
+            value = float(out.losses[name].detach())
+            row[f"loss_{name}"] = value
+            row[f"weighted_{name}"] = weights[name] * value
     real = batch.items > 0
     if out.interactive_gates is not None:
         ent, load = gate_statistics(out.interactive_gates.detach(), real)
@@ -127,12 +128,12 @@ def environment() -> dict:
 
 
 def item_popularity(split: Split, num_items: int) -> np.ndarray:
-    """(N+1,) training interaction counts per item. In the dense layout a window's inputs
-    are its first item followed by its targets shifted by one, so first items + targets
-    count every training interaction once."""
-    part = split.train_dense
-    seen = np.concatenate([part.items[:, :1][part.lengths > 0].ravel(),
-                           part.position_targets[part.position_targets > 0]])
+    """(N+1,) training interaction counts per item. Every training interaction but a
+    user's first is the target of one prefix example, and the first is the input of the
+    user's length-1 prefix. (Dense windows would count each window boundary twice: a
+    later window's first input is the previous window's last target.)"""
+    part = split.train_prefix
+    seen = np.concatenate([part.items[part.lengths == 1, 0], part.targets])
     return np.bincount(seen, minlength=num_items + 1).astype(np.float64)
 
 
@@ -165,7 +166,7 @@ def train(dataset: Dataset, model_config: ModelConfig = ModelConfig(), config: T
 
     steps_rows: list[dict] = []
     epoch_rows: list[dict] = []
-    best_metric, best_epoch, best_state, bad_epochs, start_epoch = -1.0, 0, None, 0, 1
+    best_metric, best_epoch, best_state, bad_epochs, start_epoch, step = -1.0, 0, None, 0, 1, 0
     if resume:
         if out is None or not (out / "last.pt").exists():
             raise FileNotFoundError(f"resume: no last.pt in {out}")
@@ -183,13 +184,13 @@ def train(dataset: Dataset, model_config: ModelConfig = ModelConfig(), config: T
         best_metric, best_epoch, bad_epochs = ck["best_metric"], ck["best_epoch"], ck["bad_epochs"]
         best_state = ck["best_state"]
         start_epoch = ck["epoch"] + 1
+        step = ck.get("step", len(steps_rows) * config.log_every)  # not len(steps) * log_every: only every log_every-th step has a row
         if bad_epochs >= config.patience:
             start_epoch = config.epochs + 1  # it had already stopped early
 
     n_batches = (len(train_part) + config.batch_size - 1) // config.batch_size
     if config.max_steps_per_epoch:
         n_batches = min(n_batches, config.max_steps_per_epoch)
-    step = len(steps_rows) * config.log_every
     for epoch in range(start_epoch, config.epochs + 1):
         model.train()
         gen = _epoch_generator(config.seed, epoch)
@@ -208,14 +209,14 @@ def train(dataset: Dataset, model_config: ModelConfig = ModelConfig(), config: T
                 torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
             optimizer.step()
             for k, v in result.losses.items():
-                sums[k] = sums.get(k, 0.0) + float(v)
+                sums[k] = sums.get(k, 0.0) + float(v.detach())
             if step % config.log_every == 0:
                 row = _step_row(result, model, batch, optimizer.param_groups[0]["lr"])
                 row.update(step=step, epoch=epoch, seconds=time.perf_counter() - t0)
                 steps_rows.append(row)
             step += 1
             bar.update(1)
-            bar.set_postfix(loss=f"{float(result.loss):.3f}")
+            bar.set_postfix(loss=f"{float(result.loss.detach()):.3f}")
         bar.close()
         train_seconds = time.perf_counter() - t0
         row = {"epoch": epoch, "train_seconds": train_seconds}
@@ -241,7 +242,7 @@ def train(dataset: Dataset, model_config: ModelConfig = ModelConfig(), config: T
         stop = bad_epochs >= config.patience
         if out is not None:
             payload = _checkpoint(model, optimizer, model_config, config, dataset.name, data_hash, steps_rows,
-                                  epoch_rows, epoch, best_metric, best_epoch, bad_epochs, best_state)
+                                  epoch_rows, epoch, step, best_metric, best_epoch, bad_epochs, best_state)
             _atomic_torch_save(payload, out / "last.pt")
             if best_epoch == epoch:
                 _atomic_torch_save(payload, out / "best.pt")
@@ -296,7 +297,7 @@ def _columns(rows: list[dict]) -> dict:
 
 
 def _checkpoint(model, optimizer, model_config, config, data_name, data_hash, steps_rows, epoch_rows, epoch,
-                best_metric, best_epoch, bad_epochs, best_state) -> dict:
+                step, best_metric, best_epoch, bad_epochs, best_state) -> dict:
     return {
         "checkpoint_version": CHECKPOINT_VERSION,
         "model_state": model.state_dict(),
@@ -310,6 +311,7 @@ def _checkpoint(model, optimizer, model_config, config, data_name, data_hash, st
         "epochs": _columns(epoch_rows),
         "rng_state": torch.get_rng_state(),
         "epoch": epoch,
+        "step": step,  # optimizer steps taken so far
         "best_metric": best_metric,
         "best_epoch": best_epoch,
         "bad_epochs": bad_epochs,

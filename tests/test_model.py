@@ -199,7 +199,7 @@ def test_starting_losses_have_the_documented_magnitudes(tiny_ds, tiny_split, tin
     # placeholder: positives start close (few positions replaced), so below ln B, above the floor
     assert math.log(b - 1) - 2.0 < losses["placeholder_contrastive"] < math.log(b) + 0.3
     expected_total = sum(tiny_model_config.loss_weights[k] * v for k, v in losses.items())
-    assert float(out.loss) == pytest.approx(expected_total, rel=1e-6)
+    assert float(out.loss.detach()) == pytest.approx(expected_total, rel=1e-6)
 
 
 # --- the loss functions on hand-made tensors --------------------------------------------

@@ -1,0 +1,192 @@
+"""Tests for the ``hm4sr`` command line: prepare, train, evaluate, compare, the checks
+that run before any work, and every subcommand's --help. In-process through
+``hm4sr_core.cli.main`` (fast), plus one real call of the installed console script."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hm4sr_core.cli import build_parser, main
+
+# A model small enough to train in about a second on the CLI's synthetic data.
+TINY_SETS = ["--set", "hidden_size=16", "--set", "max_length=10", "--set", "num_layers=1",
+             "--set", "inner_size=32", "--set", "batch_size=128", "--set", "eval_batch_size=256"]
+
+
+def _run(capsys, *argv) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    """``hm4sr prepare synthetic`` into a temporary root: (folder, stdout)."""
+    root = tmp_path_factory.mktemp("cli_data")
+    code = main(["prepare", "synthetic", "--name", "clitiny", "--out-root", str(root), "--users", "60",
+                 "--items", "40", "--seed", "4", "--max-length", "10"])
+    assert code == 0
+    return root / "clitiny"
+
+
+@pytest.fixture(scope="module")
+def trained(prepared, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli_run") / "run"
+    code = main(["train", "--data", str(prepared), "--epochs", "2", "--seed", "5", "--out", str(out), "--quiet",
+                 *TINY_SETS])
+    assert code == 0
+    return out
+
+
+def test_prepare_writes_the_folder_and_prints_stats(tmp_path, capsys):
+    code, out, err = _run(capsys, "prepare", "synthetic", "--name", "X", "--out-root", tmp_path, "--users", "30",
+                          "--items", "20", "--max-length", "10")
+    assert code == 0, err
+    folder = tmp_path / "X"
+    assert (folder / "manifest.json").is_file() and (folder / "interactions.parquet").is_file()
+    assert "users        30" in out and "items        20" in out and "interactions" in out
+    assert "zero gaps" in out and f"written      {folder}" in out
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["name"] == "X" and set(manifest["split_hashes"]) == {"leave_one_out", "temporal"}
+    assert manifest["preprocessing"]["max_length"] == 10
+
+
+def test_prepare_missing_file_exits_2_and_writes_nothing(tmp_path, capsys):
+    missing = tmp_path / "nothing.inter"
+    code, out, err = _run(capsys, "prepare", "recbole", "--path", missing, "--name", "bad", "--out-root", tmp_path)
+    assert code == 2
+    assert err.startswith("hm4sr prepare: error:") and "nothing.inter" in err
+    assert not (tmp_path / "bad").exists() and out == ""
+
+
+def test_prepare_negative_timestamp_exits_2_naming_line_and_column(tmp_path, capsys):
+    inter = tmp_path / "neg.inter"
+    inter.write_text("user_id:token\titem_id:token\ttimestamp:float\n"
+                     "1\ta\t10\n1\tb\t20\n2\ta\t-30\n")
+    code, out, err = _run(capsys, "prepare", "recbole", "--path", inter, "--name", "neg", "--out-root",
+                          tmp_path / "out", "--user-core", "0", "--item-core", "0")
+    assert code == 2
+    assert "neg.inter" in err and "line 4" in err and "'timestamp'" in err and ">= 0" in err
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("nonsense=1", "--set nonsense: unknown key"),
+    ("batch_size=abc", "TrainConfig.batch_size: cannot read 'abc' as int"),
+    ("hidden_size=15", "hidden_size must be even >= 2, got 15"),
+    ("use_temporal_moe=maybe", "cannot read 'maybe' as bool"),
+    ("optimizer.lr=1", "prefix must be 'model.' or 'train.'"),
+])
+def test_train_rejects_bad_settings_before_any_work(tmp_path, capsys, setting, message):
+    out = tmp_path / "run"
+    # --data names nothing: the settings must be refused before the data is even looked up
+    code, stdout, err = _run(capsys, "train", "--data", tmp_path / "no-such-data", "--out", out, "--set", setting)
+    assert code == 2
+    assert message in err and "no prepared dataset" not in err
+    assert not out.exists() and stdout == ""
+
+
+def test_train_rejects_bad_seed_list(prepared, tmp_path, capsys):
+    code, _, err = _run(capsys, "train", "--data", prepared, "--out", tmp_path / "r", "--seeds", "1,two")
+    assert code == 2 and "--seeds expects comma-separated integers" in err
+    assert not (tmp_path / "r").exists()
+
+
+def test_train_writes_the_run_folder(trained):
+    for name in ("results.json", "per_user_test.parquet", "per_user_valid.parquet", "steps.csv", "epochs.csv",
+                 "best.pt", "last.pt"):
+        assert (trained / name).is_file(), name
+    record = json.loads((trained / "results.json").read_text())
+    assert record["epochs_run"] == 2 and record["config"]["train"]["seed"] == 5
+    assert record["config"]["model"]["hidden_size"] == 16 and record["config"]["train"]["batch_size"] == 128
+
+
+def test_train_records_the_manifest_data_hash(prepared, trained):
+    manifest = json.loads((prepared / "manifest.json").read_text())
+    record = json.loads((trained / "results.json").read_text())
+    assert record["data_hash"] == manifest["data_hash"]
+    assert record["split_hash"]
+
+
+def test_evaluate_reproduces_the_test_metrics(prepared, trained, capsys):
+    code, out, err = _run(capsys, "evaluate", "--checkpoint", trained / "best.pt", "--data", prepared, "--json")
+    assert code == 0, err
+    metrics = json.loads(out)
+    assert metrics == json.loads((trained / "results.json").read_text())["test"]
+    code, out, _ = _run(capsys, "evaluate", "--checkpoint", trained / "best.pt", "--data", prepared,
+                        "--split", "valid", "--json")
+    assert json.loads(out) == json.loads((trained / "results.json").read_text())["valid"]
+    # the controls are reachable from the command line and change the numbers
+    code, out, _ = _run(capsys, "evaluate", "--checkpoint", trained / "best.pt", "--data", prepared, "--json",
+                        "--set", "eval_time=zeroed")
+    assert code == 0 and json.loads(out) != metrics
+
+
+def test_evaluate_rejects_training_settings(trained, capsys):
+    code, _, err = _run(capsys, "evaluate", "--checkpoint", trained / "best.pt", "--set", "lr=1")
+    assert code == 2 and "evaluate accepts" in err
+
+
+def test_evaluate_refuses_other_data(trained, tmp_path, capsys):
+    main(["prepare", "synthetic", "--name", "other", "--out-root", str(tmp_path), "--users", "30", "--items", "20",
+          "--max-length", "10"])
+    capsys.readouterr()
+    code, _, err = _run(capsys, "evaluate", "--checkpoint", trained / "best.pt", "--data", tmp_path / "other")
+    assert code == 2 and "was trained on data" in err
+
+
+def test_compare_prints_means_and_p_values(prepared, tmp_path, capsys):
+    for model, folder in (("hm4sr", "full"), ("sasrec", "sasrec")):
+        code, out, err = _run(capsys, "train", "--data", prepared, "--model", model, "--seeds", "1,2", "--epochs",
+                              "1", "--out", tmp_path / folder, "--quiet", *TINY_SETS)
+        assert code == 0, err
+        assert (tmp_path / folder / "seed-1" / "results.json").is_file()
+        assert (tmp_path / folder / "seed-2" / "results.json").is_file()
+    table_file = tmp_path / "table.md"
+    code, out, err = _run(capsys, "compare", tmp_path / "full", tmp_path / "sasrec", "--metrics", "ndcg@10,hr@10",
+                          "--markdown", table_file)
+    assert code == 0, err
+    lines = out.strip().splitlines()
+    assert lines[0] == "| model | seeds | ndcg@10 | hr@10 |"
+    full_row = next(line for line in lines if line.startswith("| full |"))
+    sasrec_row = next(line for line in lines if line.startswith("| sasrec |"))
+    assert "| 2 |" in full_row and "+-" in full_row and "p=" not in full_row  # the baseline row
+    assert sasrec_row.count("(p=") == 2
+    assert table_file.read_text() == out
+    code, _, err = _run(capsys, "compare", tmp_path / "full", tmp_path / "nothing-here")
+    assert code == 2 and "no results.json" in err
+
+
+def _subcommands():
+    parser = build_parser()
+    action = next(a for a in parser._actions if a.dest == "command")
+    return action.choices
+
+
+@pytest.mark.parametrize("command", sorted(_subcommands()))
+def test_every_subcommand_help_lists_every_option(command, capsys):
+    with pytest.raises(SystemExit) as done:
+        main([command, "--help"])
+    assert done.value.code == 0
+    text = capsys.readouterr().out
+    for action in _subcommands()[command]._actions:
+        names = action.option_strings or [action.metavar or action.dest]
+        assert any(name in text for name in names), (command, names)
+        if action.help and action.option_strings and action.dest != "help":
+            assert action.help.split()[0] in text
+
+
+def test_console_script_help():
+    script = Path(sys.executable).with_name("hm4sr")
+    argv = [str(script)] if script.exists() else [sys.executable, "-m", "hm4sr_core.cli"]
+    done = subprocess.run([*argv, "--help"], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, done.stderr
+    for command in ("prepare", "train", "evaluate", "compare", "run-notebooks", "demo"):
+        assert command in done.stdout
