@@ -40,15 +40,19 @@ def sequence_lengths(dataset: Dataset) -> pd.DataFrame:
 def time_gaps(dataset: Dataset) -> pd.DataFrame:
     """Gaps between consecutive interactions of the same user.
 
-    Returns one row per gap: user, gap_seconds (int64, >= 0), gap_days, zero (gap == 0:
-    two interactions in the same second, e.g. ratings entered in one sitting)."""
+    Returns one row per gap: user, gap_seconds (int64, >= 0), gap_days, log10_gap_days
+    (NaN for a zero gap: a log axis has no place for it), zero (gap == 0: two
+    interactions in the same second, e.g. ratings entered in one sitting)."""
     inter = dataset.interactions  # sorted by (user, timestamp, item)
     users = inter["user"].to_numpy()
     ts = inter["timestamp"].to_numpy(np.int64)
     same = users[1:] == users[:-1]
     gaps = (ts[1:] - ts[:-1])[same]
-    return pd.DataFrame({"user": users[1:][same], "gap_seconds": gaps, "gap_days": gaps / SECONDS_PER_DAY,
-                         "zero": gaps == 0})
+    days = gaps / SECONDS_PER_DAY
+    log_days = np.full(len(gaps), np.nan)
+    log_days[gaps > 0] = np.log10(days[gaps > 0])
+    return pd.DataFrame({"user": users[1:][same], "gap_seconds": gaps, "gap_days": days,
+                         "log10_gap_days": log_days, "zero": gaps == 0})
 
 
 def category_counts(dataset: Dataset) -> pd.DataFrame:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 import warnings
 from contextlib import contextmanager
+from dataclasses import fields
 from typing import Iterator
 
 import numpy as np
@@ -138,9 +139,8 @@ def _position_frame(model: HM4SR, dataset: Dataset, part, max_users: int | None,
             raise ValueError(f"max_users must be >= 1 or None, got {max_users}")
         keep_users = pd.unique(part.users)[:max_users]
         examples = examples[np.isin(part.users, keep_users)]
-    sub = SplitPart(*(getattr(part, f)[examples] if getattr(part, f) is not None else None
-                      for f in ("items", "timestamps", "lengths", "targets", "users", "target_timestamps",
-                                "position_targets")))
+    sub = SplitPart(**{f.name: (getattr(part, f.name)[examples] if getattr(part, f.name) is not None else None)
+                       for f in fields(SplitPart)})
     origin = int(dataset.stats["first_timestamp"])
     gen = torch.Generator().manual_seed(0)  # shuffled timestamps: the same permutation every call
     device = _device(model)
@@ -426,9 +426,10 @@ def compare_absolute_time(model: HM4SR, days, other: HM4SR | None = None) -> pd.
     days ("days since start") and raw float32 seconds ("raw seconds").
     """
     if other is not None:
-        variants = [(f"normalise_time={m.config.normalise_time}" + (" (other)" if i and
-                     m.config.normalise_time == model.config.normalise_time else ""), m, "model")
-                    for i, m in enumerate((model, other))]
+        labels = [f"normalise_time={m.config.normalise_time}" for m in (model, other)]
+        if labels[0] == labels[1]:  # same setting: tell them apart by role
+            labels = [labels[0] + " (model)", labels[1] + " (other)"]
+        variants = [(labels[0], model, "model"), (labels[1], other, "model")]
     else:
         variants = [("days since start", model, "days"), ("raw seconds", model, "seconds")]
     frames = []
@@ -544,11 +545,12 @@ def smooth(df: pd.DataFrame, window: int, *, columns: list[str] | None = None, b
     """
     if int(window) != window or window < 1:
         raise ValueError(f"smooth: window must be an integer >= 1, got {window!r}")
-    out = df.copy()
     if columns is None:
         columns = [c for c in df.columns if pd.api.types.is_float_dtype(df[c]) and c not in (order, by)]
     if window == 1 or not columns:
-        return out
+        return df.copy()
+    out = df.reset_index(drop=True)  # positional labels, so a repeated index cannot misalign the result
+    out[columns] = out[columns].astype(np.float64)
     ordered = out.sort_values(order, kind="stable") if order in out.columns else out
     if by is not None and by in out.columns:
         rolled = ordered.groupby(by, observed=True)[columns].transform(
@@ -556,6 +558,7 @@ def smooth(df: pd.DataFrame, window: int, *, columns: list[str] | None = None, b
     else:
         rolled = ordered[columns].rolling(int(window), min_periods=1).mean()
     out.loc[rolled.index, columns] = rolled
+    out.index = df.index
     return out
 
 

@@ -138,7 +138,8 @@ class InteractiveMoE(nn.Module):
         B, T, S, d = z.shape
         gates = torch.softmax(torch.einsum("btsd,sde->btse", z, self.gate_weight) + self.gate_bias, dim=-1)
         expert_out = self.experts(z.reshape(B, T, S * d)).view(B, T, self.E, S, d)
-        mixed = torch.einsum("btse,btesd->btsd", gates, expert_out)
+        # An elementwise mix: einsum lowers this to B*T*S tiny matmuls, far slower on CPU.
+        mixed = (expert_out * gates.transpose(2, 3).unsqueeze(-1)).sum(2)
         return mixed * self.lambdas.view(1, 1, S, 1), gates  # (B, T, S, d), (B, T, S, E)
 
 

@@ -100,7 +100,8 @@ def plan_parameters(mode: str, data: str | None, run_dir: Path, seed: int | None
     or the name of a dataset already under ``data/processed``."""
     if mode not in ("smoke", "demo", "full"):
         raise ValueError(f"mode must be 'smoke', 'demo' or 'full', got {mode!r}")
-    common: dict = {"output_dir": str(run_dir), "smoke": mode == "smoke", "train_dir": str(run_dir / "train")}
+    common: dict = {"output_dir": str(run_dir), "smoke": mode == "smoke", "train_dir": str(run_dir / "train"),
+                    "figure_formats": ["json"]}  # PNG/SVG come from export_static_figures, once per run
     if seed is not None:
         common["seed"] = seed
     if mode == "smoke" and data in (None, "synthetic"):
@@ -109,8 +110,8 @@ def plan_parameters(mode: str, data: str | None, run_dir: Path, seed: int | None
         dataset = str(root / name)
     else:
         name = data or "ml-100k"
-        first = {"source": name if name in SOURCES else None, "dataset_name": name, "data_root": None,
-                 "reuse": True}
+        # A source name is prepared when missing; any other name must be prepared already.
+        first = {"source": name if name in SOURCES else "", "dataset_name": name, "data_root": "", "reuse": True}
         dataset = name
     plan = {}
     for nb in NOTEBOOKS:

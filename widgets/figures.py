@@ -25,7 +25,10 @@ GATE_SCALE = "Viridis"
 # A qualitative palette long enough for the categories of the data sets we use (Games has
 # many more categories than this; beyond it colours repeat, the hover still names them).
 PALETTE = plotly.colors.qualitative.Plotly + plotly.colors.qualitative.Set2 + plotly.colors.qualitative.Pastel1
-EXPORT_FORMATS = ("png", "svg", "pdf", "jpeg", "webp")
+EXPORT_FORMATS = ("png", "svg", "pdf", "jpeg", "webp", "json")
+# plotly JSON needs no browser: a run exports it once per figure and turns every figure
+# of the run into PNG/SVG in one browser session (hm4sr_core.notebooks.export_static_figures).
+BROWSER_FREE_FORMATS = ("json",)
 BROWSER_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome")
 DEBIAN_CHROMIUM = "/usr/bin/chromium"
 
@@ -450,7 +453,7 @@ def save_figure(fig: go.Figure, path_without_ext, formats=("png", "svg"), *, wid
     Args:
         fig: a Figure or FigureWidget.
         path_without_ext: e.g. "results/figures/gates"; parent folders are created.
-        formats: any of ``EXPORT_FORMATS``.
+        formats: any of ``EXPORT_FORMATS``; "json" (plotly's figure JSON) needs no browser.
         width, height: pixels; default the figure's own size, else 900 x 500.
         scale: pixel density multiplier for raster formats.
     Returns:
@@ -462,12 +465,15 @@ def save_figure(fig: go.Figure, path_without_ext, formats=("png", "svg"), *, wid
     bad = [f for f in formats if f not in EXPORT_FORMATS]
     if bad or not formats:
         raise ValueError(f"save_figure: formats must be a non-empty subset of {EXPORT_FORMATS}, got {formats}")
-    browser = find_browser()
     fig_dict = fig.to_dict()
     layout = fig_dict.get("layout", {})
     width = int(width or layout.get("width") or 900)
     height = int(height or layout.get("height") or 500)
-    images = _render(fig_dict, formats, browser, width, height, scale)
+    rendered = [f for f in formats if f not in BROWSER_FREE_FORMATS]
+    images = dict(zip(rendered, _render(fig_dict, rendered, find_browser(), width, height, scale))) if rendered else {}
+    if "json" in formats:
+        images["json"] = go.Figure(fig).to_json().encode()
+    images = [images[f] for f in formats]
     base = Path(path_without_ext)
     base.parent.mkdir(parents=True, exist_ok=True)
     written = []
