@@ -122,6 +122,22 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("--test", default="wilcoxon", choices=("wilcoxon", "ttest"), help="paired test")
     co.add_argument("--markdown", help="also write the table to this Markdown file")
 
+    ta = sub.add_parser("table", help="train HM4SR, the reference, SASRec and the ablations over seeds; "
+                                      "write the results table",
+                        description="For each model (hm4sr, sasrec, reference and one-switch ablations) and each "
+                                    "seed, train into OUT/<model>/seed-<S>/ (finished runs are reused), rescore "
+                                    "HM4SR with shuffled and zeroed timestamps, and write OUT/table.md: mean +- std "
+                                    "over seeds with paired Wilcoxon p-values against HM4SR.")
+    ta.add_argument("--data", required=True, help="prepared dataset name or folder")
+    ta.add_argument("--out", required=True, help="folder for the runs and table.md")
+    ta.add_argument("--seeds", default="2025,2026,2027", help="comma-separated seeds (default 2025,2026,2027)")
+    ta.add_argument("--models", help="comma-separated subset of: " + ", ".join(
+        ["hm4sr", "sasrec", "reference", "no_interactive_moe", "no_temporal_moe", "no_id_contrastive",
+         "no_category", "no_placeholder_contrastive", "id_only"]))
+    ta.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="training overrides for every run (TrainConfig keys), e.g. --set epochs=30")
+    ta.add_argument("--quiet", action="store_true", help="no progress bars")
+
     rn = sub.add_parser("run-notebooks", help="execute the notebooks with papermill into runs/<run-id>/")
     rn.add_argument("--smoke", action="store_true", help="tiny fast run (synthetic world, few epochs)")
     rn.add_argument("--data", help="dataset name for the notebooks (default ml-100k; synthetic with --smoke)")
@@ -231,6 +247,27 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def cmd_table(args) -> int:
+    from .experiments import TABLE_MODELS, run_table
+    model_over, train_over = parse_overrides(args.set)
+    if model_over:
+        raise ValueError(f"table: --set takes training keys only; {sorted(model_over)} are model keys "
+                         f"(the table's models are fixed presets)")
+    TrainConfig(**train_over)
+    try:
+        seeds = tuple(int(s) for s in args.seeds.split(",") if s.strip())
+    except ValueError:
+        raise ValueError(f"--seeds expects comma-separated integers, got {args.seeds!r}") from None
+    models = tuple(m.strip() for m in args.models.split(",")) if args.models else tuple(TABLE_MODELS)
+    unknown = [m for m in models if m not in TABLE_MODELS]
+    if unknown:
+        raise ValueError(f"--models: unknown {unknown}; known: {', '.join(TABLE_MODELS)}")
+    path = run_table(args.data, args.out, seeds=seeds, models=models, train_overrides=train_over,
+                     progress=not args.quiet)
+    print(path.read_text())
+    return 0
+
+
 def cmd_run_notebooks(args) -> int:
     from .notebooks import run_notebooks
     folder = run_notebooks(smoke=args.smoke, data=args.data, out=args.out, full=args.full)
@@ -257,6 +294,7 @@ def cmd_demo(args) -> int:
 
 
 COMMANDS = {"prepare": cmd_prepare, "train": cmd_train, "evaluate": cmd_evaluate, "compare": cmd_compare,
+            "table": cmd_table,
             "run-notebooks": cmd_run_notebooks, "demo": cmd_demo}
 
 

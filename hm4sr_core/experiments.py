@@ -79,3 +79,88 @@ def format_table(table: pd.DataFrame, metrics: list[str]) -> str:
             cells.append(cell)
         lines.append(f"| {r['model']} | {int(r['seeds'])} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+# The models of the results table: name -> (preset, overrides). Each is one config switch
+# away from HM4SR's defaults (evaluation.md section 5).
+TABLE_MODELS: dict[str, tuple[str, dict]] = {
+    "hm4sr": ("hm4sr", {}),
+    "sasrec": ("sasrec", {}),
+    "reference": ("reference", {}),
+    "no_interactive_moe": ("hm4sr", {"use_interactive_moe": False}),
+    "no_temporal_moe": ("hm4sr", {"use_temporal_moe": False}),
+    "no_id_contrastive": ("hm4sr", {"w_id_contrastive": 0.0}),
+    "no_category": ("hm4sr", {"w_category": 0.0}),
+    "no_placeholder_contrastive": ("hm4sr", {"w_placeholder_contrastive": 0.0}),
+    "id_only": ("hm4sr", {"modalities": ("none",)}),
+}
+TIME_CONTROLS = ("shuffled", "zeroed")
+
+
+def table_model_config(name: str):
+    """The ModelConfig of a results-table row."""
+    from .config import ModelConfig
+    if name not in TABLE_MODELS:
+        raise ValueError(f"unknown table model {name!r}; known: {', '.join(TABLE_MODELS)}")
+    preset, over = TABLE_MODELS[name]
+    factory = {"hm4sr": ModelConfig, "sasrec": ModelConfig.sasrec, "reference": ModelConfig.reference}[preset]
+    return factory(**{**over, "name": name})
+
+
+def run_table(data: str, out: str | Path, *, seeds=(2025, 2026, 2027), models=tuple(TABLE_MODELS),
+              train_overrides: dict | None = None, progress: bool = True) -> Path:
+    """Train every model of ``models`` with every seed into ``out/<model>/seed-<S>/``
+    (runs already finished are kept), score the time controls on HM4SR's checkpoints
+    into ``out/hm4sr_time_<control>/``, and write ``out/table.md``. Returns the table path."""
+    from .config import TrainConfig
+    from .data.store import load_dataset, read_manifest, write_text_atomic
+    from .train import train
+    out = Path(out)
+    manifest = read_manifest(data)
+    dataset = load_dataset(data)
+    base = TrainConfig(**(train_overrides or {}))
+    for name in models:
+        for seed in seeds:
+            folder = out / name / f"seed-{seed}"
+            if (folder / "results.json").exists():
+                continue
+            train(dataset, table_model_config(name), base.replace(seed=seed), out_dir=folder,
+                  data_hash=manifest["data_hash"], progress=progress)
+    if "hm4sr" in models:
+        for control in TIME_CONTROLS:
+            for seed in seeds:
+                src, dst = out / "hm4sr" / f"seed-{seed}", out / f"hm4sr_time_{control}" / f"seed-{seed}"
+                if (dst / "results.json").exists():
+                    continue
+                rescore(src, dst, dataset, eval_time=control)
+    groups = [out / m for m in models] + ([out / f"hm4sr_time_{c}" for c in TIME_CONTROLS] if "hm4sr" in models else [])
+    metrics = ["ndcg@10", "ndcg@20", "hr@10", "hr@20", "mrr@10", "coverage@10", "popularity@10"]
+    table = compare_runs(groups, metrics)
+    text = (f"Dataset {dataset.name} ({manifest['data_hash'][:12]}), {len(seeds)} seeds, test split, "
+            f"full ranking, ties by expected rank, history not masked; p: paired Wilcoxon on per-user "
+            f"metrics (averaged over seeds) against the first row.\n\n" + format_table(table, metrics))
+    write_text_atomic(out / "table.md", text + "\n")
+    return out / "table.md"
+
+
+def rescore(run: Path, dest: Path, dataset, **eval_overrides) -> dict:
+    """Re-evaluate a run's best checkpoint with changed evaluation settings (a control);
+    writes results.json and per_user_test.parquet into ``dest``."""
+    from .config import SplitConfig, TrainConfig
+    from .data.splits import build_split
+    from .data.store import write_json_atomic
+    from .evaluate import evaluate
+    from .train import item_popularity, load_checkpoint, model_from_checkpoint, per_user_frame
+    payload = load_checkpoint(run / "best.pt")
+    cfg = TrainConfig.from_dict(payload["train_config"]).replace(**eval_overrides)
+    model = model_from_checkpoint(payload, dataset)
+    split = build_split(dataset, SplitConfig(kind=cfg.split, max_length=model.config.max_length))
+    kw = dict(history=split.train_history(), popularity=item_popularity(split, dataset.num_items),
+              time_origin=int(dataset.stats["first_timestamp"]))
+    valid, test = evaluate(model, split.valid, cfg, **kw), evaluate(model, split.test, cfg, **kw)
+    record = json.loads((run / "results.json").read_text())
+    record.update(valid=valid.metrics, test=test.metrics, rescored_from=str(run), eval_overrides=eval_overrides)
+    dest.mkdir(parents=True, exist_ok=True)
+    per_user_frame(test).to_parquet(dest / "per_user_test.parquet", index=False)
+    write_json_atomic(dest / "results.json", record)
+    return record

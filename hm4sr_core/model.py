@@ -409,21 +409,20 @@ class HM4SR(nn.Module):
                                           cfg.placeholder_min_length, generator)
             if not bool(place.any()):
                 place = None
-        if place is not None:
-            # Augmented modality streams ride along as extra stacked streams sharing weights.
-            M = len(self.modalities)
-            ph = self.placeholders(tau.reshape(1, -1, tau.shape[-1]).expand(M, -1, -1)).view(M, *tau.shape[:2], -1)
-            aug = torch.where(place.unsqueeze(0).unsqueeze(-1), ph, x[1:])
-            x = torch.cat([x, aug], dim=0)
-            streams = torch.cat([torch.arange(self.S), torch.arange(1, self.S)]).to(x.device)
-        else:
-            streams = None
-        h = self.encoders(x, batch.lengths, streams=streams, last_only=not dense)
         last = batch.lengths - 1
+        h = self.encoders(x, batch.lengths, last_only=not dense)  # (S, B, d) or (S, B, T, d) if dense
         if dense:
             h_all = h
             h = torch.gather(h, 2, last.view(1, -1, 1, 1).expand(h.shape[0], -1, 1, h.shape[-1])).squeeze(2)
-        seq = h[: self.S].permute(1, 0, 2).reshape(h.shape[1], -1)  # (B, S*d)
+        h_aug = None
+        if place is not None:
+            # Placeholder contrast uses sequence vectors only, so the augmented modality
+            # streams stop at the last position even in dense mode.
+            M = len(self.modalities)
+            ph = self.placeholders(tau.reshape(1, -1, tau.shape[-1]).expand(M, -1, -1)).view(M, *tau.shape[:2], -1)
+            aug = torch.where(place.unsqueeze(0).unsqueeze(-1), ph, x[1:])  # (M, B, T, d)
+            h_aug = self.encoders(aug, batch.lengths, streams=torch.arange(1, self.S, device=x.device))
+        seq = h.permute(1, 0, 2).reshape(h.shape[1], -1)  # (B, S*d)
         out = HM4SROutput(sequence=seq, stream_names=self.stream_names, **extras)
         item_matrix = self.item_matrix(tables)
         if scores:
@@ -431,7 +430,7 @@ class HM4SR(nn.Module):
         if losses:
             named = {}
             if dense:
-                q = h_all[: self.S].permute(1, 2, 0, 3).reshape(*batch.items.shape, -1)  # (B, T, S*d)
+                q = h_all.permute(1, 2, 0, 3).reshape(*batch.items.shape, -1)  # (B, T, S*d)
                 has = batch.position_targets > 0
                 named["rec"] = rec_loss(q[has], item_matrix, batch.position_targets[has])
             else:
@@ -444,7 +443,7 @@ class HM4SR(nn.Module):
                 named["category"] = category_loss(self.category_head, item_matrix, self.categories, batch.items, real)
             if self.placeholders is not None:
                 if place is not None:
-                    terms = [contrastive_loss(h[s], h[self.S + s - 1], batch.targets, cfg.placeholder_temperature,
+                    terms = [contrastive_loss(h[s], h_aug[s - 1], batch.targets, cfg.placeholder_temperature,
                                               cfg.mask_same_target) for s in range(1, self.S)]
                     named["placeholder_contrastive"] = torch.stack(terms).mean()
                 else:

@@ -30,6 +30,7 @@ import platform
 import subprocess
 import sys
 import time
+import warnings
 from importlib import metadata
 from pathlib import Path
 
@@ -260,7 +261,9 @@ def export_static_figures(folder: Path, formats: tuple[str, ...] = STATIC_FORMAT
         kaleido.start_sync_server(silence_warnings=True)
         try:
             figures = {s: pio.read_json(s) for s in {s for s, _ in todo}}
-            pio.write_images([figures[s] for s, _ in todo], [t for _, t in todo])
+            with warnings.catch_warnings():  # plotly passes browser options a running server cannot take
+                warnings.filterwarnings("ignore", message="The kopts argument is ignored")
+                pio.write_images([figures[s] for s, _ in todo], [t for _, t in todo])
         finally:
             kaleido.stop_sync_server(silence_warnings=True)
     for source in sorted(folder.glob("*/*.json")):
