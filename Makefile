@@ -8,6 +8,9 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha256sum | cut -c1-16)
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
+# Idle OpenMP threads sleep instead of spinning: on a shared 2-core machine spinning threads
+# made small runs many times slower.
+export OMP_WAIT_POLICY := PASSIVE
 
 .PHONY: env demo test bench lab clean-env help
 

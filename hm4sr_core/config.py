@@ -148,7 +148,6 @@ class ModelConfig(_Config):
     placeholder_temperature: float = 1.0  # PCL temperature
     placeholder_ratio: float = 0.3  # share of positions replaced by time placeholders in PCL
     placeholder_min_length: int = 4  # sequences shorter than this get no placeholders (paper: n <= 3 -> none)
-    aux_positions: str = "last"  # dense mode: contrastive losses at the last position only ("last") or at every position ("all")
     initializer_range: float = 0.02  # std of the normal init of weights
 
     def __post_init__(self) -> None:
@@ -169,7 +168,6 @@ class ModelConfig(_Config):
         for f in ("id_contrastive_temperature", "placeholder_temperature"):
             _check(getattr(self, f) > 0, f"{f} must be > 0, got {getattr(self, f)}")
         _check(0.0 <= self.placeholder_ratio < 1.0, f"placeholder_ratio must be in [0, 1), got {self.placeholder_ratio}")
-        _check(self.aux_positions in ("last", "all"), f"aux_positions must be 'last' or 'all', got {self.aux_positions!r}")
         _check(self.initializer_range > 0, f"initializer_range must be > 0, got {self.initializer_range}")
 
     @property

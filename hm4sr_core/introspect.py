@@ -368,7 +368,8 @@ def interval_table(model: HM4SR, buckets_used, *, reference_bucket: int | None =
 def _absolute(model: HM4SR, t: torch.Tensor) -> torch.Tensor:
     """(n,) time values as the model would feed them -> (n, d) cos((w t + b) * f)."""
     time = model.time
-    return torch.cos(time.absolute(t.to(_device(model)).unsqueeze(-1)) * time.freq).cpu()
+    t = t.to(device=_device(model), dtype=time.absolute.weight.dtype)  # as TimeEmbedding.forward does
+    return torch.cos(time.absolute(t.unsqueeze(-1)) * time.freq).cpu()
 
 
 def _days_to_time_input(model: HM4SR, days: np.ndarray, time_input: str) -> torch.Tensor:
@@ -605,13 +606,15 @@ def gradient_shares(model: HM4SR, batch: SequenceBatch, *, seed: int = 0) -> pd.
                           for i in shared]).double().cpu()
 
     vectors = {t: flat(t) for t in grads}
+    rec = vectors.get("rec")
     rows = []
     for t, v in vectors.items():
-        rec = vectors.get("rec")
-        cos = float(torch.nn.functional.cosine_similarity(v, rec, dim=0)) if rec is not None and v.norm() > 0 \
-            and rec.norm() > 0 else math.nan
-        rows.append({"task": t, "weight": weights[t], "loss": float(out.losses[t].detach()), "grad_norm": float(v.norm()),
-                     "weighted_grad_norm": weights[t] * float(v.norm()), "cosine_to_rec": cos})
+        norm = float(v.norm())
+        cos = math.nan
+        if rec is not None and norm > 0 and float(rec.norm()) > 0:
+            cos = float(torch.nn.functional.cosine_similarity(v, rec, dim=0))
+        rows.append({"task": t, "weight": weights[t], "loss": float(out.losses[t].detach()), "grad_norm": norm,
+                     "weighted_grad_norm": weights[t] * norm, "cosine_to_rec": cos})
     frame = pd.DataFrame(rows)
     total = frame["weighted_grad_norm"].sum()
     frame["share"] = frame["weighted_grad_norm"] / total if total > 0 else math.nan

@@ -237,8 +237,6 @@ def train(dataset: Dataset, model_config: ModelConfig = ModelConfig(), config: T
             tqdm.write(f"epoch {epoch}: loss {sum(sums.values()) / max(n_batches, 1):.4f}  "
                        f"valid {config.valid_metric} {row.get('valid_' + config.valid_metric, float('nan')):.4f}  "
                        f"({train_seconds:.1f} s)")
-        if on_epoch is not None:
-            on_epoch(row)
         stop = bad_epochs >= config.patience
         if out is not None:
             payload = _checkpoint(model, optimizer, model_config, config, dataset.name, data_hash, steps_rows,
@@ -246,6 +244,8 @@ def train(dataset: Dataset, model_config: ModelConfig = ModelConfig(), config: T
             _atomic_torch_save(payload, out / "last.pt")
             if best_epoch == epoch:
                 _atomic_torch_save(payload, out / "best.pt")
+        if on_epoch is not None:  # after the checkpoint: a callback that interrupts loses nothing
+            on_epoch(row)
         if stop:
             break
 
@@ -279,8 +279,13 @@ def train(dataset: Dataset, model_config: ModelConfig = ModelConfig(), config: T
     return result
 
 
+# Settings a resumed run may change: how long to go on and how to run, not what is learnt.
+RESUME_MAY_CHANGE = ("epochs", "patience", "threads", "device", "eval_batch_size", "log_every")
+
+
 def _resumable(config: TrainConfig) -> dict:
-    return config.to_dict()
+    """The part of the training config that must match for ``resume``."""
+    return {k: v for k, v in config.to_dict().items() if k not in RESUME_MAY_CHANGE}
 
 
 def _rows(table: dict) -> list[dict]:

@@ -24,6 +24,7 @@ from hm4sr_core.data.preprocess import preprocess  # noqa: E402
 from hm4sr_core.data.schema import RawDataset, RawModality  # noqa: E402
 from hm4sr_core.data.splits import build_split  # noqa: E402
 from hm4sr_core.data.synthetic import make_synthetic_world  # noqa: E402
+from hm4sr_core.train import train  # noqa: E402
 
 torch.set_num_threads(2)
 
@@ -68,7 +69,6 @@ def tiny_train_config() -> TrainConfig:
 @pytest.fixture(scope="session")
 def tiny_run(tiny_ds, tiny_split, tiny_model_config, tiny_train_config, tmp_path_factory):
     """One finished tiny training run with its folder (results.json, best.pt, ...)."""
-    from hm4sr_core.train import train
     out = tmp_path_factory.mktemp("tiny_run")
     result = train(tiny_ds, tiny_model_config, tiny_train_config, out_dir=out, data_hash="tiny",
                    progress=False, split=tiny_split)

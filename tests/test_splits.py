@@ -10,7 +10,8 @@ import pandas as pd
 import pytest
 import torch
 
-from hm4sr_core.config import SplitConfig
+from hm4sr_core.config import PreprocessConfig, SplitConfig
+from hm4sr_core.data.preprocess import preprocess
 from hm4sr_core.data.schema import Dataset
 from hm4sr_core.data.splits import build_split, iterate_batches
 from hm4sr_core.model import build_model
@@ -112,8 +113,6 @@ def test_temporal_split_has_no_leakage(tiny_ds, tiny_temporal_split):
 
 
 def test_temporal_cutoff_excludes_interactions_at_the_cutoff(make_raw):
-    from hm4sr_core.config import PreprocessConfig
-    from hm4sr_core.data.preprocess import preprocess
     # ten users, timestamps 1..10 each: the 0.5 quantile is 5 or 6, which is a real time
     rows = [(f"u{u}", f"i{(u + k) % 7}", k) for u in range(10) for k in range(1, 11)]
     ds = preprocess(make_raw(rows), PreprocessConfig(user_core=0, item_core=0))

@@ -13,6 +13,7 @@ import pytest
 from hm4sr_core.config import PreprocessConfig, SplitConfig
 from hm4sr_core.data import store
 from hm4sr_core.data.prepare import format_stats, prepare
+from hm4sr_core.data.preprocess import preprocess
 from hm4sr_core.data.schema import DataError
 from hm4sr_core.data.splits import build_split
 from hm4sr_core.data.store import load_dataset, read_manifest, save_dataset
@@ -63,7 +64,6 @@ def test_round_trip_is_lossless(tiny_ds, tmp_path):
 
 
 def test_round_trip_of_masked_modality(make_raw, make_modality, tmp_path):
-    from hm4sr_core.data.preprocess import preprocess
     rows = [("u", "a", 1), ("u", "b", 2), ("v", "c", 3)]
     raw = make_raw(rows, modalities=[make_modality(["a", "c"], dim=2, optional=True)])
     ds = preprocess(raw, PreprocessConfig(user_core=0, item_core=0))

@@ -71,7 +71,8 @@ def test_killed_run_resumes_to_the_same_result(tiny_ds, tiny_split, tiny_model_c
     with pytest.raises(KeyboardInterrupt):
         train(tiny_ds, tiny_model_config, config, out_dir=tmp_path / "killed", data_hash="h", progress=False,
               split=tiny_split, on_epoch=kill_in_epoch_2)
-    assert load_checkpoint(tmp_path / "killed" / "last.pt")["epoch"] == 1  # 3 steps done, 2 logged
+    # on_epoch runs after the checkpoint: epoch 2 is saved (6 steps done, 3 logged)
+    assert load_checkpoint(tmp_path / "killed" / "last.pt")["epoch"] == 2
     assert not (tmp_path / "killed" / "results.json").exists()
 
     resumed = train(tiny_ds, tiny_model_config, config, out_dir=tmp_path / "killed", data_hash="h",
@@ -84,6 +85,19 @@ def test_killed_run_resumes_to_the_same_result(tiny_ds, tiny_split, tiny_model_c
     assert _same_state(resumed.model, whole.model)
     saved = json.loads((tmp_path / "killed" / "results.json").read_text())
     assert saved["test"] == json.loads((tmp_path / "whole" / "results.json").read_text())["test"]
+
+
+def test_resume_with_more_epochs_equals_the_longer_run(tiny_ds, tiny_split, tiny_model_config,
+                                                      tiny_train_config, tmp_path):
+    long = train(tiny_ds, tiny_model_config, tiny_train_config.replace(epochs=3, patience=10), progress=False,
+                 split=tiny_split, out_dir=tmp_path / "long", data_hash="h")
+    train(tiny_ds, tiny_model_config, tiny_train_config.replace(epochs=2, patience=10), progress=False,
+          split=tiny_split, out_dir=tmp_path / "short", data_hash="h")
+    more = train(tiny_ds, tiny_model_config, tiny_train_config.replace(epochs=3, patience=10), progress=False,
+                 split=tiny_split, out_dir=tmp_path / "short", data_hash="h", resume=True)
+    assert more.epochs_run == 3
+    assert more.record["test"] == long.record["test"]
+    pd.testing.assert_frame_equal(_untimed(more.steps), _untimed(long.steps))
 
 
 def test_resume_refuses_other_data_or_model(tiny_ds, tiny_split, tiny_model_config, tiny_train_config, tiny_run,

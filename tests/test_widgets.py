@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import plotly.io as pio
 import pytest
 
 from hm4sr_core import introspect as I
@@ -250,7 +251,12 @@ def test_save_figure_without_a_browser_says_how_to_install(tmp_path, monkeypatch
     monkeypatch.setattr(figures, "DEBIAN_CHROMIUM", str(tmp_path / "no-chromium"))
     with pytest.raises(RuntimeError, match="apt-get install chromium"):
         figures.save_figure(figures.lambda_figure(pd.DataFrame({"step": [0], "lambda_id": [0.0]})), tmp_path / "x")
-    assert list(Path(tmp_path).iterdir()) == []
+    assert list(Path(tmp_path).iterdir()) == []  # nothing half-written
+    # Plotly JSON needs no browser (the notebook runner exports PNG/SVG from it later).
+    written = figures.save_figure(figures.lambda_figure(pd.DataFrame({"step": [0, 1], "lambda_id": [0.0, 0.5]})),
+                                  tmp_path / "lam", formats=("json",))
+    assert written == [tmp_path / "lam.json"]
+    assert pio.read_json(written[0]).data[0].name == "id"
     with pytest.raises(ValueError, match="formats"):
         figures.save_figure(figures.lambda_figure(pd.DataFrame({"step": [0], "lambda_id": [0.0]})), tmp_path / "x",
                             formats=("gif",))

@@ -140,8 +140,9 @@ class GateExplorer(Explorer):
         self._temporal_by_example = dict(tuple(temporal_df.groupby("example", sort=True))) \
             if temporal_df is not None else {}
         first_rows = gates_df.drop_duplicates("example").sort_values("example")
-        options = [(f"{tok} (example {ex})" if dup else str(tok), int(ex)) for tok, ex, dup in
-                   zip(first_rows["user_token"], first_rows["example"], first_rows["user_token"].duplicated(keep=False))]
+        repeated = first_rows["user_token"].duplicated(keep=False)  # train windows: several per user
+        options = [(f"{tok} (example {ex})" if dup else str(tok), int(ex))
+                   for tok, ex, dup in zip(first_rows["user_token"], first_rows["example"], repeated)]
         streams = [str(s) for s in (gates_df["stream"].cat.categories if hasattr(gates_df["stream"], "cat")
                                     else pd.unique(gates_df["stream"]))]
         ex0 = options[0][1]

@@ -101,7 +101,7 @@ def _align_modality(mod: RawModality, items: pd.DataFrame) -> ModalityFeatures:
         found = pos >= 0
         feats[found] = src[pos[found]]
         avail[found] = src_avail[pos[found]]
-    bad_rows = ~np.isfinite(feats).all(axis=1)
+    bad_rows = ~np.isfinite(feats).all(axis=1) & avail  # unavailable rows are zeroed below
     if bad_rows.any():
         r = int(np.flatnonzero(bad_rows)[0])
         raise DataError(f"{where}: features of item {items['token'].iloc[r]!r} contain NaN or "
