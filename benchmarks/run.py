@@ -55,6 +55,7 @@ def part_epochs(args) -> dict:
         secs = r.epochs["train_seconds"].tolist()
         out[f"{key}_seconds_per_epoch"] = float(np.median(secs))
         out[f"{key}_epoch_seconds_all"] = secs
+        out[f"{key}_valid_ndcg@20_by_epoch"] = r.epochs["valid_ndcg@20"].tolist()
         print(f"{key}: {secs}", file=sys.stderr)
     out["peak_rss_mb"] = _peak_rss_mb()
     return out

@@ -322,7 +322,8 @@ class HM4SR(nn.Module):
         code built after its init pass (category head, Interactive MoE, placeholders)
         keep PyTorch's defaults instead."""
         std = self.config.initializer_range
-        late = {id(m) for m in (self.category_head, self.interactive, self.placeholders) if m is not None}
+        late = {id(sub) for m in (self.category_head, self.interactive, self.placeholders) if m is not None
+                for sub in m.modules()}  # the modules and everything inside them
         for module in self.modules():
             if self.config.reference_init and id(module) in late:
                 continue

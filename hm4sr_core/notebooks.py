@@ -45,6 +45,7 @@ RUNS_ROOT = REPO_ROOT / "runs"
 SMOKE_DATASET = "synthetic-smoke"  # the run-local world a smoke run prepares
 FULL_TRAINING = {"epochs": 100, "patience": 10, "max_steps_per_epoch": 0}  # to convergence
 STATIC_FORMATS = ("png", "svg")
+CELL_TIMEOUT = 3600  # seconds one cell may run: a full training run fits, a hung kernel does not hang the run
 # The kernel named "python3" is launched with the runner's own interpreter
 # (jupyter_client swaps a spec's "python" for sys.executable), so notebooks see
 # exactly the packages of the process that runs them, whichever kernels are registered.
@@ -131,12 +132,13 @@ def plan_parameters(mode: str, data: str | None, run_dir: Path, seed: int | None
 def run_notebooks(smoke: bool = False, data: str | None = None, out: str | Path | None = None,
                   full: bool = False, *, seed: int | None = None, notebooks: tuple[str, ...] = NOTEBOOKS,
                   overrides: dict[str, dict] | None = None, notebook_dir: str | Path = NOTEBOOK_DIR,
-                  progress: bool = True) -> Path:
+                  cell_timeout: int = CELL_TIMEOUT, progress: bool = True) -> Path:
     """Execute ``notebooks`` in order into a run folder and return the folder.
 
     ``out`` defaults to ``runs/<YYYYmmdd-HHMMSS>-<mode>-<data>``. ``overrides`` maps a
     notebook name to parameters that replace the planned ones. Raises
-    :class:`NotebookError` when a notebook fails (after writing what there is)."""
+    :class:`NotebookError` when a notebook fails (after writing what there is), or when a
+    cell runs longer than ``cell_timeout`` seconds."""
     import papermill
     from papermill.exceptions import PapermillExecutionError
 
@@ -183,7 +185,7 @@ def run_notebooks(smoke: bool = False, data: str | None = None, out: str | Path 
             try:
                 papermill.execute_notebook(str(source), str(executed), parameters=params,
                                            kernel_name=KERNEL_NAME, progress_bar=False,
-                                           cwd=str(notebook_dir))
+                                           cwd=str(notebook_dir), execution_timeout=cell_timeout)
             except PapermillExecutionError as err:
                 entry.update(status="failed", seconds=round(time.perf_counter() - t0, 2),
                              error={"cell": err.exec_count, "ename": err.ename, "evalue": err.evalue})

@@ -355,3 +355,22 @@ def test_load_checkpoint_rejects_another_version(tiny_run, tmp_path):
     torch.save(payload, tmp_path / "future.pt")
     with pytest.raises(ValueError, match="checkpoint_version 99, expected 1"):
         load_checkpoint(tmp_path / "future.pt")
+
+
+def test_reference_init_leaves_late_modules_at_pytorch_defaults():
+    """The released code built the Interactive MoE, category head and placeholders after its
+    init pass: with reference_init their weights keep nn.Linear's uniform(+-1/sqrt(fan_in))."""
+    N, feats = 30, {"text": torch.randn(31, 8), "image": torch.randn(31, 8)}
+    avail = {k: torch.ones(31) for k in feats}
+    cats = torch.zeros(31, 3)
+    ours = HM4SR(ModelConfig(hidden_size=32, num_heads=2), N, feats, avail, cats, 0.0)
+    ref = HM4SR(ModelConfig.reference(hidden_size=32, num_heads=2), N, feats, avail, cats, 0.0)
+    fan_in = 3 * 32
+    bound = fan_in ** -0.5
+    assert abs(float(ours.interactive.experts.weight.std()) - 0.02) < 0.002
+    assert abs(float(ref.interactive.experts.weight.std()) - bound / 3 ** 0.5) < 0.01
+    assert float(ref.interactive.experts.weight.abs().max()) <= bound
+    assert float(ref.category_head.weight.abs().max()) <= bound
+    assert float(ref.category_head.weight.std()) > 0.04  # not the 0.02 normal init
+    # modules built before the released init pass get the normal init in both
+    assert abs(float(ref.encoders.layers[0].ff1.weight.std()) - 0.02) < 0.002
