@@ -214,6 +214,7 @@ class TrainConfig(_Config):
     threads: int = 0  # torch CPU threads, 0 = leave torch's default
     device: str = "cpu"  # "cpu", "cuda", "cuda:1", ...
     amp: bool = False  # bf16 autocast on CUDA
+    bucket_by_length: bool = True  # batches of similar lengths (less padding work); False = uniformly random batches as the released code
     log_every: int = 1  # steps between history rows
     max_steps_per_epoch: int = 0  # 0 = full epochs; > 0 caps steps (smoke runs, benchmarks)
 

@@ -185,7 +185,10 @@ def run_notebooks(smoke: bool = False, data: str | None = None, out: str | Path 
             try:
                 papermill.execute_notebook(str(source), str(executed), parameters=params,
                                            kernel_name=KERNEL_NAME, progress_bar=False,
-                                           cwd=str(notebook_dir), execution_timeout=cell_timeout)
+                                           cwd=str(notebook_dir), execution_timeout=cell_timeout,
+                                           # each live plotly FigureWidget would carry its own copy of
+                                           # plotly.js (~5 MB) into the saved widget state
+                                           store_widget_state=False)
             except PapermillExecutionError as err:
                 entry.update(status="failed", seconds=round(time.perf_counter() - t0, 2),
                              error={"cell": err.exec_count, "ename": err.ename, "evalue": err.evalue})

@@ -197,7 +197,8 @@ def train(dataset: Dataset, model_config: ModelConfig = ModelConfig(), config: T
         t0 = time.perf_counter()
         bar = tqdm(total=n_batches, desc=f"epoch {epoch}", disable=not progress, leave=False)
         sums: dict[str, float] = {}
-        for i, batch in enumerate(iterate_batches(train_part, config.batch_size, shuffle=True, generator=gen)):
+        for i, batch in enumerate(iterate_batches(train_part, config.batch_size, shuffle=True, generator=gen,
+                                                  bucket=config.bucket_by_length)):
             if i >= n_batches:
                 break
             batch = batch.to(device)

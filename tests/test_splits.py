@@ -235,3 +235,19 @@ def test_train_history_covers_training_items_only(tiny_ds, tiny_split):
 def test_unknown_training_mode_raises(tiny_split):
     with pytest.raises(ValueError, match="'prefix' or 'dense'"):
         tiny_split.train("windows")
+
+
+def test_length_buckets_cover_every_example_once_and_cut_padding():
+    from hm4sr_core.data.splits import batch_order
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(1, 51, (1000,), generator=g)
+    plain = batch_order(lengths, 10, shuffle=True, bucket=False, generator=torch.Generator().manual_seed(1))
+    bucketed = batch_order(lengths, 10, shuffle=True, bucket=True, generator=torch.Generator().manual_seed(1))
+    again = batch_order(lengths, 10, shuffle=True, bucket=True, generator=torch.Generator().manual_seed(1))
+    assert sorted(torch.cat(bucketed).tolist()) == list(range(1000))
+    assert all(torch.equal(a, b) for a, b in zip(bucketed, again))
+
+    def padded(batches):
+        return sum(int(lengths[b].max()) * len(b) for b in batches)
+
+    assert padded(bucketed) < 0.8 * padded(plain)

@@ -210,19 +210,41 @@ def build_split(ds: Dataset, config: SplitConfig = SplitConfig()) -> Split:
     return Split(config.kind, train_prefix, train_dense, valid, test, cutoffs, T)
 
 
+BUCKET_POOL = 50  # batches per pool when bucketing by length
+
+
+def batch_order(lengths: torch.Tensor, batch_size: int, *, shuffle: bool, bucket: bool,
+                generator: torch.Generator | None) -> list[torch.Tensor]:
+    """Row indices of each batch. ``bucket`` sorts each pool of ``BUCKET_POOL`` random
+    batches by length before cutting it, then shuffles the batches: every example is
+    still seen once per epoch, but a batch holds similar lengths, so trimming saves
+    the padding work (about a fifth of prefix mode's tokens on ml-100k)."""
+    n = len(lengths)
+    order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+    if not bucket:
+        return list(order.split(batch_size))
+    pool = batch_size * BUCKET_POOL
+    batches = []
+    for chunk in order.split(pool):
+        ranked = chunk[torch.argsort(lengths[chunk], stable=True)]
+        batches.extend(ranked.split(batch_size))
+    if shuffle:
+        batches = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+    return batches
+
+
 def iterate_batches(part: SplitPart, batch_size: int, *, shuffle: bool = False,
-                    generator: torch.Generator | None = None, trim: bool = True) -> Iterator[SequenceBatch]:
+                    generator: torch.Generator | None = None, trim: bool = True,
+                    bucket: bool = False) -> Iterator[SequenceBatch]:
     """Yield :class:`SequenceBatch` es over ``part``.
 
     ``shuffle`` draws the order from ``generator`` (seeded by the caller), so a run is
     reproducible. ``trim`` drops trailing all-padding columns of each batch, which
-    changes no result (sequences are left-aligned) and saves work on short batches.
+    changes no result (sequences are left-aligned) and saves work on short batches;
+    ``bucket`` groups similar lengths (see :func:`batch_order`).
     """
     tensors = _as_tensors(part)
-    n = len(part)
-    order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
-    for start in range(0, n, batch_size):
-        idx = order[start:start + batch_size]
+    for idx in batch_order(tensors["lengths"], batch_size, shuffle=shuffle, bucket=bucket, generator=generator):
         lengths = tensors["lengths"][idx]
         width = int(lengths.max()) if trim else tensors["items"].shape[1]
         yield SequenceBatch(

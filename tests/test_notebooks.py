@@ -1,0 +1,269 @@
+"""The notebooks, executed by papermill in smoke mode on the planted synthetic world
+(``hm4sr run-notebooks --smoke``), and their recorded values checked.
+
+One smoke run (about 2.5 minutes on 2 cores) is shared by the module. The recorded
+metrics must equal ``fixtures/notebooks_smoke_expected.json`` (same seed, CPU): after a
+deliberate change to the model, the data or the training loop, regenerate it with
+``HM4SR_UPDATE_EXPECTED=1 pytest tests/test_notebooks.py`` and say why in the commit.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from pathlib import Path
+
+import nbformat
+import pytest
+from click.testing import CliRunner
+from papermill.cli import papermill as papermill_cli
+
+from hm4sr_core.data.store import read_manifest
+from hm4sr_core.notebooks import NOTEBOOK_DIR, NOTEBOOKS, NotebookError, run_notebooks
+
+EXPECTED = Path(__file__).parent / "fixtures" / "notebooks_smoke_expected.json"
+TOLERANCE = 1e-6  # relative; the same seed on CPU reproduces these exactly
+METRIC_NAMES = ("ndcg@10", "hr@10", "mrr@10")
+PARAMETER_LINE = re.compile(r"^(?P<name>\w+)\s*:\s*\w+\s*=\s*(?P<value>.*?)\s+#\s+(?P<help>.+)$")
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory) -> Path:
+    return run_notebooks(smoke=True, out=tmp_path_factory.mktemp("notebooks") / "run", progress=False,
+                         cell_timeout=300)
+
+
+@pytest.fixture(scope="module")
+def records(smoke_run) -> dict[str, dict]:
+    return {nb: json.loads((smoke_run / f"{nb}.json").read_text()) for nb in NOTEBOOKS}
+
+
+def _finite_numbers(value, path="") -> list[tuple[str, float]]:
+    """Every number in a record, with where it sits."""
+    if isinstance(value, dict):
+        return [x for k, v in value.items() for x in _finite_numbers(v, f"{path}/{k}")]
+    if isinstance(value, list):
+        return [x for i, v in enumerate(value) for x in _finite_numbers(v, f"{path}[{i}]")]
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return [(path, float(value))]
+    return []
+
+
+# ----------------------------------------------------------------------------- the notebooks as files
+
+
+def _cells(nb_name: str):
+    return nbformat.read(NOTEBOOK_DIR / f"{nb_name}.ipynb", as_version=4).cells
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_notebook_follows_the_house_layout(name):
+    cells = _cells(name)
+    assert cells[0].cell_type == "markdown" and cells[0].source.startswith("# "), "first cell: an H1 title"
+    tagged = [c for c in cells if "parameters" in c.metadata.get("tags", [])]
+    assert len(tagged) == 1, "exactly one cell tagged 'parameters'"
+    code = [c for c in cells if c.cell_type == "code"]
+    assert code[0].source.lstrip().startswith("import"), "a setup cell with the imports comes first"
+    assert all(not c.outputs and c.execution_count is None for c in code), "outputs must be cleared"
+    for c in code:
+        assert not re.search(r"^\s*(def|class|lambda)\b|\blambda\b", c.source, re.M), f"no functions:\n{c.source}"
+    headings = [c.source for c in cells if c.cell_type == "markdown" and c.source.startswith("## ")]
+    numbers = [int(re.match(r"## (\d+)\.", h).group(1)) for h in headings]
+    assert numbers == list(range(1, len(numbers) + 1)), f"numbered sections 1..n, got {numbers}"
+    for h in headings[:-1]:  # every section but the record opens with a why
+        assert "*Why:*" in h, f"section without a why: {h[:60]}"
+    assert f'save_record(output_dir / "{name}.json"' in code[-1].source, "the last cell records the results"
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_help_notebook_lists_every_parameter_with_its_comment(name):
+    source = next(c.source for c in _cells(name) if "parameters" in c.metadata.get("tags", []))
+    declared = [PARAMETER_LINE.match(line) for line in source.splitlines() if line.strip()]
+    assert all(declared), "every parameter line reads `name: type = value  # comment`"
+    result = CliRunner().invoke(papermill_cli, ["--help-notebook", str(NOTEBOOK_DIR / f"{name}.ipynb")])
+    assert result.exit_code == 0, result.output
+    listed = dict(re.findall(r"^  (\w+): (\w+) \(default", result.output, re.M))
+    assert set(listed) == {m["name"] for m in declared}, "papermill must infer every parameter"
+    flat = " ".join(result.output.split())
+    for m in declared:
+        assert " ".join(m["help"].split()) in flat, f"{m['name']}: its comment is not in --help-notebook"
+    assert {"smoke", "output_dir"} <= set(listed)
+
+
+# ----------------------------------------------------------------------------- the run folder
+
+
+def test_run_folder_has_every_artefact(smoke_run):
+    manifest = json.loads((smoke_run / "manifest.json").read_text())
+    assert manifest["status"] == "ok" and manifest["mode"] == "smoke"
+    assert [n["name"] for n in manifest["notebooks"]] == list(NOTEBOOKS)
+    data = manifest["data"]
+    assert data["data_hash"] == read_manifest(data["dataset_dir"])["data_hash"]
+    assert manifest["versions"]["papermill"] and manifest["versions"]["torch"]
+    assert "commit" in manifest["git"] and manifest["kernel"]["name"] == "python3"
+    index = (smoke_run / "index.html").read_text()
+    for entry in manifest["notebooks"]:
+        name = entry["name"]
+        assert entry["status"] == "ok" and entry["parameters"]["smoke"] is True
+        html = (smoke_run / f"{name}.html").read_text()
+        assert "plotly-graph-div" in html, f"{name}.html has no rendered plotly figure"
+        assert f'href="{name}.html"' in index and f'href="{name}.json"' in index
+        pngs = [p for p in entry["figures"] if p.endswith(".png")]
+        assert pngs, f"{name}: no key figure exported"
+        for png in pngs:
+            assert (smoke_run / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+            assert "<svg" in (smoke_run / png).with_suffix(".svg").read_text()[:500]
+            assert f'src="{png}"' in index
+
+
+def test_executed_notebooks_got_the_parameters_and_no_errors(smoke_run):
+    for name in NOTEBOOKS:
+        nb = nbformat.read(smoke_run / f"{name}.ipynb", as_version=4)
+        injected = [c for c in nb.cells if "injected-parameters" in c.metadata.get("tags", [])]
+        assert len(injected) == 1 and "smoke = True" in injected[0].source
+        errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
+        assert not errors, f"{name}: {errors[0]['ename']}: {errors[0]['evalue']}"
+
+
+# ----------------------------------------------------------------------------- recorded values
+
+
+def test_every_recorded_number_is_finite(records):
+    for name, record in records.items():
+        for path, value in _finite_numbers(record):
+            assert math.isfinite(value), f"{name}{path} = {value}"
+
+
+def test_prepared_data_record(records):
+    r = records["01_prepare_data"]
+    assert r["source"] == "synthetic" and r["stats"]["users"] == 120 and r["stats"]["items"] >= 50
+    assert r["zero_gap_share"] == 0.0  # the planted world's timestamps strictly increase per user
+    assert 0.0 <= r["users_longer_than_t"] <= 1.0
+    assert sum(c["items"] for c in r["categories"]) == r["stats"]["items"]  # one category per item
+    assert r["planted"]["long_gap_days"] == 30.0 and len(r["planted"]["month_category"]) == 12
+
+
+def test_training_record(records, smoke_run):
+    r = records["02_train"]
+    for model in ("hm4sr", "sasrec"):
+        m = r["test"][model]
+        for k, v in m.items():
+            if k != "popularity@10":
+                assert 0.0 <= v <= 1.0, f"{model} {k} = {v}"
+        assert m["ndcg@10"] <= m["hr@10"] and m["mrr@10"] <= m["ndcg@10"] and m["hr@10"] <= m["hr@20"]
+        assert Path(r["checkpoints"][model]).exists()
+        assert r["epochs_run"][model] == 2
+
+
+def test_gates_sum_to_one_and_controls_behave(records):
+    r = records["03_expert_gating"]
+    assert r["interactive_gate_sum_error"] < 1e-5 and r["temporal_gate_sum_error"] < 1e-5
+    for table in ("interactive_usage", "interactive_usage_dropped"):
+        per_stream: dict[str, float] = {}
+        for row in r[table]:
+            assert 0.0 <= row["gate"] <= 1.0
+            per_stream[row["stream"]] = per_stream.get(row["stream"], 0.0) + row["gate"]
+        assert set(per_stream) == set(r["streams"])
+        assert all(abs(s - 1.0) < 1e-6 for s in per_stream.values()), per_stream
+    assert abs(sum(row["gate"] for row in r["temporal_usage"]) - 1.0) < 1e-6
+    # The Interactive MoE comes before the time embedding: shuffled time cannot move it.
+    assert r["interactive_change_when_time_shuffled"] == 0.0
+    # Dropping the image changes the image stream's gates, not the ID stream's.
+    ids = [(a["gate"], b["gate"]) for a, b in zip(r["interactive_usage"], r["interactive_usage_dropped"])
+           if a["stream"] == "id"]
+    assert all(a == b for a, b in ids)
+    shift = r["long_gap_shift"]
+    assert 0.0 <= shift["real"] <= 1.0 and 0.0 <= shift["shuffled"] <= 1.0 and shift["n_long"] > 0
+    assert set(r["final_lambda"]) == set(r["streams"])
+    assert 0.0 <= r["final_entropy"]["interactive"] <= math.log(r["num_experts"]) + 1e-6
+
+
+def test_temporal_embedding_record(records):
+    r = records["04_temporal_embeddings"]
+    assert r["one_day_bucket"] == 1641  # floor(100 log2(86401)) + 2
+    assert 2 <= r["smallest_gap_bucket"] <= r["largest_gap_bucket"] < 3203
+    assert r["zero_gap_position_share"] == 0.0
+    controls = {row["eval_time"]: row for row in r["time_controls_sasrec"]}
+    assert set(controls) == {"real", "shuffled", "zeroed"}
+    # SASRec sees no time: its metrics cannot depend on the timestamps.
+    for k in METRIC_NAMES:
+        assert controls["real"][k] == controls["shuffled"][k] == controls["zeroed"][k]
+    for row in r["time_controls"]:
+        assert all(0.0 <= row[k] <= 1.0 for k in METRIC_NAMES)
+    assert [row["model"] for row in r["frozen_vs_trained"]] == ["hm4sr", "frozen-temporal-experts"]
+    assert all(row["trained"] > 0 and row["frozen"] > 0 for row in r["expert_norms"])
+
+
+def test_loss_contribution_record(records):
+    r = records["05_loss_contributions"]
+    shares = [row["share"] for row in r["last_step_shares"]]
+    assert [row["task"] for row in r["last_step_shares"]] == ["rec", "id_contrastive", "category",
+                                                               "placeholder_contrastive"]
+    assert abs(sum(shares) - 1.0) < 1e-9 and all(0.0 <= s <= 1.0 for s in shares)
+    grads = {row["task"]: row for row in r["gradient_shares"]}
+    assert abs(sum(row["share"] for row in grads.values()) - 1.0) < 1e-9
+    assert abs(grads["rec"]["cosine_to_rec"] - 1.0) < 1e-9 and r["shared_parameters"] > 0
+    ablation = r["ablation"]
+    assert [row["model"] for row in ablation] == ["hm4sr", "no-id-contrastive", "no-category",
+                                                  "no-placeholder-contrastive"]
+    assert all(row["seeds"] == 2 for row in ablation)
+    assert ablation[0]["ndcg@10 p"] is None  # the baseline row has no test against itself
+    assert all(0.0 <= row["ndcg@10 p"] <= 1.0 for row in ablation[1:])
+
+
+def test_atlas_record_recovers_the_planted_categories(records):
+    r = records["06_embedding_atlas"]
+    assert r["coordinates_finite"] is True and r["spaces"] == ["id", "text", "image", "fused"]
+    agreement = {row["space"]: row for row in r["agreement"]}
+    assert all(0.0 <= row["agreement"] <= 1.0 for row in agreement.values())
+    # Text vectors were built from a category prototype: neighbours share the category far above chance.
+    assert agreement["text"]["agreement"] > 3 * agreement["text"]["chance"]
+    assert sum(r["dominant_experts"].values()) == r["items"]
+
+
+def _comparable(records: dict) -> dict:
+    """The values that must repeat exactly for the seed: metrics, not timings or paths."""
+    train = records["02_train"]
+    return {
+        "stats": records["01_prepare_data"]["stats"],
+        "test": {m: {k: train["test"][m][k] for k in METRIC_NAMES} for m in ("hm4sr", "sasrec")},
+        "long_gap_shift": records["03_expert_gating"]["long_gap_shift"]["real"],
+        "time_controls": {row["eval_time"]: row["ndcg@10"] for row in records["04_temporal_embeddings"]["time_controls"]},
+        "ablation": {row["model"]: row["ndcg@10 mean"] for row in records["05_loss_contributions"]["ablation"]},
+        "agreement": {row["space"]: row["agreement"] for row in records["06_embedding_atlas"]["agreement"]},
+    }
+
+
+def test_smoke_metrics_equal_the_stored_expectation(records):
+    got = _comparable(records)
+    if os.environ.get("HM4SR_UPDATE_EXPECTED") == "1":
+        EXPECTED.parent.mkdir(parents=True, exist_ok=True)
+        EXPECTED.write_text(json.dumps(got, indent=2, sort_keys=True) + "\n")
+    expected = json.loads(EXPECTED.read_text())
+    mismatches = [(path, a, b) for (path, a), (_, b) in zip(_finite_numbers(got), _finite_numbers(expected))
+                  if not math.isclose(a, b, rel_tol=TOLERANCE, abs_tol=1e-12)]
+    assert [p for p, _ in _finite_numbers(got)] == [p for p, _ in _finite_numbers(expected)], \
+        "recorded values changed shape; regenerate with HM4SR_UPDATE_EXPECTED=1"
+    assert not mismatches, (f"smoke metrics differ from {EXPECTED.name} (path, got, expected): {mismatches[:5]}; "
+                            f"after a deliberate change regenerate with HM4SR_UPDATE_EXPECTED=1")
+
+
+# ----------------------------------------------------------------------------- failure
+
+
+def test_a_failing_notebook_stops_the_run_naming_notebook_and_cell(tmp_path):
+    out = tmp_path / "failed"
+    with pytest.raises(NotebookError) as info:
+        run_notebooks(data="no-such-dataset", out=out, progress=False, cell_timeout=120)
+    err = info.value
+    assert err.notebook == "01_prepare_data" and err.ename == "DataError"
+    message = str(err)
+    assert "01_prepare_data.ipynb" in message and f"cell [{err.cell}]" in message and "no-such-dataset" in message
+    assert "prepared_dataset(" in message  # the failing cell's source is shown
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "failed" and [n["name"] for n in manifest["notebooks"]] == ["01_prepare_data"]
+    assert manifest["notebooks"][0]["error"]["ename"] == "DataError"
+    assert (out / "01_prepare_data.html").exists() and not (out / "02_train.ipynb").exists()
+    assert "failed" in (out / "index.html").read_text()
