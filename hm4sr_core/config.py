@@ -198,7 +198,8 @@ class TrainConfig(_Config):
 
     mode: str = "dense"  # "dense" (one window per user, loss at every position) | "prefix" (paper: one example per prefix)
     epochs: int = 100  # upper bound; early stopping usually ends sooner
-    batch_size: int = 1024  # examples per step (prefix: prefixes; dense: windows)
+    batch_size: int = 1024  # prefix mode: prefix examples per step (paper: 1024)
+    dense_batch_size: int = 32  # dense mode: windows per step; 32 windows ~ 1,300 positions ~ the paper's 1,024 examples
     eval_batch_size: int = 2048  # users per evaluation batch
     lr: float = 1e-3  # Adam learning rate
     weight_decay: float = 0.0  # Adam L2 (paper: 0)
@@ -222,6 +223,7 @@ class TrainConfig(_Config):
         _check(self.mode in ("dense", "prefix"), f"mode must be 'dense' or 'prefix', got {self.mode!r}")
         _check(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
         _check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        _check(self.dense_batch_size >= 1, f"dense_batch_size must be >= 1, got {self.dense_batch_size}")
         _check(self.eval_batch_size >= 1, f"eval_batch_size must be >= 1, got {self.eval_batch_size}")
         _check(self.lr > 0, f"lr must be > 0, got {self.lr}")
         _check(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")

@@ -188,7 +188,8 @@ def train(dataset: Dataset, model_config: ModelConfig = ModelConfig(), config: T
         if bad_epochs >= config.patience:
             start_epoch = config.epochs + 1  # it had already stopped early
 
-    n_batches = (len(train_part) + config.batch_size - 1) // config.batch_size
+    batch_size = config.batch_size if config.mode == "prefix" else config.dense_batch_size
+    n_batches = (len(train_part) + batch_size - 1) // batch_size
     if config.max_steps_per_epoch:
         n_batches = min(n_batches, config.max_steps_per_epoch)
     for epoch in range(start_epoch, config.epochs + 1):
@@ -197,7 +198,7 @@ def train(dataset: Dataset, model_config: ModelConfig = ModelConfig(), config: T
         t0 = time.perf_counter()
         bar = tqdm(total=n_batches, desc=f"epoch {epoch}", disable=not progress, leave=False)
         sums: dict[str, float] = {}
-        for i, batch in enumerate(iterate_batches(train_part, config.batch_size, shuffle=True, generator=gen,
+        for i, batch in enumerate(iterate_batches(train_part, batch_size, shuffle=True, generator=gen,
                                                   bucket=config.bucket_by_length)):
             if i >= n_batches:
                 break

@@ -63,7 +63,7 @@ def tiny_model_config() -> ModelConfig:
 @pytest.fixture(scope="session")
 def tiny_train_config() -> TrainConfig:
     """Two epochs of ~3 dense batches each; evaluation in one batch."""
-    return TrainConfig(epochs=2, batch_size=32, eval_batch_size=64, seed=11, patience=10)
+    return TrainConfig(epochs=2, dense_batch_size=32, eval_batch_size=64, seed=11, patience=10)
 
 
 @pytest.fixture(scope="session")

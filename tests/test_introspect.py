@@ -19,7 +19,7 @@ from hm4sr_core.train import train
 @pytest.fixture(scope="module")
 def world():
     ds = preprocess(make_synthetic_world(seed=3, n_users=50, n_items=40))
-    result = train(ds, ModelConfig(), TrainConfig(epochs=1, batch_size=32), progress=False)
+    result = train(ds, ModelConfig(), TrainConfig(epochs=1, dense_batch_size=32), progress=False)
     return ds, result, build_split(ds)
 
 

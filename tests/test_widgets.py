@@ -25,7 +25,7 @@ from widgets import EmbeddingExplorer, GateExplorer, LossExplorer, TemporalExplo
 @pytest.fixture(scope="module")
 def world():
     ds = preprocess(make_synthetic_world(seed=3, n_users=50, n_items=40))
-    result = train(ds, ModelConfig(), TrainConfig(epochs=1, batch_size=32), progress=False)
+    result = train(ds, ModelConfig(), TrainConfig(epochs=1, dense_batch_size=32), progress=False)
     split = build_split(ds)
     gates = I.gate_table(result.model, ds, split.test, max_users=6)
     temporal = I.temporal_gate_table(result.model, ds, split.test, max_users=6)
