@@ -79,7 +79,7 @@ def format_stats(ds: Dataset) -> str:
     ]
     for mname, mod in ds.modalities.items():
         prov = mod.provenance
-        flag = "  [SYNTHETIC images: rendered from metadata, not real posters]" if prov.get("synthetic") else ""
+        flag = f"  [SYNTHETIC: {prov.get('input', 'generated data')}]" if prov.get("synthetic") else ""
         lines.append(f"modality     {mname}: {mod.dim}-d, {int(mod.available[1:].sum()):,}/{ds.num_items:,} items, "
                      f"{prov.get('encoder', '?')}{flag}")
     return "\n".join(lines)
