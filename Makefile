@@ -39,7 +39,7 @@ bench: $(STAMP)  ## run benchmarks/ and write benchmarks/results.json
 	$(PY) -m benchmarks.run
 
 lab: $(STAMP)  ## JupyterLab on localhost with token authentication and the project's kernel
-	$(VENV)/bin/jupyter lab --ip=127.0.0.1 --no-browser --notebook-dir=.
+	$(VENV)/bin/jupyter lab --ip=127.0.0.1 --no-browser --notebook-dir=. $(if $(filter 0,$(shell id -u)),--allow-root)
 
 clean-env:  ## remove .venv
 	rm -rf $(VENV)

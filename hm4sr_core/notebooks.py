@@ -23,6 +23,7 @@ the manifest (status "failed") are still written.
 
 from __future__ import annotations
 
+import concurrent.futures
 import html
 import json
 import os
@@ -45,7 +46,9 @@ RUNS_ROOT = REPO_ROOT / "runs"
 SMOKE_DATASET = "synthetic-smoke"  # the run-local world a smoke run prepares
 FULL_TRAINING = {"epochs": 100, "patience": 10, "max_steps_per_epoch": 0}  # to convergence
 STATIC_FORMATS = ("png", "svg")
-CELL_TIMEOUT = 3600  # seconds one cell may run: a full training run fits, a hung kernel does not hang the run
+# Seconds one cell may run in smoke and demo runs, so a hung kernel cannot hang the run;
+# --full runs have no limit (an ablation trained to convergence takes hours).
+CELL_TIMEOUT = 1800
 # The kernel named "python3" is launched with the runner's own interpreter
 # (jupyter_client swaps a spec's "python" for sys.executable), so notebooks see
 # exactly the packages of the process that runs them, whichever kernels are registered.
@@ -132,16 +135,14 @@ def plan_parameters(mode: str, data: str | None, run_dir: Path, seed: int | None
 def run_notebooks(smoke: bool = False, data: str | None = None, out: str | Path | None = None,
                   full: bool = False, *, seed: int | None = None, notebooks: tuple[str, ...] = NOTEBOOKS,
                   overrides: dict[str, dict] | None = None, notebook_dir: str | Path = NOTEBOOK_DIR,
-                  cell_timeout: int = CELL_TIMEOUT, progress: bool = True) -> Path:
+                  cell_timeout: int | None = None, progress: bool = True) -> Path:
     """Execute ``notebooks`` in order into a run folder and return the folder.
 
     ``out`` defaults to ``runs/<YYYYmmdd-HHMMSS>-<mode>-<data>``. ``overrides`` maps a
     notebook name to parameters that replace the planned ones. Raises
     :class:`NotebookError` when a notebook fails (after writing what there is), or when a
-    cell runs longer than ``cell_timeout`` seconds."""
-    import papermill
-    from papermill.exceptions import PapermillExecutionError
-
+    cell runs longer than ``cell_timeout`` seconds (default :data:`CELL_TIMEOUT`; none
+    for ``full``)."""
     if smoke and full:
         raise ValueError("choose --smoke or --full, not both")
     mode = "smoke" if smoke else "full" if full else "demo"
@@ -155,6 +156,8 @@ def run_notebooks(smoke: bool = False, data: str | None = None, out: str | Path 
     run_dir.mkdir(parents=True, exist_ok=True)
     run_dir = run_dir.resolve()
     plan = plan_parameters(mode, data, run_dir, seed)
+    if cell_timeout is None and mode != "full":
+        cell_timeout = CELL_TIMEOUT
     for nb, extra in (overrides or {}).items():
         if nb not in plan:
             raise ValueError(f"overrides for unknown notebook {nb!r}")
@@ -168,59 +171,85 @@ def run_notebooks(smoke: bool = False, data: str | None = None, out: str | Path 
         "kernel": {"name": KERNEL_NAME, "python": sys.executable},
         "versions": versions(), "git": git_state(), "machine": machine(), "data": {}, "notebooks": [],
     }
-    try:
-        for i, nb in enumerate(notebooks, 1):
-            source = notebook_dir / f"{nb}.ipynb"
-            if not source.exists():
-                raise FileNotFoundError(f"{source}: notebook missing")
-            declared = notebook_parameters(source)
-            params = {k: v for k, v in plan[nb].items() if k in declared}
-            entry = {"name": nb, "parameters": params, "status": "running", "executed": f"{nb}.ipynb"}
-            manifest["notebooks"].append(entry)
+    # HTML renderings are made in the background while the next notebook runs (its kernel
+    # does the work; this process mostly waits).
+    html_jobs: dict[str, concurrent.futures.Future] = {}
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as renderer:
+        try:
+            for i, nb in enumerate(notebooks, 1):
+                if progress:
+                    print(f"[{i}/{len(notebooks)}] {nb} ...", flush=True)
+                entry = _execute(nb, notebook_dir, run_dir, plan[nb], manifest, cell_timeout)
+                html_jobs[nb] = renderer.submit(_render_html, run_dir / entry["executed"])
+                if nb == "01_prepare_data" and entry["record"]:
+                    manifest["data"] = _data_entry(json.loads((run_dir / entry["record"]).read_text()))
+                if progress:
+                    print(f"      {nb}: {entry['seconds']:.1f} s", flush=True)
+            manifest["status"] = "ok"
+        except BaseException as err:
+            manifest["status"] = "failed"
+            manifest["error"] = f"{type(err).__name__}: {err}"
+            raise
+        finally:
+            figures = export_static_figures(run_dir / "figures")
+            for entry in manifest["notebooks"]:
+                if entry["name"] in html_jobs:
+                    entry["html"] = html_jobs[entry["name"]].result()
+                entry["figures"] = sorted(str(p.relative_to(run_dir)) for p in figures
+                                          if p.parent.name == entry["name"])
+            manifest["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+            manifest["seconds"] = round(time.time() - started, 2)
             write_json_atomic(run_dir / "manifest.json", manifest)
-            if progress:
-                print(f"[{i}/{len(notebooks)}] {nb} ...", flush=True)
-            t0 = time.perf_counter()
-            executed = run_dir / f"{nb}.ipynb"
-            try:
-                papermill.execute_notebook(str(source), str(executed), parameters=params,
-                                           kernel_name=KERNEL_NAME, progress_bar=False,
-                                           cwd=str(notebook_dir), execution_timeout=cell_timeout,
-                                           # each live plotly FigureWidget would carry its own copy of
-                                           # plotly.js (~5 MB) into the saved widget state
-                                           store_widget_state=False)
-            except PapermillExecutionError as err:
-                entry.update(status="failed", seconds=round(time.perf_counter() - t0, 2),
-                             error={"cell": err.exec_count, "ename": err.ename, "evalue": err.evalue})
-                entry["html"] = _render_html(executed)
-                raise NotebookError(
-                    nb, f"notebook {nb}.ipynb failed in cell [{err.exec_count}]: {err.ename}: {err.evalue}\n"
-                        f"--- cell source ---\n{err.source}\n--- executed notebook: {executed}",
-                    cell=err.exec_count, source=err.source, ename=err.ename, evalue=err.evalue) from None
-            entry["seconds"] = round(time.perf_counter() - t0, 2)
-            entry["status"] = "ok"
-            entry["html"] = _render_html(executed)
-            record = run_dir / f"{nb}.json"
-            entry["record"] = record.name if record.exists() else None
-            if nb == "01_prepare_data" and record.exists():
-                manifest["data"] = _data_entry(json.loads(record.read_text()))
-            if progress:
-                print(f"      {nb}: {entry['seconds']:.1f} s", flush=True)
-        manifest["status"] = "ok"
-    except BaseException as err:
-        manifest["status"] = "failed"
-        manifest["error"] = f"{type(err).__name__}: {err}"
-        raise
-    finally:
-        figures = export_static_figures(run_dir / "figures")
-        for entry in manifest["notebooks"]:
-            entry["figures"] = sorted(str(p.relative_to(run_dir)) for p in figures
-                                      if p.parent.name == entry["name"])
-        manifest["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        manifest["seconds"] = round(time.time() - started, 2)
-        write_json_atomic(run_dir / "manifest.json", manifest)
-        write_text_atomic(run_dir / "index.html", index_page(manifest))
+            write_text_atomic(run_dir / "index.html", index_page(manifest))
     return run_dir
+
+
+def _execute(nb: str, notebook_dir: Path, run_dir: Path, planned: dict, manifest: dict,
+             cell_timeout: int | None) -> dict:
+    """Run one notebook with papermill into ``run_dir``; append and return its manifest entry.
+
+    Only the parameters the notebook declares are passed (papermill would inject the
+    others too, as unknown names). On failure the entry is completed, the failed notebook
+    rendered, and :class:`NotebookError` raised."""
+    import papermill
+    from nbclient.exceptions import CellTimeoutError
+    from papermill.exceptions import PapermillExecutionError
+
+    source = notebook_dir / f"{nb}.ipynb"
+    if not source.exists():
+        raise FileNotFoundError(f"{source}: notebook missing")
+    declared = notebook_parameters(source)
+    params = {k: v for k, v in planned.items() if k in declared}
+    entry = {"name": nb, "parameters": params, "status": "running", "executed": f"{nb}.ipynb"}
+    manifest["notebooks"].append(entry)
+    write_json_atomic(run_dir / "manifest.json", manifest)
+    executed = run_dir / entry["executed"]
+    t0 = time.perf_counter()
+    try:
+        papermill.execute_notebook(str(source), str(executed), parameters=params, kernel_name=KERNEL_NAME,
+                                   progress_bar=False, cwd=str(notebook_dir), execution_timeout=cell_timeout,
+                                   # each live plotly FigureWidget would carry its own copy of
+                                   # plotly.js (~5 MB) into the saved widget state
+                                   store_widget_state=False)
+    except PapermillExecutionError as err:
+        entry.update(status="failed", seconds=round(time.perf_counter() - t0, 2),
+                     error={"cell": err.exec_count, "ename": err.ename, "evalue": err.evalue},
+                     html=_render_html(executed))
+        raise NotebookError(
+            nb, f"notebook {nb}.ipynb failed in cell [{err.exec_count}]: {err.ename}: {err.evalue}\n"
+                f"--- cell source ---\n{err.source}\n--- executed notebook: {executed}",
+            cell=err.exec_count, source=err.source, ename=err.ename, evalue=err.evalue) from None
+    except CellTimeoutError as err:
+        entry.update(status="failed", seconds=round(time.perf_counter() - t0, 2),
+                     error={"cell": None, "ename": "CellTimeoutError", "evalue": str(err)},
+                     html=_render_html(executed))
+        raise NotebookError(nb, f"notebook {nb}.ipynb: a cell ran longer than {cell_timeout} s and was stopped "
+                                f"({err}); executed notebook: {executed}", ename="CellTimeoutError",
+                            evalue=str(err)) from None
+    record = run_dir / f"{nb}.json"
+    entry.update(status="ok", seconds=round(time.perf_counter() - t0, 2),
+                 record=record.name if record.exists() else None)
+    return entry
 
 
 def _data_entry(record: dict) -> dict:

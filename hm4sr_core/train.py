@@ -174,7 +174,8 @@ def train(dataset: Dataset, model_config: ModelConfig = ModelConfig(), config: T
         if ck["data_hash"] != data_hash:
             raise ValueError(f"resume: {out / 'last.pt'} was trained on data {ck['data_hash'][:12]}, "
                              f"this dataset is {data_hash[:12]}")
-        if ck["model_config"] != model_config.to_dict() or ck["train_config"] != _resumable(config):
+        saved = _resumable(TrainConfig.from_dict(ck["train_config"]))
+        if ck["model_config"] != model_config.to_dict() or saved != _resumable(config):
             raise ValueError(f"resume: {out / 'last.pt'} has a different configuration; "
                              f"use a new --out folder or the same settings")
         model.load_state_dict(ck["model_state"])
@@ -311,7 +312,7 @@ def _checkpoint(model, optimizer, model_config, config, data_name, data_hash, st
         "optimizer_state": optimizer.state_dict(),
         "best_state": best_state if best_state is not None else model.state_dict(),
         "model_config": model_config.to_dict(),
-        "train_config": _resumable(config),
+        "train_config": config.to_dict(),
         "data_name": data_name,
         "data_hash": data_hash,
         "steps": _columns(steps_rows),

@@ -20,8 +20,10 @@ import pytest
 from click.testing import CliRunner
 from papermill.cli import papermill as papermill_cli
 
+from hm4sr_core.data.schema import DataError
 from hm4sr_core.data.store import read_manifest
-from hm4sr_core.notebooks import NOTEBOOK_DIR, NOTEBOOKS, NotebookError, run_notebooks
+from hm4sr_core.notebooks import (FULL_TRAINING, NOTEBOOK_DIR, NOTEBOOKS, NotebookError, plan_parameters,
+                                  prepared_dataset, run_notebooks)
 
 EXPECTED = Path(__file__).parent / "fixtures" / "notebooks_smoke_expected.json"
 TOLERANCE = 1e-6  # relative; the same seed on CPU reproduces these exactly
@@ -241,11 +243,11 @@ def test_smoke_metrics_equal_the_stored_expectation(records):
     if os.environ.get("HM4SR_UPDATE_EXPECTED") == "1":
         EXPECTED.parent.mkdir(parents=True, exist_ok=True)
         EXPECTED.write_text(json.dumps(got, indent=2, sort_keys=True) + "\n")
-    expected = json.loads(EXPECTED.read_text())
-    mismatches = [(path, a, b) for (path, a), (_, b) in zip(_finite_numbers(got), _finite_numbers(expected))
-                  if not math.isclose(a, b, rel_tol=TOLERANCE, abs_tol=1e-12)]
-    assert [p for p, _ in _finite_numbers(got)] == [p for p, _ in _finite_numbers(expected)], \
-        "recorded values changed shape; regenerate with HM4SR_UPDATE_EXPECTED=1"
+    expected = dict(_finite_numbers(json.loads(EXPECTED.read_text())))
+    got = dict(_finite_numbers(got))
+    assert sorted(got) == sorted(expected), "recorded values changed shape; regenerate with HM4SR_UPDATE_EXPECTED=1"
+    mismatches = [(path, got[path], expected[path]) for path in sorted(got)
+                  if not math.isclose(got[path], expected[path], rel_tol=TOLERANCE, abs_tol=1e-12)]
     assert not mismatches, (f"smoke metrics differ from {EXPECTED.name} (path, got, expected): {mismatches[:5]}; "
                             f"after a deliberate change regenerate with HM4SR_UPDATE_EXPECTED=1")
 
@@ -267,3 +269,54 @@ def test_a_failing_notebook_stops_the_run_naming_notebook_and_cell(tmp_path):
     assert manifest["notebooks"][0]["error"]["ename"] == "DataError"
     assert (out / "01_prepare_data.html").exists() and not (out / "02_train.ipynb").exists()
     assert "failed" in (out / "index.html").read_text()
+
+
+# ----------------------------------------------------------------------------- runner pieces (no kernel)
+
+
+def test_plan_parameters_per_mode(tmp_path):
+    smoke = plan_parameters("smoke", None, tmp_path)
+    first = smoke["01_prepare_data"]
+    assert first["source"] == "synthetic" and first["reuse"] is False
+    assert first["data_root"] == str(tmp_path / "data")  # a smoke run prepares its own world
+    assert smoke["03_expert_gating"]["dataset"] == str(tmp_path / "data" / first["dataset_name"])
+    assert all(p["smoke"] and p["figure_formats"] == ["json"] and p["output_dir"] == str(tmp_path)
+               for p in smoke.values())
+    demo = plan_parameters("demo", None, tmp_path)
+    assert demo["01_prepare_data"]["source"] == "ml-100k" and demo["02_train"]["dataset"] == "ml-100k"
+    assert "epochs" not in demo["02_train"]  # the notebooks' own demo sizes
+    full = plan_parameters("full", "games", tmp_path, seed=7)
+    assert full["01_prepare_data"]["source"] == ""  # not a reader: must be prepared already
+    assert all(p["seed"] == 7 and p["epochs"] == FULL_TRAINING["epochs"] for p in full.values())
+    with pytest.raises(ValueError, match="mode must be"):
+        plan_parameters("fast", None, tmp_path)
+    with pytest.raises(ValueError, match="--smoke or --full"):
+        run_notebooks(smoke=True, full=True, out=tmp_path / "never")
+    assert not (tmp_path / "never").exists()
+
+
+def test_prepared_dataset_prepares_once_then_reuses(tmp_path):
+    world = {"n_users": 20, "n_items": 12}
+    _, folder = prepared_dataset("synthetic", "tiny", out_root=tmp_path, seed=1, synthetic=world)
+    manifest = (folder / "manifest.json").stat().st_mtime_ns
+    again, same = prepared_dataset("synthetic", "tiny", out_root=tmp_path, seed=2, synthetic=world)
+    assert same == folder and (folder / "manifest.json").stat().st_mtime_ns == manifest  # loaded, not rebuilt
+    assert again.source["seed"] == 1
+    _, rebuilt = prepared_dataset("synthetic", "tiny", out_root=tmp_path, reuse=False, seed=2, synthetic=world)
+    assert read_manifest(rebuilt)["source"]["seed"] == 2
+    with pytest.raises(DataError, match="no prepared dataset named 'absent'"):
+        prepared_dataset(None, "absent", out_root=tmp_path)
+
+
+def test_save_figure_writes_plotly_json_without_a_browser(tmp_path, monkeypatch):
+    import plotly.graph_objects as go
+    import plotly.io as pio
+    from widgets import figures
+
+    def no_browser():
+        raise AssertionError("plotly JSON needs no browser")
+
+    monkeypatch.setattr(figures, "find_browser", no_browser)
+    fig = go.Figure(go.Bar(x=["a", "b"], y=[1, 2]), layout={"title": {"text": "t"}})
+    (path,) = figures.save_figure(fig, tmp_path / "figures" / "bars", formats=["json"])
+    assert path.name == "bars.json" and pio.read_json(path) == fig
