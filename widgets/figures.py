@@ -12,7 +12,6 @@ import asyncio
 import concurrent.futures
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +19,8 @@ import pandas as pd
 import plotly.colors
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
+
+from hm4sr_core.data.store import write_bytes_atomic
 
 GATE_SCALE = "Viridis"
 # A qualitative palette long enough for the categories of the data sets we use (Games has
@@ -481,13 +482,6 @@ def save_figure(fig: go.Figure, path_without_ext, formats=("png", "svg"), *, wid
         if not data:
             raise RuntimeError(f"save_figure: kaleido returned an empty {fmt} image")
         target = base.with_name(base.name + f".{fmt}")
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_bytes_atomic(target, data)
         written.append(target)
     return written

@@ -33,7 +33,8 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 PROCESSED_ROOT = REPO_ROOT / "data" / "processed"
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """sha256 hex digest of a file, read in 1 MiB blocks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -60,18 +61,23 @@ def write_json_atomic(path: Path, payload: dict) -> None:
     write_text_atomic(path, json.dumps(payload, indent=2, default=_json_default) + "\n")
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write text through a temporary file in the same folder, then rename."""
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write bytes through a temporary file in the same folder, then rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write UTF-8 text atomically (see :func:`write_bytes_atomic`)."""
+    write_bytes_atomic(path, text.encode("utf-8"))
 
 
 def resolve_dataset_path(name_or_path: str | Path) -> Path:
@@ -112,7 +118,7 @@ def save_dataset(ds: Dataset, folder: str | Path | None = None, *, extra: dict |
             np.save(tmp / f"available_{name}.npy", mod.available)
             modalities[name] = {"dim": mod.dim, "provenance": mod.provenance,
                                 "features": f"features_{name}.npy", "available": f"available_{name}.npy"}
-        files = {p.name: _sha256(p) for p in sorted(tmp.iterdir())}
+        files = {p.name: file_sha256(p) for p in sorted(tmp.iterdir())}
         data_hash = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
         manifest = {
             "format_version": FORMAT_VERSION,
@@ -160,7 +166,7 @@ def load_dataset(name_or_path: str | Path, *, verify: bool = True) -> Dataset:
             path = folder / fname
             if not path.exists():
                 raise DataError(f"{path}: missing (listed in manifest.json)")
-            if _sha256(path) != digest:
+            if file_sha256(path) != digest:
                 raise DataError(f"{path}: content hash differs from manifest.json; the file was "
                                 f"changed after `hm4sr prepare` wrote it")
     items = pd.read_parquet(folder / "items.parquet")

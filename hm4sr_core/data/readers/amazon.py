@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import ast
 import gzip
-import hashlib
 import html
 import json
 import math
@@ -64,6 +63,7 @@ from hm4sr_core.data.features import (
     text_encoder_name,
 )
 from hm4sr_core.data.readers.recbole import compose_item_text
+from hm4sr_core.data.store import file_sha256
 from hm4sr_core.data.schema import DataError, RawDataset, RawModality
 
 VERSIONS = ("2014", "2018", "2023")
@@ -284,14 +284,6 @@ def _open_rgb(path: Path) -> Image.Image:
         raise DataError(f"{path}: not a readable image ({error}); fix or delete the file") from None
 
 
-def _file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 # --------------------------------------------------------------------------- modalities
 
 
@@ -316,7 +308,7 @@ def _image_modality(image_dir: Path, files: dict[str, Path], spec: str) -> RawMo
         paths = [files.get(str(token)) for token in items["item"]]
         available = np.array([p is not None for p in paths], dtype=bool)
         present = [p for p in paths if p is not None]
-        key = {"encoder": encoder.name, "dim": encoder.dim, "images": [_file_digest(p) for p in present]}
+        key = {"encoder": encoder.name, "dim": encoder.dim, "images": [file_sha256(p) for p in present]}
 
         def compute() -> np.ndarray:
             out = np.zeros((len(present), encoder.dim), dtype=np.float32)
