@@ -200,8 +200,6 @@ def cmd_train(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from dataclasses import fields
-
     from .data.splits import build_split
     from .config import SplitConfig
     from .data.store import load_dataset, read_manifest

@@ -8,7 +8,7 @@ Configs are saved in every manifest, checkpoint and result record via ``to_dict`
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 

@@ -31,7 +31,7 @@ def load_group(path: str | Path, label: str | None = None) -> RunGroup:
     if not folders:
         raise FileNotFoundError(f"{path}: no results.json, nor seed-*/results.json")
     records = [json.loads((f / "results.json").read_text()) for f in folders]
-    hashes = {r["data_hash"] for r in records} | set()
+    hashes = {r["data_hash"] for r in records}
     if len(hashes) > 1:
         raise ValueError(f"{path}: runs were trained on different data ({len(hashes)} data hashes)")
     frames = [pd.read_parquet(f / "per_user_test.parquet").set_index("user") for f in folders]
