@@ -41,13 +41,16 @@ def _category_variance_share(features: np.ndarray, category: np.ndarray) -> np.n
 
 
 def _transitions(raw):
-    """Consecutive pairs within a user: previous category, next category, gap, next timestamp."""
+    """Consecutive pairs within a user: previous category, next category, the gap before
+    the previous row (a return when long), the previous row's timestamp, the gap between them."""
     df = raw.interactions
     cat = planted_category_of(raw, df["item"].to_numpy())
     ts = df["timestamp"].to_numpy()
     user = df["user"].to_numpy()
+    gap_in = np.concatenate([[0], ts[1:] - ts[:-1]])
+    gap_in[np.concatenate([[True], user[1:] != user[:-1]])] = 0
     same = user[1:] == user[:-1]
-    return cat[:-1][same], cat[1:][same], (ts[1:] - ts[:-1])[same], ts[1:][same]
+    return cat[:-1][same], cat[1:][same], gap_in[:-1][same], ts[:-1][same], gap_in[1:][same]
 
 
 def test_same_seed_gives_identical_world():
@@ -116,7 +119,12 @@ def test_per_interaction_truth_matches_the_data(world):
     after_long = gaps > truth.regime_rule["threshold_seconds"]
     np.testing.assert_array_equal(truth.interaction_after_long_gap, after_long)
     followed = np.asarray(truth.interaction_followed_rule)
-    assert not followed[~after_long].any()
+    jumped = np.asarray(truth.interaction_jumped)
+    # A jump lands one row after a return of the same user (return_lag 1), never elsewhere.
+    user = df["user"].to_numpy()
+    one_after_return = np.concatenate([[False], after_long[:-1] & (user[1:] == user[:-1])])
+    np.testing.assert_array_equal(jumped, one_after_return)
+    assert not followed[~jumped].any() and followed.sum() > 0.8 * jumped.sum()
     # Long gaps are common enough to learn from: about long_gap_share of transitions.
     assert 0.18 < after_long.sum() / (len(df) - 300) < 0.32
 
@@ -141,37 +149,58 @@ def test_text_and_image_signal_dims_carry_category_noise_dims_do_not(world):
     assert 0.7 < sd[noise].mean() / sd[signal].mean() < 1.3
 
 
-def test_long_gap_jumps_to_the_seasonal_category(world):
-    prev, nxt, gap, ts = _transitions(world)
+def test_a_return_keeps_the_interest_and_the_next_item_jumps_to_the_seasonal_category(world):
+    prev, nxt, gap_before_prev, ts_prev, gap = _transitions(world)
     threshold = planted_truth(world).regime_rule["threshold_seconds"]
-    post = gap > threshold
     chance = 1 / 8
-    rule = seasonal_category(world, ts)
-    # follow_prob 0.9 plus chance hits of the random jump: about 0.91 expected.
-    assert np.mean(nxt[post] == rule[post]) > 0.8 > 5 * chance
+    # The return itself (long gap before it) continues the interest the user left with
+    # (unless a jump from an earlier return lands on it: two breaks in a row).
+    back = (gap > threshold) & (gap_before_prev <= threshold)
+    assert back.sum() > 1000 and np.all(nxt[back] == prev[back])
+    # The item after a return follows the month of the return: follow_prob 0.9 plus
+    # chance hits of the random jump, about 0.91 expected.
+    after = (gap_before_prev > threshold) & (gap <= threshold)
+    rule = seasonal_category(world, ts_prev)
+    assert np.mean(nxt[after] == rule[after]) > 0.8 > 5 * chance
     # Within a regime, interest stays (stay prob 0.70-0.90) far more than chance...
-    assert np.mean(nxt[~post] == prev[~post]) > 0.7
-    # ...and after a break staying is no longer the rule.
-    assert np.mean(nxt[post] == prev[post]) < 0.3
+    calm = (gap_before_prev <= threshold) & (gap <= threshold)
+    assert np.mean(nxt[calm] == prev[calm]) > 0.7
+    # ...and after a return staying is no longer the rule.
+    assert np.mean(nxt[after] == prev[after]) < 0.3
 
 
-def test_post_gap_category_needs_time_to_be_predicted(world):
-    prev, nxt, gap, ts = _transitions(world)
-    post = gap > planted_truth(world).regime_rule["threshold_seconds"]
-    prev, nxt, ts = prev[post], nxt[post], ts[post]
-    # A time-blind count model that is even told where the breaks are: the most common
-    # post-break category given the previous one, fitted on one half and scored on the
-    # other. The previous category hints weakly at the season (it was set a month or
-    # two earlier), so it beats chance a little, but nowhere near the date.
+def test_post_return_category_needs_the_inputs_time_to_be_predicted(world):
+    prev, nxt, gap_before_prev, ts_prev, gap = _transitions(world)
+    threshold = planted_truth(world).regime_rule["threshold_seconds"]
+    after = (gap_before_prev > threshold) & (gap <= threshold)
+    prev, nxt, ts_prev = prev[after], nxt[after], ts_prev[after]
+    # A time-blind count model that is even told where the returns are: the most common
+    # next category given the previous one, fitted on one half and scored on the other.
+    # The previous category hints weakly at the season, so it beats chance a little,
+    # but nowhere near the date of the last input.
     fit = np.arange(len(prev)) % 2 == 0
     table = defaultdict(Counter)
     for p, n in zip(prev[fit], nxt[fit]):
         table[p][n] += 1
     blind = np.array([table[p].most_common(1)[0][0] for p in prev[~fit]])
     blind_acc = np.mean(blind == nxt[~fit])
-    month_acc = np.mean(seasonal_category(world, ts[~fit]) == nxt[~fit])
+    month_acc = np.mean(seasonal_category(world, ts_prev[~fit]) == nxt[~fit])
     assert blind_acc < 0.4
     assert month_acc > blind_acc + 0.5
+
+
+def test_return_lag_zero_jumps_on_the_return_itself():
+    raw = make_synthetic_world(7, n_users=200, return_lag=0)
+    prev, nxt, _, _, gap = _transitions(raw)
+    df = raw.interactions
+    ts, user = df["timestamp"].to_numpy(), df["user"].to_numpy()
+    ts_next = ts[1:][user[1:] == user[:-1]]
+    post = gap > planted_truth(raw).regime_rule["threshold_seconds"]
+    assert np.mean(nxt[post] == seasonal_category(raw, ts_next)[post]) > 0.8
+    assert np.mean(nxt[post] == prev[post]) < 0.3
+    truth = planted_truth(raw)
+    assert truth.regime_rule["return_lag"] == 0
+    assert truth.interaction_jumped == truth.interaction_after_long_gap
 
 
 def test_popularity_is_skewed_within_category_but_categories_are_balanced(world):
