@@ -122,7 +122,7 @@ def run_table(data: str, out: str | Path, *, seeds=(2025, 2026, 2027), models=tu
     for name in models:
         for seed in seeds:
             folder = out / name / f"seed-{seed}"
-            if (folder / "results.json").exists():
+            if _finished(folder, manifest["data_hash"], table_model_config(name), base.replace(seed=seed)):
                 continue
             train(dataset, table_model_config(name), base.replace(seed=seed), out_dir=folder,
                   data_hash=manifest["data_hash"], progress=progress)
@@ -130,7 +130,8 @@ def run_table(data: str, out: str | Path, *, seeds=(2025, 2026, 2027), models=tu
         for control in TIME_CONTROLS:
             for seed in seeds:
                 src, dst = out / "hm4sr" / f"seed-{seed}", out / f"hm4sr_time_{control}" / f"seed-{seed}"
-                if (dst / "results.json").exists():
+                if (dst / "results.json").exists() and \
+                        (dst / "results.json").stat().st_mtime >= (src / "results.json").stat().st_mtime:
                     continue
                 rescore(src, dst, dataset, eval_time=control)
     groups = [out / m for m in models] + ([out / f"hm4sr_time_{c}" for c in TIME_CONTROLS] if "hm4sr" in models else [])
@@ -141,6 +142,22 @@ def run_table(data: str, out: str | Path, *, seeds=(2025, 2026, 2027), models=tu
             f"metrics (averaged over seeds) against the first row.\n\n" + format_table(table, metrics))
     write_text_atomic(out / "table.md", text + "\n")
     return out / "table.md"
+
+
+def _finished(folder: Path, data_hash: str, model_config, train_config) -> bool:
+    """True when ``folder`` holds a finished run of exactly this data and configuration;
+    a run of other data (a regenerated world) or other settings is trained again."""
+    path = folder / "results.json"
+    if not path.exists():
+        return False
+    record = json.loads(path.read_text())
+    same = (record.get("data_hash") == data_hash
+            and record.get("config", {}).get("model") == json.loads(json.dumps(model_config.to_dict()))
+            and record.get("config", {}).get("train", {}).get("seed") == train_config.seed
+            and record.get("config", {}).get("train", {}).get("epochs") == train_config.epochs)
+    if not same:
+        print(f"[table] {folder}: finished run of other data or settings; training again", flush=True)
+    return same
 
 
 def rescore(run: Path, dest: Path, dataset, **eval_overrides) -> dict:

@@ -135,12 +135,36 @@ class InteractiveMoE(nn.Module):
         self.lambdas = nn.Parameter(torch.tensor(lam, dtype=torch.float32))
 
     def forward(self, z: torch.Tensor):
+        """Per token: z (B, T, S, d) -> (output (B, T, S, d), gates (B, T, S, E))."""
         B, T, S, d = z.shape
         gates = torch.softmax(torch.einsum("btsd,sde->btse", z, self.gate_weight) + self.gate_bias, dim=-1)
         expert_out = self.experts(z.reshape(B, T, S * d)).view(B, T, self.E, S, d)
+        return self._mix(expert_out, gates), gates
+
+    def forward_factored(self, rows: torch.Tensor, position: torch.Tensor, index: torch.Tensor):
+        """The same as :meth:`forward` on z = rows[index] + position (position added to
+        every stream), computed once per distinct item and once per position.
+
+        Experts and gate logits are affine in z, so Expert(rows[i] + p) = Expert(rows[i])
+        + W p: the (tokens x Sd x ESd) product shrinks to (distinct items + T) rows.
+        rows (U, S, d), position (T, d), index (B, T) into rows."""
+        U, S, d = rows.shape
+        T = position.shape[0]
+        item_logits = torch.einsum("usd,sde->use", rows, self.gate_weight) + self.gate_bias  # (U, S, E)
+        pos_logits = torch.einsum("td,sde->tse", position, self.gate_weight)  # (T, S, E)
+        # F.embedding for the row gathers: its CPU backward sums in a fixed order (determinism).
+        gates = torch.softmax(F.embedding(index, item_logits.reshape(U, -1)).view(*index.shape, S, -1)
+                              + pos_logits, dim=-1)  # (B, T, S, E)
+        item_out = self.experts(rows.reshape(U, S * d))  # (U, E*S*d), bias included
+        pos_out = F.linear(position.repeat(1, S), self.experts.weight)  # (T, E*S*d)
+        expert_out = (F.embedding(index, item_out) + pos_out).view(*index.shape, self.E, S, d)
+        return self._mix(expert_out, gates), gates
+
+    def _mix(self, expert_out: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+        S = self.S
         # An elementwise mix: einsum lowers this to B*T*S tiny matmuls, far slower on CPU.
         mixed = (expert_out * gates.transpose(2, 3).unsqueeze(-1)).sum(2)
-        return mixed * self.lambdas.view(1, 1, S, 1), gates  # (B, T, S, d), (B, T, S, E)
+        return mixed * self.lambdas.view(1, 1, S, 1)  # (B, T, S, d)
 
 
 class TemporalMoE(nn.Module):
@@ -168,9 +192,11 @@ class StackedLinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(num_streams, d_in, d_out))
         self.bias = nn.Parameter(torch.zeros(num_streams, 1, d_out))
 
-    def forward(self, x: torch.Tensor, streams: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, streams: torch.Tensor | None = None,
+                columns: slice = slice(None)) -> torch.Tensor:
+        """(S', n, in) -> (S', n, out); ``columns`` computes only those outputs."""
         w, b = (self.weight, self.bias) if streams is None else (self.weight[streams], self.bias[streams])
-        return torch.baddbmm(b, x, w)
+        return torch.baddbmm(b[..., columns], x, w[..., columns])
 
 
 class StackedLayerNorm(nn.Module):
@@ -208,20 +234,23 @@ class StackedTransformerLayer(nn.Module):
         S, B, T, d = x.shape
         H, dh = self.heads, d // self.heads
         drop = self.training
-        qkv = self.qkv(x.reshape(S, B * T, d), streams).view(S * B, T, 3, H, dh)
-        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # each (S*B, H, T, dh), views
         if last is None:
+            qkv = self.qkv(x.reshape(S, B * T, d), streams).view(S * B, T, 3, H, dh)
+            q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # each (S*B, H, T, dh), views
             # Left-aligned sequences: the causal mask alone keeps padding (after the last
             # real item) out of every real position's attention.
             a = attention(q, k, v, None, self.attention_dropout, drop)
             rows, residual = T, x
         else:
-            q = torch.gather(q, 2, last.repeat(S).view(S * B, 1, 1, 1).expand(S * B, H, 1, dh))
+            # Keys and values at every position, the query at the last one only.
+            residual = torch.gather(x, 2, last.view(1, B, 1, 1).expand(S, B, 1, d))
+            q = self.qkv(residual.reshape(S, B, d), streams, slice(0, d)).view(S * B, 1, H, dh).transpose(1, 2)
+            kv = self.qkv(x.reshape(S, B * T, d), streams, slice(d, 3 * d)).view(S * B, T, 2, H, dh)
+            k, v = (t.transpose(1, 2) for t in kv.unbind(2))
             keep = (torch.arange(T, device=x.device).view(1, T) <= last.view(B, 1))  # (B, T)
             mask = keep.repeat(S, 1).view(S * B, 1, 1, T)
             a = attention(q, k, v, mask, self.attention_dropout, drop)
             rows = 1
-            residual = torch.gather(x, 2, last.view(1, B, 1, 1).expand(S, B, 1, d))
         a = a.view(S, B, H, rows, dh).permute(0, 1, 3, 2, 4).reshape(S, B * rows, d)
         h = dropout(self.out(a, streams), self.hidden_dropout, drop) + residual.reshape(S, B * rows, d)
         h = self.ln1(h, streams)
@@ -373,14 +402,20 @@ class HM4SR(nn.Module):
         items = batch.items
         B, T = items.shape
         real = items > 0
-        z = tables[items] + self.position.weight[:T].view(1, T, 1, -1)  # (B, T, S, d)
+        position = self.position.weight[:T]
         extras: dict = {}
         if self.interactive is not None:
-            o, g = self.interactive(z)
+            uniq, index = torch.unique(items, return_inverse=True)  # sorted: a cheap, deterministic order
+            rows = tables[uniq]
+            z = F.embedding(index, rows.view(len(uniq), -1)).view(B, T, *rows.shape[1:]) \
+                + position.view(1, T, 1, -1)  # (B, T, S, d)
+            o, g = self.interactive.forward_factored(rows, position, index)
             z = z + o
             if want:
                 extras["interactive_gates"] = g * real.view(B, T, 1, 1)
                 extras["lambdas"] = self.interactive.lambdas.detach()
+        else:
+            z = tables[items] + position.view(1, T, 1, -1)
         tau = None
         if self.time is not None:
             tau, buckets, t = self.time(batch.timestamps, real)

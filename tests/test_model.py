@@ -374,3 +374,21 @@ def test_reference_init_leaves_late_modules_at_pytorch_defaults():
     assert float(ref.category_head.weight.detach().std()) > 0.04  # not the 0.02 normal init
     # modules built before the released init pass get the normal init in both
     assert abs(float(ref.encoders.layers[0].ff1.weight.detach().std()) - 0.02) < 0.002
+
+
+def test_factored_interactive_moe_equals_the_per_token_computation():
+    """Experts and gate logits applied once per distinct item and once per position give
+    the per-token result (the model uses the factored form)."""
+    from hm4sr_core.model import InteractiveMoE
+    torch.manual_seed(0)
+    moe = InteractiveMoE(3, 8, 4, (0.3, 1.0, 1.0))
+    torch.nn.init.normal_(moe.gate_weight)
+    torch.nn.init.normal_(moe.gate_bias)
+    items = torch.randint(0, 20, (5, 7))
+    table, position = torch.randn(20, 3, 8), torch.randn(7, 8)
+    out, gates = moe(table[items] + position.view(1, 7, 1, 8))
+    uniq, index = torch.unique(items, return_inverse=True)
+    out_f, gates_f = moe.forward_factored(table[uniq], position, index)
+    torch.testing.assert_close(out_f, out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(gates_f, gates, atol=1e-6, rtol=1e-5)
+    assert gates.std() > 0.05  # the gates are not trivially uniform
