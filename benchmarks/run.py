@@ -23,7 +23,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results.json"
 TARGET_NDCG20 = 0.0864  # the released code's validation NDCG@20 after 8 epochs (4,380 s) here
-PARTS = ("epochs", "to_target", "eval", "eval_1m")
+PARTS = ("allocator", "epochs", "to_target", "eval", "eval_1m")
 
 
 def _peak_rss_mb() -> float:
@@ -141,6 +141,20 @@ def part_eval_1m(args) -> dict:
             "eval_1m_hr@10": r.metrics["hr@10"]}
 
 
+def part_allocator(args) -> dict:
+    """A 15M-element float multiply with glibc's default allocator and with freed memory
+    kept (hm4sr_core.allocator), each in a fresh process; median of 21."""
+    import os
+    code = "import json, hm4sr_core.allocator as a; print(json.dumps(a._measure()))"
+    out = {}
+    for label, env in (("glibc_default", {"HM4SR_SYSTEM_MALLOC": "1"}), ("kept", {})):
+        proc = subprocess.run([sys.executable, "-c", code], env={**os.environ, **env}, cwd=ROOT,
+                              capture_output=True, text=True, check=True)
+        out[f"allocator_multiply_seconds_{label}"] = json.loads(proc.stdout)["multiply_seconds_median"]
+    out["allocator_speedup"] = out["allocator_multiply_seconds_glibc_default"] / out["allocator_multiply_seconds_kept"]
+    return out
+
+
 def _run_part(name: str, extra: list[str]) -> dict:
     cmd = [sys.executable, "-m", "benchmarks.run", "--only", name, *extra]
     print(f"[bench] {name} ...", file=sys.stderr, flush=True)
@@ -160,7 +174,7 @@ def main() -> None:
     p.add_argument("--skip", action="append", default=[], choices=PARTS, help="parts to leave out")
     args = p.parse_args()
     if args.only:
-        fn = {"epochs": part_epochs, "to_target": part_to_target, "eval": part_eval, "eval_1m": part_eval_1m}
+        fn = {"allocator": part_allocator, "epochs": part_epochs, "to_target": part_to_target, "eval": part_eval, "eval_1m": part_eval_1m}
         print(json.dumps(fn[args.only](args)))
         return
     from hm4sr_core.data.store import write_json_atomic

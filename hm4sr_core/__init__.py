@@ -5,3 +5,7 @@ Recommendation" (Zhang et al., WWW 2025, arXiv 2501.14269).
 """
 
 __version__ = "0.1.0"
+
+from .allocator import keep_freed_memory as _keep_freed_memory
+
+_keep_freed_memory()  # large CPU tensors reuse freed memory (see hm4sr_core.allocator)

@@ -450,14 +450,14 @@ class HM4SR(nn.Module):
         if dense:
             h_all = h
             h = torch.gather(h, 2, last.view(1, -1, 1, 1).expand(h.shape[0], -1, 1, h.shape[-1])).squeeze(2)
+        every = dense and cfg.dense_auxiliary == "every_position"
         h_aug = None
         if place is not None:
-            # Placeholder contrast uses sequence vectors only, so the augmented modality
-            # streams stop at the last position even in dense mode.
             M = len(self.modalities)
             ph = self.placeholders(tau.reshape(1, -1, tau.shape[-1]).expand(M, -1, -1)).view(M, *tau.shape[:2], -1)
             aug = torch.where(place.unsqueeze(0).unsqueeze(-1), ph, x[1:])  # (M, B, T, d)
-            h_aug = self.encoders(aug, batch.lengths, streams=torch.arange(1, self.S, device=x.device))
+            h_aug = self.encoders(aug, batch.lengths, streams=torch.arange(1, self.S, device=x.device),
+                                  last_only=not every)  # (M, B, d), or (M, B, T, d) at every position
         seq = h.permute(1, 0, 2).reshape(h.shape[1], -1)  # (B, S*d)
         out = HM4SROutput(sequence=seq, stream_names=self.stream_names, **extras)
         item_matrix = self.item_matrix(tables)
@@ -471,19 +471,36 @@ class HM4SR(nn.Module):
                 named["rec"] = rec_loss(q[has], item_matrix, batch.position_targets[has])
             else:
                 named["rec"] = rec_loss(seq, item_matrix, batch.targets)
+            if every:
+                # Every position with a next item is an example, as each prefix is in prefix
+                # mode; positions of the same window are not each other's negatives (in
+                # prefix mode in-batch negatives are almost always other users).
+                B, T = batch.items.shape
+                window = torch.arange(B, device=x.device).view(B, 1).expand(B, T)
+                targets, groups, id_rows = batch.position_targets[has], window[has], h_all[0][has]
+            else:
+                targets, groups, id_rows = batch.targets, None, h[0]
             if cfg.w_id_contrastive > 0:
                 named["id_contrastive"] = id_contrastive_loss(
-                    h[0], self.item_embedding(batch.targets), batch.targets,
-                    cfg.id_contrastive_temperature, cfg.mask_same_target)
+                    id_rows, self.item_embedding(targets), targets, cfg.id_contrastive_temperature,
+                    cfg.mask_same_target, groups)
             if self.category_head is not None:
                 named["category"] = category_loss(self.category_head, item_matrix, self.categories, batch.items, real)
             if self.placeholders is not None:
-                if place is not None:
+                if place is not None and every:
+                    # Positions whose prefix holds at least one placeholder and is long
+                    # enough to get one (prefix mode: n >= placeholder_min_length).
+                    pos = torch.arange(T, device=x.device).view(1, T)
+                    sel = has & (place.cumsum(1) > 0) & (pos + 1 >= cfg.placeholder_min_length)
+                    terms = [contrastive_loss(h_all[s][sel], h_aug[s - 1][sel], batch.position_targets[sel],
+                                              cfg.placeholder_temperature, cfg.mask_same_target, window[sel])
+                             for s in range(1, self.S)] if bool(sel.any()) else []
+                elif place is not None:
                     terms = [contrastive_loss(h[s], h_aug[s - 1], batch.targets, cfg.placeholder_temperature,
                                               cfg.mask_same_target) for s in range(1, self.S)]
-                    named["placeholder_contrastive"] = torch.stack(terms).mean()
                 else:
-                    named["placeholder_contrastive"] = seq.new_zeros(())
+                    terms = []
+                named["placeholder_contrastive"] = torch.stack(terms).mean() if terms else seq.new_zeros(())
             out.losses = named
             out.loss = self.total_loss(named)
         return out
@@ -540,23 +557,28 @@ def rec_loss(sequence: torch.Tensor, item_matrix: torch.Tensor, targets: torch.T
 
 
 def contrastive_loss(a: torch.Tensor, b: torch.Tensor, targets: torch.Tensor, temperature: float,
-                     mask_same_target: bool) -> torch.Tensor:
+                     mask_same_target: bool, groups: torch.Tensor | None = None) -> torch.Tensor:
     """In-batch InfoNCE between rows of a (B, d) and b (B, d), cosine / temperature.
 
     Off-diagonal pairs that share a target are false negatives: masked out of the
-    denominator (default), or given logit 0 as the released code did."""
+    denominator (default), or given logit 0 as the released code did. Off-diagonal
+    pairs that share a ``groups`` value (positions of one dense window) are left out
+    of the denominator too."""
     logits = F.normalize(a, dim=-1) @ F.normalize(b, dim=-1).T / temperature
-    same = (targets.view(-1, 1) == targets.view(1, -1)) & ~torch.eye(len(targets), dtype=torch.bool,
-                                                                       device=targets.device)
+    off = ~torch.eye(len(targets), dtype=torch.bool, device=targets.device)
+    same = (targets.view(-1, 1) == targets.view(1, -1)) & off
     fill = float("-inf") if mask_same_target else 0.0
     logits = logits.masked_fill(same, fill)
+    if groups is not None:
+        logits = logits.masked_fill((groups.view(-1, 1) == groups.view(1, -1)) & off, float("-inf"))
     return F.cross_entropy(logits, torch.arange(len(targets), device=logits.device))
 
 
 def id_contrastive_loss(sequence_id: torch.Tensor, target_embedding: torch.Tensor, targets: torch.Tensor,
-                        temperature: float, mask_same_target: bool) -> torch.Tensor:
+                        temperature: float, mask_same_target: bool,
+                        groups: torch.Tensor | None = None) -> torch.Tensor:
     """IDCL: normalised s_id against the normalised ID embedding of each target."""
-    return contrastive_loss(sequence_id, target_embedding, targets, temperature, mask_same_target)
+    return contrastive_loss(sequence_id, target_embedding, targets, temperature, mask_same_target, groups)
 
 
 def category_loss(head: nn.Linear, item_matrix: torch.Tensor, categories: torch.Tensor,

@@ -191,13 +191,19 @@ def test_starting_losses_have_the_documented_magnitudes(tiny_ds, tiny_split, tin
     out = model(batch, losses=True, generator=torch.Generator().manual_seed(0))
     losses = {k: float(v.detach()) for k, v in out.losses.items()}
     assert all(math.isfinite(v) for v in losses.values())
-    n_items, b = tiny_ds.num_items, batch.size
+    n_items = tiny_ds.num_items
     assert abs(losses["rec"] - math.log(n_items)) < 0.35
     assert abs(losses["category"] - math.log(2)) < 0.01
+    # Dense mode, auxiliary losses at every position: each position with a target is a
+    # row; its candidates are itself and every position of the other windows.
+    per_window = (batch.position_targets > 0).sum(1)
+    rows = int(per_window.sum())
+    b = float(torch.exp(torch.log((rows - per_window + 1).double()).repeat_interleave(per_window).mean()))
+    assert b > 2 * batch.size  # far more candidates than windows
     # random cosines at d = 16 spread the logits, which lifts log-sum-exp above ln B a little
     assert math.log(b) - 1.0 < losses["id_contrastive"] < math.log(b) + 1.2
     # placeholder: positives start close (few positions replaced), so below ln B, above the floor
-    assert math.log(b - 1) - 2.0 < losses["placeholder_contrastive"] < math.log(b) + 0.3
+    assert math.log(b - 1) - 2.5 < losses["placeholder_contrastive"] < math.log(b) + 0.3
     expected_total = sum(tiny_model_config.loss_weights[k] * v for k, v in losses.items())
     assert float(out.loss.detach()) == pytest.approx(expected_total, rel=1e-6)
 
@@ -392,3 +398,34 @@ def test_factored_interactive_moe_equals_the_per_token_computation():
     torch.testing.assert_close(out_f, out, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(gates_f, gates, atol=1e-6, rtol=1e-5)
     assert gates.std() > 0.05  # the gates are not trivially uniform
+
+
+def test_dense_id_contrastive_at_every_position_equals_it_over_the_prefix_examples(tiny_ds, tiny_split,
+                                                                                   tiny_model_config):
+    """Dense mode's IDCL at every position is the prefix-mode IDCL over the same prefixes,
+    with positions of one window kept out of each other's denominators."""
+    from hm4sr_core.model import id_contrastive_loss
+    model = _model(tiny_model_config.replace(w_placeholder_contrastive=0.0), tiny_ds).eval()
+    batch = _dense_batch(tiny_split, 4, seed=3)
+    with torch.no_grad():
+        dense = model(batch, losses=True).losses["id_contrastive"]
+        rows, targets, groups = [], [], []
+        for w in range(batch.size):
+            for j in range(int(batch.lengths[w])):
+                t = int(batch.position_targets[w, j])
+                if t == 0:
+                    continue
+                prefix = SequenceBatch(batch.items[w:w + 1, : j + 1], batch.timestamps[w:w + 1, : j + 1],
+                                       torch.tensor([j + 1]), torch.tensor([t]), batch.users[w:w + 1])
+                rows.append(model(prefix).sequence[0, : tiny_model_config.hidden_size])
+                targets.append(t)
+                groups.append(w)
+        targets = torch.tensor(targets)
+        prefix_loss = id_contrastive_loss(torch.stack(rows), model.item_embedding(targets), targets,
+                                          tiny_model_config.id_contrastive_temperature, True, torch.tensor(groups))
+        assert len(targets) > 2 * batch.size
+    assert float(dense) == pytest.approx(float(prefix_loss), abs=1e-5)
+    model_last = _model(tiny_model_config.replace(w_placeholder_contrastive=0.0,
+                                                  dense_auxiliary="last_position"), tiny_ds).eval()
+    with torch.no_grad():  # the last-position variant sees one row per window: another loss
+        assert float(model_last(batch, losses=True).losses["id_contrastive"]) != pytest.approx(float(dense), abs=1e-3)
