@@ -3,7 +3,7 @@
 Each measurement runs in its own subprocess so its peak RSS is its own. All use 2
 threads and batch 1024 (the paper's), on the prepared ml-100k (prepared on first use).
 
-    python -m benchmarks.run                 # everything (about 15-20 minutes here)
+    python -m benchmarks.run                 # everything (about 20 minutes here)
     python -m benchmarks.run --only eval_1m  # one part, printed as JSON
 """
 
@@ -169,7 +169,7 @@ def main() -> None:
     p.add_argument("--only", choices=PARTS, help="run one part in this process and print its JSON")
     p.add_argument("--prefix-epochs", type=int, default=1, help="prefix-mode epochs timed (default 1)")
     p.add_argument("--dense-epochs", type=int, default=5, help="dense-mode epochs timed (default 5)")
-    p.add_argument("--max-epochs", type=int, default=200, help="cap for the time-to-target run")
+    p.add_argument("--max-epochs", type=int, default=40, help="epoch cap for the time-to-target run (default 40, over twice the target time)")
     p.add_argument("--repeats", type=int, default=7, help="evaluation repeats (median)")
     p.add_argument("--skip", action="append", default=[], choices=PARTS, help="parts to leave out")
     args = p.parse_args()
