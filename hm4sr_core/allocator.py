@@ -43,7 +43,8 @@ def keep_freed_memory() -> bool:
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     # mallopt takes an int: 4 GiB does not fit, so the trim threshold is capped at 2 GiB - 1.
-    ok = mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
+    mmap_threshold = int(float(os.environ.get("HM4SR_MMAP_THRESHOLD_MB", MMAP_THRESHOLD / 2**20)) * 2**20)
+    ok = mallopt(M_MMAP_THRESHOLD, mmap_threshold) == 1
     ok = mallopt(M_TRIM_THRESHOLD, min(TRIM_THRESHOLD, 2**31 - 1)) == 1 and ok
     _applied = ok
     return ok

@@ -45,6 +45,27 @@ def perturb_timestamps(batch: SequenceBatch, mode: str, generator: torch.Generat
     return SequenceBatch(batch.items, ts, batch.lengths, batch.targets, batch.users, batch.position_targets)
 
 
+QUERY_CHUNK = 256  # sequences encoded together: a (256, 50, S, d) activation stays in cache
+
+
+@torch.no_grad()
+def query_by_length(model, batch: SequenceBatch, chunk: int = QUERY_CHUNK) -> torch.Tensor:
+    """``model.query(batch)`` computed over length-sorted chunks, each trimmed to its own
+    longest sequence (less padding work), and returned in the batch's row order."""
+    if batch.size <= chunk:
+        return model.query(batch)
+    order = torch.argsort(batch.lengths, stable=True)
+    parts = []
+    for idx in order.split(chunk):
+        width = int(batch.lengths[idx].max())
+        parts.append(model.query(SequenceBatch(batch.items[idx, :width], batch.timestamps[idx, :width],
+                                               batch.lengths[idx], batch.targets[idx], batch.users[idx])))
+    q = torch.cat(parts)
+    out = torch.empty_like(q)
+    out[order] = q
+    return out
+
+
 @torch.no_grad()
 def evaluate(model, part: SplitPart, config: TrainConfig = TrainConfig(), *,
              history: list[np.ndarray] | None = None, popularity: np.ndarray | None = None,
@@ -67,7 +88,7 @@ def evaluate(model, part: SplitPart, config: TrainConfig = TrainConfig(), *,
             if config.mask_history and history is not None:
                 exclude = [torch.as_tensor(history[u], dtype=torch.int64, device=device)
                            for u in batch.users.tolist()]
-            q = model.query(batch)
+            q = query_by_length(model, batch)
             counts, top = count_dot_product(q, item_matrix, batch.targets, chunk_items=chunk_items,
                                             exclude_items=exclude, top_k=min(10, item_matrix.shape[0] - 1))
             greater.append(counts.greater.cpu())

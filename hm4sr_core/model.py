@@ -388,7 +388,7 @@ class HM4SR(nn.Module):
         for i, proj in enumerate(self.projections):
             feats = getattr(self, f"features_{i}")
             avail = getattr(self, f"available_{i}")
-            tables.append(proj(feats) * avail.unsqueeze(1))
+            tables.append(proj(feats).mul_(avail.unsqueeze(1)))  # in place: one (N+1, d) temporary less
         return torch.stack(tables, dim=1)
 
     def item_matrix(self, tables: torch.Tensor | None = None) -> torch.Tensor:
