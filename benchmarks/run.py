@@ -3,7 +3,7 @@
 Each measurement runs in its own subprocess so its peak RSS is its own. All use 2
 threads and batch 1024 (the paper's), on the prepared ml-100k (prepared on first use).
 
-    python -m benchmarks.run                 # everything (about 20 minutes here)
+    python -m benchmarks.run                 # everything (12.5 minutes here, idle)
     python -m benchmarks.run --only eval_1m  # one part, printed as JSON
 """
 
