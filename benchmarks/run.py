@@ -1,7 +1,8 @@
 """`make bench`: training and evaluation speed on ml-100k, written to benchmarks/results.json.
 
-Each measurement runs in its own subprocess so its peak RSS is its own. All use 2
-threads and batch 1024 (the paper's), on the prepared ml-100k (prepared on first use).
+Each measurement runs in its own subprocess so its peak RSS is its own. The training and
+evaluation parts use 2 threads and batch 1024 (the paper's) on the prepared ml-100k (prepared
+on first use); the allocator part times one multiply on 1 thread.
 
     python -m benchmarks.run                 # everything (12.5 minutes here, idle)
     python -m benchmarks.run --only eval_1m  # one part, printed as JSON

@@ -3,15 +3,16 @@
 By default glibc serves every allocation above 32 MB with a fresh ``mmap`` and returns
 it with ``munmap`` when freed. A training step allocates and frees hundreds of such
 tensors (a (1024, 50, 768) float tensor is 157 MB), so every step pays page faults and
-kernel page zeroing for memory it just gave back: on the 2-core machines here an
-elementwise multiply of two 60 MB tensors took 61 ms that way and 7 ms with the
-thresholds below (``python -m benchmarks.run --only allocator`` measures it). Raising glibc's
-mmap and trim thresholds makes freed blocks reusable, which is what PyTorch's own GPU
-caching allocator does for device memory. Peak RSS is unchanged in kind (the high-water
-mark is kept rather than returned), which the benchmarks measure.
+kernel page zeroing for memory it just gave back: on the 2-core machines here a
+15M-element float multiply took 54.8 ms that way and 8.4 ms with the thresholds below
+(``python -m benchmarks.run --only allocator``). Raising glibc's mmap and trim thresholds
+makes freed blocks reusable, which is what PyTorch's own GPU caching allocator does for
+device memory. The price is memory: freed blocks stay in the process (up to 2 GiB at the
+top of the heap) and fragmentation can raise the peak; the benchmarks record peak RSS.
 
 Applied once when ``hm4sr_core`` is imported; set ``HM4SR_SYSTEM_MALLOC=1`` to leave
-the allocator alone. A no-op where glibc is absent (macOS, musl, Windows).
+the allocator alone, or ``HM4SR_MMAP_THRESHOLD_MB`` (default 1024) to serve allocations
+above that size by ``mmap`` again. A no-op where glibc is absent (macOS, musl, Windows).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+import warnings
 
 M_TRIM_THRESHOLD = -1  # glibc mallopt parameter numbers (malloc.h)
 M_MMAP_THRESHOLD = -3
@@ -42,12 +44,23 @@ def keep_freed_memory() -> bool:
     except (OSError, AttributeError):
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    text = os.environ.get("HM4SR_MMAP_THRESHOLD_MB", "")
+    mmap_threshold = MMAP_THRESHOLD
+    if text:
+        try:
+            mb = float(text)
+        except ValueError:
+            mb = -1.0
+        if not 0 < mb < 2048:  # mallopt takes a C int: 2 GiB and more would wrap around
+            warnings.warn(f"HM4SR_MMAP_THRESHOLD_MB={text!r}: expected a number of MiB in (0, 2048); "
+                          f"using {MMAP_THRESHOLD >> 20}", RuntimeWarning, stacklevel=2)
+        else:
+            mmap_threshold = int(mb * 2**20)
+    if mallopt(M_MMAP_THRESHOLD, mmap_threshold) != 1:
+        return False
     # mallopt takes an int: 4 GiB does not fit, so the trim threshold is capped at 2 GiB - 1.
-    mmap_threshold = int(float(os.environ.get("HM4SR_MMAP_THRESHOLD_MB", MMAP_THRESHOLD / 2**20)) * 2**20)
-    ok = mallopt(M_MMAP_THRESHOLD, mmap_threshold) == 1
-    ok = mallopt(M_TRIM_THRESHOLD, min(TRIM_THRESHOLD, 2**31 - 1)) == 1 and ok
-    _applied = ok
-    return ok
+    _applied = mallopt(M_TRIM_THRESHOLD, min(TRIM_THRESHOLD, 2**31 - 1)) == 1
+    return _applied
 
 
 def _measure(repeats: int = 21) -> dict[str, float]:

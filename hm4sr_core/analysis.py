@@ -91,7 +91,8 @@ def planted_summary(dataset: Dataset) -> dict:
     """What the synthetic world planted, in plain values (raises DataError on other data).
 
     Keys: long_gap_days (threshold), long_gap_share, follow_prob (share of returns that
-    follow the seasonal table), month_category ({month name: category name}),
+    follow the seasonal table), return_lag (interactions between a return and its jump),
+    month_category ({month name: category name}),
     stay_prob_range, text_dims, image_signal_dims, image_noise_dims."""
     truth = planted_truth(dataset)
     rule = truth.regime_rule
@@ -100,6 +101,7 @@ def planted_summary(dataset: Dataset) -> dict:
         "long_gap_days": rule["threshold_seconds"] / SECONDS_PER_DAY,
         "long_gap_share": rule["long_gap_share"],
         "follow_prob": rule["follow_prob"],
+        "return_lag": rule.get("return_lag", 0),  # worlds made before return_lag jumped on the return itself
         "month_category": {m: truth.category_names[c] for m, c in zip(months, rule["month_category"])},
         "stay_prob_range": list(rule["stay_prob_range"]),
         "text_dims": truth.params["text_dim"],

@@ -144,17 +144,24 @@ def run_table(data: str, out: str | Path, *, seeds=(2025, 2026, 2027), models=tu
     return out / "table.md"
 
 
+# Settings that change how fast a run goes, never what it computes.
+_SPEED_ONLY = ("threads", "eval_batch_size", "log_every")
+
+
 def _finished(folder: Path, data_hash: str, model_config, train_config) -> bool:
-    """True when ``folder`` holds a finished run of exactly this data and configuration;
-    a run of other data (a regenerated world) or other settings is trained again."""
+    """True when ``folder`` holds a finished run of exactly this data, model configuration
+    and training configuration (settings in ``_SPEED_ONLY`` aside); a run of other data (a
+    regenerated world) or other settings is trained again."""
     path = folder / "results.json"
     if not path.exists():
         return False
     record = json.loads(path.read_text())
+    config = record.get("config", {})
+    want_train = {k: v for k, v in json.loads(json.dumps(train_config.to_dict())).items() if k not in _SPEED_ONLY}
+    got_train = {k: v for k, v in config.get("train", {}).items() if k not in _SPEED_ONLY}
     same = (record.get("data_hash") == data_hash
-            and record.get("config", {}).get("model") == json.loads(json.dumps(model_config.to_dict()))
-            and record.get("config", {}).get("train", {}).get("seed") == train_config.seed
-            and record.get("config", {}).get("train", {}).get("epochs") == train_config.epochs)
+            and config.get("model") == json.loads(json.dumps(model_config.to_dict()))
+            and got_train == want_train)
     if not same:
         print(f"[table] {folder}: finished run of other data or settings; training again", flush=True)
     return same

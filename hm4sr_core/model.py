@@ -471,12 +471,12 @@ class HM4SR(nn.Module):
                 named["rec"] = rec_loss(q[has], item_matrix, batch.position_targets[has])
             else:
                 named["rec"] = rec_loss(seq, item_matrix, batch.targets)
+            B, T = batch.items.shape
+            window = torch.arange(B, device=x.device).view(B, 1).expand(B, T)  # (B, T) window of each position
             if every:
                 # Every position with a next item is an example, as each prefix is in prefix
                 # mode; positions of the same window are not each other's negatives (in
                 # prefix mode in-batch negatives are almost always other users).
-                B, T = batch.items.shape
-                window = torch.arange(B, device=x.device).view(B, 1).expand(B, T)
                 targets, groups, id_rows = batch.position_targets[has], window[has], h_all[0][has]
             else:
                 targets, groups, id_rows = batch.targets, None, h[0]
@@ -488,8 +488,11 @@ class HM4SR(nn.Module):
                 named["category"] = category_loss(self.category_head, item_matrix, self.categories, batch.items, real)
             if self.placeholders is not None:
                 if place is not None and every:
-                    # Positions whose prefix holds at least one placeholder and is long
-                    # enough to get one (prefix mode: n >= placeholder_min_length).
+                    # Positions whose prefix holds at least one of the window's placeholders
+                    # (drawn once per window, floor(ratio * window length)) and has at least
+                    # placeholder_min_length items. Prefix mode draws floor(ratio * n) per
+                    # prefix instead and contrasts every prefix, placeholders or not: the two
+                    # are close, not equal (the ID contrast, by contrast, is equal).
                     pos = torch.arange(T, device=x.device).view(1, T)
                     sel = has & (place.cumsum(1) > 0) & (pos + 1 >= cfg.placeholder_min_length)
                     terms = [contrastive_loss(h_all[s][sel], h_aug[s - 1][sel], batch.position_targets[sel],

@@ -121,3 +121,27 @@ def test_evaluation_restores_training_mode(tiny_split, tiny_train_config, tiny_r
     evaluate(model, tiny_split.valid, tiny_train_config)
     assert model.training
     model.eval()
+
+
+def test_length_sorted_query_chunks_return_rows_in_batch_order(tiny_split, tiny_run):
+    from hm4sr_core.evaluate import query_by_length
+    model = tiny_run[0].model.eval()
+    batch = next(iterate_batches(tiny_split.test, 1000))
+    assert len(set(batch.lengths.tolist())) > 2  # lengths differ, so sorting reorders rows
+    with torch.no_grad():
+        whole = model.query(batch)
+        chunked = query_by_length(model, batch, chunk=3)
+    torch.testing.assert_close(chunked, whole, atol=1e-5, rtol=1e-5)
+    assert not torch.equal(whole, whole[torch.argsort(batch.lengths, stable=True)])
+
+
+def test_a_table_reuses_a_finished_run_only_for_the_same_data_and_settings(tiny_run, tiny_model_config,
+                                                                          tiny_train_config):
+    from hm4sr_core.experiments import _finished
+    folder = tiny_run[1]
+    assert _finished(folder, "tiny", tiny_model_config, tiny_train_config)
+    assert _finished(folder, "tiny", tiny_model_config, tiny_train_config.replace(threads=1))  # speed only
+    assert not _finished(folder, "other-data", tiny_model_config, tiny_train_config)
+    assert not _finished(folder, "tiny", tiny_model_config.replace(w_category=0.0), tiny_train_config)
+    assert not _finished(folder, "tiny", tiny_model_config, tiny_train_config.replace(lr=0.01))
+    assert not _finished(folder / "missing", "tiny", tiny_model_config, tiny_train_config)

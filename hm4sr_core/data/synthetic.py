@@ -38,9 +38,9 @@ The world, in plain words (for a teacher)
 
 What this buys (seeds 2025-2027, defaults, count tables fitted on half the
 transitions, scored on the other half): predicting the next category from the previous
-one alone is right 67% of the time overall but 8-11% right after a return (24% of
-transitions); knowing the return's gap and month lifts that to 89-92% after a return and
-86-87% overall. A time-blind model even told where the returns are reaches 28-31%.
+one alone is right 67% of the time overall but 8-11% for the item after a return (24% of
+transitions); knowing the return's gap and month lifts that to 89-92% for the item after a
+return and 86-87% overall. A time-blind model even told where the returns are reaches 28-31%.
 
 Everything is drawn from ``numpy.random.default_rng(seed)``: the same seed gives the
 same interactions, features and truth; another seed gives another world.
@@ -117,7 +117,7 @@ class SyntheticTruth:
     zero_gap_share: float  # share of within-user gaps that are 0 s (0.0: timestamps strictly increase)
     text: dict  # how the text vectors were made
     image: dict  # how the image vectors were made, including signal_dims and noise_dims
-    interaction_jumped: list = None  # (n,) bool: the row where a return's jump landed (return_lag rows after it)
+    interaction_jumped: list | None = None  # (n,) bool: the row where a return's jump landed (return_lag rows after it)
 
     def to_dict(self) -> dict:
         # Shallow on purpose: the fields are already plain JSON values, and
@@ -165,8 +165,9 @@ def make_synthetic_world(
         long_gap_days: a gap longer than this many days is "long" and triggers the
             regime change.
         long_gap_share: probability that a gap is long (share of transitions after a break).
-        regime_follow_prob: probability that the category after a long gap is the one
-            the seasonal table gives for the month of return (else uniform over categories).
+        regime_follow_prob: probability that the jump ``return_lag`` interactions after a
+            return goes to the category the seasonal table gives for the month of the return
+            (else uniform over categories).
         zipf_exponent: within-category popularity ~ rank^-zipf_exponent.
         return_lag: how many interactions after a return the interest jumps. 1 (default):
             the user first picks one more item of the interest they left with, so the
