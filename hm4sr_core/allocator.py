@@ -25,7 +25,7 @@ import warnings
 M_TRIM_THRESHOLD = -1  # glibc mallopt parameter numbers (malloc.h)
 M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD = 1 << 30  # allocations up to 1 GiB come from the reusable heap
-TRIM_THRESHOLD = 1 << 32  # keep up to 4 GiB of free heap instead of returning it
+TRIM_THRESHOLD = 2**31 - 1  # keep up to 2 GiB of free heap (mallopt takes a C int)
 
 _applied: bool | None = None
 
@@ -58,8 +58,7 @@ def keep_freed_memory() -> bool:
             mmap_threshold = int(mb * 2**20)
     if mallopt(M_MMAP_THRESHOLD, mmap_threshold) != 1:
         return False
-    # mallopt takes an int: 4 GiB does not fit, so the trim threshold is capped at 2 GiB - 1.
-    _applied = mallopt(M_TRIM_THRESHOLD, min(TRIM_THRESHOLD, 2**31 - 1)) == 1
+    _applied = mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1
     return _applied
 
 
