@@ -253,14 +253,12 @@ def make_synthetic_world(
     jump_from[landing[same_user]] = returns[same_user]
     category = np.empty(total, dtype=np.int64)
     followed = np.zeros(total, dtype=bool)
-    jumped = np.zeros(total, dtype=bool)
     stay_cum = {}
     for r in range(total):
         u = row_user[r]
         if first[r]:
             c = int(start_categories[u])
         elif jump_from[r] >= 0:
-            jumped[r] = True
             if u_follow[r] < regime_follow_prob:
                 c = int(rule_category[jump_from[r]])
                 followed[r] = True
@@ -360,7 +358,7 @@ def make_synthetic_world(
         interaction_category=category.tolist(),
         interaction_after_long_gap=is_long.tolist(),
         interaction_followed_rule=followed.tolist(),
-        interaction_jumped=jumped.tolist(),
+        interaction_jumped=(jump_from >= 0).tolist(),
         zero_gap_share=0.0,
         text=text_info,
         image=image_info,
