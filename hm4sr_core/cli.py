@@ -136,6 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
          "no_category", "no_placeholder_contrastive", "id_only"]))
     ta.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="training overrides for every run (TrainConfig keys), e.g. --set epochs=30")
+    ta.add_argument("--jobs", type=int, default=1,
+                    help="runs trained at once in worker processes (default 1). With N > 1 each worker gets "
+                         "cpu_count // N torch threads unless --set threads=K; on one GPU (--set device=cuda) "
+                         "many small runs share the card well")
     ta.add_argument("--quiet", action="store_true", help="no progress bars")
 
     rn = sub.add_parser("run-notebooks", help="execute the notebooks with papermill into runs/<run-id>/")
@@ -260,8 +264,10 @@ def cmd_table(args) -> int:
     unknown = [m for m in models if m not in TABLE_MODELS]
     if unknown:
         raise ValueError(f"--models: unknown {unknown}; known: {', '.join(TABLE_MODELS)}")
+    if args.jobs < 1:
+        raise ValueError(f"--jobs must be >= 1, got {args.jobs}")
     path = run_table(args.data, args.out, seeds=seeds, models=models, train_overrides=train_over,
-                     progress=not args.quiet)
+                     progress=not args.quiet, jobs=args.jobs)
     print(path.read_text())
     return 0
 
@@ -297,10 +303,11 @@ COMMANDS = {"prepare": cmd_prepare, "train": cmd_train, "evaluate": cmd_evaluate
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .experiments import RunsFailed
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
-    except (ValueError, FileNotFoundError) as err:  # DataError is a ValueError
+    except (ValueError, FileNotFoundError, RunsFailed) as err:  # DataError is a ValueError
         print(f"hm4sr {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -149,6 +149,7 @@ class ModelConfig(_Config):
     placeholder_ratio: float = 0.3  # share of positions replaced by time placeholders in PCL
     placeholder_min_length: int = 4  # sequences shorter than this get no placeholders (paper: n <= 3 -> none)
     initializer_range: float = 0.02  # std of the normal init of weights
+    category_columns: int = 0  # width of the category target; 0 = the dataset's count, more = zero-padded (released code: 192 whatever the data)
     dense_auxiliary: str = "every_position"  # dense mode: auxiliary losses at "every_position" (each position an example, as each prefix in prefix mode) or the "last_position" of each window
 
     def __post_init__(self) -> None:
@@ -170,6 +171,7 @@ class ModelConfig(_Config):
             _check(getattr(self, f) > 0, f"{f} must be > 0, got {getattr(self, f)}")
         _check(0.0 <= self.placeholder_ratio < 1.0, f"placeholder_ratio must be in [0, 1), got {self.placeholder_ratio}")
         _check(self.initializer_range > 0, f"initializer_range must be > 0, got {self.initializer_range}")
+        _check(self.category_columns >= 0, f"category_columns must be >= 0, got {self.category_columns}")
         _check(self.dense_auxiliary in ("every_position", "last_position"),
                f"dense_auxiliary must be 'every_position' or 'last_position', got {self.dense_auxiliary!r}")
 

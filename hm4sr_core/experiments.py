@@ -13,6 +13,10 @@ import pandas as pd
 from .metrics import mean_std, paired_test
 
 
+class RunsFailed(RuntimeError):
+    """Some runs of a table failed; the finished ones are kept."""
+
+
 @dataclass
 class RunGroup:
     """All seeds of one model configuration."""
@@ -107,25 +111,52 @@ def table_model_config(name: str):
     return factory(**{**over, "name": name})
 
 
+def _train_table_run(data: str, name: str, train_config, folder: Path, data_hash: str,
+                     progress: bool, threads: int = 0) -> float:
+    """One (model, seed) run of the table; a top-level function so that worker processes
+    can run it. Returns its wall time in seconds."""
+    import time
+
+    import torch
+
+    from .data.store import load_dataset
+    from .train import train
+    if threads and not train_config.threads:
+        torch.set_num_threads(threads)
+    t0 = time.perf_counter()
+    train(load_dataset(data), table_model_config(name), train_config, out_dir=folder,
+          data_hash=data_hash, progress=progress)
+    return time.perf_counter() - t0
+
+
 def run_table(data: str, out: str | Path, *, seeds=(2025, 2026, 2027), models=tuple(TABLE_MODELS),
-              train_overrides: dict | None = None, progress: bool = True) -> Path:
+              train_overrides: dict | None = None, progress: bool = True, jobs: int = 1) -> Path:
     """Train every model of ``models`` with every seed into ``out/<model>/seed-<S>/``
     (runs already finished are kept), score the time controls on HM4SR's checkpoints
-    into ``out/hm4sr_time_<control>/``, and write ``out/table.md``. Returns the table path."""
+    into ``out/hm4sr_time_<control>/``, and write ``out/table.md``. Returns the table path.
+
+    ``jobs`` > 1 trains that many runs at once in worker processes (spawned, so CUDA works
+    in them), each with ``cpu_count // jobs`` torch threads unless ``threads`` is set. A
+    run that fails does not stop the others; the failures are raised together at the end,
+    before the table is written."""
+    import os
+
     from .config import TrainConfig
     from .data.store import load_dataset, read_manifest, write_text_atomic
-    from .train import train
+    if jobs < 1:
+        raise ValueError(f"jobs must be >= 1, got {jobs}")
     out = Path(out)
     manifest = read_manifest(data)
     dataset = load_dataset(data)
     base = TrainConfig(**(train_overrides or {}))
-    for name in models:
-        for seed in seeds:
-            folder = out / name / f"seed-{seed}"
-            if _finished(folder, manifest["data_hash"], table_model_config(name), base.replace(seed=seed)):
-                continue
-            train(dataset, table_model_config(name), base.replace(seed=seed), out_dir=folder,
-                  data_hash=manifest["data_hash"], progress=progress)
+    todo = [(name, seed, out / name / f"seed-{seed}") for seed in seeds for name in models
+            if not _finished(out / name / f"seed-{seed}", manifest["data_hash"], table_model_config(name),
+                             base.replace(seed=seed))]
+    if jobs == 1 or len(todo) <= 1:
+        for name, seed, folder in todo:
+            _train_table_run(data, name, base.replace(seed=seed), folder, manifest["data_hash"], progress)
+    else:
+        _train_parallel(data, todo, base, manifest["data_hash"], jobs, max(1, (os.cpu_count() or 1) // jobs))
     if "hm4sr" in models:
         for control in TIME_CONTROLS:
             for seed in seeds:
@@ -144,8 +175,34 @@ def run_table(data: str, out: str | Path, *, seeds=(2025, 2026, 2027), models=tu
     return out / "table.md"
 
 
-# Settings that change how fast a run goes, never what it computes.
-_SPEED_ONLY = ("threads", "eval_batch_size", "log_every")
+def _train_parallel(data: str, todo: list, base, data_hash: str, jobs: int, threads: int) -> None:
+    """Run the table's ``todo`` (name, seed, folder) with ``jobs`` worker processes; print
+    one line per finished run; raise one error naming every failed run at the end."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    failures = []
+    print(f"[table] {len(todo)} runs to train, {jobs} at a time ({threads} torch thread(s) each)", flush=True)
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {pool.submit(_train_table_run, data, name, base.replace(seed=seed), folder, data_hash,
+                               False, threads): (name, seed) for name, seed, folder in todo}
+        for done, future in enumerate(as_completed(futures), 1):
+            name, seed = futures[future]
+            try:
+                seconds = future.result()
+            except Exception as error:  # noqa: BLE001 - reported with the run's name below
+                failures.append(f"{name} seed {seed}: {type(error).__name__}: {error}")
+                print(f"[table] {done}/{len(todo)} FAILED {name} seed {seed}: {error}", flush=True)
+            else:
+                print(f"[table] {done}/{len(todo)} {name} seed {seed} trained in {seconds:.0f} s", flush=True)
+    if failures:
+        raise RunsFailed("these runs failed (finished ones are kept; run again to retry):\n  "
+                           + "\n  ".join(failures))
+
+
+# Settings that change how fast a run goes, or where, never what it computes. A run
+# trained on CUDA is reused on a CPU machine (its numbers differ from a CPU run's in the
+# last digits only: another device, other kernels and another dropout stream).
+_SPEED_ONLY = ("threads", "eval_batch_size", "log_every", "device")
 
 
 def _finished(folder: Path, data_hash: str, model_config, train_config) -> bool:
@@ -157,10 +214,19 @@ def _finished(folder: Path, data_hash: str, model_config, train_config) -> bool:
         return False
     record = json.loads(path.read_text())
     config = record.get("config", {})
-    want_train = {k: v for k, v in json.loads(json.dumps(train_config.to_dict())).items() if k not in _SPEED_ONLY}
-    got_train = {k: v for k, v in config.get("train", {}).items() if k not in _SPEED_ONLY}
-    same = (record.get("data_hash") == data_hash
-            and config.get("model") == json.loads(json.dumps(model_config.to_dict()))
+
+    def plain(cfg) -> dict:  # JSON's view of a config (tuples become lists)
+        return json.loads(json.dumps(cfg.to_dict()))
+
+    try:  # through from_dict: a run saved before a setting existed has that setting's default
+        got_model = plain(type(model_config).from_dict(config.get("model", {})))
+        got_train = plain(type(train_config).from_dict(config.get("train", {})))
+    except (TypeError, ValueError):
+        got_model, got_train = None, None
+    else:
+        got_train = {k: v for k, v in got_train.items() if k not in _SPEED_ONLY}
+    want_train = {k: v for k, v in plain(train_config).items() if k not in _SPEED_ONLY}
+    same = (record.get("data_hash") == data_hash and got_model == plain(model_config)
             and got_train == want_train)
     if not same:
         print(f"[table] {folder}: finished run of other data or settings; training again", flush=True)

@@ -330,7 +330,13 @@ class HM4SR(nn.Module):
             self.register_buffer(f"features_{i}", features[name].float(), persistent=False)  # (N+1, D_m)
             self.register_buffer(f"available_{i}", available[name].float(), persistent=False)  # (N+1,)
             self.projections.append(nn.Linear(features[name].shape[1], d))  # W_m
-        self.register_buffer("categories", categories.float(), persistent=False)  # (N+1, C)
+        categories = categories.float()
+        if config.category_columns > categories.shape[1]:  # always-zero columns, as the released code's fixed 192
+            categories = F.pad(categories, (0, config.category_columns - categories.shape[1]))
+        elif config.category_columns and config.category_columns < categories.shape[1]:
+            raise ValueError(f"category_columns={config.category_columns} is fewer than the dataset's "
+                             f"{categories.shape[1]} categories")
+        self.register_buffer("categories", categories, persistent=False)  # (N+1, C)
 
         self.interactive = InteractiveMoE(S, d, config.num_experts, config.lambda_init) \
             if config.use_interactive_moe else None

@@ -190,3 +190,33 @@ def test_console_script_help():
     assert done.returncode == 0, done.stderr
     for command in ("prepare", "train", "evaluate", "compare", "run-notebooks", "demo"):
         assert command in done.stdout
+
+
+def test_table_trains_runs_in_parallel_workers_and_reuses_them(prepared, tmp_path, capsys):
+    out = tmp_path / "table"
+    argv = ["table", "--data", prepared, "--out", out, "--models", "sasrec,id_only", "--seeds", "1",
+            "--set", "epochs=1", "--set", "max_steps_per_epoch=1", "--quiet"]
+    code, text, err = _run(capsys, *argv, "--jobs", "2")
+    assert code == 0, err
+    assert "2 runs to train, 2 at a time" in text
+    assert "sasrec seed 1 trained" in text and "id_only seed 1 trained" in text
+    stamps = {m: (out / m / "seed-1" / "results.json").stat().st_mtime_ns for m in ("sasrec", "id_only")}
+    assert (out / "table.md").read_text().count("| sasrec | 1 |") == 1
+    code, text, err = _run(capsys, *argv, "--set", "threads=1")  # threads: speed only, runs reused
+    assert code == 0, err
+    assert "runs to train" not in text and "training again" not in text
+    assert {m: (out / m / "seed-1" / "results.json").stat().st_mtime_ns for m in stamps} == stamps
+
+
+def test_table_names_each_failed_run_and_keeps_going(prepared, tmp_path, capsys):
+    code, text, err = _run(capsys, "table", "--data", prepared, "--out", tmp_path / "t", "--models", "sasrec",
+                           "--seeds", "1,2", "--jobs", "2", "--set", "epochs=1", "--set", "device=cuda:99",
+                           "--quiet")
+    assert code == 2
+    assert "these runs failed" in err and "sasrec seed 1" in err and "sasrec seed 2" in err
+    assert not (tmp_path / "t" / "table.md").exists()
+
+
+def test_table_rejects_zero_jobs(prepared, tmp_path, capsys):
+    code, _, err = _run(capsys, "table", "--data", prepared, "--out", tmp_path / "t", "--jobs", "0")
+    assert code == 2 and "--jobs must be >= 1" in err

@@ -429,3 +429,15 @@ def test_dense_id_contrastive_at_every_position_equals_it_over_the_prefix_exampl
                                                   dense_auxiliary="last_position"), tiny_ds).eval()
     with torch.no_grad():  # the last-position variant sees one row per window: another loss
         assert float(model_last(batch, losses=True).losses["id_contrastive"]) != pytest.approx(float(dense), abs=1e-3)
+
+
+def test_category_columns_pads_the_target_with_zero_columns_as_the_released_code(tiny_ds, tiny_model_config):
+    from hm4sr_core.model import build_model
+    C = tiny_ds.categories.shape[1]
+    padded = build_model(tiny_model_config.replace(category_columns=C + 7), tiny_ds)
+    assert padded.category_head.out_features == C + 7
+    assert torch.equal(padded.categories[:, :C], torch.from_numpy(tiny_ds.categories).float())
+    assert not padded.categories[:, C:].any()
+    assert build_model(tiny_model_config, tiny_ds).category_head.out_features == C
+    with pytest.raises(ValueError, match="fewer than the dataset's"):
+        build_model(tiny_model_config.replace(category_columns=C - 1), tiny_ds)

@@ -1,0 +1,57 @@
+"""The CUDA path: skipped where torch sees no GPU (CI), run on a GPU machine with
+``pytest tests/test_cuda.py``. Training, evaluation, bf16 autocast and a checkpoint
+trained on the GPU and re-scored on the CPU."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from hm4sr_core.config import TrainConfig
+from hm4sr_core.evaluate import evaluate
+from hm4sr_core.train import load_checkpoint, model_from_checkpoint, train
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+
+
+@pytest.mark.parametrize("mode", ["dense", "prefix"])
+def test_training_on_cuda_learns_and_its_checkpoint_scores_the_same_on_cpu(tiny_ds, tiny_split, tiny_model_config,
+                                                                         tiny_train_config, tmp_path, mode):
+    config = tiny_train_config.replace(device="cuda", mode=mode, batch_size=128, epochs=3)
+    result = train(tiny_ds, tiny_model_config, config, out_dir=tmp_path, data_hash="tiny", progress=False,
+                   split=tiny_split)
+    steps = result.steps
+    assert steps["loss_rec"].map(math.isfinite).all()
+    assert steps["loss_rec"].iloc[-1] < steps["loss_rec"].iloc[0]  # it learns on the GPU
+    payload = load_checkpoint(tmp_path / "best.pt")
+    assert all(t.device.type == "cpu" for t in payload["model_state"].values())
+    model = model_from_checkpoint(payload, tiny_ds)
+    origin = int(tiny_ds.stats["first_timestamp"])
+    on_cpu = evaluate(model, tiny_split.valid, config.replace(device="cpu"), time_origin=origin)
+    on_gpu = evaluate(model.to("cuda"), tiny_split.valid, config, device="cuda", time_origin=origin)
+    for k in ("ndcg@10", "hr@10", "mrr@10"):
+        assert math.isclose(on_cpu.metrics[k], on_gpu.metrics[k], abs_tol=0.02), k
+    assert math.isclose(result.valid.metrics[config.valid_metric], on_gpu.metrics[config.valid_metric], abs_tol=0.02)
+
+
+def test_bf16_autocast_trains_with_finite_losses(tiny_ds, tiny_split, tiny_model_config, tiny_train_config):
+    config = tiny_train_config.replace(device="cuda", amp=True, epochs=2)
+    result = train(tiny_ds, tiny_model_config, config, progress=False, split=tiny_split)
+    for name in ("loss_rec", "loss_id_contrastive", "loss_category", "loss_placeholder_contrastive"):
+        assert result.steps[name].map(math.isfinite).all(), name
+    assert 0.0 <= result.test.metrics["ndcg@10"] <= 1.0
+
+
+def test_introspection_tensors_come_back_from_the_gpu(tiny_ds, tiny_split, tiny_model_config):
+    from hm4sr_core.data.splits import iterate_batches
+    from hm4sr_core.model import build_model
+    model = build_model(tiny_model_config, tiny_ds).to("cuda").eval()
+    batch = next(iter(iterate_batches(tiny_split.valid, 16))).to("cuda")
+    with torch.no_grad():
+        out = model(batch, losses=True, scores=True, introspect=True)
+    assert out.scores.device.type == "cuda" and out.scores.shape[0] == 16
+    sums = out.interactive_gates.sum(-1)[batch.items > 0]  # (real positions, S); padding rows are 0
+    assert torch.allclose(sums, torch.ones_like(sums), atol=1e-5)
+    assert set(out.losses) >= {"rec", "id_contrastive", "category", "placeholder_contrastive"}
