@@ -66,7 +66,7 @@ def gate_statistics(gates: torch.Tensor, real: torch.Tensor) -> tuple[float, np.
     g = gates[real]  # (n, ..., E)
     g = g.reshape(-1, g.shape[-1])
     entropy = float(-(g * torch.log(g.clamp_min(1e-12))).sum(-1).mean())
-    return entropy, g.mean(0).numpy()
+    return entropy, g.mean(0).cpu().numpy()
 
 
 def _step_row(out, model: HM4SR, batch, lr: float) -> dict:
