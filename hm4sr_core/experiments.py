@@ -175,6 +175,23 @@ def run_table(data: str, out: str | Path, *, seeds=(2025, 2026, 2027), models=tu
     return out / "table.md"
 
 
+def _end_with_parent(parent: int) -> None:
+    """Worker initializer: on Linux, have the kernel end this worker when the table process
+    dies, so a killed ``hm4sr table`` leaves no worker training on into the run folders."""
+    import ctypes
+    import os
+    import signal
+    import sys
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os._exit(1)
+
+
 def _train_parallel(data: str, todo: list, base, data_hash: str, jobs: int, threads: int) -> None:
     """Run the table's ``todo`` (name, seed, folder) with ``jobs`` worker processes; print
     one line per finished run; raise one error naming every failed run at the end."""
@@ -182,7 +199,9 @@ def _train_parallel(data: str, todo: list, base, data_hash: str, jobs: int, thre
     from concurrent.futures import ProcessPoolExecutor, as_completed
     failures = []
     print(f"[table] {len(todo)} runs to train, {jobs} at a time ({threads} torch thread(s) each)", flush=True)
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+    import os
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_end_with_parent, initargs=(os.getpid(),)) as pool:
         futures = {pool.submit(_train_table_run, data, name, base.replace(seed=seed), folder, data_hash,
                                False, threads): (name, seed) for name, seed, folder in todo}
         for done, future in enumerate(as_completed(futures), 1):

@@ -220,3 +220,48 @@ def test_table_names_each_failed_run_and_keeps_going(prepared, tmp_path, capsys)
 def test_table_rejects_zero_jobs(prepared, tmp_path, capsys):
     code, _, err = _run(capsys, "table", "--data", prepared, "--out", tmp_path / "t", "--jobs", "0")
     assert code == 2 and "--jobs must be >= 1" in err
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal is Linux-only")
+def test_killing_the_table_process_ends_its_workers(prepared, tmp_path):
+    import signal
+    import time
+    cmd = [sys.executable, "-m", "hm4sr_core.cli", "table", "--data", str(prepared), "--out", str(tmp_path / "t"),
+           "--models", "sasrec", "--seeds", "1,2", "--jobs", "2", "--set", "epochs=100", "--set", "patience=100",
+           "--quiet"]
+    table = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    try:
+        deadline = time.time() + 120
+        workers: list[int] = []
+        while time.time() < deadline and not any((tmp_path / "t" / "sasrec" / f"seed-{s}" / "last.pt").exists()
+                                                  for s in (1, 2)):
+            time.sleep(0.2)
+        workers = [p for p in _children(table.pid)
+                   if "spawn_main" in Path(f"/proc/{p}/cmdline").read_bytes().decode(errors="replace")]
+        assert len(workers) == 2, "two workers training"
+        table.send_signal(signal.SIGKILL)
+        table.wait(timeout=30)
+        deadline = time.time() + 30
+        while time.time() < deadline and any(Path(f"/proc/{p}").exists() and
+                                             "Z" not in Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1][:3]
+                                             for p in workers):
+            time.sleep(0.2)
+        alive = [p for p in workers if Path(f"/proc/{p}").exists()
+                 and "Z" not in Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1][:3]]
+        assert not alive, f"workers {alive} outlived the killed table process"
+    finally:
+        if table.poll() is None:
+            table.kill()
