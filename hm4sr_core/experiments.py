@@ -196,10 +196,14 @@ def _train_parallel(data: str, todo: list, base, data_hash: str, jobs: int, thre
     """Run the table's ``todo`` (name, seed, folder) with ``jobs`` worker processes; print
     one line per finished run; raise one error naming every failed run at the end."""
     import multiprocessing
+    import os
     from concurrent.futures import ProcessPoolExecutor, as_completed
     failures = []
     print(f"[table] {len(todo)} runs to train, {jobs} at a time ({threads} torch thread(s) each)", flush=True)
-    import os
+    pipe = Path(os.environ.get("CUDA_MPS_PIPE_DIRECTORY", "/tmp/nvidia-mps"))
+    if base.device.startswith("cuda") and not (pipe / "control").exists():
+        print("[table] hint: workers sharing one GPU run about 4x faster under NVIDIA MPS; start its daemon "
+              "first with `nvidia-cuda-mps-control -d` (README, 'On a GPU')", flush=True)
     with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
                              initializer=_end_with_parent, initargs=(os.getpid(),)) as pool:
         futures = {pool.submit(_train_table_run, data, name, base.replace(seed=seed), folder, data_hash,
