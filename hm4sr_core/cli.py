@@ -138,9 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="training overrides for every run (TrainConfig keys), e.g. --set epochs=30")
     ta.add_argument("--jobs", type=int, default=1,
                     help="runs trained at once in worker processes (default 1). With N > 1 each worker gets "
-                         "cpu_count // N torch threads unless --set threads=K. On one GPU (--set device=cuda) start "
-                         "NVIDIA MPS first (nvidia-cuda-mps-control -d): 9 workers then trained 8 of the "
-                         "ml-100k table's runs in under 3 minutes on an H100")
+                         "cores // N torch threads unless --set threads=K. On one GPU (--set device=cuda) start "
+                         "NVIDIA MPS first (nvidia-cuda-mps-control -d): workers then share the card far "
+                         "better (README, 'On a GPU'). Ctrl-C cancels the queue and ends the workers")
     ta.add_argument("--quiet", action="store_true", help="no progress bars")
 
     rn = sub.add_parser("run-notebooks", help="execute the notebooks with papermill into runs/<run-id>/")

@@ -111,21 +111,22 @@ def table_model_config(name: str):
     return factory(**{**over, "name": name})
 
 
-def _train_table_run(data: str, name: str, train_config, folder: Path, data_hash: str,
+def _train_table_run(data, name: str, train_config, folder: Path, data_hash: str,
                      progress: bool, threads: int = 0) -> float:
     """One (model, seed) run of the table; a top-level function so that worker processes
-    can run it. Returns its wall time in seconds."""
+    can run it. ``data`` is a loaded Dataset, or its name/folder (loaded here, in a worker).
+    Returns its wall time in seconds."""
     import time
 
     import torch
 
     from .data.store import load_dataset
-    from .train import train
     if threads and not train_config.threads:
         torch.set_num_threads(threads)
     t0 = time.perf_counter()
-    train(load_dataset(data), table_model_config(name), train_config, out_dir=folder,
-          data_hash=data_hash, progress=progress)
+    from .train import train
+    dataset = load_dataset(data) if isinstance(data, (str, Path)) else data
+    train(dataset, table_model_config(name), train_config, out_dir=folder, data_hash=data_hash, progress=progress)
     return time.perf_counter() - t0
 
 
@@ -136,11 +137,11 @@ def run_table(data: str, out: str | Path, *, seeds=(2025, 2026, 2027), models=tu
     into ``out/hm4sr_time_<control>/``, and write ``out/table.md``. Returns the table path.
 
     ``jobs`` > 1 trains that many runs at once in worker processes (spawned, so CUDA works
-    in them), each with ``cpu_count // jobs`` torch threads unless ``threads`` is set. A
-    run that fails does not stop the others; the failures are raised together at the end,
-    before the table is written."""
-    import os
-
+    in them), each with ``cores // workers`` torch threads unless ``threads`` is set. There,
+    a run that raises does not stop the others: the failures are raised together at the end
+    (:class:`RunsFailed`), before the table is written. A worker that dies outright (out of
+    memory, a crash) breaks the pool and every run not yet finished is reported failed. With
+    ``jobs`` = 1 the first error stops the table. Finished runs are kept in every case."""
     from .config import TrainConfig
     from .data.store import load_dataset, read_manifest, write_text_atomic
     if jobs < 1:
@@ -154,9 +155,10 @@ def run_table(data: str, out: str | Path, *, seeds=(2025, 2026, 2027), models=tu
                              base.replace(seed=seed))]
     if jobs == 1 or len(todo) <= 1:
         for name, seed, folder in todo:
-            _train_table_run(data, name, base.replace(seed=seed), folder, manifest["data_hash"], progress)
+            _train_table_run(dataset, name, base.replace(seed=seed), folder, manifest["data_hash"], progress)
     else:
-        _train_parallel(data, todo, base, manifest["data_hash"], jobs, max(1, (os.cpu_count() or 1) // jobs))
+        workers = min(jobs, len(todo))
+        _train_parallel(data, todo, base, manifest["data_hash"], workers, max(1, _cores() // workers))
     if "hm4sr" in models:
         for control in TIME_CONTROLS:
             for seed in seeds:
@@ -168,33 +170,55 @@ def run_table(data: str, out: str | Path, *, seeds=(2025, 2026, 2027), models=tu
     groups = [out / m for m in models] + ([out / f"hm4sr_time_{c}" for c in TIME_CONTROLS] if "hm4sr" in models else [])
     metrics = ["ndcg@10", "ndcg@20", "hr@10", "hr@20", "mrr@10", "coverage@10", "popularity@10"]
     table = compare_runs(groups, metrics)
+    devices: dict[str, int] = {}
+    for m in models:
+        for record in load_group(out / m).records:
+            device = record.get("config", {}).get("train", {}).get("device", "cpu")
+            devices[device] = devices.get(device, 0) + 1
+    trained_on = ", ".join(f"{n} on {d}" for d, n in sorted(devices.items()))
     text = (f"Dataset {dataset.name} ({manifest['data_hash'][:12]}), {len(seeds)} seeds, test split, "
             f"full ranking, ties by expected rank, history not masked; p: paired Wilcoxon on per-user "
-            f"metrics (averaged over seeds) against the first row.\n\n" + format_table(table, metrics))
+            f"metrics (averaged over seeds) against the first row. Runs trained: {trained_on}.\n\n"
+            + format_table(table, metrics))
     write_text_atomic(out / "table.md", text + "\n")
     return out / "table.md"
 
 
-def _end_with_parent(parent: int) -> None:
-    """Worker initializer: on Linux, have the kernel end this worker when the table process
+def _cores() -> int:
+    """CPU cores this process may use (its affinity mask where the OS has one)."""
+    import os
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def _worker_init(parent: int) -> None:
+    """Worker initializer. Ctrl-C is the table process's to handle (it cancels the queue
+    and ends the workers); on Linux the kernel ends the worker when the table process
     dies, so a killed ``hm4sr table`` leaves no worker training on into the run folders."""
     import ctypes
     import os
     import signal
     import sys
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     if not sys.platform.startswith("linux"):
         return
     try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # 1 = PR_SET_PDEATHSIG
+        refused = ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM)) != 0  # 1 = PR_SET_PDEATHSIG
     except (OSError, AttributeError):
-        return
-    if os.getppid() != parent:  # the parent died before the request took effect
+        refused = True
+    if refused:
+        print(f"[table] worker {os.getpid()}: the kernel refused to tie it to the table process; "
+              f"if the table is killed, end this worker by hand", file=sys.stderr, flush=True)
+    elif os.getppid() != parent:  # the parent died before the request took effect
         os._exit(1)
 
 
 def _train_parallel(data: str, todo: list, base, data_hash: str, jobs: int, threads: int) -> None:
     """Run the table's ``todo`` (name, seed, folder) with ``jobs`` worker processes; print
-    one line per finished run; raise one error naming every failed run at the end."""
+    one line per finished run; raise one error naming every failed run at the end. On
+    Ctrl-C (or any error here) the queued runs are cancelled and the workers ended."""
     import multiprocessing
     import os
     from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -202,10 +226,11 @@ def _train_parallel(data: str, todo: list, base, data_hash: str, jobs: int, thre
     print(f"[table] {len(todo)} runs to train, {jobs} at a time ({threads} torch thread(s) each)", flush=True)
     pipe = Path(os.environ.get("CUDA_MPS_PIPE_DIRECTORY", "/tmp/nvidia-mps"))
     if base.device.startswith("cuda") and not (pipe / "control").exists():
-        print("[table] hint: workers sharing one GPU run about 4x faster under NVIDIA MPS; start its daemon "
-              "first with `nvidia-cuda-mps-control -d` (README, 'On a GPU')", flush=True)
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
-                             initializer=_end_with_parent, initargs=(os.getpid(),)) as pool:
+        print("[table] hint: workers sharing one GPU ran several times faster under NVIDIA MPS here; start "
+              "its daemon first with `nvidia-cuda-mps-control -d` (README, 'On a GPU')", flush=True)
+    pool = ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_worker_init, initargs=(os.getpid(),))
+    try:
         futures = {pool.submit(_train_table_run, data, name, base.replace(seed=seed), folder, data_hash,
                                False, threads): (name, seed) for name, seed, folder in todo}
         for done, future in enumerate(as_completed(futures), 1):
@@ -217,14 +242,22 @@ def _train_parallel(data: str, todo: list, base, data_hash: str, jobs: int, thre
                 print(f"[table] {done}/{len(todo)} FAILED {name} seed {seed}: {error}", flush=True)
             else:
                 print(f"[table] {done}/{len(todo)} {name} seed {seed} trained in {seconds:.0f} s", flush=True)
+    except BaseException:
+        workers = list(getattr(pool, "_processes", {}).values())  # no public handle on the workers
+        pool.shutdown(wait=False, cancel_futures=True)
+        for worker in workers:
+            worker.terminate()
+        raise
+    pool.shutdown()
     if failures:
         raise RunsFailed("these runs failed (finished ones are kept; run again to retry):\n  "
-                           + "\n  ".join(failures))
+                         + "\n  ".join(failures))
 
 
 # Settings that change how fast a run goes, or where, never what it computes. A run
-# trained on CUDA is reused on a CPU machine (its numbers differ from a CPU run's in the
-# last digits only: another device, other kernels and another dropout stream).
+# trained on CUDA is reused on a CPU machine: the same model and protocol, though not the
+# same numbers as a CPU run of its seed (other kernels and another dropout stream, so in
+# effect another seed); table.md says how many runs each device trained.
 _SPEED_ONLY = ("threads", "eval_batch_size", "log_every", "device")
 
 

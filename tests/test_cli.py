@@ -208,13 +208,20 @@ def test_table_trains_runs_in_parallel_workers_and_reuses_them(prepared, tmp_pat
     assert {m: (out / m / "seed-1" / "results.json").stat().st_mtime_ns for m in stamps} == stamps
 
 
-def test_table_names_each_failed_run_and_keeps_going(prepared, tmp_path, capsys):
-    code, text, err = _run(capsys, "table", "--data", prepared, "--out", tmp_path / "t", "--models", "sasrec",
-                           "--seeds", "1,2", "--jobs", "2", "--set", "epochs=1", "--set", "device=cuda:99",
-                           "--quiet")
+def test_table_names_each_failed_run_and_keeps_the_finished_ones(prepared, tmp_path, capsys):
+    out = tmp_path / "t"
+    common = ["table", "--data", prepared, "--out", out, "--models", "sasrec", "--set", "epochs=1", "--quiet"]
+    code, _, err = _run(capsys, *common, "--seeds", "1")
+    assert code == 0, err
+    stamp = (out / "sasrec" / "seed-1" / "results.json").stat().st_mtime_ns
+    # device is a speed-only setting: seed 1 is reused, seeds 2 and 3 fail on a GPU that is not there
+    code, text, err = _run(capsys, *common, "--seeds", "1,2,3", "--jobs", "2", "--set", "device=cuda:99")
     assert code == 2
-    assert "these runs failed" in err and "sasrec seed 1" in err and "sasrec seed 2" in err
-    assert not (tmp_path / "t" / "table.md").exists()
+    assert "2 runs to train" in text
+    assert "these runs failed" in err and "sasrec seed 2" in err and "sasrec seed 3" in err
+    assert "sasrec seed 1" not in err
+    assert (out / "sasrec" / "seed-1" / "results.json").stat().st_mtime_ns == stamp
+    assert "| sasrec | 1 |" in (out / "table.md").read_text()  # the table of the first call, untouched
 
 
 def test_table_rejects_zero_jobs(prepared, tmp_path, capsys):
@@ -222,46 +229,81 @@ def test_table_rejects_zero_jobs(prepared, tmp_path, capsys):
     assert code == 2 and "--jobs must be >= 1" in err
 
 
-def _children(pid: int) -> list[int]:
+def _stat(pid: int) -> list[str] | None:
+    """Fields of /proc/PID/stat after the command name; None once the process is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def _alive(pid: int) -> bool:
+    fields = _stat(pid)
+    return fields is not None and fields[0] != "Z"
+
+
+def _table_workers(pid: int) -> list[int]:
     kids = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid and fields[0] != "Z":
-            kids.append(int(stat.parent.name))
+    for proc in Path("/proc").glob("[0-9]*"):
+        fields = _stat(int(proc.name))
+        if fields is not None and int(fields[1]) == pid and fields[0] != "Z":
+            try:
+                if b"spawn_main" in (proc / "cmdline").read_bytes():
+                    kids.append(int(proc.name))
+            except OSError:
+                continue
     return kids
+
+
+def _start_long_table(prepared, out, **popen):
+    import time
+    cmd = [sys.executable, "-m", "hm4sr_core.cli", "table", "--data", str(prepared), "--out", str(out),
+           "--models", "sasrec", "--seeds", "1,2,3", "--jobs", "2", "--set", "epochs=100", "--set", "patience=100",
+           "--quiet"]
+    table = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "HF_HUB_OFFLINE": "1"}, **popen)
+    deadline = time.time() + 180
+    while time.time() < deadline and not all((out / "sasrec" / f"seed-{s}" / "last.pt").exists() for s in (1, 2)):
+        time.sleep(0.2)
+    workers = _table_workers(table.pid)
+    assert len(workers) == 2, "two workers training"
+    return table, workers
+
+
+def _wait_gone(pids, seconds=30.0):
+    import time
+    deadline = time.time() + seconds
+    while time.time() < deadline and any(_alive(p) for p in pids):
+        time.sleep(0.2)
+    return [p for p in pids if _alive(p)]
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal is Linux-only")
 def test_killing_the_table_process_ends_its_workers(prepared, tmp_path):
     import signal
-    import time
-    cmd = [sys.executable, "-m", "hm4sr_core.cli", "table", "--data", str(prepared), "--out", str(tmp_path / "t"),
-           "--models", "sasrec", "--seeds", "1,2", "--jobs", "2", "--set", "epochs=100", "--set", "patience=100",
-           "--quiet"]
-    table = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    table, workers = _start_long_table(prepared, tmp_path / "t")
     try:
-        deadline = time.time() + 120
-        workers: list[int] = []
-        while time.time() < deadline and not any((tmp_path / "t" / "sasrec" / f"seed-{s}" / "last.pt").exists()
-                                                  for s in (1, 2)):
-            time.sleep(0.2)
-        workers = [p for p in _children(table.pid)
-                   if "spawn_main" in Path(f"/proc/{p}/cmdline").read_bytes().decode(errors="replace")]
-        assert len(workers) == 2, "two workers training"
         table.send_signal(signal.SIGKILL)
         table.wait(timeout=30)
-        deadline = time.time() + 30
-        while time.time() < deadline and any(Path(f"/proc/{p}").exists() and
-                                             "Z" not in Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1][:3]
-                                             for p in workers):
-            time.sleep(0.2)
-        alive = [p for p in workers if Path(f"/proc/{p}").exists()
-                 and "Z" not in Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1][:3]]
-        assert not alive, f"workers {alive} outlived the killed table process"
+        assert not _wait_gone(workers), "workers outlived the killed table process"
     finally:
         if table.poll() is None:
             table.kill()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="process groups as a terminal makes them")
+def test_ctrl_c_stops_the_table_and_its_queue(prepared, tmp_path):
+    """Ctrl-C in a terminal reaches the whole process group: the table must stop, not
+    train the queued runs first."""
+    import signal
+    table, workers = _start_long_table(prepared, tmp_path / "t", start_new_session=True)
+    try:
+        os.killpg(table.pid, signal.SIGINT)
+        code = table.wait(timeout=60)
+        assert code == 130, table.stderr.read()
+        assert "interrupted" in table.stderr.read()
+        assert not _wait_gone(workers), "workers outlived the interrupted table"
+        assert not (tmp_path / "t" / "sasrec" / "seed-3").exists()  # the queued run never started
+    finally:
+        if table.poll() is None:
+            os.killpg(table.pid, signal.SIGKILL)

@@ -24,10 +24,10 @@ def test_training_on_cuda_learns_and_its_checkpoint_scores_the_same_on_cpu(tiny_
                    split=tiny_split)
     steps = result.steps
     assert steps["loss_rec"].map(math.isfinite).all()
-    assert steps["loss_rec"].iloc[-1] < steps["loss_rec"].iloc[0]  # it learns on the GPU
-    payload = load_checkpoint(tmp_path / "best.pt")
-    assert all(t.device.type == "cpu" for t in payload["model_state"].values())
-    model = model_from_checkpoint(payload, tiny_ds)
+    by_epoch = steps.groupby("epoch")["loss_rec"].mean()
+    assert by_epoch.iloc[-1] < by_epoch.iloc[0]  # it learns on the GPU
+    model = model_from_checkpoint(load_checkpoint(tmp_path / "best.pt"), tiny_ds)  # read onto the CPU
+    assert next(model.parameters()).device.type == "cpu"
     origin = int(tiny_ds.stats["first_timestamp"])
     on_cpu = evaluate(model, tiny_split.valid, config.replace(device="cpu"), time_origin=origin)
     on_gpu = evaluate(model.to("cuda"), tiny_split.valid, config, device="cuda", time_origin=origin)

@@ -145,3 +145,24 @@ def test_a_table_reuses_a_finished_run_only_for_the_same_data_and_settings(tiny_
     assert not _finished(folder, "tiny", tiny_model_config.replace(w_category=0.0), tiny_train_config)
     assert not _finished(folder, "tiny", tiny_model_config, tiny_train_config.replace(lr=0.01))
     assert not _finished(folder / "missing", "tiny", tiny_model_config, tiny_train_config)
+    assert _finished(folder, "tiny", tiny_model_config, tiny_train_config.replace(device="cuda"))  # where, not what
+    assert not _finished(folder, "tiny", tiny_model_config.replace(category_columns=99), tiny_train_config)
+
+
+def test_a_table_reuses_a_run_saved_before_a_setting_existed(tiny_run, tiny_model_config, tiny_train_config,
+                                                             tmp_path):
+    """A results.json written before ``category_columns`` existed holds that setting's
+    default, so it is reused; one holding a field this version does not know is not."""
+    import json
+    import shutil
+
+    from hm4sr_core.experiments import _finished
+    folder = tmp_path / "old"
+    shutil.copytree(tiny_run[1], folder)
+    record = json.loads((folder / "results.json").read_text())
+    del record["config"]["model"]["category_columns"]
+    (folder / "results.json").write_text(json.dumps(record))
+    assert _finished(folder, "tiny", tiny_model_config, tiny_train_config)
+    record["config"]["model"]["from_the_future"] = 1
+    (folder / "results.json").write_text(json.dumps(record))
+    assert not _finished(folder, "tiny", tiny_model_config, tiny_train_config)
