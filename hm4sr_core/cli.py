@@ -125,8 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     ta = sub.add_parser("table", help="train HM4SR, the reference, SASRec and the ablations over seeds; "
                                       "write the results table",
                         description="For each model (hm4sr, sasrec, reference and one-switch ablations) and each "
-                                    "seed, train into OUT/<model>/seed-<S>/ (finished runs are reused), rescore "
-                                    "HM4SR with shuffled and zeroed timestamps, and write OUT/table.md: mean +- std "
+                                    "seed, train into OUT/<model>/seed-<S>/ (finished runs are reused, unfinished "
+                                    "ones resumed), rescore HM4SR with shuffled and zeroed timestamps, and write "
+                                    "OUT/table.md: mean +- std "
                                     "over seeds with paired Wilcoxon p-values against HM4SR.")
     ta.add_argument("--data", required=True, help="prepared dataset name or folder")
     ta.add_argument("--out", required=True, help="folder for the runs and table.md")

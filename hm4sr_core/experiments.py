@@ -115,18 +115,32 @@ def _train_table_run(data, name: str, train_config, folder: Path, data_hash: str
                      progress: bool, threads: int = 0) -> float:
     """One (model, seed) run of the table; a top-level function so that worker processes
     can run it. ``data`` is a loaded Dataset, or its name/folder (loaded here, in a worker).
-    Returns its wall time in seconds."""
+
+    A run a killed table left unfinished (``last.pt``, no ``results.json``) is resumed from
+    its last epoch when its data and settings match (``train(resume=True)`` reaches the
+    uninterrupted result); otherwise it is trained from scratch. Returns wall seconds."""
     import time
 
     import torch
 
     from .data.store import load_dataset
+    from .train import train
     if threads and not train_config.threads:
         torch.set_num_threads(threads)
     t0 = time.perf_counter()
-    from .train import train
     dataset = load_dataset(data) if isinstance(data, (str, Path)) else data
-    train(dataset, table_model_config(name), train_config, out_dir=folder, data_hash=data_hash, progress=progress)
+    resume = (folder / "last.pt").exists() and not (folder / "results.json").exists()
+    if resume:
+        print(f"[table] {folder}: resuming the unfinished run from last.pt", flush=True)
+    try:
+        train(dataset, table_model_config(name), train_config, out_dir=folder, data_hash=data_hash,
+              progress=progress, resume=resume)
+    except ValueError as error:
+        if not (resume and "last.pt" in str(error)):  # its data, settings or format differ
+            raise
+        print(f"[table] {folder}: {error}; training from scratch instead", flush=True)
+        train(dataset, table_model_config(name), train_config, out_dir=folder, data_hash=data_hash,
+              progress=progress)
     return time.perf_counter() - t0
 
 

@@ -307,3 +307,28 @@ def test_ctrl_c_stops_the_table_and_its_queue(prepared, tmp_path):
     finally:
         if table.poll() is None:
             os.killpg(table.pid, signal.SIGKILL)
+
+
+def test_table_resumes_a_run_a_killed_table_left_unfinished(prepared, tmp_path, capsys):
+    import pandas as pd
+    out, whole = tmp_path / "t", tmp_path / "whole"
+    common = ["--data", prepared, "--models", "sasrec", "--seeds", "1", "--quiet", *TINY_SETS[8:]]
+    assert _run(capsys, "table", "--out", out, *common, "--set", "epochs=1")[0] == 0
+    run = out / "sasrec" / "seed-1"
+    first = pd.read_csv(run / "epochs.csv")
+    (run / "results.json").unlink()  # as if the table had been killed after epoch 1 of 2
+
+    code, text, err = _run(capsys, "table", "--out", out, *common, "--set", "epochs=2")
+    assert code == 0, err
+    assert "resuming the unfinished run" in text
+    resumed = pd.read_csv(run / "epochs.csv")
+    assert len(resumed) == 2 and resumed["train_seconds"].iloc[0] == first["train_seconds"].iloc[0]
+    assert _run(capsys, "table", "--out", whole, *common, "--set", "epochs=2")[0] == 0
+    assert json.loads((run / "results.json").read_text())["test"] == \
+        json.loads((whole / "sasrec" / "seed-1" / "results.json").read_text())["test"]
+
+    (run / "results.json").unlink()  # unfinished again, but now asked with another learning rate
+    code, text, err = _run(capsys, "table", "--out", out, *common, "--set", "epochs=2", "--set", "lr=0.01")
+    assert code == 0, err
+    assert "training from scratch instead" in text
+    assert pd.read_csv(run / "epochs.csv")["train_seconds"].iloc[0] != first["train_seconds"].iloc[0]
