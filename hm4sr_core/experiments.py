@@ -132,15 +132,14 @@ def _train_table_run(data, name: str, train_config, folder: Path, data_hash: str
     resume = (folder / "last.pt").exists() and not (folder / "results.json").exists()
     if resume:
         print(f"[table] {folder}: resuming the unfinished run from last.pt", flush=True)
+    run = dict(out_dir=folder, data_hash=data_hash, progress=progress)
     try:
-        train(dataset, table_model_config(name), train_config, out_dir=folder, data_hash=data_hash,
-              progress=progress, resume=resume)
+        train(dataset, table_model_config(name), train_config, resume=resume, **run)
     except ValueError as error:
         if not (resume and "last.pt" in str(error)):  # its data, settings or format differ
             raise
         print(f"[table] {folder}: {error}; training from scratch instead", flush=True)
-        train(dataset, table_model_config(name), train_config, out_dir=folder, data_hash=data_hash,
-              progress=progress)
+        train(dataset, table_model_config(name), train_config, **run)
     return time.perf_counter() - t0
 
 
@@ -185,9 +184,9 @@ def run_table(data: str, out: str | Path, *, seeds=(2025, 2026, 2027), models=tu
     metrics = ["ndcg@10", "ndcg@20", "hr@10", "hr@20", "mrr@10", "coverage@10", "popularity@10"]
     table = compare_runs(groups, metrics)
     devices: dict[str, int] = {}
-    for m in models:
-        for record in load_group(out / m).records:
-            device = record.get("config", {}).get("train", {}).get("device", "cpu")
+    for m in models:  # the same seed-*/ folders compare_runs read, their results.json only
+        for path in sorted((out / m).glob("seed-*/results.json")):
+            device = json.loads(path.read_text()).get("config", {}).get("train", {}).get("device", "cpu")
             devices[device] = devices.get(device, 0) + 1
     trained_on = ", ".join(f"{n} on {d}" for d, n in sorted(devices.items()))
     text = (f"Dataset {dataset.name} ({manifest['data_hash'][:12]}), {len(seeds)} seeds, test split, "

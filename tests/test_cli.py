@@ -202,6 +202,7 @@ def test_table_trains_runs_in_parallel_workers_and_reuses_them(prepared, tmp_pat
     assert "sasrec seed 1 trained" in text and "id_only seed 1 trained" in text
     stamps = {m: (out / m / "seed-1" / "results.json").stat().st_mtime_ns for m in ("sasrec", "id_only")}
     assert (out / "table.md").read_text().count("| sasrec | 1 |") == 1
+    assert "Runs trained: 2 on cpu." in (out / "table.md").read_text()
     code, text, err = _run(capsys, *argv, "--set", "threads=1")  # threads: speed only, runs reused
     assert code == 0, err
     assert "runs to train" not in text and "training again" not in text
