@@ -47,28 +47,25 @@ class HM4SROutput:
 # ----------------------------------------------------------------------------- modules
 
 
-class _Dropout(torch.autograd.Function):
-    """Inverted dropout whose mask costs a quarter of the random draws of F.dropout on CPU.
+def dropout_mask(shape: tuple[int, ...], p: float, like: torch.Tensor) -> torch.Tensor:
+    """Inverted-dropout mask: 1 / (1 - p) where kept, 0 where dropped, keep-probability
+    1 - p to 1/65536 (exact when p is a multiple of 1/256); multiplying by it is the
+    whole dropout, forward and backward.
 
-    Each int64 draw from torch's generator gives four 16-bit lanes; an element is kept
-    when its lane >= p * 65536 (keep-probability exact to 1/65536). The mask is saved
-    as bool for the backward. Seeded by torch's global generator, like F.dropout."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, p: float):
-        n = x.numel()
-        words = torch.randint(-(2**63), 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64, device=x.device)
-        lanes = words.view(torch.int16)[:n].view(x.shape)
-        keep = lanes >= int(round(p * 65536)) - 32768
-        scale = 1.0 / (1.0 - p)
-        ctx.save_for_backward(keep)
-        ctx.scale = scale
-        return (x * keep).mul_(scale)  # torch.where with a scalar is several times slower on CPU
-
-    @staticmethod
-    def backward(ctx, grad):
-        (keep,) = ctx.saved_tensors
-        return (grad * keep).mul_(ctx.scale), None
+    On CPU torch's Bernoulli draw costs a generator call per element; here each int64
+    draw gives four 16-bit lanes and an element is kept when its lane >= p * 65536, or
+    eight 8-bit lanes when p is a multiple of 1/256 (the default 0.5: then exact with
+    half the draws). The comparison writes the float mask directly. Seeded by torch's
+    global generator, like F.dropout."""
+    n = math.prod(shape)
+    bits = 8 if float(p * 256).is_integer() else 16
+    per_word = 64 // bits
+    words = torch.randint(-(2**63), 2**63 - 1, ((n + per_word - 1) // per_word,), dtype=torch.int64,
+                          device=like.device)
+    lanes = words.view(torch.int8 if bits == 8 else torch.int16)[:n].view(shape)
+    mask = torch.empty(shape, dtype=like.dtype, device=like.device)
+    torch.ge(lanes, int(round(p * 2**bits)) - 2 ** (bits - 1), out=mask)
+    return mask.mul_(1.0 / (1.0 - p))
 
 
 def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
@@ -77,7 +74,7 @@ def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
         return x
     if x.device.type != "cpu":
         return F.dropout(x, p, True)
-    return _Dropout.apply(x, p)
+    return x * dropout_mask(x.shape, p, x)
 
 
 class TimeEmbedding(nn.Module):
@@ -157,6 +154,9 @@ class InteractiveMoE(nn.Module):
                               + pos_logits, dim=-1)  # (B, T, S, E)
         item_out = self.experts(rows.reshape(U, S * d))  # (U, E*S*d), bias included
         pos_out = F.linear(position.repeat(1, S), self.experts.weight)  # (T, E*S*d)
+        if rows.device.type == "cpu":  # no (B, T, E, S, d) tensor: see _FactoredMix
+            mixed = _FactoredMix.apply(gates, item_out, pos_out, index, self.E)
+            return mixed * self.lambdas.view(1, 1, S, 1), gates
         expert_out = (F.embedding(index, item_out) + pos_out).view(*index.shape, self.E, S, d)
         return self._mix(expert_out, gates), gates
 
@@ -167,6 +167,60 @@ class InteractiveMoE(nn.Module):
         # with the transposed view it came out strided and was copied (about a quarter slower).
         mixed = (expert_out * gates.transpose(2, 3).contiguous().unsqueeze(-1)).sum(2)
         return mixed * self.lambdas.view(1, 1, S, 1)  # (B, T, S, d)
+
+
+class _FactoredMix(torch.autograd.Function):
+    """mixed[b, t, s] = sum_e gates[b, t, s, e] * (item_out[index[b, t], e, s] + pos_out[t, e, s]),
+    a few sequences at a time.
+
+    The direct form materialises the (B, T, E, S, d) expert outputs (157 MB for a prefix
+    batch of 1024 x 50 on ml-100k), its product with the gates and their gradients, each
+    a pass through main memory. Here each chunk's slice stays small, and the backward
+    recomputes it from the saved (U, E*S*d) item and (T, E*S*d) position rows instead of
+    keeping it. Gradients reach all three inputs; the item rows accumulate with
+    ``index_add_`` in token order (deterministic on CPU). Shapes: gates (B, T, S, E),
+    item_out (U, E*S*d), pos_out (T, E*S*d), index (B, T) -> (B, T, S, d)."""
+
+    CHUNK = 32  # sequences per chunk: 32 x 50 tokens x 768 floats ~ 5 MB
+
+    @staticmethod
+    def forward(ctx, gates, item_out, pos_out, index, E):
+        B, T, S, _ = gates.shape
+        U, d = item_out.shape[0], item_out.shape[1] // (E * S)
+        items, pos = item_out.view(U, E, S, d), pos_out.view(T, E, S, d)
+        g = gates.transpose(2, 3).contiguous()  # (B, T, E, S)
+        out = gates.new_empty(B, T, S, d)
+        for b0 in range(0, B, _FactoredMix.CHUNK):
+            b1 = min(B, b0 + _FactoredMix.CHUNK)
+            x = items.index_select(0, index[b0:b1].reshape(-1)).view(b1 - b0, T, E, S, d)
+            x += pos
+            x *= g[b0:b1].unsqueeze(-1)
+            torch.sum(x, dim=2, out=out[b0:b1])
+        ctx.save_for_backward(g, item_out, pos_out, index)
+        ctx.E = E
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        g, item_out, pos_out, index = ctx.saved_tensors
+        E = ctx.E
+        B, T, _, S = g.shape
+        U, d = item_out.shape[0], item_out.shape[1] // (E * S)
+        items, pos = item_out.view(U, E, S, d), pos_out.view(T, E, S, d)
+        grad = grad.contiguous()
+        grad_g = g.new_empty(B, T, E, S)
+        grad_items, grad_pos = torch.zeros_like(item_out), pos_out.new_zeros(T, E, S, d)
+        for b0 in range(0, B, _FactoredMix.CHUNK):
+            b1 = min(B, b0 + _FactoredMix.CHUNK)
+            idx = index[b0:b1].reshape(-1)
+            gr = grad[b0:b1].unsqueeze(2)  # (n, T, 1, S, d)
+            x = items.index_select(0, idx).view(b1 - b0, T, E, S, d)
+            x += pos
+            torch.sum(x.mul_(gr), dim=-1, out=grad_g[b0:b1])  # d mixed / d gate = that expert's output
+            gx = g[b0:b1].unsqueeze(-1) * gr  # (n, T, E, S, d)
+            grad_pos += gx.sum(0)
+            grad_items.index_add_(0, idx, gx.view(-1, E * S * d))
+        return grad_g.transpose(2, 3), grad_items, grad_pos.view(T, -1), None, None
 
 
 class TemporalMoE(nn.Module):
@@ -214,7 +268,15 @@ class StackedLayerNorm(nn.Module):
 
 
 class StackedTransformerLayer(nn.Module):
-    """Post-LN Transformer layer (RecBole's), one set of weights per stream, causal."""
+    """Post-LN Transformer layer (RecBole's), one set of weights per stream, causal.
+
+    Weights are stacked on a stream axis (S, ...), but the forward runs stream by
+    stream on (B*T, d) matrices: a plain ``addmm`` per stream is a quarter to a third
+    faster than one batched ``baddbmm`` on CPU, LayerNorm takes its stream's gain and
+    bias in the fused kernel, and dropout-then-residual is one ``addcmul``. On CPU the
+    dropout masks of all streams are drawn before the loop, in the order and sizes of
+    the stacked computation (attention, output, feed-forward), so a seed gives the same
+    masks whatever the loop does."""
 
     def __init__(self, S: int, d: int, heads: int, inner: int, hidden_dropout: float,
                  attention_dropout: float, eps: float):
@@ -229,53 +291,88 @@ class StackedTransformerLayer(nn.Module):
         self.hidden_dropout = hidden_dropout
         self.attention_dropout = attention_dropout
 
-    def forward(self, x: torch.Tensor, streams: torch.Tensor | None, last: torch.Tensor | None):
-        """x (S', B, T, d). With ``last`` ((B,) index of each sequence's last real item),
-        only that position is computed and (S', B, 1, d) returned: keys and values still
-        span the sequence, queries, attention output and feed-forward only the last row."""
-        S, B, T, d = x.shape
-        H, dh = self.heads, d // self.heads
-        drop = self.training
+    def forward(self, xs: list[torch.Tensor], streams: list[int], batch: int,
+                last: torch.Tensor | None) -> list[torch.Tensor]:
+        """xs: per stream (B*T, d), B = ``batch``; ``streams`` picks whose weights each
+        uses. With ``last`` ((B,) index of each sequence's last real item) only that
+        position is computed and (B, d) per stream returned: keys and values still span
+        the sequence, queries, attention output and feed-forward only the last row.
+        Otherwise (B*T, d) per stream."""
+        B, d = batch, xs[0].shape[1]
+        T, H = xs[0].shape[0] // B, self.heads
+        rows = T if last is None else 1
+        ph, pa = self.hidden_dropout, self.attention_dropout
+        drop_a, drop_h = self.training and pa > 0, self.training and ph > 0
+        masks = [None, None, None]
+        if xs[0].device.type == "cpu":
+            n = len(xs)
+            masks = [dropout_mask((n, B * H, rows, T), pa, xs[0]) if drop_a else None,
+                     dropout_mask((n, B * rows, d), ph, xs[0]) if drop_h else None,
+                     dropout_mask((n, B * rows, d), ph, xs[0]) if drop_h else None]
         if last is None:
-            qkv = self.qkv(x.reshape(S, B * T, d), streams).view(S * B, T, 3, H, dh)
-            q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # each (S*B, H, T, dh), views
-            # Left-aligned sequences: the causal mask alone keeps padding (after the last
-            # real item) out of every real position's attention.
-            a = attention(q, k, v, None, self.attention_dropout, drop)
-            rows, residual = T, x
+            pick, allowed = None, None  # causal: the mask alone keeps padding (after the last item) out
         else:
-            # Keys and values at every position, the query at the last one only.
-            residual = torch.gather(x, 2, last.view(1, B, 1, 1).expand(S, B, 1, d))
-            q = self.qkv(residual.reshape(S, B, d), streams, slice(0, d)).view(S * B, 1, H, dh).transpose(1, 2)
-            kv = self.qkv(x.reshape(S, B * T, d), streams, slice(d, 3 * d)).view(S * B, T, 2, H, dh)
-            k, v = (t.transpose(1, 2) for t in kv.unbind(2))
-            keep = (torch.arange(T, device=x.device).view(1, T) <= last.view(B, 1))  # (B, T)
-            mask = keep.repeat(S, 1).view(S * B, 1, 1, T)
-            a = attention(q, k, v, mask, self.attention_dropout, drop)
-            rows = 1
-        a = a.view(S, B, H, rows, dh).permute(0, 1, 3, 2, 4).reshape(S, B * rows, d)
-        h = dropout(self.out(a, streams), self.hidden_dropout, drop) + residual.reshape(S, B * rows, d)
-        h = self.ln1(h, streams)
-        f = self.ff2(F.gelu(self.ff1(h, streams)), streams)
-        h = self.ln2(dropout(f, self.hidden_dropout, drop) + h, streams)
-        return h.view(S, B, rows, d)
+            pick = torch.arange(B, device=last.device) * T + last  # row of each sequence's last item
+            allowed = torch.arange(T, device=last.device).view(1, T) <= last.view(B, 1)  # (B, T)
+        outs = []
+        for i, s in enumerate(streams):
+            x = xs[i]
+            w, b = self.qkv.weight[s], self.qkv.bias[s, 0]
+            if pick is None:
+                residual = x
+                q, k, v = torch.addmm(b, x, w).view(B, T, 3, H, d // H).unbind(2)
+            else:
+                residual = x.index_select(0, pick)  # (B, d)
+                q = torch.addmm(b[:d], residual, w[:, :d]).view(B, 1, H, d // H)
+                k, v = torch.addmm(b[d:], x, w[:, d:]).view(B, T, 2, H, d // H).unbind(2)
+            m = [mk[i] if mk is not None else None for mk in masks]
+            a = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), allowed, pa,
+                          drop_a, m[0])  # (B, H, rows, dh)
+            a = a.transpose(1, 2).reshape(B * rows, d)
+            h = _dropout_add(torch.addmm(self.out.bias[s, 0], a, self.out.weight[s]), residual, ph, drop_h, m[1])
+            h = F.layer_norm(h, (d,), self.ln1.weight[s, 0], self.ln1.bias[s, 0], self.ln1.eps)
+            f = F.gelu(torch.addmm(self.ff1.bias[s, 0], h, self.ff1.weight[s]))
+            f = torch.addmm(self.ff2.bias[s, 0], f, self.ff2.weight[s])
+            h = F.layer_norm(_dropout_add(f, h, ph, drop_h, m[2]), (d,), self.ln2.weight[s, 0],
+                             self.ln2.bias[s, 0], self.ln2.eps)
+            outs.append(h)
+        return outs
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-              p: float, training: bool) -> torch.Tensor:
-    """Scaled dot-product attention, (n, H, Tq, dh) x (n, H, T, dh) -> (n, H, Tq, dh).
+def _dropout_add(x: torch.Tensor, residual: torch.Tensor, p: float, training: bool,
+                 mask: torch.Tensor | None) -> torch.Tensor:
+    """residual + dropout(x): one pass with a drawn ``mask`` (values 0 and 1/(1-p))."""
+    if mask is not None:
+        return torch.addcmul(residual, x, mask)
+    return (F.dropout(x, p, True) if training else x) + residual
 
-    Causal when ``mask`` is None, else ``mask`` (n, 1, Tq, T) marks allowed keys. Without
-    dropout the fused kernel runs; with it (training) the probabilities are dropped by
-    :func:`dropout`, which on CPU is several times cheaper than the fused kernel's."""
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor | None,
+              p: float, training: bool, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Scaled dot-product attention, (B, H, Tq, dh) x (B, H, T, dh) -> (B, H, Tq, dh).
+
+    Causal when ``allowed`` is None, else ``allowed`` (B, T) marks the keys every query
+    may see. Without dropout the fused kernel runs. With it (training) the scores are
+    one ``baddbmm`` (scale and an additive -inf mask folded in) and the probabilities
+    are multiplied by ``mask`` ((B*H, Tq, T), values 0 and 1/(1-p)) when given, else by
+    F.dropout; on CPU this is several times cheaper than the fused kernel's dropout."""
+    B, H, Tq, dh = q.shape
+    T = k.shape[2]
     if not training or p == 0.0:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
-    scores = (q @ k.transpose(-1, -2)) * (q.shape[-1] ** -0.5)  # (n, H, Tq, T)
-    if mask is None:
-        T = scores.shape[-1]
-        mask = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
-    scores = scores.masked_fill(~mask, float("-inf"))
-    return dropout(torch.softmax(scores, dim=-1), p, True) @ v
+        bool_mask = None if allowed is None else allowed.view(B, 1, 1, T)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bool_mask, is_causal=allowed is None)
+    ninf = torch.full((), float("-inf"), dtype=q.dtype, device=q.device)
+    if allowed is None:
+        bias = torch.zeros(T, T, dtype=q.dtype, device=q.device).masked_fill_(
+            torch.ones(T, T, dtype=torch.bool, device=q.device).triu_(1), ninf)
+    else:
+        bias = torch.zeros(B, 1, T, dtype=q.dtype, device=q.device).masked_fill_(
+            ~allowed.view(B, 1, T), ninf).repeat_interleave(H, dim=0)  # (B*H, 1, T)
+    scores = torch.baddbmm(bias, q.reshape(B * H, Tq, dh), k.reshape(B * H, T, dh).transpose(1, 2),
+                           alpha=dh ** -0.5)
+    probs = torch.softmax(scores, dim=-1)
+    probs = probs * mask if mask is not None else F.dropout(probs, p, True)
+    return torch.bmm(probs, v.reshape(B * H, T, dh)).view(B, H, Tq, dh)
 
 
 class StreamEncoders(nn.Module):
@@ -295,12 +392,18 @@ class StreamEncoders(nn.Module):
         """x (S', B, T, d) -> (S', B, d) at the last real position if ``last_only``, else
         (S', B, T, d) at every position. ``streams`` picks whose weights each slice uses."""
         S, B, T, d = x.shape
-        h = dropout(self.ln(x.reshape(S, B * T, d), streams), self.dropout, self.training).view(S, B, T, d)
+        ids = list(range(S)) if streams is None else [int(s) for s in streams.tolist()]
+        drop = self.training and self.dropout > 0
+        mask = dropout_mask((S, B * T, d), self.dropout, x) if drop and x.device.type == "cpu" else None
+        hs = []
+        for i, s in enumerate(ids):
+            h = F.layer_norm(x[i].reshape(B * T, d), (d,), self.ln.weight[s, 0], self.ln.bias[s, 0], self.ln.eps)
+            hs.append(h * mask[i] if mask is not None else dropout(h, self.dropout, drop))
         last = lengths - 1
         for i, layer in enumerate(self.layers):
             final = i == len(self.layers) - 1
-            h = layer(h, streams, last if (final and last_only) else None)
-        return h[:, :, 0] if last_only else h
+            hs = layer(hs, ids, B, last if (final and last_only) else None)
+        return torch.stack(hs) if last_only else torch.stack(hs).view(S, B, T, d)
 
 
 # ----------------------------------------------------------------------------- model
