@@ -47,25 +47,32 @@ class HM4SROutput:
 # ----------------------------------------------------------------------------- modules
 
 
+_BYTE_BITS = ((torch.arange(256).view(256, 1) >> torch.arange(8)) & 1).float()  # row b: the bits of byte b
+
+
 def dropout_mask(shape: tuple[int, ...], p: float, like: torch.Tensor) -> torch.Tensor:
     """Inverted-dropout mask: 1 / (1 - p) where kept, 0 where dropped, keep-probability
     1 - p to 1/65536 (exact when p is a multiple of 1/256); multiplying by it is the
     whole dropout, forward and backward.
 
-    On CPU torch's Bernoulli draw costs a generator call per element; here each int64
-    draw gives four 16-bit lanes and an element is kept when its lane >= p * 65536, or
-    eight 8-bit lanes when p is a multiple of 1/256 (the default 0.5: then exact with
-    half the draws). The comparison writes the float mask directly. Seeded by torch's
-    global generator, like F.dropout."""
+    On CPU torch's Bernoulli draw costs a generator call per element, most of a dropout's
+    time. Here random int64 words are cut into lanes: one bit per element when p = 0.5
+    (the default: kept when the bit is set), else eight bits when p is a multiple of
+    1/256 or sixteen otherwise (kept when the lane >= p * 2**bits). The mask is written
+    as floats directly. Seeded by torch's global generator, like F.dropout."""
     n = math.prod(shape)
-    bits = 8 if float(p * 256).is_integer() else 16
+    scale = 1.0 / (1.0 - p)
+    bits = 1 if p == 0.5 else 8 if float(p * 256).is_integer() else 16
     per_word = 64 // bits
     words = torch.randint(-(2**63), 2**63 - 1, ((n + per_word - 1) // per_word,), dtype=torch.int64,
                           device=like.device)
+    if bits == 1:  # each byte picks its row of eight mask values: one gather pass
+        table = _BYTE_BITS.to(device=like.device, dtype=like.dtype) * scale  # (256, 8)
+        return F.embedding(words.view(torch.uint8).long(), table).view(-1)[:n].view(shape)
     lanes = words.view(torch.int8 if bits == 8 else torch.int16)[:n].view(shape)
     mask = torch.empty(shape, dtype=like.dtype, device=like.device)
     torch.ge(lanes, int(round(p * 2**bits)) - 2 ** (bits - 1), out=mask)
-    return mask.mul_(1.0 / (1.0 - p))
+    return mask.mul_(scale)
 
 
 def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
