@@ -441,3 +441,100 @@ def test_category_columns_pads_the_target_with_zero_columns_as_the_released_code
     assert build_model(tiny_model_config, tiny_ds).category_head.out_features == C
     with pytest.raises(ValueError, match="fewer than the dataset's"):
         build_model(tiny_model_config.replace(category_columns=C - 1), tiny_ds)
+
+
+@pytest.mark.parametrize("p", [0.5, 0.25, 0.2])  # one-bit, 8-bit and 16-bit lanes
+def test_dropout_mask_values_keep_rate_and_seeding(p):
+    """Masks hold 0 and 1/(1-p) only, keep 1-p of the elements (within 6 sd), do not
+    pair neighbours, follow torch's seed, and fit sizes that are no multiple of a word."""
+    from hm4sr_core.model import dropout_mask
+    like = torch.empty(0)
+    torch.manual_seed(0)
+    m = dropout_mask((7, 1001, 13), p, like)
+    assert m.shape == (7, 1001, 13) and m.dtype == torch.float32
+    values = torch.unique(m)
+    assert len(values) == 2 and float(values[0]) == 0.0 and abs(float(values[1]) - 1 / (1 - p)) < 1e-6
+    kept = (m > 0).double().flatten()
+    n = kept.numel()
+    assert abs(float(kept.mean()) - (1 - p)) < 6 * math.sqrt(p * (1 - p) / n)
+    both = float((kept[:-1] * kept[1:]).mean())  # neighbours share a random word
+    assert abs(both - (1 - p) ** 2) < 0.01
+    torch.manual_seed(0)
+    assert torch.equal(dropout_mask((7, 1001, 13), p, like), m)
+    assert not torch.equal(dropout_mask((7, 1001, 13), p, like), m)
+
+
+def test_attention_training_path_equals_the_fused_kernel_when_nothing_is_dropped():
+    """The training path (baddbmm with the scale and an additive -inf mask, then the
+    dropout mask) with a keep-everything mask is the fused causal kernel, and its
+    last-position form is the causal result at each sequence's last item."""
+    from hm4sr_core.model import attention
+    torch.manual_seed(0)
+    B, H, T, dh = 4, 2, 6, 8
+    q, k, v = (torch.randn(B, H, T, dh) for _ in range(3))
+    full = attention(q, k, v, None, 0.5, True, torch.ones(B * H, T, T))
+    torch.testing.assert_close(full, F.scaled_dot_product_attention(q, k, v, is_causal=True))
+    last = torch.tensor([5, 0, 3, 2])
+    allowed = torch.arange(T).view(1, T) <= last.view(B, 1)
+    rows = torch.arange(B)
+    one = attention(q[rows, :, last].unsqueeze(2), k, v, allowed, 0.5, True, torch.ones(B * H, 1, T))
+    torch.testing.assert_close(one, full[rows, :, last].unsqueeze(2))
+    torch.testing.assert_close(attention(q[rows, :, last].unsqueeze(2), k, v, allowed, 0.5, False), one)
+
+
+def test_stream_encoders_equal_a_plain_post_ln_transformer_per_stream():
+    """The per-stream encoder against a direct transcription of RecBole's post-LN layer,
+    stream by stream with each stream's own weights: every position, the last
+    position only, and a subset of streams (as the placeholder pass uses)."""
+    from hm4sr_core.model import StreamEncoders
+    d, H, S = 16, 2, 3
+    cfg = ModelConfig(hidden_size=d, num_heads=H, inner_size=32, num_layers=2)
+    torch.manual_seed(0)
+    enc = StreamEncoders(S, cfg).eval()
+    with torch.no_grad():
+        for prm in enc.parameters():
+            prm.normal_(0.0, 0.3)
+    B, T = 5, 7
+    x = torch.randn(S, B, T, d)
+    lengths = torch.tensor([7, 3, 1, 5, 7])
+    causal = torch.full((T, T), float("-inf")).triu(1)
+
+    def ln(h, mod, s):
+        return F.layer_norm(h, (d,), eps=mod.eps) * mod.weight[s, 0] + mod.bias[s, 0]
+
+    def reference(s, h):
+        h = ln(h, enc.ln, s)
+        for layer in enc.layers:
+            q, k, v = (h @ layer.qkv.weight[s] + layer.qkv.bias[s, 0]).split(d, dim=-1)
+            q, k, v = (t.reshape(B, T, H, d // H).transpose(1, 2) for t in (q, k, v))
+            att = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(d // H) + causal, dim=-1) @ v
+            a = att.transpose(1, 2).reshape(B, T, d) @ layer.out.weight[s] + layer.out.bias[s, 0]
+            h = ln(a + h, layer.ln1, s)
+            f = F.gelu(h @ layer.ff1.weight[s] + layer.ff1.bias[s, 0]) @ layer.ff2.weight[s] + layer.ff2.bias[s, 0]
+            h = ln(f + h, layer.ln2, s)
+        return h
+
+    with torch.no_grad():
+        want = torch.stack([reference(s, x[s]) for s in range(S)])  # (S, B, T, d)
+        torch.testing.assert_close(enc(x, lengths, last_only=False), want, atol=1e-5, rtol=1e-5)
+        at_last = want[:, torch.arange(B), lengths - 1]  # (S, B, d)
+        torch.testing.assert_close(enc(x, lengths), at_last, atol=1e-5, rtol=1e-5)
+        sub = enc(x[1:], lengths, streams=torch.tensor([1, 2]))
+        torch.testing.assert_close(sub, at_last[1:], atol=1e-5, rtol=1e-5)
+
+
+def test_chunked_expert_mix_gradients(monkeypatch):
+    """The chunked Interactive-MoE mix (no (B, T, E, S, d) tensor) has the analytic
+    gradients for gates, item rows and position rows (float64 gradcheck, chunks of 2
+    sequences over 5 so the last chunk is short) and equals the direct form."""
+    from hm4sr_core.model import _FactoredMix
+    monkeypatch.setattr(_FactoredMix, "CHUNK", 2)
+    torch.manual_seed(0)
+    B, T, S, E, d, U = 5, 3, 2, 3, 4, 6
+    gates = torch.softmax(torch.randn(B, T, S, E, dtype=torch.float64), -1).requires_grad_()
+    items = torch.randn(U, E * S * d, dtype=torch.float64, requires_grad=True)
+    pos = torch.randn(T, E * S * d, dtype=torch.float64, requires_grad=True)
+    index = torch.randint(0, U, (B, T))
+    assert torch.autograd.gradcheck(lambda g, i, p: _FactoredMix.apply(g, i, p, index, E), (gates, items, pos))
+    direct = ((items[index] + pos).view(B, T, E, S, d) * gates.transpose(2, 3).unsqueeze(-1)).sum(2)
+    torch.testing.assert_close(_FactoredMix.apply(gates, items, pos, index, E), direct)
