@@ -47,6 +47,13 @@ class HM4SROutput:
 # ----------------------------------------------------------------------------- modules
 
 
+def cpu_kernels(t: torch.Tensor) -> bool:
+    """Whether ``t`` takes the CPU-tuned paths (drawn dropout masks, the chunked expert
+    mix); elsewhere the stock kernels run (F.dropout, the direct mix), which are the
+    fast ones on a GPU. Tests switch it off to run those paths on the CPU."""
+    return t.device.type == "cpu"
+
+
 _BYTE_BITS = ((torch.arange(256).view(256, 1) >> torch.arange(8)) & 1).float()  # row b: the bits of byte b
 
 
@@ -79,7 +86,7 @@ def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     """Same distribution as ``F.dropout`` (to 1/65536 in p), cheaper masks on CPU."""
     if not training or p == 0.0:
         return x
-    if x.device.type != "cpu":
+    if not cpu_kernels(x):
         return F.dropout(x, p, True)
     return x * dropout_mask(x.shape, p, x)
 
@@ -161,7 +168,7 @@ class InteractiveMoE(nn.Module):
                               + pos_logits, dim=-1)  # (B, T, S, E)
         item_out = self.experts(rows.reshape(U, S * d))  # (U, E*S*d), bias included
         pos_out = F.linear(position.repeat(1, S), self.experts.weight)  # (T, E*S*d)
-        if rows.device.type == "cpu":  # no (B, T, E, S, d) tensor: see _FactoredMix
+        if cpu_kernels(rows):  # no (B, T, E, S, d) tensor: see _FactoredMix
             mixed = _FactoredMix.apply(gates, item_out, pos_out, index, self.E)
             return mixed * self.lambdas.view(1, 1, S, 1), gates
         expert_out = (F.embedding(index, item_out) + pos_out).view(*index.shape, self.E, S, d)
@@ -311,7 +318,7 @@ class StackedTransformerLayer(nn.Module):
         ph, pa = self.hidden_dropout, self.attention_dropout
         drop_a, drop_h = self.training and pa > 0, self.training and ph > 0
         masks = [None, None, None]
-        if xs[0].device.type == "cpu":
+        if cpu_kernels(xs[0]):
             n = len(xs)
             masks = [dropout_mask((n, B * H, rows, T), pa, xs[0]) if drop_a else None,
                      dropout_mask((n, B * rows, d), ph, xs[0]) if drop_h else None,
@@ -401,7 +408,7 @@ class StreamEncoders(nn.Module):
         S, B, T, d = x.shape
         ids = list(range(S)) if streams is None else [int(s) for s in streams.tolist()]
         drop = self.training and self.dropout > 0
-        mask = dropout_mask((S, B * T, d), self.dropout, x) if drop and x.device.type == "cpu" else None
+        mask = dropout_mask((S, B * T, d), self.dropout, x) if drop and cpu_kernels(x) else None
         hs = []
         for i, s in enumerate(ids):
             h = F.layer_norm(x[i].reshape(B * T, d), (d,), self.ln.weight[s, 0], self.ln.bias[s, 0], self.ln.eps)

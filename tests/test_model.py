@@ -538,3 +538,26 @@ def test_chunked_expert_mix_gradients(monkeypatch):
     assert torch.autograd.gradcheck(lambda g, i, p: _FactoredMix.apply(g, i, p, index, E), (gates, items, pos))
     direct = ((items[index] + pos).view(B, T, E, S, d) * gates.transpose(2, 3).unsqueeze(-1)).sum(2)
     torch.testing.assert_close(_FactoredMix.apply(gates, items, pos, index, E), direct)
+
+
+def test_the_stock_kernel_paths_used_off_the_cpu_agree_with_the_cpu_paths(tiny_ds, tiny_split, tiny_model_config,
+                                                                          monkeypatch):
+    """Off the CPU (a GPU) dropout is F.dropout and the expert mix is the direct form.
+    Run those paths here: without dropout they give the CPU paths' result, and with it
+    every parameter still gets a gradient."""
+    import hm4sr_core.model as model_module
+    model = _model(tiny_model_config, tiny_ds)
+    batch = _dense_batch(tiny_split, 8, seed=1)
+    model.eval()
+    with torch.no_grad():
+        cpu = model(batch, losses=True, scores=True, generator=torch.Generator().manual_seed(0))
+        monkeypatch.setattr(model_module, "cpu_kernels", lambda t: False)
+        stock = model(batch, losses=True, scores=True, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(stock.scores, cpu.scores, atol=1e-5, rtol=1e-5)
+    for name in cpu.losses:
+        torch.testing.assert_close(stock.losses[name], cpu.losses[name], atol=1e-5, rtol=1e-5)
+    model.train()
+    out = model(batch, losses=True, generator=torch.Generator().manual_seed(0))
+    out.loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing and torch.isfinite(out.loss)
