@@ -5,8 +5,9 @@ Transformers), then :class:`HM4SR`, then the four losses as pure functions.
 Pure torch: no file I/O, no device choice, no prints.
 
 Streams are stacked on one axis: ``(B, T, S, d)`` with S = 1 (ID) + M feature
-modalities. Each stream keeps its own weights (stacked as ``(S, ...)`` tensors), so
-the S Transformers run as one batched computation instead of S Python calls.
+modalities. Each stream keeps its own weights, stacked as ``(S, ...)`` tensors; the
+Transformers run stream by stream on ``(B*T, d)`` matrices (plain ``addmm`` is faster
+on CPU than one batched matmul over streams, and S is small).
 """
 
 from __future__ import annotations
@@ -262,11 +263,13 @@ class StackedLinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(num_streams, d_in, d_out))
         self.bias = nn.Parameter(torch.zeros(num_streams, 1, d_out))
 
-    def forward(self, x: torch.Tensor, streams: torch.Tensor | None = None,
-                columns: slice = slice(None)) -> torch.Tensor:
-        """(S', n, in) -> (S', n, out); ``columns`` computes only those outputs."""
-        w, b = (self.weight, self.bias) if streams is None else (self.weight[streams], self.bias[streams])
-        return torch.baddbmm(b[..., columns], x, w[..., columns])
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(S, n, in) -> (S, n, out), every stream at once."""
+        return torch.baddbmm(self.bias, x, self.weight)
+
+    def stream(self, x: torch.Tensor, s: int, columns: slice = slice(None)) -> torch.Tensor:
+        """(n, in) -> (n, out) with stream ``s``'s layer; ``columns`` computes only those outputs."""
+        return torch.addmm(self.bias[s, 0, columns], x, self.weight[s, :, columns])
 
 
 class StackedLayerNorm(nn.Module):
@@ -276,9 +279,9 @@ class StackedLayerNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(num_streams, 1, d))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor, streams: torch.Tensor | None = None) -> torch.Tensor:
-        w, b = (self.weight, self.bias) if streams is None else (self.weight[streams], self.bias[streams])
-        return F.layer_norm(x, x.shape[-1:], eps=self.eps) * w + b
+    def forward(self, x: torch.Tensor, s: int) -> torch.Tensor:
+        """(n, d) normalised with stream ``s``'s gain and bias (one fused kernel)."""
+        return F.layer_norm(x, x.shape[-1:], self.weight[s, 0], self.bias[s, 0], self.eps)
 
 
 class StackedTransformerLayer(nn.Module):
@@ -331,25 +334,20 @@ class StackedTransformerLayer(nn.Module):
         outs = []
         for i, s in enumerate(streams):
             x = xs[i]
-            w, b = self.qkv.weight[s], self.qkv.bias[s, 0]
             if pick is None:
                 residual = x
-                q, k, v = torch.addmm(b, x, w).view(B, T, 3, H, d // H).unbind(2)
+                q, k, v = self.qkv.stream(x, s).view(B, T, 3, H, d // H).unbind(2)
             else:
                 residual = x.index_select(0, pick)  # (B, d)
-                q = torch.addmm(b[:d], residual, w[:, :d]).view(B, 1, H, d // H)
-                k, v = torch.addmm(b[d:], x, w[:, d:]).view(B, T, 2, H, d // H).unbind(2)
+                q = self.qkv.stream(residual, s, slice(0, d)).view(B, 1, H, d // H)
+                k, v = self.qkv.stream(x, s, slice(d, 3 * d)).view(B, T, 2, H, d // H).unbind(2)
             m = [mk[i] if mk is not None else None for mk in masks]
             a = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), allowed, pa,
                           drop_a, m[0])  # (B, H, rows, dh)
             a = a.transpose(1, 2).reshape(B * rows, d)
-            h = _dropout_add(torch.addmm(self.out.bias[s, 0], a, self.out.weight[s]), residual, ph, drop_h, m[1])
-            h = F.layer_norm(h, (d,), self.ln1.weight[s, 0], self.ln1.bias[s, 0], self.ln1.eps)
-            f = F.gelu(torch.addmm(self.ff1.bias[s, 0], h, self.ff1.weight[s]))
-            f = torch.addmm(self.ff2.bias[s, 0], f, self.ff2.weight[s])
-            h = F.layer_norm(_dropout_add(f, h, ph, drop_h, m[2]), (d,), self.ln2.weight[s, 0],
-                             self.ln2.bias[s, 0], self.ln2.eps)
-            outs.append(h)
+            h = self.ln1(_dropout_add(self.out.stream(a, s), residual, ph, drop_h, m[1]), s)
+            f = self.ff2.stream(F.gelu(self.ff1.stream(h, s)), s)
+            outs.append(self.ln2(_dropout_add(f, h, ph, drop_h, m[2]), s))
         return outs
 
 
@@ -411,7 +409,7 @@ class StreamEncoders(nn.Module):
         mask = dropout_mask((S, B * T, d), self.dropout, x) if drop and cpu_kernels(x) else None
         hs = []
         for i, s in enumerate(ids):
-            h = F.layer_norm(x[i].reshape(B * T, d), (d,), self.ln.weight[s, 0], self.ln.bias[s, 0], self.ln.eps)
+            h = self.ln(x[i].reshape(B * T, d), s)
             hs.append(h * mask[i] if mask is not None else dropout(h, self.dropout, drop))
         last = lengths - 1
         for i, layer in enumerate(self.layers):
