@@ -399,12 +399,12 @@ class StreamEncoders(nn.Module):
                                     config.hidden_dropout, config.attention_dropout, config.layer_norm_eps)
             for _ in range(config.num_layers)])
 
-    def forward(self, x: torch.Tensor, lengths: torch.Tensor, *, streams: torch.Tensor | None = None,
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor, *, streams: list[int] | None = None,
                 last_only: bool = True) -> torch.Tensor:
         """x (S', B, T, d) -> (S', B, d) at the last real position if ``last_only``, else
         (S', B, T, d) at every position. ``streams`` picks whose weights each slice uses."""
         S, B, T, d = x.shape
-        ids = list(range(S)) if streams is None else [int(s) for s in streams.tolist()]
+        ids = list(range(S)) if streams is None else [int(s) for s in streams]
         drop = self.training and self.dropout > 0
         mask = dropout_mask((S, B * T, d), self.dropout, x) if drop and cpu_kernels(x) else None
         hs = []
@@ -579,7 +579,7 @@ class HM4SR(nn.Module):
             M = len(self.modalities)
             ph = self.placeholders(tau.reshape(1, -1, tau.shape[-1]).expand(M, -1, -1)).view(M, *tau.shape[:2], -1)
             aug = torch.where(place.unsqueeze(0).unsqueeze(-1), ph, x[1:])  # (M, B, T, d)
-            h_aug = self.encoders(aug, batch.lengths, streams=torch.arange(1, self.S, device=x.device),
+            h_aug = self.encoders(aug, batch.lengths, streams=list(range(1, self.S)),
                                   last_only=not every)  # (M, B, d), or (M, B, T, d) at every position
         seq = h.permute(1, 0, 2).reshape(h.shape[1], -1)  # (B, S*d)
         out = HM4SROutput(sequence=seq, stream_names=self.stream_names, **extras)
