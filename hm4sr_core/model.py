@@ -5,9 +5,10 @@ Transformers), then :class:`HM4SR`, then the four losses as pure functions.
 Pure torch: no file I/O, no device choice, no prints.
 
 Streams are stacked on one axis: ``(B, T, S, d)`` with S = 1 (ID) + M feature
-modalities. Each stream keeps its own weights, stacked as ``(S, ...)`` tensors; the
-Transformers run stream by stream on ``(B*T, d)`` matrices (plain ``addmm`` is faster
-on CPU than one batched matmul over streams, and S is small).
+modalities. Each stream keeps its own weights, stacked as ``(S, ...)`` tensors. On CPU
+the Transformers run stream by stream on ``(B*T, d)`` matrices (plain ``addmm`` is
+faster there than one batched matmul over streams, and S is small); on a GPU all
+streams share one batched kernel per operation (:func:`cpu_kernels` decides).
 """
 
 from __future__ import annotations
@@ -202,9 +203,9 @@ class _FactoredMix(torch.autograd.Function):
     def forward(ctx, gates, item_out, pos_out, index, E):
         B, T, S, _ = gates.shape
         U, d = item_out.shape[0], item_out.shape[1] // (E * S)
-        items, pos = item_out.view(U, E, S, d), pos_out.view(T, E, S, d)
-        g = gates.transpose(2, 3).contiguous()  # (B, T, E, S)
-        out = gates.new_empty(B, T, S, d)
+        items, pos = item_out.view(U, E, S, d), pos_out.view(T, E, S, d).to(item_out.dtype)
+        g = gates.transpose(2, 3).to(item_out.dtype).contiguous()  # (B, T, E, S), one dtype throughout
+        out = item_out.new_empty(B, T, S, d)
         for b0 in range(0, B, _FactoredMix.CHUNK):
             b1 = min(B, b0 + _FactoredMix.CHUNK)
             x = items.index_select(0, index[b0:b1].reshape(-1)).view(b1 - b0, T, E, S, d)
@@ -212,30 +213,39 @@ class _FactoredMix(torch.autograd.Function):
             x *= g[b0:b1].unsqueeze(-1)
             torch.sum(x, dim=2, out=out[b0:b1])
         ctx.save_for_backward(g, item_out, pos_out, index)
-        ctx.E = E
+        ctx.E, ctx.dtypes = E, (gates.dtype, item_out.dtype, pos_out.dtype)
         return out
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         g, item_out, pos_out, index = ctx.saved_tensors
         E = ctx.E
+        want_g, want_items, want_pos = ctx.needs_input_grad[:3]
         B, T, _, S = g.shape
         U, d = item_out.shape[0], item_out.shape[1] // (E * S)
-        items, pos = item_out.view(U, E, S, d), pos_out.view(T, E, S, d)
-        grad = grad.contiguous()
-        grad_g = g.new_empty(B, T, E, S)
-        grad_items, grad_pos = torch.zeros_like(item_out), pos_out.new_zeros(T, E, S, d)
+        items, pos = item_out.view(U, E, S, d), pos_out.view(T, E, S, d).to(item_out.dtype)
+        grad = grad.to(item_out.dtype).contiguous()
+        grad_g = g.new_empty(B, T, E, S) if want_g else None
+        grad_items = torch.zeros_like(item_out) if want_items else None
+        grad_pos = item_out.new_zeros(T, E, S, d) if want_pos else None
         for b0 in range(0, B, _FactoredMix.CHUNK):
             b1 = min(B, b0 + _FactoredMix.CHUNK)
             idx = index[b0:b1].reshape(-1)
             gr = grad[b0:b1].unsqueeze(2)  # (n, T, 1, S, d)
-            x = items.index_select(0, idx).view(b1 - b0, T, E, S, d)
-            x += pos
-            torch.sum(x.mul_(gr), dim=-1, out=grad_g[b0:b1])  # d mixed / d gate = that expert's output
-            gx = g[b0:b1].unsqueeze(-1) * gr  # (n, T, E, S, d)
-            grad_pos += gx.sum(0)
-            grad_items.index_add_(0, idx, gx.view(-1, E * S * d))
-        return grad_g.transpose(2, 3), grad_items, grad_pos.view(T, -1), None, None
+            if want_g:
+                x = items.index_select(0, idx).view(b1 - b0, T, E, S, d)
+                x += pos
+                torch.sum(x.mul_(gr), dim=-1, out=grad_g[b0:b1])  # d mixed / d gate = that expert's output
+            if want_items or want_pos:
+                gx = g[b0:b1].unsqueeze(-1) * gr  # (n, T, E, S, d)
+                if want_pos:
+                    grad_pos += gx.sum(0)
+                if want_items:
+                    grad_items.index_add_(0, idx, gx.view(-1, E * S * d))
+        dg, di, dp = ctx.dtypes
+        return (grad_g.transpose(2, 3).to(dg) if want_g else None, grad_items.to(di) if want_items else None,
+                grad_pos.view(T, -1).to(dp) if want_pos else None, None, None)
 
 
 class TemporalMoE(nn.Module):
@@ -263,9 +273,12 @@ class StackedLinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(num_streams, d_in, d_out))
         self.bias = nn.Parameter(torch.zeros(num_streams, 1, d_out))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(S, n, in) -> (S, n, out), every stream at once."""
-        return torch.baddbmm(self.bias, x, self.weight)
+    def forward(self, x: torch.Tensor, streams: list[int] | None = None,
+                columns: slice = slice(None)) -> torch.Tensor:
+        """(S', n, in) -> (S', n, out), the streams ``streams`` (default all) in one batched
+        product; ``columns`` computes only those outputs."""
+        w, b = (self.weight, self.bias) if streams is None else (self.weight[streams], self.bias[streams])
+        return torch.baddbmm(b[..., columns], x, w[..., columns])
 
     def stream(self, x: torch.Tensor, s: int, columns: slice = slice(None)) -> torch.Tensor:
         """(n, in) -> (n, out) with stream ``s``'s layer; ``columns`` computes only those outputs."""
@@ -283,17 +296,22 @@ class StackedLayerNorm(nn.Module):
         """(n, d) normalised with stream ``s``'s gain and bias (one fused kernel)."""
         return F.layer_norm(x, x.shape[-1:], self.weight[s, 0], self.bias[s, 0], self.eps)
 
+    def stacked(self, x: torch.Tensor, streams: list[int] | None = None) -> torch.Tensor:
+        """(S', n, d), each slice with its stream's gain and bias (``streams``, default all)."""
+        w, b = (self.weight, self.bias) if streams is None else (self.weight[streams], self.bias[streams])
+        return F.layer_norm(x, x.shape[-1:], eps=self.eps) * w + b
+
 
 class StackedTransformerLayer(nn.Module):
     """Post-LN Transformer layer (RecBole's), one set of weights per stream, causal.
 
-    Weights are stacked on a stream axis (S, ...), but the forward runs stream by
-    stream on (B*T, d) matrices: a plain ``addmm`` per stream is a quarter to a third
-    faster than one batched ``baddbmm`` on CPU, LayerNorm takes its stream's gain and
-    bias in the fused kernel, and dropout-then-residual is one ``addcmul``. On CPU the
-    dropout masks of all streams are drawn before the loop, in the order and sizes of
-    the stacked computation (attention, output, feed-forward), so a seed gives the same
-    masks whatever the loop does."""
+    Weights are stacked on a stream axis (S, ...). On CPU (:func:`cpu_kernels`) the
+    forward runs stream by stream on (B*T, d) matrices: a plain ``addmm`` per stream is
+    a quarter to a third faster than one batched ``baddbmm``, LayerNorm takes its
+    stream's gain and bias in the fused kernel, and dropout-then-residual is one
+    ``addcmul`` with masks drawn before the loop (attention, output, feed-forward, each
+    for all streams at once). Elsewhere (a GPU, where a step is bound by kernel launches)
+    :meth:`forward_stacked` runs all streams in one batched kernel per operation."""
 
     def __init__(self, S: int, d: int, heads: int, inner: int, hidden_dropout: float,
                  attention_dropout: float, eps: float):
@@ -331,6 +349,7 @@ class StackedTransformerLayer(nn.Module):
         else:
             pick = torch.arange(B, device=last.device) * T + last  # row of each sequence's last item
             allowed = torch.arange(T, device=last.device).view(1, T) <= last.view(B, 1)  # (B, T)
+        bias = score_bias(allowed, T, H, xs[0]) if drop_a else None  # shared by the streams
         outs = []
         for i, s in enumerate(streams):
             x = xs[i]
@@ -343,12 +362,39 @@ class StackedTransformerLayer(nn.Module):
                 k, v = self.qkv.stream(x, s, slice(d, 3 * d)).view(B, T, 2, H, d // H).unbind(2)
             m = [mk[i] if mk is not None else None for mk in masks]
             a = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), allowed, pa,
-                          drop_a, m[0])  # (B, H, rows, dh)
+                          drop_a, m[0], bias)  # (B, H, rows, dh)
             a = a.transpose(1, 2).reshape(B * rows, d)
             h = self.ln1(_dropout_add(self.out.stream(a, s), residual, ph, drop_h, m[1]), s)
             f = self.ff2.stream(F.gelu(self.ff1.stream(h, s)), s)
             outs.append(self.ln2(_dropout_add(f, h, ph, drop_h, m[2]), s))
         return outs
+
+    def forward_stacked(self, x: torch.Tensor, streams: list[int] | None, last: torch.Tensor | None) -> torch.Tensor:
+        """The same layer on x (S', B, T, d), every stream in one batched kernel per
+        operation; returns (S', B, T, d), or (S', B, 1, d) with ``last``."""
+        S, B, T, d = x.shape
+        H, dh = self.heads, d // self.heads
+        ph, drop = self.hidden_dropout, self.training
+        if last is None:
+            qkv = self.qkv(x.reshape(S, B * T, d), streams).view(S * B, T, 3, H, dh)
+            q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # each (S*B, H, T, dh), views
+            a = attention(q, k, v, None, self.attention_dropout, drop)
+            rows, residual = T, x
+        else:
+            # Keys and values at every position, the query at the last one only.
+            residual = torch.gather(x, 2, last.view(1, B, 1, 1).expand(S, B, 1, d))
+            q = self.qkv(residual.reshape(S, B, d), streams, slice(0, d)).view(S * B, 1, H, dh).transpose(1, 2)
+            kv = self.qkv(x.reshape(S, B * T, d), streams, slice(d, 3 * d)).view(S * B, T, 2, H, dh)
+            k, v = (t.transpose(1, 2) for t in kv.unbind(2))
+            allowed = (torch.arange(T, device=x.device).view(1, T) <= last.view(B, 1)).repeat(S, 1)  # (S*B, T)
+            a = attention(q, k, v, allowed, self.attention_dropout, drop)
+            rows = 1
+        a = a.view(S, B, H, rows, dh).permute(0, 1, 3, 2, 4).reshape(S, B * rows, d)
+        h = dropout(self.out(a, streams), ph, drop) + residual.reshape(S, B * rows, d)
+        h = self.ln1.stacked(h, streams)
+        f = self.ff2(F.gelu(self.ff1(h, streams)), streams)
+        h = self.ln2.stacked(dropout(f, ph, drop) + h, streams)
+        return h.view(S, B, rows, d)
 
 
 def _dropout_add(x: torch.Tensor, residual: torch.Tensor, p: float, training: bool,
@@ -359,27 +405,35 @@ def _dropout_add(x: torch.Tensor, residual: torch.Tensor, p: float, training: bo
     return (F.dropout(x, p, True) if training else x) + residual
 
 
+def score_bias(allowed: torch.Tensor | None, T: int, H: int, like: torch.Tensor) -> torch.Tensor:
+    """Additive attention mask: 0 where a query may look, -inf elsewhere. Causal (T, T)
+    when ``allowed`` is None, else (B*H, 1, T) from ``allowed`` (B, T), per head."""
+    if allowed is None:
+        hide = torch.ones(T, T, dtype=torch.bool, device=like.device).triu_(1)
+        return torch.zeros(T, T, dtype=like.dtype, device=like.device).masked_fill_(hide, float("-inf"))
+    B = allowed.shape[0]
+    bias = torch.zeros(B, 1, T, dtype=like.dtype, device=like.device).masked_fill_(~allowed.view(B, 1, T), float("-inf"))
+    return bias.repeat_interleave(H, dim=0)
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor | None,
-              p: float, training: bool, mask: torch.Tensor | None = None) -> torch.Tensor:
+              p: float, training: bool, mask: torch.Tensor | None = None,
+              bias: torch.Tensor | None = None) -> torch.Tensor:
     """Scaled dot-product attention, (B, H, Tq, dh) x (B, H, T, dh) -> (B, H, Tq, dh).
 
     Causal when ``allowed`` is None, else ``allowed`` (B, T) marks the keys every query
-    may see. Without dropout the fused kernel runs. With it (training) the scores are
-    one ``baddbmm`` (scale and an additive -inf mask folded in) and the probabilities
-    are multiplied by ``mask`` ((B*H, Tq, T), values 0 and 1/(1-p)) when given, else by
+    may see. Without dropout (evaluation, or p = 0) the fused kernel runs. With it
+    (training) the scores are one ``baddbmm`` (the scale and the additive mask of
+    :func:`score_bias` folded in; pass ``bias`` to reuse one) and the probabilities are
+    multiplied by ``mask`` ((B*H, Tq, T), values 0 and 1/(1-p)) when given, else by
     F.dropout; on CPU this is several times cheaper than the fused kernel's dropout."""
     B, H, Tq, dh = q.shape
     T = k.shape[2]
     if not training or p == 0.0:
         bool_mask = None if allowed is None else allowed.view(B, 1, 1, T)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bool_mask, is_causal=allowed is None)
-    ninf = torch.full((), float("-inf"), dtype=q.dtype, device=q.device)
-    if allowed is None:
-        bias = torch.zeros(T, T, dtype=q.dtype, device=q.device).masked_fill_(
-            torch.ones(T, T, dtype=torch.bool, device=q.device).triu_(1), ninf)
-    else:
-        bias = torch.zeros(B, 1, T, dtype=q.dtype, device=q.device).masked_fill_(
-            ~allowed.view(B, 1, T), ninf).repeat_interleave(H, dim=0)  # (B*H, 1, T)
+    if bias is None:
+        bias = score_bias(allowed, T, H, q)
     scores = torch.baddbmm(bias, q.reshape(B * H, Tq, dh), k.reshape(B * H, T, dh).transpose(1, 2),
                            alpha=dh ** -0.5)
     probs = torch.softmax(scores, dim=-1)
@@ -405,13 +459,21 @@ class StreamEncoders(nn.Module):
         (S', B, T, d) at every position. ``streams`` picks whose weights each slice uses."""
         S, B, T, d = x.shape
         ids = list(range(S)) if streams is None else [int(s) for s in streams]
+        if len(ids) != S:
+            raise ValueError(f"{len(ids)} stream ids for {S} streams of input")
         drop = self.training and self.dropout > 0
-        mask = dropout_mask((S, B * T, d), self.dropout, x) if drop and cpu_kernels(x) else None
+        last = lengths - 1
+        if not cpu_kernels(x):
+            h = dropout(self.ln.stacked(x.reshape(S, B * T, d), streams), self.dropout, drop).view(S, B, T, d)
+            for i, layer in enumerate(self.layers):
+                final = i == len(self.layers) - 1
+                h = layer.forward_stacked(h, streams, last if (final and last_only) else None)
+            return h[:, :, 0] if last_only else h
+        mask = dropout_mask((S, B * T, d), self.dropout, x) if drop else None
         hs = []
         for i, s in enumerate(ids):
             h = self.ln(x[i].reshape(B * T, d), s)
-            hs.append(h * mask[i] if mask is not None else dropout(h, self.dropout, drop))
-        last = lengths - 1
+            hs.append(h * mask[i] if mask is not None else h)
         for i, layer in enumerate(self.layers):
             final = i == len(self.layers) - 1
             hs = layer(hs, ids, B, last if (final and last_only) else None)

@@ -482,38 +482,59 @@ def test_attention_training_path_equals_the_fused_kernel_when_nothing_is_dropped
     torch.testing.assert_close(attention(q[rows, :, last].unsqueeze(2), k, v, allowed, 0.5, False), one)
 
 
-def test_stream_encoders_equal_a_plain_post_ln_transformer_per_stream():
-    """The per-stream encoder against a direct transcription of RecBole's post-LN layer,
-    stream by stream with each stream's own weights: every position, the last
-    position only, and a subset of streams (as the placeholder pass uses)."""
+def _encoder_and_reference(d=16, H=2, S=3, B=5, T=7):
+    """A small StreamEncoders with random weights, an input, lengths, and a direct
+    transcription of RecBole's post-LN layer for one stream with its own weights.
+    ``masks`` (optional) replays dropout: the input mask, then per layer the attention,
+    output and feed-forward masks, each for all streams, as the encoder draws them;
+    ``last`` computes the final layer at each sequence's last item only, as the encoder
+    does for the prefix loss."""
     from hm4sr_core.model import StreamEncoders
-    d, H, S = 16, 2, 3
     cfg = ModelConfig(hidden_size=d, num_heads=H, inner_size=32, num_layers=2)
     torch.manual_seed(0)
     enc = StreamEncoders(S, cfg).eval()
     with torch.no_grad():
         for prm in enc.parameters():
             prm.normal_(0.0, 0.3)
-    B, T = 5, 7
     x = torch.randn(S, B, T, d)
     lengths = torch.tensor([7, 3, 1, 5, 7])
     causal = torch.full((T, T), float("-inf")).triu(1)
+    rows = torch.arange(B)
 
     def ln(h, mod, s):
         return F.layer_norm(h, (d,), eps=mod.eps) * mod.weight[s, 0] + mod.bias[s, 0]
 
-    def reference(s, h):
-        h = ln(h, enc.ln, s)
-        for layer in enc.layers:
+    def reference(s, h, i=None, masks=None, last=None):  # weights of stream s, slot i of the masks
+        drop = (lambda m, t: t * m[i].view(t.shape)) if masks else (lambda m, t: t)
+        m = iter(masks or [None] * 7)
+        h = drop(next(m), ln(h, enc.ln, s))
+        for j, layer in enumerate(enc.layers):
+            m_att, m_out, m_ff = next(m), next(m), next(m)
             q, k, v = (h @ layer.qkv.weight[s] + layer.qkv.bias[s, 0]).split(d, dim=-1)
             q, k, v = (t.reshape(B, T, H, d // H).transpose(1, 2) for t in (q, k, v))
-            att = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(d // H) + causal, dim=-1) @ v
-            a = att.transpose(1, 2).reshape(B, T, d) @ layer.out.weight[s] + layer.out.bias[s, 0]
-            h = ln(a + h, layer.ln1, s)
+            probs = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(d // H) + causal, dim=-1)  # (B, H, T, T)
+            if last is not None and j == len(enc.layers) - 1:  # the query at the last item only
+                probs, h = probs[rows, :, last].unsqueeze(2), h[rows, last].unsqueeze(1)  # (B, H, 1, T), (B, 1, d)
+            att = drop(m_att, probs) @ v
+            a = att.transpose(1, 2).reshape(B, -1, d) @ layer.out.weight[s] + layer.out.bias[s, 0]
+            h = ln(drop(m_out, a) + h, layer.ln1, s)
             f = F.gelu(h @ layer.ff1.weight[s] + layer.ff1.bias[s, 0]) @ layer.ff2.weight[s] + layer.ff2.bias[s, 0]
-            h = ln(f + h, layer.ln2, s)
-        return h
+            h = ln(drop(m_ff, f) + h, layer.ln2, s)
+        return h if last is None else h[:, 0]
 
+    return enc, x, lengths, reference
+
+
+@pytest.mark.parametrize("cpu_paths", [True, False], ids=["per-stream (CPU)", "stacked (GPU)"])
+def test_stream_encoders_equal_a_plain_post_ln_transformer_per_stream(cpu_paths, monkeypatch):
+    """The encoder against a direct transcription of RecBole's post-LN layer, stream by
+    stream with each stream's own weights: every position, the last position only, and
+    a subset of streams (as the placeholder pass uses); both the CPU's per-stream path
+    and the stacked path a GPU takes."""
+    import hm4sr_core.model as model_module
+    monkeypatch.setattr(model_module, "cpu_kernels", lambda t: cpu_paths)
+    enc, x, lengths, reference = _encoder_and_reference()
+    S, B = x.shape[:2]
     with torch.no_grad():
         want = torch.stack([reference(s, x[s]) for s in range(S)])  # (S, B, T, d)
         torch.testing.assert_close(enc(x, lengths, last_only=False), want, atol=1e-5, rtol=1e-5)
@@ -521,6 +542,35 @@ def test_stream_encoders_equal_a_plain_post_ln_transformer_per_stream():
         torch.testing.assert_close(enc(x, lengths), at_last, atol=1e-5, rtol=1e-5)
         sub = enc(x[1:], lengths, streams=[1, 2])
         torch.testing.assert_close(sub, at_last[1:], atol=1e-5, rtol=1e-5)
+        with pytest.raises(ValueError, match="2 stream ids for 3 streams"):
+            enc(x, lengths, streams=[1, 2])
+
+
+def test_stream_encoders_apply_each_drawn_dropout_mask_where_it_belongs(monkeypatch):
+    """Training mode on the CPU: the masks the encoder draws, replayed into the plain
+    transcription, give the encoder's output, so each stream gets its own slice of each
+    mask and no two masks are swapped; at every position, and at the last position only
+    for a subset of streams (the placeholder pass of prefix mode)."""
+    import hm4sr_core.model as model_module
+    enc, x, lengths, reference = _encoder_and_reference()
+    S = x.shape[0]
+    real, drawn = model_module.dropout_mask, []
+
+    def recording(shape, p, like):
+        drawn.append(real(shape, p, like))
+        return drawn[-1]
+
+    monkeypatch.setattr(model_module, "dropout_mask", recording)
+    enc.train()
+    with torch.no_grad():
+        got = enc(x, lengths, last_only=False)
+        assert len(drawn) == 7 and all(set(torch.unique(m).tolist()) == {0.0, 2.0} for m in drawn)
+        want = torch.stack([reference(s, x[s], s, drawn) for s in range(S)])
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        drawn.clear()
+        got = enc(x[1:], lengths, streams=[1, 2])
+        want = torch.stack([reference(s, x[s], i, drawn, last=lengths - 1) for i, s in enumerate((1, 2))])
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
 def test_chunked_expert_mix_gradients(monkeypatch):
@@ -538,6 +588,13 @@ def test_chunked_expert_mix_gradients(monkeypatch):
     assert torch.autograd.gradcheck(lambda g, i, p: _FactoredMix.apply(g, i, p, index, E), (gates, items, pos))
     direct = ((items[index] + pos).view(B, T, E, S, d) * gates.transpose(2, 3).unsqueeze(-1)).sum(2)
     torch.testing.assert_close(_FactoredMix.apply(gates, items, pos, index, E), direct)
+    # only the item rows trainable; then float32 gates with bf16 rows (CPU autocast): one dtype inside,
+    # each gradient in its input's dtype
+    assert torch.autograd.gradcheck(lambda i: _FactoredMix.apply(gates.detach(), i, pos.detach(), index, E), (items,))
+    g32 = gates.detach().float().requires_grad_()
+    i16, p16 = (t.detach().bfloat16().requires_grad_() for t in (items, pos))
+    _FactoredMix.apply(g32, i16, p16, index, E).float().sum().backward()
+    assert (g32.grad.dtype, i16.grad.dtype, p16.grad.dtype) == (torch.float32, torch.bfloat16, torch.bfloat16)
 
 
 def test_the_stock_kernel_paths_used_off_the_cpu_agree_with_the_cpu_paths(tiny_ds, tiny_split, tiny_model_config,
