@@ -39,12 +39,13 @@ def old_model_module(rev: str):
                               capture_output=True, text=True).stdout
     except subprocess.CalledProcessError as err:
         raise SystemExit(f"git show {rev}:hm4sr_core/model.py failed: {err.stderr.strip()}") from None
-    path = Path(tempfile.mkdtemp(prefix="hm4sr-ab-")) / "model.py"
-    path.write_text(text)
-    spec = importlib.util.spec_from_file_location("hm4sr_core._model_ab", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # relative imports resolve inside hm4sr_core
-    spec.loader.exec_module(module)
+    with tempfile.TemporaryDirectory(prefix="hm4sr-ab-") as folder:  # read once, at import
+        path = Path(folder) / "model.py"
+        path.write_text(text)
+        spec = importlib.util.spec_from_file_location("hm4sr_core._model_ab", path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # relative imports resolve inside hm4sr_core
+        spec.loader.exec_module(module)
     return module
 
 
@@ -91,7 +92,11 @@ def main() -> None:
     torch.manual_seed(0)
     old = old_module.build_model(config, ds)
     new = new_module.build_model(config, ds)
-    new.load_state_dict(old.state_dict())
+    try:
+        new.load_state_dict(old.state_dict())
+    except RuntimeError as err:
+        raise SystemExit(f"the models at {args.rev} and here have different parameters, so they cannot share "
+                         f"weights; pick a revision with the same parameter layout.\n{err}") from None
     print(f"baseline: model.py at {args.rev}; new: this checkout; {args.threads} threads")
 
     if args.part in ("eval", "both"):

@@ -60,9 +60,9 @@ _BYTE_BITS = ((torch.arange(256).view(256, 1) >> torch.arange(8)) & 1).float()  
 
 
 def dropout_mask(shape: tuple[int, ...], p: float, like: torch.Tensor) -> torch.Tensor:
-    """Inverted-dropout mask: 1 / (1 - p) where kept, 0 where dropped, keep-probability
-    1 - p to 1/65536 (exact when p is a multiple of 1/256); multiplying by it is the
-    whole dropout, forward and backward.
+    """Inverted-dropout mask: 1 / (1 - p) where kept, 0 where dropped; the drop
+    probability is p rounded to the nearest 1/65536 (exact when p is a multiple of
+    1/256); multiplying by it is the whole dropout, forward and backward.
 
     On CPU torch's Bernoulli draw costs a generator call per element, most of a dropout's
     time. Here random int64 words are cut into lanes: one bit per element when p = 0.5
