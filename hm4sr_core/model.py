@@ -50,9 +50,10 @@ class HM4SROutput:
 
 
 def cpu_kernels(t: torch.Tensor) -> bool:
-    """Whether ``t`` takes the CPU-tuned paths (drawn dropout masks, the chunked expert
-    mix); elsewhere the stock kernels run (F.dropout, the direct mix), which are the
-    fast ones on a GPU. Tests switch it off to run those paths on the CPU."""
+    """Whether ``t`` takes the CPU-tuned paths (drawn dropout masks, the per-stream
+    encoder, the chunked expert mix); elsewhere the stock ones run (F.dropout, one
+    batched kernel for all streams, the direct mix), which suit a GPU. Tests switch it
+    off to run those paths on the CPU."""
     return t.device.type == "cpu"
 
 
@@ -67,7 +68,7 @@ def dropout_mask(shape: tuple[int, ...], p: float, like: torch.Tensor) -> torch.
     On CPU torch's Bernoulli draw costs a generator call per element, most of a dropout's
     time. Here random int64 words are cut into lanes: one bit per element when p = 0.5
     (the default: kept when the bit is set), else eight bits when p is a multiple of
-    1/256 or sixteen otherwise (kept when the lane >= p * 2**bits). The mask is written
+    1/256 or sixteen otherwise (kept when the lane, read unsigned, is >= p * 2**bits). The mask is written
     as floats directly. Seeded by torch's global generator, like F.dropout."""
     n = math.prod(shape)
     scale = 1.0 / (1.0 - p)
