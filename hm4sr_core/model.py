@@ -68,8 +68,9 @@ def dropout_mask(shape: tuple[int, ...], p: float, like: torch.Tensor) -> torch.
     On CPU torch's Bernoulli draw costs a generator call per element, most of a dropout's
     time. Here random int64 words are cut into lanes: one bit per element when p = 0.5
     (the default: kept when the bit is set), else eight bits when p is a multiple of
-    1/256 or sixteen otherwise (kept when the lane, read unsigned, is >= p * 2**bits). The mask is written
-    as floats directly. Seeded by torch's global generator, like F.dropout."""
+    1/256 or sixteen otherwise (kept when the lane, read unsigned, is >= p * 2**bits).
+    The mask is written as floats directly. Seeded by torch's global generator, like
+    F.dropout."""
     n = math.prod(shape)
     scale = 1.0 / (1.0 - p)
     bits = 1 if p == 0.5 else 8 if float(p * 256).is_integer() else 16
