@@ -86,15 +86,6 @@ def dropout_mask(shape: tuple[int, ...], p: float, like: torch.Tensor) -> torch.
     return mask.mul_(scale)
 
 
-def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
-    """Same distribution as ``F.dropout`` (to 1/65536 in p), cheaper masks on CPU."""
-    if not training or p == 0.0:
-        return x
-    if not cpu_kernels(x):
-        return F.dropout(x, p, True)
-    return x * dropout_mask(x.shape, p, x)
-
-
 class TimeEmbedding(nn.Module):
     """tau = [interval embedding ; absolute-time embedding], (B, T, 2d) (paper eq. for TE).
 
@@ -340,12 +331,10 @@ class StackedTransformerLayer(nn.Module):
         rows = T if last is None else 1
         ph, pa = self.hidden_dropout, self.attention_dropout
         drop_a, drop_h = self.training and pa > 0, self.training and ph > 0
-        masks = [None, None, None]
-        if cpu_kernels(xs[0]):
-            n = len(xs)
-            masks = [dropout_mask((n, B * H, rows, T), pa, xs[0]) if drop_a else None,
-                     dropout_mask((n, B * rows, d), ph, xs[0]) if drop_h else None,
-                     dropout_mask((n, B * rows, d), ph, xs[0]) if drop_h else None]
+        n = len(xs)
+        masks = [dropout_mask((n, B * H, rows, T), pa, xs[0]) if drop_a else None,
+                 dropout_mask((n, B * rows, d), ph, xs[0]) if drop_h else None,
+                 dropout_mask((n, B * rows, d), ph, xs[0]) if drop_h else None]
         if last is None:
             pick, allowed = None, None  # causal: the mask alone keeps padding (after the last item) out
         else:
@@ -366,9 +355,9 @@ class StackedTransformerLayer(nn.Module):
             a = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), allowed, pa,
                           drop_a, m[0], bias)  # (B, H, rows, dh)
             a = a.transpose(1, 2).reshape(B * rows, d)
-            h = self.ln1(_dropout_add(self.out.stream(a, s), residual, ph, drop_h, m[1]), s)
+            h = self.ln1(_dropout_add(self.out.stream(a, s), residual, m[1]), s)
             f = self.ff2.stream(F.gelu(self.ff1.stream(h, s)), s)
-            outs.append(self.ln2(_dropout_add(f, h, ph, drop_h, m[2]), s))
+            outs.append(self.ln2(_dropout_add(f, h, m[2]), s))
         return outs
 
     def forward_stacked(self, x: torch.Tensor, streams: list[int] | None, last: torch.Tensor | None) -> torch.Tensor:
@@ -392,19 +381,16 @@ class StackedTransformerLayer(nn.Module):
             a = attention(q, k, v, allowed, self.attention_dropout, drop)
             rows = 1
         a = a.view(S, B, H, rows, dh).permute(0, 1, 3, 2, 4).reshape(S, B * rows, d)
-        h = dropout(self.out(a, streams), ph, drop) + residual.reshape(S, B * rows, d)
+        h = F.dropout(self.out(a, streams), ph, drop) + residual.reshape(S, B * rows, d)
         h = self.ln1.stacked(h, streams)
         f = self.ff2(F.gelu(self.ff1(h, streams)), streams)
-        h = self.ln2.stacked(dropout(f, ph, drop) + h, streams)
+        h = self.ln2.stacked(F.dropout(f, ph, drop) + h, streams)
         return h.view(S, B, rows, d)
 
 
-def _dropout_add(x: torch.Tensor, residual: torch.Tensor, p: float, training: bool,
-                 mask: torch.Tensor | None) -> torch.Tensor:
-    """residual + dropout(x): one pass with a drawn ``mask`` (values 0 and 1/(1-p))."""
-    if mask is not None:
-        return torch.addcmul(residual, x, mask)
-    return (F.dropout(x, p, True) if training else x) + residual
+def _dropout_add(x: torch.Tensor, residual: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """residual + dropout(x) in one pass, ``mask`` from :func:`dropout_mask` (None: no dropout)."""
+    return x + residual if mask is None else torch.addcmul(residual, x, mask)
 
 
 def score_bias(allowed: torch.Tensor | None, T: int, H: int, like: torch.Tensor) -> torch.Tensor:
@@ -466,7 +452,7 @@ class StreamEncoders(nn.Module):
         drop = self.training and self.dropout > 0
         last = lengths - 1
         if not cpu_kernels(x):
-            h = dropout(self.ln.stacked(x.reshape(S, B * T, d), streams), self.dropout, drop).view(S, B, T, d)
+            h = F.dropout(self.ln.stacked(x.reshape(S, B * T, d), streams), self.dropout, drop).view(S, B, T, d)
             for i, layer in enumerate(self.layers):
                 final = i == len(self.layers) - 1
                 h = layer.forward_stacked(h, streams, last if (final and last_only) else None)
