@@ -150,6 +150,8 @@ class ModelConfig(_Config):
     placeholder_min_length: int = 4  # sequences shorter than this get no placeholders (paper: n <= 3 -> none)
     initializer_range: float = 0.02  # std of the normal init of weights
     category_columns: int = 0  # width of the category target; 0 = the dataset's count, more = zero-padded (released code: 192 whatever the data)
+    feature_width: int = 0  # 0 = each modality's own width; > 0 = every feature table fitted to it (released code: 768): zero-padded, or cut to its leading singular directions
+    gap_buckets: str = "separate"  # "separate": padding and first item get interval buckets of their own; "released": both share the zero-gap bucket, as the released code
     dense_auxiliary: str = "every_position"  # dense mode: auxiliary losses at "every_position" (each position an example, as each prefix in prefix mode) or the "last_position" of each window
 
     def __post_init__(self) -> None:
@@ -172,6 +174,9 @@ class ModelConfig(_Config):
         _check(0.0 <= self.placeholder_ratio < 1.0, f"placeholder_ratio must be in [0, 1), got {self.placeholder_ratio}")
         _check(self.initializer_range > 0, f"initializer_range must be > 0, got {self.initializer_range}")
         _check(self.category_columns >= 0, f"category_columns must be >= 0, got {self.category_columns}")
+        _check(self.feature_width >= 0, f"feature_width must be >= 0, got {self.feature_width}")
+        _check(self.gap_buckets in ("separate", "released"),
+               f"gap_buckets must be 'separate' or 'released', got {self.gap_buckets!r}")
         _check(self.dense_auxiliary in ("every_position", "last_position"),
                f"dense_auxiliary must be 'every_position' or 'last_position', got {self.dense_auxiliary!r}")
 

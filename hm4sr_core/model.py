@@ -94,9 +94,13 @@ class TimeEmbedding(nn.Module):
     log2 of a negative gap at padding). absolute: cos((w t + b) * f), f_i = 10000^(-i/d).
     """
 
-    def __init__(self, d: int, interval_scale: float, normalise: bool, time_origin: float):
+    def __init__(self, d: int, interval_scale: float, normalise: bool, time_origin: float,
+                 shared_zero_bucket: bool = False):
         super().__init__()
         self.interval_scale = interval_scale
+        # True reproduces the released code (config ``gap_buckets="released"``): padding and
+        # the first item land in the zero-gap bucket (its NaN at padding cast to index 0).
+        self.shared_zero_bucket = shared_zero_bucket
         self.normalise = normalise
         self.time_origin = float(time_origin)
         self.num_buckets = GAP_BUCKET_OFFSET + int(interval_scale * MAX_GAP_LOG2) + 1
@@ -109,9 +113,12 @@ class TimeEmbedding(nn.Module):
         gaps = (timestamps[:, 1:] - timestamps[:, :-1]).clamp(min=0).double()  # shuffled times can go back
         b = torch.floor(self.interval_scale * torch.log2(gaps + 1.0)).long() + GAP_BUCKET_OFFSET
         b = b.clamp(max=self.num_buckets - 1)
-        first = torch.full_like(timestamps[:, :1], FIRST_BUCKET)
-        out = torch.cat([first, b], dim=1)
-        return torch.where(real, out, torch.full_like(out, PADDING_BUCKET))
+        if self.shared_zero_bucket:
+            first, padding = GAP_BUCKET_OFFSET, GAP_BUCKET_OFFSET
+        else:
+            first, padding = FIRST_BUCKET, PADDING_BUCKET
+        out = torch.cat([torch.full_like(timestamps[:, :1], first), b], dim=1)
+        return torch.where(real, out, torch.full_like(out, padding))
 
     def time_values(self, timestamps: torch.Tensor) -> torch.Tensor:
         """(B, T) float32: days since the dataset's first interaction, or raw seconds."""
@@ -239,6 +246,23 @@ class _FactoredMix(torch.autograd.Function):
         dg, di, dp = ctx.dtypes
         return (grad_g.transpose(2, 3).to(dg) if want_g else None, grad_items.to(di) if want_items else None,
                 grad_pos.view(T, -1).to(dp) if want_pos else None, None, None)
+
+
+def fit_feature_width(table: torch.Tensor, width: int) -> torch.Tensor:
+    """A (rows, D) feature table brought to (rows, width), as the released code's fixed
+    768-d inputs need: zero columns appended when D < width (a projection of the padded
+    table computes the same values, and Adam never moves the weights of all-zero columns);
+    when D > width, the table's coordinates on its ``width`` leading right-singular
+    directions (no centring, so the zero padding row stays zero), each direction's sign
+    fixed by its largest entry so that every device computes the same table."""
+    rows, D = table.shape
+    if D <= width:
+        return F.pad(table, (0, width - D))
+    _, _, vh = torch.linalg.svd(table.double(), full_matrices=False)
+    basis = vh[:width]  # (width, D)
+    top = basis.abs().argmax(dim=1, keepdim=True)
+    basis = basis * torch.sign(basis.gather(1, top))
+    return (table.double() @ basis.T).to(table.dtype)
 
 
 class TemporalMoE(nn.Module):
@@ -492,9 +516,12 @@ class HM4SR(nn.Module):
         self.position = nn.Embedding(config.max_length, d)  # P, shared by every stream
         self.projections = nn.ModuleList()
         for i, name in enumerate(self.modalities):
-            self.register_buffer(f"features_{i}", features[name].float(), persistent=False)  # (N+1, D_m)
+            table = features[name].float()
+            if config.feature_width:
+                table = fit_feature_width(table, config.feature_width)
+            self.register_buffer(f"features_{i}", table, persistent=False)  # (N+1, D_m)
             self.register_buffer(f"available_{i}", available[name].float(), persistent=False)  # (N+1,)
-            self.projections.append(nn.Linear(features[name].shape[1], d))  # W_m
+            self.projections.append(nn.Linear(table.shape[1], d))  # W_m
         categories = categories.float()
         if config.category_columns > categories.shape[1]:  # always-zero columns, as the released code's fixed 192
             categories = F.pad(categories, (0, config.category_columns - categories.shape[1]))
@@ -505,7 +532,8 @@ class HM4SR(nn.Module):
 
         self.interactive = InteractiveMoE(S, d, config.num_experts, config.lambda_init) \
             if config.use_interactive_moe else None
-        self.time = TimeEmbedding(d, config.interval_scale, config.normalise_time, time_origin) \
+        self.time = TimeEmbedding(d, config.interval_scale, config.normalise_time, time_origin,
+                                  shared_zero_bucket=config.gap_buckets == "released") \
             if config.use_temporal_moe or (config.w_placeholder_contrastive > 0 and self.modalities) else None
         self.temporal = TemporalMoE(S, d, config.num_experts, config.train_temporal_experts) \
             if config.use_temporal_moe else None

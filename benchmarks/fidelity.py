@@ -1,0 +1,185 @@
+"""Fidelity screen: which single change moves the `reference` configuration's first epochs?
+
+The authors' released code, trained on ml-100k here (prefix mode, batch 1024, seed 2025),
+reached validation NDCG@20 0.0528 after its first epoch and 0.0611 after its second; our
+`reference` configuration reaches about 0.040 and 0.057 (README, "Fidelity"). This screen
+trains `reference` in prefix mode with one change at a time, several seeds each, for a
+few epochs, and tabulates the validation NDCG@20 after each epoch against the released
+curve. Variants (each is `reference` plus the settings shown by ``--list``):
+
+- the fixes our defaults make, one at a time, and all of them (``hm4sr``);
+- each auxiliary loss off;
+- the two released behaviours that keep no switch in our defaults: padding and first
+  item sharing the zero-gap bucket (``gap_buckets=released``) and features fitted to
+  768 columns (``feature_width=768``), plus the 192 category columns.
+
+    python -m benchmarks.fidelity --device cuda --jobs 9          # a GPU: about 5 minutes
+    python -m benchmarks.fidelity --variants reference,gap_buckets_released --seeds 2025
+    python -m benchmarks.fidelity --summary-only                  # re-tabulate finished runs
+
+Runs go to ``--out``/<variant>/seed-<S>/ (``hm4sr train`` run folders); finished runs are
+kept and not trained again, so an interrupted screen continues where it stopped. The
+table is written to ``--out``/screen.md and printed. On 2 CPU threads an epoch takes
+about 3 minutes, so the full screen (39 runs x 2 epochs) is a GPU job.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RELEASED = [0.0528, 0.0611, 0.0649, 0.0718, 0.0781, 0.0789, 0.0792, 0.0864]  # valid NDCG@20, epochs 1-8
+
+# name -> (preset, --set overrides): every variant is one change from `reference`.
+VARIANTS: dict[str, tuple[str, dict[str, str]]] = {
+    "reference": ("reference", {}),
+    "gap_buckets_released": ("reference", {"gap_buckets": "released"}),
+    "feature_width_768": ("reference", {"feature_width": "768"}),
+    "category_columns_192": ("reference", {"category_columns": "192"}),
+    "trained_temporal_experts": ("reference", {"train_temporal_experts": "true"}),
+    "normalised_time": ("reference", {"normalise_time": "true"}),
+    "masked_same_target": ("reference", {"mask_same_target": "true"}),
+    "one_init_pass": ("reference", {"reference_init": "false"}),
+    "hm4sr_defaults": ("hm4sr", {}),
+    "no_id_contrastive": ("reference", {"w_id_contrastive": "0"}),
+    "no_category": ("reference", {"w_category": "0"}),
+    "no_placeholder_contrastive": ("reference", {"w_placeholder_contrastive": "0"}),
+    "rec_only": ("reference", {"w_id_contrastive": "0", "w_category": "0", "w_placeholder_contrastive": "0"}),
+}
+
+
+def command(variant: str, seed: int, args) -> list[str]:
+    preset, sets = VARIANTS[variant]
+    cmd = [sys.executable, "-m", "hm4sr_core.cli", "train", "--data", args.data, "--model", preset,
+           "--mode", "prefix", "--epochs", str(args.epochs), "--seed", str(seed),
+           "--set", "bucket_by_length=false", "--set", f"device={args.device}",
+           "--out", str(Path(args.out) / variant / f"seed-{seed}"), "--quiet"]
+    if args.threads:
+        cmd += ["--set", f"threads={args.threads}"]
+    for key, value in sets.items():
+        cmd += ["--set", f"{key}={value}"]
+    return cmd
+
+
+def finished(folder: Path, epochs: int) -> bool:
+    path = folder / "results.json"
+    return path.exists() and json.loads(path.read_text()).get("epochs_run", 0) >= epochs
+
+
+def curve(folder: Path) -> list[float]:
+    """Validation NDCG@20 after each epoch, from the run's epochs.csv."""
+    import pandas as pd
+    return pd.read_csv(folder / "epochs.csv")["valid_ndcg@20"].tolist()
+
+
+def summarise(out: Path, variants: list[str], seeds: list[int], epochs: int, released: bool = True) -> str:
+    """Markdown: per variant, mean +- sd over seeds after each epoch, the per-seed values of
+    epoch 1, and how far epoch 1's mean lies from `reference`'s in units of their pooled sd."""
+    rows, base = [], None
+    cols = " | ".join(f"epoch {e}" for e in range(1, epochs + 1))
+    lines = [f"Validation NDCG@20, prefix mode, batch 1024, uniformly random batches; mean +- sd over "
+             f"the seeds that finished (of {', '.join(map(str, seeds))}).", "",
+             f"| variant | runs | {cols} | epoch 1 per seed | epoch-1 shift vs reference |",
+             "|---|---:|" + "---:|" * epochs + "---|---:|"]
+    for variant in variants:
+        curves = [curve(out / variant / f"seed-{s}") for s in seeds if finished(out / variant / f"seed-{s}", epochs)]
+        if not curves:
+            continue
+        cells = []
+        for e in range(epochs):
+            vals = [c[e] for c in curves]
+            sd = statistics.stdev(vals) if len(vals) > 1 else float("nan")
+            cells.append(f"{statistics.mean(vals):.4f} +- {sd:.4f}")
+        first = [c[0] for c in curves]
+        if variant == "reference":
+            base = first
+        shift = ""
+        if base is not None and variant != "reference" and len(base) > 1 and len(first) > 1:
+            pooled = math.sqrt((statistics.variance(base) + statistics.variance(first)) / 2)
+            diff = statistics.mean(first) - statistics.mean(base)
+            shift = f"{diff:+.4f} ({diff / pooled:+.1f} sd)" if pooled > 0 else f"{diff:+.4f}"
+        rows.append(f"| {variant} | {len(curves)} | " + " | ".join(cells) + " | "
+                    + " / ".join(f"{v:.4f}" for v in first) + f" | {shift} |")
+    lines += rows
+    if released:  # the released code's curve was measured on ml-100k only
+        cells = " | ".join(f"{v:.4f}" for v in RELEASED[:epochs]) + " | -" * max(0, epochs - len(RELEASED))
+        lines.append(f"| released code (seed 2025, CPU) | 1 | {cells} | {RELEASED[0]:.4f} | |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                epilog="Variants: " + ", ".join(VARIANTS),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default="ml-100k", help="prepared dataset name or folder (default ml-100k)")
+    p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated variant names (default: all)")
+    p.add_argument("--seeds", default="2025,2026,2027", help="comma-separated seeds (default 2025,2026,2027)")
+    p.add_argument("--epochs", type=int, default=2, help="epochs per run (default 2)")
+    p.add_argument("--device", default="cpu", help="torch device of every run (default cpu)")
+    p.add_argument("--jobs", type=int, default=1, help="runs trained at once (default 1)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads per run (default: torch's choice)")
+    p.add_argument("--out", default="runs/fidelity-screen", help="parent folder of the runs and screen.md")
+    p.add_argument("--list", action="store_true", help="print each variant's preset and settings, then stop")
+    p.add_argument("--summary-only", action="store_true", help="train nothing: tabulate the finished runs")
+    args = p.parse_args(argv)
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        p.error(f"unknown variant(s) {', '.join(unknown)}; known: {', '.join(VARIANTS)}")
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError:
+        p.error(f"--seeds must be comma-separated integers, got {args.seeds!r}")
+    if args.epochs < 1 or args.jobs < 1:
+        p.error("--epochs and --jobs must be >= 1")
+    if args.list:
+        for v in variants:
+            preset, sets = VARIANTS[v]
+            print(f"{v:28s} --model {preset} " + " ".join(f"--set {k}={x}" for k, x in sets.items()))
+        return 0
+    out = Path(args.out)
+    todo = [(v, s) for s in seeds for v in variants if not finished(out / v / f"seed-{s}", args.epochs)]
+    if todo and not args.summary_only:
+        env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+        print(f"[fidelity] {len(todo)} runs of {args.epochs} epoch(s), {args.jobs} at a time, on {args.device}",
+              flush=True)
+        t0, failed = time.perf_counter(), []
+
+        def run(v: str, s: int) -> tuple[int, str]:
+            folder = out / v / f"seed-{s}"
+            folder.mkdir(parents=True, exist_ok=True)
+            with open(folder / "train.log", "w") as log:
+                return subprocess.run(command(v, s, args), cwd=ROOT, env=env, stdout=log,
+                                      stderr=subprocess.STDOUT).returncode, str(folder / "train.log")
+
+        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            futures = {pool.submit(run, v, s): (v, s) for v, s in todo}
+            for done, future in enumerate(as_completed(futures), 1):
+                (v, s), (rc, log) = futures[future], future.result()
+                status = "ok" if rc == 0 else f"FAILED (exit {rc}; see {log})"
+                if rc:
+                    failed.append(f"{v} seed {s}")
+                print(f"[fidelity] {done}/{len(todo)} {v} seed {s}: {status} "
+                      f"({time.perf_counter() - t0:.0f} s)", flush=True)
+        if failed:
+            print(f"[fidelity] failed: {', '.join(failed)}", file=sys.stderr)
+    text = summarise(out, variants, seeds, args.epochs, released=Path(args.data).name == "ml-100k")
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / "screen.md.tmp"
+    tmp.write_text(text)
+    tmp.replace(out / "screen.md")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
