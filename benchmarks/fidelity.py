@@ -54,7 +54,12 @@ VARIANTS: dict[str, tuple[str, dict[str, str]]] = {
     "no_category": ("reference", {"w_category": "0"}),
     "no_placeholder_contrastive": ("reference", {"w_placeholder_contrastive": "0"}),
     "rec_only": ("reference", {"w_id_contrastive": "0", "w_category": "0", "w_placeholder_contrastive": "0"}),
+    # every released behaviour we know of at once
+    "released_all": ("reference", {"gap_buckets": "released", "feature_width": "768", "category_columns": "192"}),
+    # not a released behaviour: how much a larger step alone moves the first epoch
+    "lr_2e-3": ("reference", {"lr": "2e-3"}),
 }
+DEFAULT = [v for v in VARIANTS if v not in ("released_all", "lr_2e-3")]
 
 
 def command(variant: str, seed: int, args) -> list[str]:
@@ -121,7 +126,8 @@ def main(argv=None) -> int:
                                 epilog="Variants: " + ", ".join(VARIANTS),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default="ml-100k", help="prepared dataset name or folder (default ml-100k)")
-    p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated variant names (default: all)")
+    p.add_argument("--variants", default=",".join(DEFAULT),
+                   help="comma-separated variant names (default: all but released_all and lr_2e-3)")
     p.add_argument("--seeds", default="2025,2026,2027", help="comma-separated seeds (default 2025,2026,2027)")
     p.add_argument("--epochs", type=int, default=2, help="epochs per run (default 2)")
     p.add_argument("--device", default="cpu", help="torch device of every run (default cpu)")
