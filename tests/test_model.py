@@ -443,6 +443,60 @@ def test_category_columns_pads_the_target_with_zero_columns_as_the_released_code
         build_model(tiny_model_config.replace(category_columns=C - 1), tiny_ds)
 
 
+def test_gap_buckets_released_puts_padding_and_first_item_in_the_zero_gap_bucket(
+        tiny_ds, tiny_split, tiny_model_config):
+    from hm4sr_core.model import GAP_BUCKET_OFFSET
+    batch = next(iterate_batches(tiny_split.train_prefix, 32, trim=False))
+    real = batch.items > 0
+    ours = _model(tiny_model_config, tiny_ds).eval()
+    released = _model(tiny_model_config.replace(gap_buckets="released"), tiny_ds).eval()
+    b_ours = ours(batch, introspect=True).interval_buckets
+    b_rel = released(batch, introspect=True).interval_buckets
+    assert (b_rel[~real] == GAP_BUCKET_OFFSET).all() and (b_rel[:, 0] == GAP_BUCKET_OFFSET).all()
+    later = real.clone()
+    later[:, 0] = False  # real items after the first: a gap of their own, the same in both
+    assert torch.equal(b_rel[later], b_ours[later])
+    assert (b_ours[later] >= GAP_BUCKET_OFFSET).all()
+    # the first item's interval embedding is the zero-gap row's, as in the released code
+    tau = released.time(batch.timestamps, real)[0]
+    row = released.time.interval.weight[GAP_BUCKET_OFFSET]
+    torch.testing.assert_close(tau[:, 0, :row.numel()], row.expand(len(batch.items), -1))
+    with pytest.raises(ValueError, match="gap_buckets"):
+        tiny_model_config.replace(gap_buckets="shared")
+
+
+def test_fit_feature_width_pads_or_keeps_the_leading_singular_directions():
+    from hm4sr_core.model import fit_feature_width
+    g = torch.Generator().manual_seed(0)
+    narrow = torch.randn(9, 5, generator=g)
+    padded = fit_feature_width(narrow, 8)
+    assert padded.shape == (9, 8) and torch.equal(padded[:, :5], narrow) and not padded[:, 5:].any()
+    # wider than the target, rank within it: inner products between rows are kept exactly
+    low_rank = torch.randn(12, 3, generator=g) @ torch.randn(3, 20, generator=g)
+    low_rank[0] = 0  # the padding row
+    fitted = fit_feature_width(low_rank, 6)
+    assert fitted.shape == (12, 6) and not fitted[0].any()
+    torch.testing.assert_close(fitted @ fitted.T, low_rank @ low_rank.T, rtol=1e-4, atol=1e-4)
+    # full rank: the kept directions hold the most energy; the signs are fixed, so a copy
+    # with flipped columns of the basis cannot come out
+    full = torch.randn(30, 10, generator=g)
+    cut = fit_feature_width(full, 4)
+    s = torch.linalg.svdvals(full.double())
+    torch.testing.assert_close(cut.double().pow(2).sum(), s[:4].pow(2).sum(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(fit_feature_width(full, 4), cut)
+    basis = torch.linalg.lstsq(full.double(), cut.double()).solution.T  # (4, 10)
+    top = basis.abs().argmax(dim=1)
+    assert (basis[torch.arange(4), top] > 0).all()
+
+
+def test_feature_width_sets_every_projection_width(tiny_ds, tiny_model_config):
+    model = build_model(tiny_model_config.replace(feature_width=6), tiny_ds)
+    assert all(p.in_features == 6 for p in model.projections)
+    assert model.features_0.shape[1] == 6 and model.features_1.shape[1] == 6
+    with pytest.raises(ValueError, match="feature_width"):
+        tiny_model_config.replace(feature_width=-1)
+
+
 @pytest.mark.parametrize("p", [0.5, 0.25, 0.2])  # one-bit, 8-bit and 16-bit lanes
 def test_dropout_mask_values_keep_rate_and_seeding(p):
     """Masks hold 0 and 1/(1-p) only, keep 1-p of the elements (within 6 sd), do not
