@@ -228,6 +228,7 @@ class TrainConfig(_Config):
     bucket_by_length: bool = True  # batches of similar lengths (less padding work); False = uniformly random batches as the released code
     log_every: int = 1  # steps between history rows
     max_steps_per_epoch: int = 0  # 0 = full epochs; > 0 caps steps (smoke runs, benchmarks)
+    recompute: bool = False  # keep only each encoder layer's input and recompute the rest in the backward: same results, less memory, slower (README, "Speed and memory")
 
     def __post_init__(self) -> None:
         _check(self.mode in ("dense", "prefix"), f"mode must be 'dense' or 'prefix', got {self.mode!r}")

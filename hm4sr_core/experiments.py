@@ -271,7 +271,7 @@ def _train_parallel(data: str, todo: list, base, data_hash: str, jobs: int, thre
 # trained on CUDA is reused on a CPU machine: the same model and protocol, though not the
 # same numbers as a CPU run of its seed (other kernels and another dropout stream, so in
 # effect another seed); table.md says how many runs each device trained.
-_SPEED_ONLY = ("threads", "eval_batch_size", "log_every", "device")
+_SPEED_ONLY = ("threads", "eval_batch_size", "log_every", "device", "recompute")
 
 
 def _finished(folder: Path, data_hash: str, model_config, train_config) -> bool:

@@ -156,7 +156,7 @@ def train(dataset: Dataset, model_config: ModelConfig = ModelConfig(), config: T
     out = Path(out_dir) if out_dir is not None else None
     set_seed(config.seed)
     split = split or build_split(dataset, SplitConfig(kind=config.split, max_length=model_config.max_length))
-    model = build_model(model_config, dataset).to(device)
+    model = build_model(model_config, dataset).to(device).recompute_activations(config.recompute)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
     train_part = split.train(config.mode)
@@ -283,7 +283,7 @@ def train(dataset: Dataset, model_config: ModelConfig = ModelConfig(), config: T
 
 
 # Settings a resumed run may change: how long to go on and how to run, not what is learnt.
-RESUME_MAY_CHANGE = ("epochs", "patience", "threads", "device", "eval_batch_size", "log_every")
+RESUME_MAY_CHANGE = ("epochs", "patience", "threads", "device", "eval_batch_size", "log_every", "recompute")
 
 
 def _resumable(config: TrainConfig) -> dict:

@@ -627,6 +627,34 @@ def test_stream_encoders_apply_each_drawn_dropout_mask_where_it_belongs(monkeypa
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("cpu", [True, False], ids=["per-stream", "stacked"])
+def test_recompute_gives_the_same_loss_and_gradients(tiny_ds, tiny_split, tiny_model_config, monkeypatch, cpu):
+    """recompute_activations keeps less for the backward and recomputes the rest; with
+    dropout on (masks drawn once, or F.dropout's RNG replayed) the loss and every gradient
+    equal the plain run's, in both encoder paths, and the encoder keeps fewer tensors."""
+    import hm4sr_core.model as model_module
+    monkeypatch.setattr(model_module, "cpu_kernels", lambda t: cpu)
+    batch = next(iterate_batches(tiny_split.train_prefix, 32, shuffle=True, generator=torch.Generator().manual_seed(2)))
+    runs = []
+    for on in (False, True):
+        model = _model(tiny_model_config, tiny_ds).train().recompute_activations(on)
+        saved = []
+        torch.manual_seed(7)
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+            out = model(batch, losses=True, generator=torch.Generator().manual_seed(3))
+        out.loss.backward()
+        runs.append((out.loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None},
+                     sum(saved)))
+    (loss0, grads0, kept0), (loss1, grads1, kept1) = runs
+    assert torch.equal(loss0, loss1)
+    assert grads0.keys() == grads1.keys() and len(grads0) > 10
+    for name in grads0:
+        torch.testing.assert_close(grads1[name], grads0[name], atol=1e-6, rtol=1e-5, msg=name)
+    assert kept1 < 0.8 * kept0  # what the forward keeps for the backward (the checkpoint hides its inner tensors)
+    assert all(layer.recompute for layer in model.encoders.layers)
+    assert not any(layer.recompute for layer in model.recompute_activations(False).encoders.layers)
+
+
 def test_chunked_expert_mix_gradients(monkeypatch):
     """The chunked Interactive-MoE mix (no (B, T, E, S, d) tensor) has the analytic
     gradients for gates, item rows and position rows (float64 gradcheck, chunks of 2

@@ -169,3 +169,13 @@ def test_prefix_mode_trains_too(tiny_ds, tiny_split, tiny_model_config, tiny_tra
                                                                          max_steps_per_epoch=2),
                    progress=False, split=tiny_split)
     assert len(result.steps) == 2 and np.isfinite(result.steps["loss"]).all()
+
+
+def test_recompute_trains_to_the_same_run(tiny_ds, tiny_split, tiny_model_config, tiny_train_config, tiny_run):
+    """TrainConfig.recompute changes memory and time only: the same seed gives the same run."""
+    first, _ = tiny_run
+    again = train(tiny_ds, tiny_model_config, tiny_train_config.replace(recompute=True), progress=False,
+                  split=tiny_split)
+    assert all(layer.recompute for layer in again.model.encoders.layers)
+    assert again.record["valid"] == first.record["valid"] and again.record["test"] == first.record["test"]
+    pd.testing.assert_frame_equal(_untimed(again.steps), _untimed(first.steps), check_exact=False, rtol=1e-5)
