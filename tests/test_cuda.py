@@ -55,3 +55,25 @@ def test_introspection_tensors_come_back_from_the_gpu(tiny_ds, tiny_split, tiny_
     sums = out.interactive_gates.sum(-1)[batch.items > 0]  # (real positions, S); padding rows are 0
     assert torch.allclose(sums, torch.ones_like(sums), atol=1e-5)
     assert set(out.losses) >= {"rec", "id_contrastive", "category", "placeholder_contrastive"}
+
+
+def test_recompute_on_cuda_replays_dropout_and_gives_the_same_gradients(tiny_ds, tiny_split, tiny_model_config):
+    """On a GPU the stacked encoder draws dropout with F.dropout; recomputation must replay
+    the CUDA random stream, so loss and gradients equal the plain run's."""
+    from hm4sr_core.data.splits import iterate_batches
+    from hm4sr_core.model import build_model
+    batch = next(iter(iterate_batches(tiny_split.train_prefix, 64, shuffle=True,
+                                      generator=torch.Generator().manual_seed(2)))).to("cuda")
+    runs = []
+    for on in (False, True):
+        torch.manual_seed(0)
+        model = build_model(tiny_model_config, tiny_ds).to("cuda").train().recompute_activations(on)
+        torch.manual_seed(7)
+        out = model(batch, losses=True, generator=torch.Generator().manual_seed(3))
+        out.loss.backward()
+        runs.append((out.loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    (loss0, grads0), (loss1, grads1) = runs
+    torch.testing.assert_close(loss1, loss0)
+    assert grads0.keys() == grads1.keys()
+    for name in grads0:
+        torch.testing.assert_close(grads1[name], grads0[name], atol=1e-5, rtol=1e-4, msg=name)
