@@ -170,13 +170,29 @@ def part_allocator(args) -> dict:
     return out
 
 
+def _cpu_ticks() -> tuple[int, int] | None:
+    """(steal, total) jiffies of all CPUs from /proc/stat; None where there is none."""
+    try:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return None
+    return (fields[7] if len(fields) > 7 else 0), sum(fields[:8])
+
+
 def _run_part(name: str, extra: list[str]) -> dict:
+    """One part in its own process; adds ``<part>_cpu_steal_percent``: the share of CPU time
+    the hypervisor gave to other machines while it ran (a shared host's noise, made visible)."""
     cmd = [sys.executable, "-m", "benchmarks.run", "--only", name, *extra]
     print(f"[bench] {name} ...", file=sys.stderr, flush=True)
+    before = _cpu_ticks()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    after = _cpu_ticks()
     if proc.returncode != 0:
         raise SystemExit(f"benchmark part {name} failed:\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    if before and after and after[1] > before[1]:
+        out[f"{name}_cpu_steal_percent"] = round(100.0 * (after[0] - before[0]) / (after[1] - before[1]), 2)
+    return out
 
 
 def main() -> None:
