@@ -203,7 +203,12 @@ def main() -> None:
     p.add_argument("--max-epochs", type=int, default=40, help="epoch cap for the time-to-target run (default 40, over twice the target time)")
     p.add_argument("--repeats", type=int, default=7, help="evaluation repeats (median)")
     p.add_argument("--skip", action="append", default=[], choices=PARTS, help="parts to leave out")
+    p.add_argument("--history", action="store_true",
+                   help="print the recorded runs (benchmarks/history.jsonl) and their medians, measure nothing")
     args = p.parse_args()
+    if args.history:
+        print_history()
+        return
     if args.only:
         fn = {"allocator": part_allocator, "epochs": part_epochs, "prefix_recompute": part_prefix_recompute,
               "to_target": part_to_target, "eval": part_eval, "eval_1m": part_eval_1m}
@@ -222,7 +227,42 @@ def main() -> None:
     results["measured_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     results["command"] = "make bench"
     write_json_atomic(RESULTS, results)
+    _append_history(results)
     print(json.dumps({k: v for k, v in results.items() if not isinstance(v, (list, dict))}, indent=2))
+
+
+HISTORY = ROOT / "benchmarks" / "history.jsonl"
+TARGETS = {"hm4sr_prefix_seconds_per_epoch": ("<=", 180), "seconds_to_target": ("<=", 438),
+           "eval_users_per_second": (">=", 1890), "eval_1m_peak_rss_mb": ("<=", 4000), "peak_rss_mb": ("<=", 2000)}
+
+
+def _append_history(results: dict) -> None:
+    """One line per `make bench` run in benchmarks/history.jsonl (scalars, the time, the
+    commit): timings on a shared host drift, so a figure is read as the median of runs."""
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    row = {k: v for k, v in results.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)}
+    row["commit"] = commit.stdout.strip() or None
+    with open(HISTORY, "a") as f:
+        f.write(json.dumps(row, sort_keys=True) + "\n")
+
+
+def print_history() -> None:
+    """The target keys of every recorded run, their medians, and whether the medians meet the targets."""
+    if not HISTORY.exists():
+        raise SystemExit(f"no runs recorded yet ({HISTORY}); run make bench")
+    runs = [json.loads(line) for line in HISTORY.read_text().splitlines() if line.strip()]
+    keys = list(TARGETS) + ["prefix_peak_rss_mb", "hm4sr_prefix_recompute_seconds_per_epoch",
+                            "prefix_recompute_peak_rss_mb", "to_target_cpu_steal_percent"]
+    print("measured_at".ljust(22) + "commit   " + " ".join(k[:14].rjust(14) for k in keys))
+    for r in runs:
+        cells = [f"{r[k]:14.1f}" if isinstance(r.get(k), (int, float)) else "-".rjust(14) for k in keys]
+        print(str(r.get("measured_at", "?")).ljust(22) + str(r.get("commit", "?")).ljust(9) + " ".join(cells))
+    for key, (op, bound) in TARGETS.items():
+        values = [r[key] for r in runs if isinstance(r.get(key), (int, float))]
+        if values:
+            med = float(np.median(values))
+            ok = med <= bound if op == "<=" else med >= bound
+            print(f"{key}: median {med:.1f} over {len(values)} runs, target {op} {bound}: {'met' if ok else 'NOT met'}")
 
 
 if __name__ == "__main__":

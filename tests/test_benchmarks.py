@@ -1,0 +1,68 @@
+"""benchmarks/fidelity.py: the commands it runs and the table it writes (no training here)."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+
+import pytest
+
+from benchmarks import fidelity
+
+
+def _fake_run(folder, curve, epochs_run=None):
+    folder.mkdir(parents=True)
+    rows = "\n".join(f"{i + 1},{v}" for i, v in enumerate(curve))
+    (folder / "epochs.csv").write_text("epoch,valid_ndcg@20\n" + rows + "\n")
+    (folder / "results.json").write_text(json.dumps({"epochs_run": epochs_run or len(curve)}))
+
+
+def test_every_variant_is_one_train_command_with_its_settings(tmp_path):
+    ns = type("A", (), dict(data="ml-100k", epochs=2, device="cuda", threads=1, out=str(tmp_path)))()
+    cmd = fidelity.command("released_all", 2026, ns)
+    joined = " ".join(cmd)
+    assert "--model reference" in joined and "--mode prefix" in joined and "--seed 2026" in joined
+    for setting in ("gap_buckets=released", "feature_width=768", "category_columns=192",
+                    "bucket_by_length=false", "device=cuda", "threads=1"):
+        assert f"--set {setting}" in joined, setting
+    assert cmd[cmd.index("--out") + 1] == str(tmp_path / "released_all" / "seed-2026")
+    assert fidelity.command("reference", 1, ns).count("--set") == 3  # batches, device, threads: nothing else
+
+
+def test_summary_means_spreads_and_shift_against_reference(tmp_path):
+    base = {2025: [0.040, 0.055], 2026: [0.044, 0.058], 2027: [0.042, 0.060]}
+    other = {2025: [0.050, 0.061], 2026: [0.054, 0.062], 2027: [0.049, 0.066]}
+    for seed in base:
+        _fake_run(tmp_path / "reference" / f"seed-{seed}", base[seed])
+        _fake_run(tmp_path / "lr_2e-3" / f"seed-{seed}", other[seed])
+    _fake_run(tmp_path / "no_category" / "seed-2025", [0.1], epochs_run=1)  # unfinished: 1 of 2 epochs
+    text = fidelity.summarise(tmp_path, ["reference", "lr_2e-3", "no_category"], [2025, 2026, 2027], 2)
+    rows = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| ")}
+    assert "no_category" not in rows
+    b1, o1 = [v[0] for v in base.values()], [v[0] for v in other.values()]
+    assert f"{statistics.mean(b1):.4f} +- {statistics.stdev(b1):.4f}" in rows["reference"]
+    assert f"{statistics.mean(o1):.4f} +- {statistics.stdev(o1):.4f}" in rows["lr_2e-3"]
+    diff = statistics.mean(o1) - statistics.mean(b1)
+    pooled = ((statistics.variance(b1) + statistics.variance(o1)) / 2) ** 0.5
+    assert f"{diff:+.4f} ({diff / pooled:+.1f} sd)" in rows["lr_2e-3"]
+    assert "0.0528" in rows["released code (seed 2025, CPU)"]
+    assert "released code" not in fidelity.summarise(tmp_path, ["reference"], [2025], 2, released=False)
+
+
+def test_unknown_variant_and_bad_seeds_are_refused_before_any_run(tmp_path):
+    for bad in (["--variants", "reference,nope"], ["--seeds", "1,x"], ["--epochs", "0"]):
+        proc = subprocess.run([sys.executable, "-m", "benchmarks.fidelity", *bad, "--out", str(tmp_path)],
+                              capture_output=True, text=True)
+        assert proc.returncode == 2, bad
+        assert "error" in proc.stderr
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("variant", list(fidelity.VARIANTS))
+def test_every_variant_setting_is_a_config_field(variant):
+    from hm4sr_core.config import ModelConfig, TrainConfig
+    fields = set(ModelConfig.__dataclass_fields__) | set(TrainConfig.__dataclass_fields__)
+    preset, sets = fidelity.VARIANTS[variant]
+    assert preset in ("reference", "hm4sr") and set(sets) <= fields
