@@ -17,7 +17,7 @@ LIMIT=${LIMIT:-570}     # seconds the whole script may take (the device tool all
 JOBS=${JOBS:-9}
 TABLE=${TABLE:-1}
 SCREEN=${SCREEN:-0}
-SCREEN_JOBS=${SCREEN_JOBS:-$JOBS}
+SCREEN_JOBS=${SCREEN_JOBS:-13}
 PY=${PYTHON:-python3}
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 mkdir -p "$OUT"

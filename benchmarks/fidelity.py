@@ -13,13 +13,14 @@ curve. Variants (each is `reference` plus the settings shown by ``--list``):
   item sharing the zero-gap bucket (``gap_buckets=released``) and features fitted to
   768 columns (``feature_width=768``), plus the 192 category columns.
 
-    python -m benchmarks.fidelity --device cuda --jobs 9          # a GPU: about 5 minutes
+    python -m benchmarks.fidelity --device cuda --jobs 13 --threads 1   # one H100 (MPS): 134 s
     python -m benchmarks.fidelity --variants reference,gap_buckets_released --seeds 2025
     python -m benchmarks.fidelity --summary-only                  # re-tabulate finished runs
 
-Runs go to ``--out``/<variant>/seed-<S>/ (``hm4sr train`` run folders); finished runs are
-kept and not trained again, so an interrupted screen continues where it stopped. The
-table is written to ``--out``/screen.md and printed. On 2 CPU threads an epoch takes
+Runs go to ``--out``/<variant>/seed-<S>/ (``hm4sr train`` run folders); a finished run
+whose stored settings match the variant's is kept and not trained again, so an interrupted
+screen continues where it stopped. The table is printed and written to ``--table``
+(default ``--out``/screen.md; ``--summary-only`` writes it only when ``--table`` is given). On 2 CPU threads an epoch takes
 about 3 minutes, so the full screen (39 runs x 2 epochs) is a GPU job.
 """
 
@@ -39,7 +40,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 RELEASED = [0.0528, 0.0611, 0.0649, 0.0718, 0.0781, 0.0789, 0.0792, 0.0864]  # valid NDCG@20, epochs 1-8
 
-# name -> (preset, --set overrides): every variant is one change from `reference`.
+# name -> (preset, --set overrides): `reference` (or `hm4sr`) plus these settings.
 VARIANTS: dict[str, tuple[str, dict[str, str]]] = {
     "reference": ("reference", {}),
     "gap_buckets_released": ("reference", {"gap_buckets": "released"}),
@@ -75,9 +76,35 @@ def command(variant: str, seed: int, args) -> list[str]:
     return cmd
 
 
-def finished(folder: Path, epochs: int) -> bool:
+SPEED_ONLY = ("epochs", "seed", "device", "threads", "eval_batch_size", "log_every", "recompute")
+
+
+def finished(folder: Path, epochs: int, variant: str | None = None) -> bool:
+    """True when ``folder`` holds a run of at least ``epochs`` epochs and, given ``variant``,
+    one whose stored model and training configurations are the variant's in every setting
+    that changes results (a run left by an older definition of the variant, or by other
+    code defaults, is trained again)."""
     path = folder / "results.json"
-    return path.exists() and json.loads(path.read_text()).get("epochs_run", 0) >= epochs
+    if not path.exists():
+        return False
+    record = json.loads(path.read_text())
+    if record.get("epochs_run", 0) < epochs:
+        return False
+    if variant is None:
+        return True
+    from hm4sr_core.cli import MODEL_PRESETS, parse_overrides
+    from hm4sr_core.config import ModelConfig, TrainConfig
+    preset, sets = VARIANTS[variant]
+    model_over, train_over = parse_overrides([f"{k}={v}" for k, v in sets.items()])
+    want_model = MODEL_PRESETS[preset](**model_over).to_dict()
+    want_train = TrainConfig(mode="prefix", bucket_by_length=False, **train_over).to_dict()
+    config = record.get("config", {})
+    try:
+        got_model = ModelConfig.from_dict(config.get("model", {})).to_dict()
+        got_train = TrainConfig.from_dict(config.get("train", {})).to_dict()
+    except (TypeError, ValueError):
+        return False
+    return got_model == want_model and all(got_train[k] == want_train[k] for k in want_train if k not in SPEED_ONLY)
 
 
 def curve(folder: Path) -> list[float]:
@@ -93,10 +120,11 @@ def summarise(out: Path, variants: list[str], seeds: list[int], epochs: int, rel
     cols = " | ".join(f"epoch {e}" for e in range(1, epochs + 1))
     lines = [f"Validation NDCG@20, prefix mode, batch 1024, uniformly random batches; mean +- sd over "
              f"the seeds that finished (of {', '.join(map(str, seeds))}).", "",
-             f"| variant | runs | {cols} | epoch 1 per seed | epoch-1 shift vs reference |",
+             f"| variant (settings: --list) | runs | {cols} | epoch 1 per seed | epoch-1 shift vs reference |",
              "|---|---:|" + "---:|" * epochs + "---|---:|"]
     for variant in variants:
-        curves = [curve(out / variant / f"seed-{s}") for s in seeds if finished(out / variant / f"seed-{s}", epochs)]
+        curves = [curve(out / variant / f"seed-{s}") for s in seeds
+                  if finished(out / variant / f"seed-{s}", epochs, variant)]
         if not curves:
             continue
         cells = []
@@ -135,7 +163,9 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=0, help="torch threads per run (default: torch's choice)")
     p.add_argument("--out", default="runs/fidelity-screen", help="parent folder of the runs and screen.md")
     p.add_argument("--list", action="store_true", help="print each variant's preset and settings, then stop")
-    p.add_argument("--summary-only", action="store_true", help="train nothing: tabulate the finished runs")
+    p.add_argument("--summary-only", action="store_true", help="train nothing: print the table of the finished runs")
+    p.add_argument("--table", help="file the table is written to (default: --out/screen.md after training; "
+                                   "with --summary-only, nothing unless given)")
     args = p.parse_args(argv)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = [v for v in variants if v not in VARIANTS]
@@ -153,7 +183,7 @@ def main(argv=None) -> int:
             print(f"{v:28s} --model {preset} " + " ".join(f"--set {k}={x}" for k, x in sets.items()))
         return 0
     out = Path(args.out)
-    todo = [(v, s) for s in seeds for v in variants if not finished(out / v / f"seed-{s}", args.epochs)]
+    todo = [(v, s) for s in seeds for v in variants if not finished(out / v / f"seed-{s}", args.epochs, v)]
     if todo and not args.summary_only:
         env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
         print(f"[fidelity] {len(todo)} runs of {args.epochs} epoch(s), {args.jobs} at a time, on {args.device}",
@@ -179,10 +209,12 @@ def main(argv=None) -> int:
         if failed:
             print(f"[fidelity] failed: {', '.join(failed)}", file=sys.stderr)
     text = summarise(out, variants, seeds, args.epochs, released=Path(args.data).name == "ml-100k")
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / "screen.md.tmp"
-    tmp.write_text(text)
-    tmp.replace(out / "screen.md")
+    table = Path(args.table) if args.table else (None if args.summary_only else out / "screen.md")
+    if table is not None:
+        table.parent.mkdir(parents=True, exist_ok=True)
+        tmp = table.with_name(table.name + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(table)
     print(text)
     return 0
 

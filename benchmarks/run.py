@@ -205,9 +205,10 @@ def main() -> None:
     p.add_argument("--skip", action="append", default=[], choices=PARTS, help="parts to leave out")
     p.add_argument("--history", action="store_true",
                    help="print the recorded runs (benchmarks/history.jsonl) and their medians, measure nothing")
+    p.add_argument("--last", type=int, default=0, help="with --history: only the last N runs (default all)")
     args = p.parse_args()
     if args.history:
-        print_history()
+        print_history(args.last)
         return
     if args.only:
         fn = {"allocator": part_allocator, "epochs": part_epochs, "prefix_recompute": part_prefix_recompute,
@@ -239,30 +240,46 @@ TARGETS = {"hm4sr_prefix_seconds_per_epoch": ("<=", 180), "seconds_to_target": (
 def _append_history(results: dict) -> None:
     """One line per `make bench` run in benchmarks/history.jsonl (scalars, the time, the
     commit): timings on a shared host drift, so a figure is read as the median of runs."""
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
     row = {k: v for k, v in results.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)}
-    row["commit"] = commit.stdout.strip() or None
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "hm4sr_core", "benchmarks/run.py"],
+                               cwd=ROOT, capture_output=True, text=True)
+        row["commit"] = head.stdout.strip() or None
+        row["uncommitted_changes"] = bool(dirty.stdout.strip())  # the measured code is not that commit's
+    except OSError:  # no git
+        row["commit"] = None
     with open(HISTORY, "a") as f:
         f.write(json.dumps(row, sort_keys=True) + "\n")
 
 
-def print_history() -> None:
-    """The target keys of every recorded run, their medians, and whether the medians meet the targets."""
+COLUMNS = {"hm4sr_prefix_seconds_per_epoch": "prefix_s/ep", "seconds_to_target": "to_target_s",
+           "eval_users_per_second": "eval_users/s", "eval_1m_peak_rss_mb": "eval1m_rss_MB",
+           "peak_rss_mb": "train_rss_MB", "prefix_peak_rss_mb": "prefix_rss_MB",
+           "hm4sr_prefix_recompute_seconds_per_epoch": "recomp_s/ep", "prefix_recompute_peak_rss_mb": "recomp_rss_MB",
+           "to_target_cpu_steal_percent": "steal_%"}
+
+
+def print_history(last: int = 0) -> None:
+    """The target keys of the recorded runs (the ``last`` ones, 0 = all), their medians, and
+    whether the medians meet the targets. Runs of different code are pooled: pick ``last``
+    so that only runs of the code in question count."""
     if not HISTORY.exists():
         raise SystemExit(f"no runs recorded yet ({HISTORY}); run make bench")
     runs = [json.loads(line) for line in HISTORY.read_text().splitlines() if line.strip()]
-    keys = list(TARGETS) + ["prefix_peak_rss_mb", "hm4sr_prefix_recompute_seconds_per_epoch",
-                            "prefix_recompute_peak_rss_mb", "to_target_cpu_steal_percent"]
-    print("measured_at".ljust(22) + "commit   " + " ".join(k[:14].rjust(14) for k in keys))
+    runs = runs[-last:] if last > 0 else runs
+    print("finished at (UTC)".ljust(22) + "commit   " + " ".join(c.rjust(13) for c in COLUMNS.values()))
     for r in runs:
-        cells = [f"{r[k]:14.1f}" if isinstance(r.get(k), (int, float)) else "-".rjust(14) for k in keys]
-        print(str(r.get("measured_at", "?")).ljust(22) + str(r.get("commit", "?")).ljust(9) + " ".join(cells))
+        cells = [f"{r[k]:13.1f}" if isinstance(r.get(k), (int, float)) else "-".rjust(13) for k in COLUMNS]
+        commit = str(r.get("commit")) + ("+" if r.get("uncommitted_changes") else "")
+        print(str(r.get("measured_at", "?")).ljust(22) + commit.ljust(9) + " ".join(cells))
     for key, (op, bound) in TARGETS.items():
         values = [r[key] for r in runs if isinstance(r.get(key), (int, float))]
         if values:
             med = float(np.median(values))
             ok = med <= bound if op == "<=" else med >= bound
-            print(f"{key}: median {med:.1f} over {len(values)} runs, target {op} {bound}: {'met' if ok else 'NOT met'}")
+            label = f"{key} (training, default mode)" if key == "peak_rss_mb" else key
+            print(f"{label}: median {med:.1f} over {len(values)} runs, target {op} {bound}: {'met' if ok else 'NOT met'}")
 
 
 if __name__ == "__main__":

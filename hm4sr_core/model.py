@@ -260,10 +260,11 @@ def fit_feature_width(table: torch.Tensor, width: int) -> torch.Tensor:
     if D <= width:
         return F.pad(table, (0, width - D))
     _, _, vh = torch.linalg.svd(table.double(), full_matrices=False)
-    basis = vh[:width]  # (width, D)
+    basis = vh[:width]  # (min(width, rows), D): a table of fewer rows has no more directions
     top = basis.abs().argmax(dim=1, keepdim=True)
     basis = basis * torch.sign(basis.gather(1, top))
-    return (table.double() @ basis.T).to(table.dtype)
+    out = (table.double() @ basis.T).to(table.dtype)
+    return F.pad(out, (0, width - out.shape[1]))  # zero columns for the directions it lacks
 
 
 class TemporalMoE(nn.Module):

@@ -12,11 +12,22 @@ import pytest
 from benchmarks import fidelity
 
 
-def _fake_run(folder, curve, epochs_run=None):
+def _fake_run(root, variant, seed, curve, epochs_run=None, **changes):
+    """A run folder as `hm4sr train` leaves it (the parts the screen reads)."""
+    folder = root / variant / f"seed-{seed}"
     folder.mkdir(parents=True)
     rows = "\n".join(f"{i + 1},{v}" for i, v in enumerate(curve))
     (folder / "epochs.csv").write_text("epoch,valid_ndcg@20\n" + rows + "\n")
-    (folder / "results.json").write_text(json.dumps({"epochs_run": epochs_run or len(curve)}))
+    from hm4sr_core.cli import MODEL_PRESETS, parse_overrides
+    from hm4sr_core.config import TrainConfig
+    preset, sets = fidelity.VARIANTS[variant]
+    model_over, train_over = parse_overrides([f"{k}={v}" for k, v in sets.items()])
+    model = MODEL_PRESETS[preset](**model_over).to_dict()
+    train = TrainConfig(mode="prefix", bucket_by_length=False, epochs=2, seed=seed, **train_over).to_dict()
+    for k, v in changes.items():
+        (train if k in train else model)[k] = v
+    (folder / "results.json").write_text(json.dumps({"epochs_run": epochs_run or len(curve),
+                                                     "config": {"model": model, "train": train}}))
 
 
 def test_every_variant_is_one_train_command_with_its_settings(tmp_path):
@@ -35,9 +46,11 @@ def test_summary_means_spreads_and_shift_against_reference(tmp_path):
     base = {2025: [0.040, 0.055], 2026: [0.044, 0.058], 2027: [0.042, 0.060]}
     other = {2025: [0.050, 0.061], 2026: [0.054, 0.062], 2027: [0.049, 0.066]}
     for seed in base:
-        _fake_run(tmp_path / "reference" / f"seed-{seed}", base[seed])
-        _fake_run(tmp_path / "lr_2e-3" / f"seed-{seed}", other[seed])
-    _fake_run(tmp_path / "no_category" / "seed-2025", [0.1], epochs_run=1)  # unfinished: 1 of 2 epochs
+        _fake_run(tmp_path, "reference", seed, base[seed])
+        _fake_run(tmp_path, "lr_2e-3", seed, other[seed], lr=2e-3)
+    _fake_run(tmp_path, "no_category", 2025, [0.1], epochs_run=1)  # unfinished: 1 of 2 epochs
+    _fake_run(tmp_path, "no_category", 2026, [0.1, 0.2], w_category=1.0)  # an older definition
+    _fake_run(tmp_path, "no_category", 2027, [0.1, 0.2], bucket_by_length=True)  # other batches
     text = fidelity.summarise(tmp_path, ["reference", "lr_2e-3", "no_category"], [2025, 2026, 2027], 2)
     rows = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| ")}
     assert "no_category" not in rows
@@ -49,6 +62,8 @@ def test_summary_means_spreads_and_shift_against_reference(tmp_path):
     assert f"{diff:+.4f} ({diff / pooled:+.1f} sd)" in rows["lr_2e-3"]
     assert "0.0528" in rows["released code (seed 2025, CPU)"]
     assert "released code" not in fidelity.summarise(tmp_path, ["reference"], [2025], 2, released=False)
+    assert fidelity.finished(tmp_path / "lr_2e-3" / "seed-2025", 2, "lr_2e-3")
+    assert not fidelity.finished(tmp_path / "lr_2e-3" / "seed-2025", 2, "reference")  # lr differs
 
 
 def test_unknown_variant_and_bad_seeds_are_refused_before_any_run(tmp_path):

@@ -487,12 +487,23 @@ def test_fit_feature_width_pads_or_keeps_the_leading_singular_directions():
     basis = torch.linalg.lstsq(full.double(), cut.double()).solution.T  # (4, 10)
     top = basis.abs().argmax(dim=1)
     assert (basis[torch.arange(4), top] > 0).all()
+    # fewer rows than the width: all the directions there are, then zero columns
+    few = torch.randn(3, 10, generator=g)
+    out = fit_feature_width(few, 5)
+    assert out.shape == (3, 5) and not out[:, 3:].any()
+    torch.testing.assert_close(out @ out.T, few @ few.T, rtol=1e-4, atol=1e-4)
 
 
-def test_feature_width_sets_every_projection_width(tiny_ds, tiny_model_config):
-    model = build_model(tiny_model_config.replace(feature_width=6), tiny_ds)
+def test_feature_width_sets_every_projection_width(tiny_ds, tiny_split, tiny_model_config):
+    model = build_model(tiny_model_config.replace(feature_width=6), tiny_ds).eval()
     assert all(p.in_features == 6 for p in model.projections)
     assert model.features_0.shape[1] == 6 and model.features_1.shape[1] == 6
+    # a checkpoint's weights fit a model rebuilt from the same config (the fitted tables agree)
+    again = build_model(tiny_model_config.replace(feature_width=6), tiny_ds).eval()
+    again.load_state_dict(model.state_dict())
+    batch = _dense_batch(tiny_split, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(again(batch, scores=True).scores, model(batch, scores=True).scores)
     with pytest.raises(ValueError, match="feature_width"):
         tiny_model_config.replace(feature_width=-1)
 
