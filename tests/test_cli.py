@@ -297,7 +297,11 @@ def test_ctrl_c_stops_the_table_and_its_queue(prepared, tmp_path):
     """Ctrl-C in a terminal reaches the whole process group: the table must stop, not
     train the queued runs first."""
     import signal
-    table, workers = _start_long_table(prepared, tmp_path / "t", start_new_session=True)
+    # As a terminal's foreground job: Ctrl-C handled. A job started in the background of a
+    # non-interactive shell (nohup cmd &, some CI runners) inherits SIGINT ignored, and Python
+    # keeps it ignored, so the table would rightly train on.
+    table, workers = _start_long_table(prepared, tmp_path / "t", start_new_session=True,
+                                       preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         os.killpg(table.pid, signal.SIGINT)
         code = table.wait(timeout=60)
