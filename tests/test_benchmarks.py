@@ -81,3 +81,21 @@ def test_every_variant_setting_is_a_config_field(variant):
     fields = set(ModelConfig.__dataclass_fields__) | set(TrainConfig.__dataclass_fields__)
     preset, sets = fidelity.VARIANTS[variant]
     assert preset in ("reference", "hm4sr") and set(sets) <= fields
+
+
+def test_bench_history_records_only_what_this_run_measured(tmp_path, monkeypatch):
+    """make bench merges into results.json (a skipped part keeps its old figures there), but
+    its history line holds this run's figures only, so medians never count a stale one twice."""
+    import benchmarks.run as bench
+    monkeypatch.setattr(bench, "RESULTS", tmp_path / "results.json")
+    monkeypatch.setattr(bench, "HISTORY", tmp_path / "history.jsonl")
+    bench.RESULTS.write_text(json.dumps({"hm4sr_prefix_seconds_per_epoch": 999.0}))
+    monkeypatch.setattr(bench, "_run_part", lambda name, extra: {"eval_users_per_second": 2000.0})
+    skip = [p for p in bench.PARTS if p != "eval"]
+    monkeypatch.setattr(sys, "argv", ["run"] + [a for p in skip for a in ("--skip", p)])
+    bench.main()
+    results = json.loads(bench.RESULTS.read_text())
+    assert results["hm4sr_prefix_seconds_per_epoch"] == 999.0 and results["eval_users_per_second"] == 2000.0
+    row = json.loads(bench.HISTORY.read_text())
+    assert row["eval_users_per_second"] == 2000.0 and "hm4sr_prefix_seconds_per_epoch" not in row
+    assert row["skipped_parts"] == ",".join(skip) and row["measured_at"] == results["measured_at"]
