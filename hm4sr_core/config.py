@@ -229,6 +229,7 @@ class TrainConfig(_Config):
     log_every: int = 1  # steps between history rows
     max_steps_per_epoch: int = 0  # 0 = full epochs; > 0 caps steps (smoke runs, benchmarks)
     recompute: bool = False  # keep only each encoder layer's input and recompute the rest in the backward: same results, less memory, slower (README, "Speed and memory")
+    micro_batches: int = 1  # prefix mode: run the encoders on this many parts of each batch (the losses still see the whole batch: gradient caching); less memory, one more forward (README, "Speed and memory")
 
     def __post_init__(self) -> None:
         _check(self.mode in ("dense", "prefix"), f"mode must be 'dense' or 'prefix', got {self.mode!r}")
@@ -252,3 +253,6 @@ class TrainConfig(_Config):
         _check(self.device == "cpu" or self.device.startswith("cuda"), f"device must be 'cpu' or 'cuda[:n]', got {self.device!r}")
         _check(self.log_every >= 1, f"log_every must be >= 1, got {self.log_every}")
         _check(self.max_steps_per_epoch >= 0, f"max_steps_per_epoch must be >= 0, got {self.max_steps_per_epoch}")
+        _check(self.micro_batches >= 1, f"micro_batches must be >= 1, got {self.micro_batches}")
+        _check(self.micro_batches == 1 or self.mode == "prefix",
+               f"micro_batches > 1 needs mode 'prefix' (dense batches are small already), got mode {self.mode!r}")

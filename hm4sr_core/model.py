@@ -662,80 +662,177 @@ class HM4SR(nn.Module):
         """Encode ``batch``. ``losses`` computes every enabled loss (needs targets; dense
         layout when ``batch.position_targets`` is set); ``scores`` returns full-catalogue
         scores; ``introspect`` returns gates, lambda and the time inputs."""
-        cfg = self.config
         tables = self.item_tables()
-        z, tau, extras = self._streams(batch, tables, introspect)
         dense = losses and batch.position_targets is not None
-        x = z.permute(2, 0, 1, 3)  # (S, B, T, d)
-        real = batch.items > 0
-        place = None
-        if losses and cfg.w_placeholder_contrastive > 0 and self.placeholders is not None:
-            place = placeholder_positions(batch.lengths, batch.items.shape[1], cfg.placeholder_ratio,
-                                          cfg.placeholder_min_length, generator)
-            if not bool(place.any()):
-                place = None
-        last = batch.lengths - 1
-        h = self.encoders(x, batch.lengths, last_only=not dense)  # (S, B, d) or (S, B, T, d) if dense
+        every = dense and self.config.dense_auxiliary == "every_position"
+        place = self._placeholder_draw(batch, generator) if losses else None
+        h, h_aug, extras = self._encode(batch, tables, place, introspect, every=dense, aug_every=every)
+        h_all = None
         if dense:
             h_all = h
-            h = torch.gather(h, 2, last.view(1, -1, 1, 1).expand(h.shape[0], -1, 1, h.shape[-1])).squeeze(2)
-        every = dense and cfg.dense_auxiliary == "every_position"
-        h_aug = None
-        if place is not None:
-            M = len(self.modalities)
-            ph = self.placeholders(tau.reshape(1, -1, tau.shape[-1]).expand(M, -1, -1)).view(M, *tau.shape[:2], -1)
-            aug = torch.where(place.unsqueeze(0).unsqueeze(-1), ph, x[1:])  # (M, B, T, d)
-            h_aug = self.encoders(aug, batch.lengths, streams=list(range(1, self.S)),
-                                  last_only=not every)  # (M, B, d), or (M, B, T, d) at every position
+            last = (batch.lengths - 1).view(1, -1, 1, 1).expand(h.shape[0], -1, 1, h.shape[-1])
+            h = torch.gather(h, 2, last).squeeze(2)
         seq = h.permute(1, 0, 2).reshape(h.shape[1], -1)  # (B, S*d)
         out = HM4SROutput(sequence=seq, stream_names=self.stream_names, **extras)
         item_matrix = self.item_matrix(tables)
         if scores:
             out.scores = score_all(seq, item_matrix)
         if losses:
-            named = {}
-            if dense:
-                q = h_all.permute(1, 2, 0, 3).reshape(*batch.items.shape, -1)  # (B, T, S*d)
-                has = batch.position_targets > 0
-                named["rec"] = rec_loss(q[has], item_matrix, batch.position_targets[has])
-            else:
-                named["rec"] = rec_loss(seq, item_matrix, batch.targets)
-            B, T = batch.items.shape
-            window = torch.arange(B, device=x.device).view(B, 1).expand(B, T)  # (B, T) window of each position
-            if every:
-                # Every position with a next item is an example, as each prefix is in prefix
-                # mode; positions of the same window are not each other's negatives (in
-                # prefix mode in-batch negatives are almost always other users).
-                targets, groups, id_rows = batch.position_targets[has], window[has], h_all[0][has]
-            else:
-                targets, groups, id_rows = batch.targets, None, h[0]
-            if cfg.w_id_contrastive > 0:
-                named["id_contrastive"] = id_contrastive_loss(
-                    id_rows, self.item_embedding(targets), targets, cfg.id_contrastive_temperature,
-                    cfg.mask_same_target, groups)
-            if self.category_head is not None:
-                named["category"] = category_loss(self.category_head, item_matrix, self.categories, batch.items, real)
-            if self.placeholders is not None:
-                if place is not None and every:
-                    # Positions whose prefix holds at least one of the window's placeholders
-                    # (drawn once per window, floor(ratio * window length)) and has at least
-                    # placeholder_min_length items. Prefix mode draws floor(ratio * n) per
-                    # prefix instead and contrasts every prefix, placeholders or not: the two
-                    # are close, not equal (the ID contrast, by contrast, is equal).
-                    pos = torch.arange(T, device=x.device).view(1, T)
-                    sel = has & (place.cumsum(1) > 0) & (pos + 1 >= cfg.placeholder_min_length)
-                    terms = [contrastive_loss(h_all[s][sel], h_aug[s - 1][sel], batch.position_targets[sel],
-                                              cfg.placeholder_temperature, cfg.mask_same_target, window[sel])
-                             for s in range(1, self.S)] if bool(sel.any()) else []
-                elif place is not None:
-                    terms = [contrastive_loss(h[s], h_aug[s - 1], batch.targets, cfg.placeholder_temperature,
-                                              cfg.mask_same_target) for s in range(1, self.S)]
-                else:
-                    terms = []
-                named["placeholder_contrastive"] = torch.stack(terms).mean() if terms else seq.new_zeros(())
-            out.losses = named
-            out.loss = self.total_loss(named)
+            out.losses = self._losses(batch, h, h_all, h_aug, item_matrix, place, every)
+            out.loss = self.total_loss(out.losses)
         return out
+
+    def _placeholder_draw(self, batch: SequenceBatch, generator: torch.Generator | None) -> torch.Tensor | None:
+        """(B, T) placeholder positions for the placeholder contrast, or None when it is off
+        or no sequence is long enough to get one."""
+        cfg = self.config
+        if cfg.w_placeholder_contrastive <= 0 or self.placeholders is None:
+            return None
+        place = placeholder_positions(batch.lengths, batch.items.shape[1], cfg.placeholder_ratio,
+                                      cfg.placeholder_min_length, generator)
+        return place if bool(place.any()) else None
+
+    def _encode(self, batch: SequenceBatch, tables: torch.Tensor, place: torch.Tensor | None,
+                introspect: bool, *, every: bool = False, aug_every: bool = False):
+        """The sequence side: embeddings, both MoE levels, the encoders; and, with ``place``,
+        the placeholder-augmented modality streams through the same encoders. Returns
+        h ((S, B, d) at each sequence's last item, or (S, B, T, d) with ``every``), h_aug
+        ((M, B, d), (M, B, T, d) with ``aug_every``, or None) and the introspection extras."""
+        z, tau, extras = self._streams(batch, tables, introspect)
+        x = z.permute(2, 0, 1, 3)  # (S, B, T, d)
+        h = self.encoders(x, batch.lengths, last_only=not every)
+        h_aug = None
+        if place is not None:
+            M = len(self.modalities)
+            ph = self.placeholders(tau.reshape(1, -1, tau.shape[-1]).expand(M, -1, -1)).view(M, *tau.shape[:2], -1)
+            aug = torch.where(place.unsqueeze(0).unsqueeze(-1), ph, x[1:])  # (M, B, T, d)
+            h_aug = self.encoders(aug, batch.lengths, streams=list(range(1, self.S)), last_only=not aug_every)
+        return h, h_aug, extras
+
+    def _losses(self, batch: SequenceBatch, h: torch.Tensor, h_all: torch.Tensor | None,
+                h_aug: torch.Tensor | None, item_matrix: torch.Tensor, place: torch.Tensor | None,
+                every: bool) -> dict[str, torch.Tensor]:
+        """Every enabled loss by name, unweighted. h (S, B, d) at the last items; h_all
+        (S, B, T, d) at every position in dense mode (else None); h_aug from :meth:`_encode`."""
+        cfg = self.config
+        dense = h_all is not None
+        seq = h.permute(1, 0, 2).reshape(h.shape[1], -1)
+        named = {}
+        B, T = batch.items.shape
+        if dense:
+            q = h_all.permute(1, 2, 0, 3).reshape(B, T, -1)  # (B, T, S*d)
+            has = batch.position_targets > 0
+            named["rec"] = rec_loss(q[has], item_matrix, batch.position_targets[has])
+        else:
+            named["rec"] = rec_loss(seq, item_matrix, batch.targets)
+        window = torch.arange(B, device=h.device).view(B, 1).expand(B, T)  # (B, T) window of each position
+        if every:
+            # Every position with a next item is an example, as each prefix is in prefix
+            # mode; positions of the same window are not each other's negatives (in
+            # prefix mode in-batch negatives are almost always other users).
+            targets, groups, id_rows = batch.position_targets[has], window[has], h_all[0][has]
+        else:
+            targets, groups, id_rows = batch.targets, None, h[0]
+        if cfg.w_id_contrastive > 0:
+            named["id_contrastive"] = id_contrastive_loss(
+                id_rows, self.item_embedding(targets), targets, cfg.id_contrastive_temperature,
+                cfg.mask_same_target, groups)
+        if self.category_head is not None:
+            named["category"] = category_loss(self.category_head, item_matrix, self.categories, batch.items,
+                                              batch.items > 0)
+        if self.placeholders is not None:
+            if place is not None and every:
+                # Positions whose prefix holds at least one of the window's placeholders
+                # (drawn once per window, floor(ratio * window length)) and has at least
+                # placeholder_min_length items. Prefix mode draws floor(ratio * n) per
+                # prefix instead and contrasts every prefix, placeholders or not: the two
+                # are close, not equal (the ID contrast, by contrast, is equal).
+                pos = torch.arange(T, device=h.device).view(1, T)
+                sel = has & (place.cumsum(1) > 0) & (pos + 1 >= cfg.placeholder_min_length)
+                terms = [contrastive_loss(h_all[s][sel], h_aug[s - 1][sel], batch.position_targets[sel],
+                                          cfg.placeholder_temperature, cfg.mask_same_target, window[sel])
+                         for s in range(1, self.S)] if bool(sel.any()) else []
+            elif place is not None:
+                terms = [contrastive_loss(h[s], h_aug[s - 1], batch.targets, cfg.placeholder_temperature,
+                                          cfg.mask_same_target) for s in range(1, self.S)]
+            else:
+                terms = []
+            named["placeholder_contrastive"] = torch.stack(terms).mean() if terms else seq.new_zeros(())
+        return named
+
+    def backward_in_parts(self, batch: SequenceBatch, parts: int, *, introspect: bool = False,
+                          generator: torch.Generator | None = None) -> HM4SROutput:
+        """A prefix-mode training step's forward and backward with the sequence side run on
+        ``parts`` slices of the batch at a time (``TrainConfig.micro_batches``): about
+        1/``parts`` of its activation memory, for one more forward pass.
+
+        The losses still see the whole batch (the contrastive ones take in-batch
+        negatives): the sequence vectors are first computed part by part without a graph,
+        the losses and their gradients with respect to those vectors are formed once, and
+        each part is then run again with a graph and back-propagated from its slice of
+        those gradients (gradient caching). The random state is rewound before each rerun,
+        so the rerun draws the same dropout masks: the parameter gradients are those of
+        the whole batch's loss under these masks. The masks differ from a one-part step's
+        (they are drawn per part), so a run is not bit-identical to ``parts=1``.
+        Leaves the gradients in ``.grad`` (accumulated, as ``loss.backward()`` would) and
+        returns the output with detached losses."""
+        if batch.position_targets is not None:
+            raise ValueError("backward_in_parts takes a prefix-mode batch (one target per sequence); "
+                             "this one has position targets (dense mode)")
+        B = batch.items.shape[0]
+        if not 1 <= parts <= B:
+            raise ValueError(f"parts must be between 1 and the batch size {B}, got {parts}")
+        place = self._placeholder_draw(batch, generator)
+        slices = [slice(int(c[0]), int(c[-1]) + 1) for c in torch.arange(B).tensor_split(parts)]
+        device = batch.items.device
+
+        def part(sl: slice) -> tuple[SequenceBatch, torch.Tensor | None]:
+            sub = SequenceBatch(batch.items[sl], batch.timestamps[sl], batch.lengths[sl], batch.targets[sl],
+                                batch.users[sl])
+            return sub, (place[sl] if place is not None else None)
+
+        def rng_state():
+            return torch.get_rng_state(), (torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+
+        def set_rng_state(state) -> None:
+            torch.set_rng_state(state[0])
+            if state[1] is not None:
+                torch.cuda.set_rng_state(state[1], device)
+
+        states, hs, augs, extras = [], [], [], []
+        with torch.no_grad():  # 1: the sequence vectors, part by part, no graph kept
+            for sl in slices:
+                states.append(rng_state())
+                sub, sub_place = part(sl)
+                h, h_aug, ex = self._encode(sub, self.item_tables(), sub_place, introspect)
+                hs.append(h)
+                augs.append(h_aug)
+                extras.append(ex)
+        after = rng_state()
+        h = torch.cat(hs, dim=1).requires_grad_()  # (S, B, d), a leaf
+        h_aug = None
+        if place is not None:  # every part is augmented (a part without placeholders too, as in one pass)
+            h_aug = torch.cat(augs, dim=1).requires_grad_()
+        # 2: every loss on the whole batch; gradients to the item side and to the vectors
+        item_matrix = self.item_matrix(self.item_tables())
+        named = self._losses(batch, h, None, h_aug, item_matrix, place, False)
+        total = self.total_loss(named)
+        total.backward()
+        # 3: each part again, with a graph and the same dropout masks, fed its slice of the gradients
+        for state, sl in zip(states, slices):
+            set_rng_state(state)
+            sub, sub_place = part(sl)
+            h_part, aug_part, _ = self._encode(sub, self.item_tables(), sub_place, False)
+            outputs, grads = [h_part], [h.grad[:, sl]]
+            if aug_part is not None:
+                outputs.append(aug_part)
+                grads.append(h_aug.grad[:, sl])
+            torch.autograd.backward(outputs, grads)
+        set_rng_state(after)
+        merged = {k: torch.cat([e[k] for e in extras]) if k != "lambdas" else extras[0][k] for k in extras[0]}
+        seq = h.detach().permute(1, 0, 2).reshape(B, -1)
+        return HM4SROutput(sequence=seq, losses={k: v.detach() for k, v in named.items()}, loss=total.detach(),
+                           stream_names=self.stream_names, **merged)
 
     def total_loss(self, named: dict[str, torch.Tensor]) -> torch.Tensor:
         """The one place the weighted total is formed."""

@@ -204,10 +204,17 @@ def train(dataset: Dataset, model_config: ModelConfig = ModelConfig(), config: T
             if i >= n_batches:
                 break
             batch = batch.to(device)
+            introspect = step % config.log_every == 0
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=config.amp and device.type == "cuda"):
-                result = model(batch, losses=True, introspect=(step % config.log_every == 0), generator=gen)
-            optimizer.zero_grad(set_to_none=True)
-            result.loss.backward()
+                if config.micro_batches > 1:  # forward and backward in parts, the gradients left in .grad
+                    optimizer.zero_grad(set_to_none=True)
+                    result = model.backward_in_parts(batch, min(config.micro_batches, batch.size),
+                                                     introspect=introspect, generator=gen)
+                else:
+                    result = model(batch, losses=True, introspect=introspect, generator=gen)
+            if config.micro_batches == 1:
+                optimizer.zero_grad(set_to_none=True)
+                result.loss.backward()
             if config.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
             optimizer.step()

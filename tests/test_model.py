@@ -666,6 +666,74 @@ def test_recompute_gives_the_same_loss_and_gradients(tiny_ds, tiny_split, tiny_m
     assert not any(layer.recompute for layer in model.recompute_activations(False).encoders.layers)
 
 
+def _grads(model) -> dict:
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("cpu", [True, False], ids=["per-stream", "stacked"])
+def test_backward_in_parts_equals_one_pass_without_dropout(tiny_ds, tiny_split, tiny_model_config, monkeypatch, cpu):
+    """Gradient caching is exact: with dropout off, three parts give the one-pass losses and
+    every gradient (the in-batch contrastive losses still see the whole batch), and the
+    introspection tensors come back whole."""
+    import hm4sr_core.model as model_module
+    monkeypatch.setattr(model_module, "cpu_kernels", lambda t: cpu)
+    config = tiny_model_config.replace(hidden_dropout=0.0, attention_dropout=0.0)
+    batch = next(iterate_batches(tiny_split.train_prefix, 40, shuffle=True, generator=torch.Generator().manual_seed(2)))
+    one = _model(config, tiny_ds).train()
+    out1 = one(batch, losses=True, introspect=True, generator=torch.Generator().manual_seed(3))
+    out1.loss.backward()
+    parts = _model(config, tiny_ds).train()
+    out3 = parts.backward_in_parts(batch, 3, introspect=True, generator=torch.Generator().manual_seed(3))
+    assert out3.losses.keys() == out1.losses.keys() == LOSSES
+    assert float(out1.losses["placeholder_contrastive"].detach()) > 0
+    for k in out1.losses:
+        torch.testing.assert_close(out3.losses[k], out1.losses[k].detach(), atol=1e-6, rtol=1e-5, msg=k)
+    g1, g3 = _grads(one), _grads(parts)
+    assert g1.keys() == g3.keys() and len(g1) > 10
+    for name in g1:
+        torch.testing.assert_close(g3[name], g1[name], atol=1e-6, rtol=1e-4, msg=name)
+    torch.testing.assert_close(out3.interactive_gates, out1.interactive_gates.detach())
+    torch.testing.assert_close(out3.temporal_gates, out1.temporal_gates.detach())
+    assert out3.sequence.shape == out1.sequence.shape and not out3.loss.requires_grad
+
+
+@pytest.mark.parametrize("cpu", [True, False], ids=["per-stream", "stacked"])
+def test_backward_in_parts_replays_each_parts_dropout(tiny_ds, tiny_split, tiny_model_config, monkeypatch, cpu):
+    """With dropout on, the parameter gradients are those of the whole batch's loss with
+    each part encoded under the random state the part started from (the rerun draws the
+    same masks), and the global random state ends where the first pass left it."""
+    import hm4sr_core.model as model_module
+    monkeypatch.setattr(model_module, "cpu_kernels", lambda t: cpu)
+    batch = next(iterate_batches(tiny_split.train_prefix, 40, shuffle=True, generator=torch.Generator().manual_seed(2)))
+    model = _model(tiny_model_config, tiny_ds).train()
+    torch.manual_seed(5)
+    out = model.backward_in_parts(batch, 2, generator=torch.Generator().manual_seed(3))
+    after = torch.get_rng_state()
+    got = _grads(model)
+
+    direct = _model(tiny_model_config, tiny_ds).train()
+    place = direct._placeholder_draw(batch, torch.Generator().manual_seed(3))
+    torch.manual_seed(5)
+    hs, augs = [], []
+    for sl in (slice(0, 20), slice(20, 40)):
+        sub = SequenceBatch(batch.items[sl], batch.timestamps[sl], batch.lengths[sl], batch.targets[sl], batch.users[sl])
+        h, h_aug, _ = direct._encode(sub, direct.item_tables(), place[sl], False)
+        hs.append(h)
+        augs.append(h_aug)
+    assert torch.equal(torch.get_rng_state(), after)
+    named = direct._losses(batch, torch.cat(hs, 1), None, torch.cat(augs, 1), direct.item_matrix(), place, False)
+    direct.total_loss(named).backward()
+    want = _grads(direct)
+    assert want.keys() == got.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], atol=1e-6, rtol=1e-4, msg=name)
+    torch.testing.assert_close(out.losses["rec"], named["rec"].detach())
+    with pytest.raises(ValueError, match="between 1 and the batch size 40"):
+        model.backward_in_parts(batch, 41)
+    with pytest.raises(ValueError, match="prefix-mode batch"):
+        model.backward_in_parts(_dense_batch(tiny_split), 2)
+
+
 def test_chunked_expert_mix_gradients(monkeypatch):
     """The chunked Interactive-MoE mix (no (B, T, E, S, d) tensor) has the analytic
     gradients for gates, item rows and position rows (float64 gradcheck, chunks of 2

@@ -171,6 +171,26 @@ def test_prefix_mode_trains_too(tiny_ds, tiny_split, tiny_model_config, tiny_tra
     assert len(result.steps) == 2 and np.isfinite(result.steps["loss"]).all()
 
 
+def test_micro_batches_train_in_prefix_mode(tiny_ds, tiny_split, tiny_model_config, tiny_train_config):
+    """TrainConfig.micro_batches runs each prefix batch in parts (gradient caching): the
+    run trains, logs every loss and gate statistic, and differs from the one-part run only
+    through the dropout masks drawn per part (with dropout off it is the same run)."""
+    config = tiny_train_config.replace(mode="prefix", epochs=1, batch_size=128, max_steps_per_epoch=3)
+    no_dropout = tiny_model_config.replace(hidden_dropout=0.0, attention_dropout=0.0)
+    one = train(tiny_ds, no_dropout, config, progress=False, split=tiny_split)
+    parts = train(tiny_ds, no_dropout, config.replace(micro_batches=4), progress=False, split=tiny_split)
+    assert len(parts.steps) == 3 and {"loss_placeholder_contrastive", "interactive_entropy"} <= set(parts.steps)
+    pd.testing.assert_frame_equal(_untimed(parts.steps), _untimed(one.steps), check_exact=False, rtol=1e-4, atol=1e-5)
+    for k in one.record["valid"]:
+        assert parts.record["valid"][k] == pytest.approx(one.record["valid"][k], abs=1e-4), k
+    with_dropout = train(tiny_ds, tiny_model_config, config.replace(micro_batches=4), progress=False, split=tiny_split)
+    assert np.isfinite(with_dropout.steps["loss"]).all()
+    with pytest.raises(ValueError, match="micro_batches > 1 needs mode 'prefix'"):
+        tiny_train_config.replace(micro_batches=2)
+    with pytest.raises(ValueError, match="micro_batches must be >= 1"):
+        config.replace(micro_batches=0)
+
+
 def test_recompute_trains_to_the_same_run(tiny_ds, tiny_split, tiny_model_config, tiny_train_config, tiny_run):
     """TrainConfig.recompute changes memory and time only: the same seed gives the same run."""
     first, _ = tiny_run
