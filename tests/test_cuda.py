@@ -77,3 +77,35 @@ def test_recompute_on_cuda_replays_dropout_and_gives_the_same_gradients(tiny_ds,
     assert grads0.keys() == grads1.keys()
     for name in grads0:
         torch.testing.assert_close(grads1[name], grads0[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_backward_in_parts_on_cuda_replays_each_parts_dropout(tiny_ds, tiny_split, tiny_model_config):
+    """micro_batches on a GPU: the rerun of each part must rewind the CUDA random stream
+    (F.dropout draws there), so the gradients equal those of a direct whole-batch loss
+    over the parts encoded one after another from the same seed."""
+    from hm4sr_core.data.splits import SequenceBatch, iterate_batches
+    from hm4sr_core.model import build_model
+    batch = next(iter(iterate_batches(tiny_split.train_prefix, 64, shuffle=True,
+                                      generator=torch.Generator().manual_seed(2)))).to("cuda")
+    grads = []
+    for direct in (False, True):
+        torch.manual_seed(0)
+        model = build_model(tiny_model_config, tiny_ds).to("cuda").train()
+        torch.manual_seed(7)
+        if not direct:
+            model.backward_in_parts(batch, 2, generator=torch.Generator().manual_seed(3))
+        else:
+            place = model._placeholder_draw(batch, torch.Generator().manual_seed(3))
+            hs, augs = [], []
+            for sl in (slice(0, 32), slice(32, 64)):
+                sub = SequenceBatch(batch.items[sl], batch.timestamps[sl], batch.lengths[sl], batch.targets[sl],
+                                    batch.users[sl])
+                h, h_aug, _ = model._encode(sub, model.item_tables(), place[sl], False)
+                hs.append(h)
+                augs.append(h_aug)
+            named = model._losses(batch, torch.cat(hs, 1), None, torch.cat(augs, 1), model.item_matrix(), place, False)
+            model.total_loss(named).backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-5, rtol=1e-4, msg=name)
