@@ -765,7 +765,8 @@ class HM4SR(nn.Module):
                           autocast_dtype: torch.dtype | None = None) -> HM4SROutput:
         """A prefix-mode training step's forward and backward with the sequence side run on
         ``parts`` slices of the batch at a time (``TrainConfig.micro_batches``): about
-        1/``parts`` of its activation memory, for one more forward pass.
+        1/``parts`` of its activation memory, for one more forward pass of the sequence side
+        (and the catalogue's projection once more per part).
 
         The losses still see the whole batch (the contrastive ones take in-batch
         negatives): the sequence vectors are first computed part by part without a graph,
