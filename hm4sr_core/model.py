@@ -761,10 +761,12 @@ class HM4SR(nn.Module):
         return named
 
     def backward_in_parts(self, batch: SequenceBatch, parts: int, *, introspect: bool = False,
-                          generator: torch.Generator | None = None) -> HM4SROutput:
+                          generator: torch.Generator | None = None,
+                          autocast_dtype: torch.dtype | None = None) -> HM4SROutput:
         """A prefix-mode training step's forward and backward with the sequence side run on
         ``parts`` slices of the batch at a time (``TrainConfig.micro_batches``): about
-        1/``parts`` of its activation memory, for one more forward pass.
+        1/``parts`` of its activation memory, for one more forward pass of the sequence side
+        (and the catalogue's projection once more per part).
 
         The losses still see the whole batch (the contrastive ones take in-batch
         negatives): the sequence vectors are first computed part by part without a graph,
@@ -775,7 +777,10 @@ class HM4SR(nn.Module):
         the whole batch's loss under these masks. The masks differ from a one-part step's
         (they are drawn per part), so a run is not bit-identical to ``parts=1``.
         Leaves the gradients in ``.grad`` (accumulated, as ``loss.backward()`` would) and
-        returns the output with detached losses."""
+        returns the output with detached losses. ``autocast_dtype`` (e.g. bf16 on CUDA) runs
+        each forward piece under autocast, each in an autocast region of its own (so no
+        weight cast made without a graph is reused) and every backward outside one; call
+        this method outside autocast."""
         if batch.position_targets is not None:
             raise ValueError("backward_in_parts takes a prefix-mode batch (one target per sequence); "
                              "this one has position targets (dense mode)")
@@ -799,30 +804,40 @@ class HM4SR(nn.Module):
             if state[1] is not None:
                 torch.cuda.set_rng_state(state[1], device)
 
+        def amp():
+            return torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16,
+                                  enabled=autocast_dtype is not None)
+
         states, hs, augs, extras = [], [], [], []
         with torch.no_grad():  # 1: the sequence vectors, part by part, no graph kept
+            with amp():
+                tables = self.item_tables()
             for sl in slices:
                 states.append(rng_state())
                 sub, sub_place = part(sl)
-                h, h_aug, ex = self._encode(sub, self.item_tables(), sub_place, introspect)
+                with amp():
+                    h, h_aug, ex = self._encode(sub, tables, sub_place, introspect)
                 hs.append(h)
                 augs.append(h_aug)
                 extras.append(ex)
+            del tables
         after = rng_state()
         h = torch.cat(hs, dim=1).requires_grad_()  # (S, B, d), a leaf
         h_aug = None
         if place is not None:  # every part is augmented (a part without placeholders too, as in one pass)
             h_aug = torch.cat(augs, dim=1).requires_grad_()
         # 2: every loss on the whole batch; gradients to the item side and to the vectors
-        item_matrix = self.item_matrix(self.item_tables())
-        named = self._losses(batch, h, None, h_aug, item_matrix, place, False)
-        total = self.total_loss(named)
+        with amp():
+            item_matrix = self.item_matrix(self.item_tables())
+            named = self._losses(batch, h, None, h_aug, item_matrix, place, False)
+            total = self.total_loss(named)
         total.backward()
         # 3: each part again, with a graph and the same dropout masks, fed its slice of the gradients
         for state, sl in zip(states, slices):
             set_rng_state(state)
             sub, sub_place = part(sl)
-            h_part, aug_part, _ = self._encode(sub, self.item_tables(), sub_place, False)
+            with amp():  # the catalogue's projection again: the part's graph must reach its weights
+                h_part, aug_part, _ = self._encode(sub, self.item_tables(), sub_place, False)
             outputs, grads = [h_part], [h.grad[:, sl]]
             if aug_part is not None:
                 outputs.append(aug_part)

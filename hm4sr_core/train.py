@@ -205,14 +205,14 @@ def train(dataset: Dataset, model_config: ModelConfig = ModelConfig(), config: T
                 break
             batch = batch.to(device)
             introspect = step % config.log_every == 0
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=config.amp and device.type == "cuda"):
-                if config.micro_batches > 1:  # forward and backward in parts, the gradients left in .grad
-                    optimizer.zero_grad(set_to_none=True)
-                    result = model.backward_in_parts(batch, min(config.micro_batches, batch.size),
-                                                     introspect=introspect, generator=gen)
-                else:
+            amp = config.amp and device.type == "cuda"
+            if config.micro_batches > 1:  # forward and backward in parts (autocast inside), gradients left in .grad
+                optimizer.zero_grad(set_to_none=True)
+                result = model.backward_in_parts(batch, min(config.micro_batches, batch.size), introspect=introspect,
+                                                 generator=gen, autocast_dtype=torch.bfloat16 if amp else None)
+            else:
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
                     result = model(batch, losses=True, introspect=introspect, generator=gen)
-            if config.micro_batches == 1:
                 optimizer.zero_grad(set_to_none=True)
                 result.loss.backward()
             if config.grad_clip > 0:
