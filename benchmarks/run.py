@@ -63,32 +63,31 @@ def part_epochs(args) -> dict:
     return out
 
 
-def part_prefix_recompute(args) -> dict:
-    """One prefix epoch with ``recompute=True`` (TrainConfig): its seconds and peak RSS."""
+def _prefix_epochs(args, name: str, **changes) -> dict:
+    """Prefix-mode epochs (TrainConfig ``changes`` on the bench's settings): keys
+    ``hm4sr_prefix_<name>_seconds_per_epoch`` (median), ``..._epoch_seconds_all``,
+    ``prefix_<name>_valid_ndcg@20_by_epoch`` and ``prefix_<name>_peak_rss_mb``."""
     from hm4sr_core.config import ModelConfig, TrainConfig
     from hm4sr_core.train import train
     ds, h = _dataset()
-    cfg = TrainConfig(mode="prefix", epochs=args.prefix_epochs, threads=2, patience=100, recompute=True)
+    cfg = TrainConfig(mode="prefix", epochs=args.prefix_epochs, threads=2, patience=100, **changes)
     r = train(ds, ModelConfig(), cfg, data_hash=h, progress=False)
     secs = r.epochs["train_seconds"].tolist()
-    return {"hm4sr_prefix_recompute_seconds_per_epoch": float(np.median(secs)),
-            "hm4sr_prefix_recompute_epoch_seconds_all": secs,
-            "prefix_recompute_peak_rss_mb": _peak_rss_mb()}
+    return {f"hm4sr_prefix_{name}_seconds_per_epoch": float(np.median(secs)),
+            f"hm4sr_prefix_{name}_epoch_seconds_all": secs,
+            f"prefix_{name}_valid_ndcg@20_by_epoch": r.epochs["valid_ndcg@20"].tolist(),
+            f"prefix_{name}_peak_rss_mb": _peak_rss_mb()}
+
+
+def part_prefix_recompute(args) -> dict:
+    """One prefix epoch with ``recompute=True`` (TrainConfig): its seconds and peak RSS."""
+    return _prefix_epochs(args, "recompute", recompute=True)
 
 
 def part_prefix_parts(args) -> dict:
     """One prefix epoch with ``micro_batches=4`` (TrainConfig: the encoders run on quarter
     batches, gradient caching): its seconds, peak RSS and validation NDCG@20."""
-    from hm4sr_core.config import ModelConfig, TrainConfig
-    from hm4sr_core.train import train
-    ds, h = _dataset()
-    cfg = TrainConfig(mode="prefix", epochs=args.prefix_epochs, threads=2, patience=100, micro_batches=PREFIX_PARTS)
-    r = train(ds, ModelConfig(), cfg, data_hash=h, progress=False)
-    secs = r.epochs["train_seconds"].tolist()
-    return {"hm4sr_prefix_parts_seconds_per_epoch": float(np.median(secs)),
-            "hm4sr_prefix_parts_epoch_seconds_all": secs, "prefix_parts_micro_batches": PREFIX_PARTS,
-            "prefix_parts_valid_ndcg@20_by_epoch": r.epochs["valid_ndcg@20"].tolist(),
-            "prefix_parts_peak_rss_mb": _peak_rss_mb()}
+    return {**_prefix_epochs(args, "parts", micro_batches=PREFIX_PARTS), "prefix_parts_micro_batches": PREFIX_PARTS}
 
 
 def part_to_target(args) -> dict:
