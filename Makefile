@@ -12,7 +12,7 @@ export TOKENIZERS_PARALLELISM := false
 # made small runs many times slower.
 export OMP_WAIT_POLICY := PASSIVE
 
-.PHONY: env demo test bench lab clean-env help
+.PHONY: env system-packages demo test bench lab clean-env help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' Makefile | sed 's/:.*##/\t/'
@@ -29,10 +29,13 @@ $(STAMP):
 
 env: $(STAMP)  ## create .venv and install the pinned environment (idempotent)
 
-demo: $(STAMP)  ## prepare ml-100k (features, statistics), train and run the notebooks
+system-packages:  ## Debian's chromium + DejaVu fonts for PNG/SVG export and browser tests (as root; else says what is skipped)
+	@bash scripts/system-packages.sh
+
+demo: $(STAMP) system-packages  ## prepare ml-100k (features, statistics), train and run the notebooks
 	$(PY) -m hm4sr_core.cli demo
 
-test: $(STAMP)  ## run the test suite (under 10 minutes on 2 cores)
+test: $(STAMP) system-packages  ## run the test suite (under 10 minutes on 2 cores)
 	$(PY) -m pytest
 
 bench: $(STAMP)  ## run benchmarks/ and write benchmarks/results.json

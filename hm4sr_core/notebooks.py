@@ -31,13 +31,13 @@ import platform
 import subprocess
 import sys
 import time
-import warnings
 from importlib import metadata
 from pathlib import Path
 
 from .data.prepare import SOURCES, prepare
 from .data.schema import DataError, Dataset
-from .data.store import PROCESSED_ROOT, REPO_ROOT, load_dataset, read_manifest, write_json_atomic, write_text_atomic
+from .data.store import (PROCESSED_ROOT, REPO_ROOT, load_dataset, read_manifest, write_bytes_atomic,
+                         write_json_atomic, write_text_atomic)
 
 NOTEBOOK_DIR = REPO_ROOT / "notebooks"
 NOTEBOOKS = ("01_prepare_data", "02_train", "03_expert_gating", "04_temporal_embeddings",
@@ -191,7 +191,9 @@ def run_notebooks(smoke: bool = False, data: str | None = None, out: str | Path 
             manifest["error"] = f"{type(err).__name__}: {err}"
             raise
         finally:
-            figures = export_static_figures(run_dir / "figures")
+            static = export_static_figures(run_dir / "figures", progress=progress)
+            figures = static.pop("paths")
+            manifest["static_figures"] = dict(static, formats=list(STATIC_FORMATS))
             for entry in manifest["notebooks"]:
                 if entry["name"] in html_jobs:
                     entry["html"] = html_jobs[entry["name"]].result()
@@ -275,34 +277,50 @@ def _render_html(executed: Path) -> str | None:
     return target.name
 
 
-def export_static_figures(folder: Path, formats: tuple[str, ...] = STATIC_FORMATS) -> list[Path]:
+def export_static_figures(folder: Path, formats: tuple[str, ...] = STATIC_FORMATS, *,
+                          progress: bool = True) -> dict:
     """Export every plotly figure JSON under ``folder`` (``<notebook>/<name>.json``) to
-    ``formats`` beside it, skipping those already exported; returns every static file.
+    ``formats`` beside it, skipping those already exported, in one browser session.
 
-    One kaleido browser serves the whole batch (starting it costs seconds; each image
-    then costs a fraction of one)."""
+    Static export is the one step that needs a system package (Chromium). Without one it is
+    skipped, with one line saying what is missing and what was left out; a browser that fails
+    or stops answering (every call has a timeout) is reported the same way. Neither loses the
+    run: the HTML renderings and the plotly JSON figures are written regardless.
+
+    Returns ``{"status": "ok" | "skipped" | "failed", "reason": str | None, "paths": [...]}``
+    where ``paths`` are every static file present afterwards."""
+    from widgets.figures import BrowserMissing, StaticExportError, find_browser, render_static
+
+    def present() -> list[Path]:
+        return [p for source in sorted(folder.glob("*/*.json"))
+                for p in (source.with_suffix(f".{f}") for f in formats) if p.exists()]
+
     if not folder.exists():
-        return []
-    import plotly.io as pio
-    todo, paths = [], []
-    for source in sorted(folder.glob("*/*.json")):
-        for fmt in formats:
-            target = source.with_suffix(f".{fmt}")
-            if not target.exists():
-                todo.append((source, target))
+        return {"status": "ok", "reason": None, "paths": []}
+    todo = [(source, source.with_suffix(f".{fmt}")) for source in sorted(folder.glob("*/*.json"))
+            for fmt in formats if not source.with_suffix(f".{fmt}").exists()]
+    status, reason = "ok", None
     if todo:
-        import kaleido
-        kaleido.start_sync_server(silence_warnings=True)
         try:
-            figures = {s: pio.read_json(s) for s in {s for s, _ in todo}}
-            with warnings.catch_warnings():  # plotly passes browser options a running server cannot take
-                warnings.filterwarnings("ignore", message="The kopts argument is ignored")
-                pio.write_images([figures[s] for s, _ in todo], [t for _, t in todo])
-        finally:
-            kaleido.stop_sync_server(silence_warnings=True)
-    for source in sorted(folder.glob("*/*.json")):
-        paths.extend(p for p in (source.with_suffix(f".{f}") for f in formats) if p.exists())
-    return paths
+            browser = find_browser()
+            if progress:
+                print(f"static figures: {len(todo)} files ({', '.join(formats)}) with {browser} ...", flush=True)
+            figures = {s: json.loads(s.read_text()) for s in {s for s, _ in todo}}
+            requests = []
+            for source, target in todo:
+                layout = figures[source].get("layout", {})
+                opts = dict(format=target.suffix[1:], width=int(layout.get("width") or 900),
+                            height=int(layout.get("height") or 500))
+                requests.append((figures[source], opts, f"{source.parent.name}/{source.stem}"))
+            for (_, target), image in zip(todo, render_static(requests)):
+                write_bytes_atomic(target, image)
+        except BrowserMissing as err:
+            status, reason = "skipped", f"PNG/SVG figures not exported: {err}. The HTML and plotly JSON figures are written"
+        except StaticExportError as err:
+            status, reason = "failed", f"PNG/SVG figures not exported: {err}. The HTML and plotly JSON figures are written"
+        if reason:
+            print(f"hm4sr: {reason}", file=sys.stderr, flush=True)
+    return {"status": status, "reason": reason, "paths": present()}
 
 
 # ----------------------------------------------------------------------------- provenance
@@ -366,6 +384,9 @@ def index_page(manifest: dict) -> str:
                 f'<figure><a href="{e(p[:-4])}.svg"><img src="{e(p)}" alt="{e(Path(p).stem)}"></a>'
                 f'<figcaption>{e(Path(p).stem)}</figcaption></figure>' for p in pngs)
             gallery.append(f'<h3>{e(nb["name"])}</h3><div class="gallery">{cards}</div>')
+    static_note = (manifest.get("static_figures") or {}).get("reason")
+    if static_note:
+        gallery.insert(0, f'<p class="failed">{e(static_note)}.</p>')
     versions_text = ", ".join(f"{k} {v}" for k, v in manifest.get("versions", {}).items() if v)
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>HM4SR run {e(manifest["run_id"])}</title>

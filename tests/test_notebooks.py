@@ -13,6 +13,10 @@ import json
 import math
 import os
 import re
+import subprocess
+import sys
+import time
+from html import unescape as html_unescape
 from pathlib import Path
 
 import nbformat
@@ -112,7 +116,13 @@ def test_run_folder_has_every_artefact(smoke_run):
         html = (smoke_run / f"{name}.html").read_text()
         assert "plotly-graph-div" in html, f"{name}.html has no rendered plotly figure"
         assert f'href="{name}.html"' in index and f'href="{name}.json"' in index
+        assert list((smoke_run / "figures" / name).glob("*.json")), f"{name}: no key figure written"
         pngs = [p for p in entry["figures"] if p.endswith(".png")]
+        if manifest["static_figures"]["status"] == "skipped":  # no Chromium here: said so, nothing exported
+            assert "apt-get install" in manifest["static_figures"]["reason"] and not pngs
+            assert manifest["static_figures"]["reason"] in html_unescape(index)
+            continue
+        assert manifest["static_figures"] == {"status": "ok", "reason": None, "formats": ["png", "svg"]}
         assert pngs, f"{name}: no key figure exported"
         for png in pngs:
             assert (smoke_run / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -320,3 +330,34 @@ def test_save_figure_writes_plotly_json_without_a_browser(tmp_path, monkeypatch)
     fig = go.Figure(go.Bar(x=["a", "b"], y=[1, 2]), layout={"title": {"text": "t"}})
     (path,) = figures.save_figure(fig, tmp_path / "figures" / "bars", formats=["json"])
     assert path.name == "bars.json" and pio.read_json(path) == fig
+
+
+# The runner on a bare machine: no browser on PATH, none at /usr/bin/chromium. In a child
+# process with a timeout, so that a hang (as kaleido waiting for a browser did) fails the test.
+BARE_RUN = """
+import sys
+from widgets import figures
+figures.DEBIAN_CHROMIUM = sys.argv[1] + "/no-chromium"
+from hm4sr_core.notebooks import run_notebooks
+run_notebooks(smoke=True, notebooks=("01_prepare_data",), out=sys.argv[1] + "/run", progress=False, cell_timeout=120)
+"""
+
+
+def test_runner_without_a_browser_finishes_and_says_what_it_left_out(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "BROWSER_PATH"}
+    env["PATH"] = str(tmp_path / "bin")
+    (tmp_path / "bin").mkdir()
+    t0 = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", BARE_RUN, str(tmp_path)], capture_output=True, text=True,
+                          timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = [line for line in done.stderr.splitlines() if "PNG/SVG figures not exported" in line]
+    assert len(lines) == 1, done.stderr[-3000:]
+    assert "apt-get install -y chromium fonts-dejavu-core" in lines[0] and "plotly JSON figures are written" in lines[0]
+    run = tmp_path / "run"
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["status"] == "ok" and manifest["static_figures"]["status"] == "skipped"
+    assert list((run / "figures" / "01_prepare_data").glob("*.json"))
+    assert not list(run.rglob("*.png")) and not list(run.rglob("*.svg"))
+    assert (run / "01_prepare_data.html").exists()
+    assert time.monotonic() - t0 < 240

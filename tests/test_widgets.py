@@ -249,7 +249,7 @@ def test_save_figure_without_a_browser_says_how_to_install(tmp_path, monkeypatch
     monkeypatch.delenv("BROWSER_PATH", raising=False)
     monkeypatch.setenv("PATH", str(tmp_path))
     monkeypatch.setattr(figures, "DEBIAN_CHROMIUM", str(tmp_path / "no-chromium"))
-    with pytest.raises(RuntimeError, match="apt-get install chromium"):
+    with pytest.raises(figures.BrowserMissing, match="apt-get install -y chromium"):
         figures.save_figure(figures.lambda_figure(pd.DataFrame({"step": [0], "lambda_id": [0.0]})), tmp_path / "x")
     assert list(Path(tmp_path).iterdir()) == []  # nothing half-written
     # Plotly JSON needs no browser (the notebook runner exports PNG/SVG from it later).
@@ -260,3 +260,60 @@ def test_save_figure_without_a_browser_says_how_to_install(tmp_path, monkeypatch
     with pytest.raises(ValueError, match="formats"):
         figures.save_figure(figures.lambda_figure(pd.DataFrame({"step": [0], "lambda_id": [0.0]})), tmp_path / "x",
                             formats=("gif",))
+
+
+# A bare machine: no browser on PATH, none at /usr/bin/chromium, no BROWSER_PATH. Run in a
+# child process so that a hang fails the test by its timeout instead of hanging the suite.
+NO_BROWSER_EXPORT = """
+import sys, time
+import pandas as pd
+from widgets import figures
+figures.DEBIAN_CHROMIUM = sys.argv[1] + "/no-chromium"
+fig = figures.lambda_figure(pd.DataFrame({"step": [0, 1], "lambda_id": [0.0, 0.5]}))
+t0 = time.monotonic()
+try:
+    figures.save_figure(fig, sys.argv[1] + "/lam", formats=("png", "svg"))
+except figures.BrowserMissing as err:
+    print(f"{time.monotonic() - t0:.3f}|{err}")
+"""
+
+
+def _bare_environment(tmp_path: Path) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "BROWSER_PATH"}
+    env["PATH"] = str(tmp_path / "bin")  # no chromium, no chrome: nothing but an empty folder
+    (tmp_path / "bin").mkdir(exist_ok=True)
+    return env
+
+
+def test_static_export_without_any_browser_returns_promptly_saying_what_is_missing(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    t0 = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", NO_BROWSER_EXPORT, str(tmp_path)], capture_output=True, text=True,
+                          timeout=120, env=_bare_environment(tmp_path))
+    assert done.returncode == 0, done.stderr
+    seconds, message = done.stdout.strip().split("|", 1)
+    assert float(seconds) < 1.0  # found missing before anything starts
+    assert "no Chromium" in message and "apt-get install -y chromium fonts-dejavu-core" in message
+    assert "BROWSER_PATH" in message
+    assert not list(tmp_path.glob("lam*"))
+    assert time.monotonic() - t0 < 60
+
+
+def test_a_browser_that_never_answers_times_out_naming_it(tmp_path):
+    import sys
+    import time
+
+    fake = tmp_path / "fake-chromium"
+    # Starts and reads the DevTools pipe (fd 3) like Chromium, but never answers.
+    fake.write_text(f"#!{sys.executable}\nimport os, time\nend = time.monotonic() + 60\n"
+                    "while time.monotonic() < end and os.read(3, 65536):\n    pass\n")
+    fake.chmod(0o755)
+    fig = figures.lambda_figure(pd.DataFrame({"step": [0, 1], "lambda_id": [0.0, 0.5]}))
+    t0 = time.monotonic()
+    with pytest.raises(figures.StaticExportError, match=f"no answer.*starting {fake}"):
+        figures.render_static([(fig.to_dict(), {"format": "png"}, "lambda")], str(fake), start_timeout=3,
+                              figure_timeout=3)
+    assert time.monotonic() - t0 < 45

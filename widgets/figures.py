@@ -9,9 +9,9 @@ the figure. :func:`save_figure` writes PNG/SVG through kaleido and a local Chrom
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import os
 import shutil
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -416,35 +416,116 @@ def embedding_scatter(atlas_df: pd.DataFrame, color: str = "category", space: st
 
 # ----------------------------------------------------------------------------- export
 
+# A browser that never answers must not hang a run: seconds for Chromium to start (its first
+# start on a cold disk took about 10 s here), and for each image once it runs.
+BROWSER_START_TIMEOUT = 60.0
+FIGURE_TIMEOUT = 60.0
+INSTALL_HINT = ("install it with `apt-get install -y chromium fonts-dejavu-core` (`make demo` and `make test` "
+                "do when run as root), or point BROWSER_PATH at a Chrome/Chromium executable")
+
+
+class BrowserMissing(RuntimeError):
+    """No Chromium for static export (PNG/SVG); plotly JSON can still be written."""
+
+
+class StaticExportError(RuntimeError):
+    """The browser started but failed, or did not answer within the timeout."""
+
 
 def find_browser() -> str:
     """Path of a Chromium for kaleido: $BROWSER_PATH (kaleido's own override) when it names
     an executable, else the first of ``BROWSER_NAMES`` on PATH, else /usr/bin/chromium.
 
-    Never downloads a browser; raises RuntimeError saying how to install one."""
+    Never downloads a browser; raises :class:`BrowserMissing` saying how to install one."""
     env = os.environ.get("BROWSER_PATH")
     candidates = ([env] if env else []) + [shutil.which(n) for n in BROWSER_NAMES] + [DEBIAN_CHROMIUM]
     for c in candidates:
         if c and os.path.isfile(c) and os.access(c, os.X_OK):
             return c
-    raise RuntimeError("save_figure needs a Chromium for kaleido and found none (checked $BROWSER_PATH, "
-                       f"{', '.join(BROWSER_NAMES)} on PATH, {DEBIAN_CHROMIUM}); install it with "
-                       "`apt-get install chromium` (or point BROWSER_PATH at a Chrome/Chromium executable)")
+    raise BrowserMissing(f"no Chromium for PNG/SVG export (checked $BROWSER_PATH, {', '.join(BROWSER_NAMES)} "
+                         f"on PATH, {DEBIAN_CHROMIUM}); {INSTALL_HINT}")
 
 
-def _render(fig_dict: dict, formats, browser: str, width: int, height: int, scale: float) -> list[bytes]:
-    """Every format from one browser session (starting Chromium costs seconds)."""
+def render_static(requests: list[tuple[dict, dict, str]], browser: str | None = None, *,
+                  start_timeout: float = BROWSER_START_TIMEOUT,
+                  figure_timeout: float = FIGURE_TIMEOUT) -> list[bytes]:
+    """Render many figures in one browser session (starting Chromium costs seconds).
+
+    Args:
+        requests: ``(figure dict, kaleido opts (format, width, height, scale), label)``; the
+            label names the figure in errors.
+        browser: a Chromium executable; default :func:`find_browser`.
+    Returns:
+        The image bytes, one per request, in order.
+    Raises:
+        BrowserMissing: no browser (before anything starts).
+        StaticExportError: the browser did not start within ``start_timeout`` seconds or an
+            image took longer than ``figure_timeout``, naming the browser and the figure.
+    """
     import kaleido
+
+    browser = browser or find_browser()
+    stage = {"what": f"starting {browser}"}
+
+    async def within(coro, seconds: float):
+        """``coro``'s result, or TimeoutError after ``seconds`` (kaleido turns a plain
+        cancellation into a misleading "browser closed" error, so the timeout is ours)."""
+        task = asyncio.ensure_future(coro)
+        done, _ = await asyncio.wait({task}, timeout=seconds)
+        if not done:
+            # the cancelled task's own error is expected; marking it seen keeps asyncio quiet
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())
+            task.cancel()
+            raise TimeoutError
+        return task.result()
 
     async def run() -> list[bytes]:
         # mathjax=False: kaleido would fetch MathJax from a CDN, and these machines are offline.
-        async with kaleido.Kaleido(path=browser, mathjax=False) as k:
-            return [await k.calc_fig(fig_dict, opts=dict(format=f, width=width, height=height, scale=scale))
-                    for f in formats]
+        k = kaleido.Kaleido(path=browser, mathjax=False, timeout=figure_timeout)
+        try:
+            await within(k.open(), start_timeout)
+            images = []
+            for fig, opts, label in requests:
+                stage["what"] = f"rendering {label} as {opts.get('format')} in {browser}"
+                images.append(await within(k.calc_fig(fig, opts=opts), figure_timeout))
+            return images
+        finally:
+            try:
+                await within(k.close(), 5)
+            except Exception:  # noqa: BLE001 - the first error is the one to report
+                pass
+            process = getattr(k, "subprocess", None)
+            if process is not None and process.poll() is None:  # a browser that ignored close
+                process.kill()
 
-    # A fresh thread has no running event loop, so this works inside Jupyter too.
-    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-        return pool.submit(asyncio.run, run()).result()
+    # A thread of our own: it has no running event loop (so this works inside Jupyter too), and
+    # as a daemon it cannot keep the interpreter alive if the browser ignores the timeouts.
+    result: dict = {}
+
+    def target() -> None:
+        try:
+            result["images"] = asyncio.run(run())
+        except BaseException as err:  # noqa: BLE001 - re-raised in the caller's thread
+            result["error"] = err
+
+    thread = threading.Thread(target=target, name="hm4sr-static-export", daemon=True)
+    thread.start()
+    thread.join(start_timeout + figure_timeout * len(requests) + 30)
+    if thread.is_alive():
+        raise StaticExportError(f"static export: no answer while {stage['what']}; gave up after "
+                                f"{start_timeout + figure_timeout * len(requests) + 30:.0f} s")
+    err = result.get("error")
+    if isinstance(err, TimeoutError):
+        limit = start_timeout if stage["what"].startswith("starting") else figure_timeout
+        raise StaticExportError(f"static export: no answer within {limit:.0f} s while {stage['what']}") from None
+    if err is not None:
+        raise StaticExportError(f"static export failed while {stage['what']}: {type(err).__name__}: {err}") from err
+    images = result["images"]
+    for img, (_, opts, label) in zip(images, requests):
+        if not img:
+            raise StaticExportError(f"static export: {browser} returned an empty {opts.get('format')} image "
+                                    f"for {label}")
+    return images
 
 
 def save_figure(fig: go.Figure, path_without_ext, formats=("png", "svg"), *, width: int | None = None,
@@ -460,7 +541,8 @@ def save_figure(fig: go.Figure, path_without_ext, formats=("png", "svg"), *, wid
     Returns:
         The paths written. Each file appears whole or not at all (temporary file + rename).
     Raises:
-        RuntimeError when no Chromium is installed (``apt-get install chromium``).
+        BrowserMissing when a format needs Chromium and none is installed; StaticExportError
+        when the browser fails or does not answer in time. Nothing is written then.
     """
     formats = tuple(formats)
     bad = [f for f in formats if f not in EXPORT_FORMATS]
@@ -470,18 +552,16 @@ def save_figure(fig: go.Figure, path_without_ext, formats=("png", "svg"), *, wid
     layout = fig_dict.get("layout", {})
     width = int(width or layout.get("width") or 900)
     height = int(height or layout.get("height") or 500)
+    base = Path(path_without_ext)
     rendered = [f for f in formats if f not in BROWSER_FREE_FORMATS]
-    images = dict(zip(rendered, _render(fig_dict, rendered, find_browser(), width, height, scale))) if rendered else {}
+    requests = [(fig_dict, dict(format=f, width=width, height=height, scale=scale), base.name) for f in rendered]
+    images = dict(zip(rendered, render_static(requests))) if rendered else {}
     if "json" in formats:
         images["json"] = go.Figure(fig).to_json().encode()
-    images = [images[f] for f in formats]
-    base = Path(path_without_ext)
     base.parent.mkdir(parents=True, exist_ok=True)
     written = []
-    for fmt, data in zip(formats, images):
-        if not data:
-            raise RuntimeError(f"save_figure: kaleido returned an empty {fmt} image")
+    for fmt in formats:
         target = base.with_name(base.name + f".{fmt}")
-        write_bytes_atomic(target, data)
+        write_bytes_atomic(target, images[fmt])
         written.append(target)
     return written
