@@ -28,8 +28,8 @@ ARTIFACTS = Path(__file__).parent / "artifacts"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
 
-pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's /usr/bin/chromium "
-                                                               "(apt-get install chromium; .ci/run installs it)")
+pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's /usr/bin/chromium: `make test` "
+                                "installs it when run as root, else apt-get install -y chromium fonts-dejavu-core")
 
 NOTEBOOK_CELLS = [
     "from hm4sr_core.config import ModelConfig, PreprocessConfig\n"
