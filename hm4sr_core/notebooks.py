@@ -4,7 +4,8 @@
 A run folder holds, per notebook: the executed notebook, its HTML rendering, the JSON
 record its last cell wrote, and its key figures (plotly JSON written by the notebook,
 exported here to PNG and SVG through kaleido in one browser session for the whole
-run, instead of one browser start per notebook kernel). Beside them:
+run, instead of one browser start per notebook kernel; skipped with one line saying so
+where no Chromium is installed). Beside them:
 ``manifest.json`` (mode, parameters, versions, data hash, git commit, timings) and
 ``index.html`` linking everything.
 
@@ -314,11 +315,9 @@ def export_static_figures(folder: Path, formats: tuple[str, ...] = STATIC_FORMAT
                 requests.append((figures[source], opts, f"{source.parent.name}/{source.stem}"))
             for (_, target), image in zip(todo, render_static(requests)):
                 write_bytes_atomic(target, image)
-        except BrowserMissing as err:
-            status, reason = "skipped", f"PNG/SVG figures not exported: {err}. The HTML and plotly JSON figures are written"
-        except StaticExportError as err:
-            status, reason = "failed", f"PNG/SVG figures not exported: {err}. The HTML and plotly JSON figures are written"
-        if reason:
+        except (BrowserMissing, StaticExportError) as err:
+            status = "skipped" if isinstance(err, BrowserMissing) else "failed"
+            reason = f"PNG/SVG figures not exported: {err}. The HTML and plotly JSON figures are written"
             print(f"hm4sr: {reason}", file=sys.stderr, flush=True)
     return {"status": status, "reason": reason, "paths": present()}
 
