@@ -30,7 +30,12 @@ from hm4sr_core.notebooks import (FULL_TRAINING, NOTEBOOK_DIR, NOTEBOOKS, Notebo
                                   prepared_dataset, run_notebooks)
 
 EXPECTED = Path(__file__).parent / "fixtures" / "notebooks_smoke_expected.json"
-TOLERANCE = 1e-6  # relative; the same seed on CPU reproduces these exactly
+# The same seed on one CPU reproduces these exactly; another CPU kind rounds float32 sums
+# differently (seen: long_gap_shift, a total variation of near-uniform gates, 0.000971601090
+# on one machine and 0.000971599142 on another). A real change moves values by seed noise,
+# about 1e-2, so 1e-6 relative or 1e-9 absolute still catches it.
+TOLERANCE = 1e-6  # relative
+ABS_TOLERANCE = 1e-9
 METRIC_NAMES = ("ndcg@10", "hr@10", "mrr@10")
 PARAMETER_LINE = re.compile(r"^(?P<name>\w+)\s*:\s*\w+\s*=\s*(?P<value>.*?)\s+#\s+(?P<help>.+)$")
 
@@ -257,7 +262,7 @@ def test_smoke_metrics_equal_the_stored_expectation(records):
     got = dict(_finite_numbers(got))
     assert sorted(got) == sorted(expected), "recorded values changed shape; regenerate with HM4SR_UPDATE_EXPECTED=1"
     mismatches = [(path, got[path], expected[path]) for path in sorted(got)
-                  if not math.isclose(got[path], expected[path], rel_tol=TOLERANCE, abs_tol=1e-12)]
+                  if not math.isclose(got[path], expected[path], rel_tol=TOLERANCE, abs_tol=ABS_TOLERANCE)]
     assert not mismatches, (f"smoke metrics differ from {EXPECTED.name} (path, got, expected): {mismatches[:5]}; "
                             f"after a deliberate change regenerate with HM4SR_UPDATE_EXPECTED=1")
 
