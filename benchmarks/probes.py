@@ -92,7 +92,7 @@ def parts_memory(args) -> dict:
 def attention(args) -> dict:
     """A prefix batch's attention block (QKV, scores, dropout, output projection), forward
     and backward: the layout the model uses against heads taken as strided views."""
-    from hm4sr_core.model import dropout_mask, score_bias
+    from hm4sr_core.kernels import dropout_mask, score_bias
     torch.set_num_threads(2)
     B, H, T, dh = 1024, 2, 50, 32
     d = H * dh
