@@ -99,3 +99,26 @@ def test_bench_history_records_only_what_this_run_measured(tmp_path, monkeypatch
     row = json.loads(bench.HISTORY.read_text())
     assert row["eval_users_per_second"] == 2000.0 and "hm4sr_prefix_seconds_per_epoch" not in row
     assert row["skipped_parts"] == ",".join(skip) and row["measured_at"] == results["measured_at"]
+
+
+def test_same_results_finds_every_kind_of_difference():
+    """benchmarks.same_results: equal nested values pass (NaN included); a changed element,
+    dtype or shape, a missing key and a changed metric are each reported by place."""
+    import torch
+
+    from benchmarks.same_results import differences
+    a = {"state": {"w": torch.arange(6.0).view(2, 3), "b": torch.zeros(3)}, "metric": 0.25, "nan": float("nan"),
+         "rows": [1, 2]}
+    same = {"state": {"w": torch.arange(6.0).view(2, 3), "b": torch.zeros(3)}, "metric": 0.25, "nan": float("nan"),
+            "rows": [1, 2]}
+    assert differences(a, same, "run") == []
+    nudged = torch.arange(6.0).view(2, 3)
+    nudged[1, 2] = torch.nextafter(nudged[1, 2], torch.tensor(10.0))  # one ulp
+    cases = [({"w": nudged}, "run.state.w"), ({"w": torch.arange(6.0).view(2, 3).double()}, "run.state.w"),
+             ({"w": torch.arange(6.0).view(3, 2)}, "run.state.w")]
+    for change, where in cases:
+        other = dict(same, state=dict(same["state"], **change))
+        assert differences(a, other, "run") == [where]
+    assert differences(a, dict(same, metric=0.25000001), "run") == ["run.metric: 0.25 != 0.25000001"]
+    assert differences(a, {k: v for k, v in same.items() if k != "rows"}, "run") == ["run: keys ['rows']"]
+    assert differences(a, dict(same, rows=[1, 2, 3]), "run") == ["run.rows: lengths 2 and 3"]
