@@ -17,9 +17,12 @@ faster on a CPU, or in less memory, and nothing here changes what is computed:
 - recomputation (:func:`recomputed`, ``TrainConfig.recompute``) and gradient caching over
   parts of a batch (:func:`backward_in_parts`, ``TrainConfig.micro_batches``).
 
-Entry points: the model calls :func:`interactive_moe_factored` for the first MoE level and
-hands its encoder to :func:`encode_per_stream` when :func:`cpu_kernels` says so; the
-trainer reaches :func:`backward_in_parts` through ``HM4SR.backward_in_parts``. Streams are
+Entry points, each called from one place (the lines of model.py that say ``kernels.``):
+the first MoE level is :func:`interactive_moe_factored`; ``StreamEncoders.forward`` hands
+its input to :func:`encode_per_stream` when :func:`cpu_kernels` says so, and otherwise
+runs its layers through :func:`recomputed` when recomputation is on and through
+:func:`attention`; the trainer reaches :func:`backward_in_parts` through
+``HM4SR.backward_in_parts``. Nothing here imports the model at run time. Streams are
 stacked on one axis as in the model: weights ``(S, ...)``, inputs ``(S, B, T, d)``.
 """
 
