@@ -22,8 +22,10 @@ the first MoE level is :func:`interactive_moe_factored`; ``StreamEncoders.forwar
 its input to :func:`encode_per_stream` when :func:`cpu_kernels` says so, and otherwise
 runs its layers through :func:`recomputed` when recomputation is on and through
 :func:`attention`; the trainer reaches :func:`backward_in_parts` through
-``HM4SR.backward_in_parts``. Nothing here imports the model at run time. Streams are
-stacked on one axis as in the model: weights ``(S, ...)``, inputs ``(S, B, T, d)``.
+``HM4SR.backward_in_parts``. model.py imports this module, so this one names the model's
+classes for annotations only (and :func:`backward_in_parts` imports its output type when
+called). Streams are stacked on one axis as in the model: weights ``(S, ...)``, inputs
+``(S, B, T, d)``.
 """
 
 from __future__ import annotations
