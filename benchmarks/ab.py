@@ -11,8 +11,9 @@ same batches, and their runs alternate (ABBA order). Two parts:
     python -m benchmarks.ab --rev 6723202             # both parts, 2 threads
     python -m benchmarks.ab --rev HEAD~3 --part eval --repeats 15
 
-Only model.py is swapped: the data, split, evaluation and training code are this
-checkout's, so the old file must still fit them (true across pure speed changes).
+Only model.py and kernels.py (the execution paths, where the revision has the file) are
+swapped: the data, split, evaluation and training code are this checkout's, so the old
+files must still fit them (true across pure speed changes).
 Prints per-run seconds, medians and the median of the paired ratios (new / old).
 """
 
@@ -32,21 +33,35 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def old_model_module(rev: str):
-    """hm4sr_core/model.py as of ``rev``, imported as hm4sr_core._model_ab."""
-    try:
-        text = subprocess.run(["git", "show", f"{rev}:hm4sr_core/model.py"], cwd=ROOT, check=True,
-                              capture_output=True, text=True).stdout
-    except subprocess.CalledProcessError as err:
-        raise SystemExit(f"git show {rev}:hm4sr_core/model.py failed: {err.stderr.strip()}") from None
+def _show(rev: str, path: str) -> str | None:
+    """The text of ``path`` at ``rev``, or None when the revision has no such file."""
+    done = subprocess.run(["git", "show", f"{rev}:{path}"], cwd=ROOT, capture_output=True, text=True)
+    return done.stdout if done.returncode == 0 else None
+
+
+def _load(name: str, text: str):
+    """``text`` imported as the module hm4sr_core.``name`` (relative imports resolve inside hm4sr_core)."""
     with tempfile.TemporaryDirectory(prefix="hm4sr-ab-") as folder:  # read once, at import
-        path = Path(folder) / "model.py"
+        path = Path(folder) / f"{name}.py"
         path.write_text(text)
-        spec = importlib.util.spec_from_file_location("hm4sr_core._model_ab", path)
+        spec = importlib.util.spec_from_file_location(f"hm4sr_core.{name}", path)
         module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module  # relative imports resolve inside hm4sr_core
+        sys.modules[spec.name] = module
         spec.loader.exec_module(module)
     return module
+
+
+def old_model_module(rev: str):
+    """hm4sr_core/model.py as of ``rev``, imported as hm4sr_core._model_ab; with the
+    kernels.py of the same revision where it has one (hm4sr_core._kernels_ab)."""
+    text = _show(rev, "hm4sr_core/model.py")
+    if text is None:
+        raise SystemExit(f"git show {rev}:hm4sr_core/model.py failed")
+    kernels = _show(rev, "hm4sr_core/kernels.py")
+    if kernels is not None:
+        _load("_kernels_ab", kernels)
+        text = text.replace("from . import kernels\n", "from . import _kernels_ab as kernels\n")
+    return _load("_model_ab", text)
 
 
 def _pairs(n: int, run_old, run_new) -> tuple[list[float], list[float]]:

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .metrics import mean_std, paired_test
+from .significance import mean_std, paired_test
 
 
 class RunsFailed(RuntimeError):

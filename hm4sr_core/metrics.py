@@ -1,9 +1,10 @@
-"""Full-ranking metrics, top-k lists and significance tests (pure functions).
+"""Full-ranking metrics and top-k lists (pure functions).
 
 This module implements the measuring half of the evaluation contract
-(``docs/evaluation.md``, items 2, 6 and 8): every user's held-out target is ranked
+(``docs/evaluation.md``, items 2 and 8): every user's held-out target is ranked
 against the *whole* catalogue, with a declared tie policy, and turned into per-user
-HR/NDCG/MRR arrays that feed the paired tests between models.
+HR/NDCG/MRR arrays that feed the paired tests between models
+(:mod:`hm4sr_core.significance`).
 
 Conventions (shared by every model in the workbench). HM4SR scores an item as
 ``sum over streams s of <s_s, v_s(i)>`` (``docs/hm4sr_model.md``, step 6), which is one
@@ -42,7 +43,6 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from scipy import stats
 from torch import Tensor
 
 TIE_POLICIES = ("expected", "pessimistic", "optimistic")
@@ -578,57 +578,6 @@ def coverage_and_popularity(
         f"coverage@{k}": np.unique(filled).size / num_items,
         f"popularity@{k}": float(np.mean(popularity[filled])),
     }
-
-
-# ---------------------------------------------------------------------------
-# Seeds and significance
-# ---------------------------------------------------------------------------
-
-
-def paired_test(a: np.ndarray, b: np.ndarray, method: str = "wilcoxon") -> dict[str, float]:
-    """Paired test between two models' per-user metric arrays (same users, same order).
-
-    ``"wilcoxon"``: Wilcoxon signed-rank (scipy, ``zero_method="wilcox"``: users with
-    equal values carry no sign and are dropped); ``"ttest"``: paired t-test. When the
-    two arrays are identical the test is undefined; it is reported as
-    ``statistic=0, p_value=1``.
-
-    Args:
-        a, b: (U,) per-user metric values, U >= 2.
-        method: ``"wilcoxon"`` or ``"ttest"``.
-
-    Returns:
-        ``{"statistic", "p_value", "mean_diff" (mean of a - b), "n" (U)}``.
-    """
-    a = np.asarray(a, dtype=np.float64)
-    b = np.asarray(b, dtype=np.float64)
-    if a.ndim != 1 or b.ndim != 1 or a.shape != b.shape:
-        raise ValueError(f"paired_test needs two 1-D arrays of one length, got "
-                         f"{a.shape} and {b.shape}")
-    if a.size < 2:
-        raise ValueError(f"paired_test needs at least 2 users, got {a.size}")
-    if not (np.all(np.isfinite(a)) and np.all(np.isfinite(b))):
-        raise ValueError("paired_test: values must be finite")
-    if method not in ("wilcoxon", "ttest"):
-        raise ValueError(f"method must be 'wilcoxon' or 'ttest', got {method!r}")
-    diff = a - b
-    result = {"mean_diff": float(np.mean(diff)), "n": int(a.size)}
-    if not np.any(diff):
-        return {"statistic": 0.0, "p_value": 1.0, **result}
-    if method == "wilcoxon":
-        test = stats.wilcoxon(a, b, zero_method="wilcox")
-    else:
-        test = stats.ttest_rel(a, b)
-    return {"statistic": float(test.statistic), "p_value": float(test.pvalue), **result}
-
-
-def mean_std(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (ddof=1; 0.0 for a single value) over seeds."""
-    array = np.asarray(list(values), dtype=np.float64)
-    if array.ndim != 1 or array.size == 0:
-        raise ValueError("mean_std needs at least one value")
-    std = float(np.std(array, ddof=1)) if array.size > 1 else 0.0
-    return float(np.mean(array)), std
 
 
 # ---------------------------------------------------------------------------

@@ -1,14 +1,19 @@
-"""HM4SR and its SASRec baseline, in one file read top to bottom (hm4sr_model.md, section 2).
+"""HM4SR and its SASRec baseline, in one file read top to bottom (hm4sr_model.md, sections 2-3).
 
-Small modules first (time embedding, the two MoE levels, a stack of per-stream
-Transformers), then :class:`HM4SR`, then the four losses as pure functions.
+Small modules first, in the order of the forward pass: the feature tables' width
+(section 1), the Interactive MoE (2.2), the time embedding (2.3), the Temporal MoE (2.4),
+the per-stream Transformer encoders (2.5); then :class:`HM4SR` (forward, losses,
+scoring, 2.6), then the four losses as pure functions (section 3). SASRec is HM4SR with
+the ID stream alone and every extra part off (``ModelConfig.sasrec()``).
 Pure torch: no file I/O, no device choice, no prints.
 
 Streams are stacked on one axis: ``(B, T, S, d)`` with S = 1 (ID) + M feature
-modalities. Each stream keeps its own weights, stacked as ``(S, ...)`` tensors. On CPU
-the Transformers run stream by stream on ``(B*T, d)`` matrices (plain ``addmm`` is
-faster there than one batched matmul over streams, and S is small); on a GPU all
-streams share one batched kernel per operation (:func:`cpu_kernels` decides).
+modalities. Each stream keeps its own weights, stacked as ``(S, ...)`` tensors, and the
+code here runs all streams in one batched kernel per operation. How the same
+computation is run fast on a CPU (the encoders stream by stream with pre-drawn dropout
+masks, the Interactive MoE once per distinct item) and in less memory (recomputation,
+gradient caching over parts of a batch) lives in :mod:`hm4sr_core.kernels`; the model
+calls into it where a line here says ``kernels.``.
 """
 
 from __future__ import annotations
@@ -19,8 +24,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
+from . import kernels
 from .config import ModelConfig
 from .data.splits import SequenceBatch
 
@@ -50,41 +55,53 @@ class HM4SROutput:
 # ----------------------------------------------------------------------------- modules
 
 
-def cpu_kernels(t: torch.Tensor) -> bool:
-    """Whether ``t`` takes the CPU-tuned paths (drawn dropout masks, the per-stream
-    encoder, the chunked expert mix); elsewhere the stock ones run (F.dropout, one
-    batched kernel for all streams, the direct mix), which suit a GPU. Tests switch it
-    off to run those paths on the CPU."""
-    return t.device.type == "cpu"
+def fit_feature_width(table: torch.Tensor, width: int) -> torch.Tensor:
+    """A (rows, D) feature table brought to (rows, width), as the released code's fixed
+    768-d inputs need: zero columns appended when D < width (a projection of the padded
+    table computes the same values, and Adam never moves the weights of all-zero columns);
+    when D > width, the table's coordinates on its ``width`` leading right-singular
+    directions (no centring, so the zero padding row stays zero), each direction's sign
+    fixed by its largest entry so that every device computes the same table."""
+    rows, D = table.shape
+    if D <= width:
+        return F.pad(table, (0, width - D))
+    _, _, vh = torch.linalg.svd(table.double(), full_matrices=False)
+    basis = vh[:width]  # (min(width, rows), D): a table of fewer rows has no more directions
+    top = basis.abs().argmax(dim=1, keepdim=True)
+    basis = basis * torch.sign(basis.gather(1, top))
+    out = (table.double() @ basis.T).to(table.dtype)
+    return F.pad(out, (0, width - out.shape[1]))  # zero columns for the directions it lacks
 
 
-_BYTE_BITS = ((torch.arange(256).view(256, 1) >> torch.arange(8)) & 1).float()  # row b: the bits of byte b
+class InteractiveMoE(nn.Module):
+    """First level: E experts Linear(Sd -> Sd) over all streams; one softmax gate per stream
+    from its own slice; o_s = lambda_s * sum_k g_s[k] * slice_s(Expert_k(z))."""
 
+    def __init__(self, num_streams: int, d: int, num_experts: int, lambda_init: tuple):
+        super().__init__()
+        self.S, self.d, self.E = num_streams, d, num_experts
+        self.experts = nn.Linear(num_streams * d, num_experts * num_streams * d)  # E experts side by side
+        self.gate_weight = nn.Parameter(torch.empty(num_streams, d, num_experts))
+        self.gate_bias = nn.Parameter(torch.zeros(num_streams, num_experts))
+        lam = [lambda_init[min(s, len(lambda_init) - 1)] for s in range(num_streams)]
+        self.lambdas = nn.Parameter(torch.tensor(lam, dtype=torch.float32))
 
-def dropout_mask(shape: tuple[int, ...], p: float, like: torch.Tensor) -> torch.Tensor:
-    """Inverted-dropout mask: 1 / (1 - p) where kept, 0 where dropped; the drop
-    probability is p rounded to the nearest 1/65536 (exact when p is a multiple of
-    1/256); multiplying by it is the whole dropout, forward and backward.
+    def forward(self, z: torch.Tensor):
+        """Per token: z (B, T, S, d) -> (output (B, T, S, d), gates (B, T, S, E))."""
+        B, T, S, d = z.shape
+        gates = torch.softmax(torch.einsum("btsd,sde->btse", z, self.gate_weight) + self.gate_bias, dim=-1)
+        expert_out = self.experts(z.reshape(B, T, S * d)).view(B, T, self.E, S, d)
+        return self.mix(expert_out, gates), gates
 
-    On CPU torch's Bernoulli draw costs a generator call per element, most of a dropout's
-    time. Here random int64 words are cut into lanes: one bit per element when p = 0.5
-    (the default: kept when the bit is set), else eight bits when p is a multiple of
-    1/256 or sixteen otherwise (kept when the lane, read unsigned, is >= p * 2**bits).
-    The mask is written as floats directly. Seeded by torch's global generator, like
-    F.dropout."""
-    n = math.prod(shape)
-    scale = 1.0 / (1.0 - p)
-    bits = 1 if p == 0.5 else 8 if float(p * 256).is_integer() else 16
-    per_word = 64 // bits
-    words = torch.randint(-(2**63), 2**63 - 1, ((n + per_word - 1) // per_word,), dtype=torch.int64,
-                          device=like.device)
-    if bits == 1:  # each byte picks its row of eight mask values: one gather pass
-        table = _BYTE_BITS.to(device=like.device, dtype=like.dtype) * scale  # (256, 8)
-        return F.embedding(words.view(torch.uint8).long(), table).view(-1)[:n].view(shape)
-    lanes = words.view(torch.int8 if bits == 8 else torch.int16)[:n].view(shape)
-    mask = torch.empty(shape, dtype=like.dtype, device=like.device)
-    torch.ge(lanes, int(round(p * 2**bits)) - 2 ** (bits - 1), out=mask)
-    return mask.mul_(scale)
+    def mix(self, expert_out: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+        """sum_k g_s[k] * expert_out[k, s], scaled by lambda_s: expert_out (B, T, E, S, d),
+        gates (B, T, S, E) -> (B, T, S, d)."""
+        S = self.S
+        # An elementwise mix: einsum lowers this to B*T*S tiny matmuls, far slower on CPU.
+        # Contiguous (B, T, E, S) gates keep the backward's (B, T, E, S, d) gradient contiguous:
+        # with the transposed view it came out strided and was copied (about a quarter slower).
+        mixed = (expert_out * gates.transpose(2, 3).contiguous().unsqueeze(-1)).sum(2)
+        return mixed * self.lambdas.view(1, 1, S, 1)  # (B, T, S, d)
 
 
 class TimeEmbedding(nn.Module):
@@ -135,138 +152,6 @@ class TimeEmbedding(nn.Module):
         return torch.cat([self.interval(buckets), absolute], dim=-1), buckets, t  # (B, T, 2d)
 
 
-class InteractiveMoE(nn.Module):
-    """First level: E experts Linear(Sd -> Sd) over all streams; one softmax gate per stream
-    from its own slice; o_s = lambda_s * sum_k g_s[k] * slice_s(Expert_k(z))."""
-
-    def __init__(self, num_streams: int, d: int, num_experts: int, lambda_init: tuple):
-        super().__init__()
-        self.S, self.d, self.E = num_streams, d, num_experts
-        self.experts = nn.Linear(num_streams * d, num_experts * num_streams * d)  # E experts side by side
-        self.gate_weight = nn.Parameter(torch.empty(num_streams, d, num_experts))
-        self.gate_bias = nn.Parameter(torch.zeros(num_streams, num_experts))
-        lam = [lambda_init[min(s, len(lambda_init) - 1)] for s in range(num_streams)]
-        self.lambdas = nn.Parameter(torch.tensor(lam, dtype=torch.float32))
-
-    def forward(self, z: torch.Tensor):
-        """Per token: z (B, T, S, d) -> (output (B, T, S, d), gates (B, T, S, E))."""
-        B, T, S, d = z.shape
-        gates = torch.softmax(torch.einsum("btsd,sde->btse", z, self.gate_weight) + self.gate_bias, dim=-1)
-        expert_out = self.experts(z.reshape(B, T, S * d)).view(B, T, self.E, S, d)
-        return self._mix(expert_out, gates), gates
-
-    def forward_factored(self, rows: torch.Tensor, position: torch.Tensor, index: torch.Tensor):
-        """The same as :meth:`forward` on z = rows[index] + position (position added to
-        every stream), computed once per distinct item and once per position.
-
-        Experts and gate logits are affine in z, so Expert(rows[i] + p) = Expert(rows[i])
-        + W p: the (tokens x Sd x ESd) product shrinks to (distinct items + T) rows.
-        rows (U, S, d), position (T, d), index (B, T) into rows."""
-        U, S, d = rows.shape
-        T = position.shape[0]
-        item_logits = torch.einsum("usd,sde->use", rows, self.gate_weight) + self.gate_bias  # (U, S, E)
-        pos_logits = torch.einsum("td,sde->tse", position, self.gate_weight)  # (T, S, E)
-        # F.embedding for the row gathers: its CPU backward sums in a fixed order (determinism).
-        gates = torch.softmax(F.embedding(index, item_logits.reshape(U, -1)).view(*index.shape, S, -1)
-                              + pos_logits, dim=-1)  # (B, T, S, E)
-        item_out = self.experts(rows.reshape(U, S * d))  # (U, E*S*d), bias included
-        pos_out = F.linear(position.repeat(1, S), self.experts.weight)  # (T, E*S*d)
-        if cpu_kernels(rows):  # no (B, T, E, S, d) tensor: see _FactoredMix
-            mixed = _FactoredMix.apply(gates, item_out, pos_out, index, self.E)
-            return mixed * self.lambdas.view(1, 1, S, 1), gates
-        expert_out = (F.embedding(index, item_out) + pos_out).view(*index.shape, self.E, S, d)
-        return self._mix(expert_out, gates), gates
-
-    def _mix(self, expert_out: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
-        S = self.S
-        # An elementwise mix: einsum lowers this to B*T*S tiny matmuls, far slower on CPU.
-        # Contiguous (B, T, E, S) gates keep the backward's (B, T, E, S, d) gradient contiguous:
-        # with the transposed view it came out strided and was copied (about a quarter slower).
-        mixed = (expert_out * gates.transpose(2, 3).contiguous().unsqueeze(-1)).sum(2)
-        return mixed * self.lambdas.view(1, 1, S, 1)  # (B, T, S, d)
-
-
-class _FactoredMix(torch.autograd.Function):
-    """mixed[b, t, s] = sum_e gates[b, t, s, e] * (item_out[index[b, t], e, s] + pos_out[t, e, s]),
-    a few sequences at a time.
-
-    The direct form materialises the (B, T, E, S, d) expert outputs (157 MB for a prefix
-    batch of 1024 x 50 on ml-100k), its product with the gates and their gradients, each
-    a pass through main memory. Here each chunk's slice stays small, and the backward
-    recomputes it from the saved (U, E*S*d) item and (T, E*S*d) position rows instead of
-    keeping it. Gradients reach all three inputs; the item rows accumulate with
-    ``index_add_`` in token order (deterministic on CPU). Shapes: gates (B, T, S, E),
-    item_out (U, E*S*d), pos_out (T, E*S*d), index (B, T) -> (B, T, S, d)."""
-
-    CHUNK = 32  # sequences per chunk: 32 x 50 tokens x 768 floats ~ 5 MB
-
-    @staticmethod
-    def forward(ctx, gates, item_out, pos_out, index, E):
-        B, T, S, _ = gates.shape
-        U, d = item_out.shape[0], item_out.shape[1] // (E * S)
-        items, pos = item_out.view(U, E, S, d), pos_out.view(T, E, S, d).to(item_out.dtype)
-        g = gates.transpose(2, 3).to(item_out.dtype).contiguous()  # (B, T, E, S), one dtype throughout
-        out = item_out.new_empty(B, T, S, d)
-        for b0 in range(0, B, _FactoredMix.CHUNK):
-            b1 = min(B, b0 + _FactoredMix.CHUNK)
-            x = items.index_select(0, index[b0:b1].reshape(-1)).view(b1 - b0, T, E, S, d)
-            x += pos
-            x *= g[b0:b1].unsqueeze(-1)
-            torch.sum(x, dim=2, out=out[b0:b1])
-        ctx.save_for_backward(g, item_out, pos_out, index)
-        ctx.E, ctx.dtypes = E, (gates.dtype, item_out.dtype, pos_out.dtype)
-        return out
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):
-        g, item_out, pos_out, index = ctx.saved_tensors
-        E = ctx.E
-        want_g, want_items, want_pos = ctx.needs_input_grad[:3]
-        B, T, _, S = g.shape
-        U, d = item_out.shape[0], item_out.shape[1] // (E * S)
-        items, pos = item_out.view(U, E, S, d), pos_out.view(T, E, S, d).to(item_out.dtype)
-        grad = grad.to(item_out.dtype).contiguous()
-        grad_g = g.new_empty(B, T, E, S) if want_g else None
-        grad_items = torch.zeros_like(item_out) if want_items else None
-        grad_pos = item_out.new_zeros(T, E, S, d) if want_pos else None
-        for b0 in range(0, B, _FactoredMix.CHUNK):
-            b1 = min(B, b0 + _FactoredMix.CHUNK)
-            idx = index[b0:b1].reshape(-1)
-            gr = grad[b0:b1].unsqueeze(2)  # (n, T, 1, S, d)
-            if want_g:
-                x = items.index_select(0, idx).view(b1 - b0, T, E, S, d)
-                x += pos
-                torch.sum(x.mul_(gr), dim=-1, out=grad_g[b0:b1])  # d mixed / d gate = that expert's output
-            if want_items or want_pos:
-                gx = g[b0:b1].unsqueeze(-1) * gr  # (n, T, E, S, d)
-                if want_pos:
-                    grad_pos += gx.sum(0)
-                if want_items:
-                    grad_items.index_add_(0, idx, gx.view(-1, E * S * d))
-        dg, di, dp = ctx.dtypes
-        return (grad_g.transpose(2, 3).to(dg) if want_g else None, grad_items.to(di) if want_items else None,
-                grad_pos.view(T, -1).to(dp) if want_pos else None, None, None)
-
-
-def fit_feature_width(table: torch.Tensor, width: int) -> torch.Tensor:
-    """A (rows, D) feature table brought to (rows, width), as the released code's fixed
-    768-d inputs need: zero columns appended when D < width (a projection of the padded
-    table computes the same values, and Adam never moves the weights of all-zero columns);
-    when D > width, the table's coordinates on its ``width`` leading right-singular
-    directions (no centring, so the zero padding row stays zero), each direction's sign
-    fixed by its largest entry so that every device computes the same table."""
-    rows, D = table.shape
-    if D <= width:
-        return F.pad(table, (0, width - D))
-    _, _, vh = torch.linalg.svd(table.double(), full_matrices=False)
-    basis = vh[:width]  # (min(width, rows), D): a table of fewer rows has no more directions
-    top = basis.abs().argmax(dim=1, keepdim=True)
-    basis = basis * torch.sign(basis.gather(1, top))
-    out = (table.double() @ basis.T).to(table.dtype)
-    return F.pad(out, (0, width - out.shape[1]))  # zero columns for the directions it lacks
-
-
 class TemporalMoE(nn.Module):
     """Second level: r = softmax(W_r tau + b_r); y = z * sum_k r_k w_k, w_k in R^{Sd}."""
 
@@ -299,23 +184,17 @@ class StackedLinear(nn.Module):
         w, b = (self.weight, self.bias) if streams is None else (self.weight[streams], self.bias[streams])
         return torch.baddbmm(b[..., columns], x, w[..., columns])
 
-    def stream(self, x: torch.Tensor, s: int, columns: slice = slice(None)) -> torch.Tensor:
-        """(n, in) -> (n, out) with stream ``s``'s layer; ``columns`` computes only those outputs."""
-        return torch.addmm(self.bias[s, 0, columns], x, self.weight[s, :, columns])
-
 
 class StackedLayerNorm(nn.Module):
+    """S independent LayerNorms applied to (S, n, d) at once."""
+
     def __init__(self, num_streams: int, d: int, eps: float):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(num_streams, 1, d))
         self.bias = nn.Parameter(torch.zeros(num_streams, 1, d))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor, s: int) -> torch.Tensor:
-        """(n, d) normalised with stream ``s``'s gain and bias (one fused kernel)."""
-        return F.layer_norm(x, x.shape[-1:], self.weight[s, 0], self.bias[s, 0], self.eps)
-
-    def stacked(self, x: torch.Tensor, streams: list[int] | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, streams: list[int] | None = None) -> torch.Tensor:
         """(S', n, d), each slice with its stream's gain and bias (``streams``, default all)."""
         w, b = (self.weight, self.bias) if streams is None else (self.weight[streams], self.bias[streams])
         return F.layer_norm(x, x.shape[-1:], eps=self.eps) * w + b
@@ -324,13 +203,9 @@ class StackedLayerNorm(nn.Module):
 class StackedTransformerLayer(nn.Module):
     """Post-LN Transformer layer (RecBole's), one set of weights per stream, causal.
 
-    Weights are stacked on a stream axis (S, ...). On CPU (:func:`cpu_kernels`) the
-    forward runs stream by stream on (B*T, d) matrices: a plain ``addmm`` per stream is
-    a quarter to a third faster than one batched ``baddbmm``, LayerNorm takes its
-    stream's gain and bias in the fused kernel, and dropout-then-residual is one
-    ``addcmul`` with masks drawn before the loop (attention, output, feed-forward, each
-    for all streams at once). Elsewhere (a GPU, where a step is bound by kernel launches)
-    :meth:`forward_stacked` runs all streams in one batched kernel per operation."""
+    Weights are stacked on a stream axis (S, ...) and every stream runs in one batched
+    kernel per operation (what a GPU, bound by kernel launches, wants); on a CPU
+    :func:`~hm4sr_core.kernels.encode_per_stream` computes the same layer stream by stream."""
 
     def __init__(self, S: int, d: int, heads: int, inner: int, hidden_dropout: float,
                  attention_dropout: float, eps: float):
@@ -346,69 +221,16 @@ class StackedTransformerLayer(nn.Module):
         self.attention_dropout = attention_dropout
         self.recompute = False  # set by HM4SR.recompute_activations
 
-    def forward(self, xs: list[torch.Tensor], streams: list[int], batch: int,
-                last: torch.Tensor | None) -> list[torch.Tensor]:
-        """xs: per stream (B*T, d), B = ``batch``; ``streams`` picks whose weights each
-        uses. With ``last`` ((B,) index of each sequence's last real item) only that
-        position is computed and (B, d) per stream returned: keys and values still span
-        the sequence, queries, attention output and feed-forward only the last row.
-        Otherwise (B*T, d) per stream."""
-        B, d = batch, xs[0].shape[1]
-        T, H = xs[0].shape[0] // B, self.heads
-        rows = T if last is None else 1
-        ph, pa = self.hidden_dropout, self.attention_dropout
-        drop_a, drop_h = self.training and pa > 0, self.training and ph > 0
-        n = len(xs)
-        masks = [dropout_mask((n, B * H, rows, T), pa, xs[0]) if drop_a else None,
-                 dropout_mask((n, B * rows, d), ph, xs[0]) if drop_h else None,
-                 dropout_mask((n, B * rows, d), ph, xs[0]) if drop_h else None]
-        if last is None:
-            pick, allowed = None, None  # causal: the mask alone keeps padding (after the last item) out
-        else:
-            pick = torch.arange(B, device=last.device) * T + last  # row of each sequence's last item
-            allowed = torch.arange(T, device=last.device).view(1, T) <= last.view(B, 1)  # (B, T)
-        bias = score_bias(allowed, T, H, xs[0]) if drop_a else None  # shared by the streams
-        recompute = self.recompute and torch.is_grad_enabled()
-        outs = []
-        for i, s in enumerate(streams):
-            m = [mk[i] if mk is not None else None for mk in masks]
-            if recompute:  # the masks are inputs, so the recomputed forward is the same
-                outs.append(checkpoint(self._stream, xs[i], s, B, pick, allowed, bias, drop_a, *m,
-                                       use_reentrant=False, preserve_rng_state=False))
-            else:
-                outs.append(self._stream(xs[i], s, B, pick, allowed, bias, drop_a, *m))
-        return outs
-
-    def _stream(self, x: torch.Tensor, s: int, B: int, pick: torch.Tensor | None, allowed: torch.Tensor | None,
-                bias: torch.Tensor | None, drop_a: bool, mask_a: torch.Tensor | None,
-                mask_out: torch.Tensor | None, mask_ff: torch.Tensor | None) -> torch.Tensor:
-        """The layer for one stream's (B*T, d) input (see :meth:`forward`)."""
-        d, H = x.shape[1], self.heads
-        T = x.shape[0] // B
-        if pick is None:
-            residual = x
-            q, k, v = self.qkv.stream(x, s).view(B, T, 3, H, d // H).unbind(2)
-        else:
-            residual = x.index_select(0, pick)  # (B, d)
-            q = self.qkv.stream(residual, s, slice(0, d)).view(B, 1, H, d // H)
-            k, v = self.qkv.stream(x, s, slice(d, 3 * d)).view(B, T, 2, H, d // H).unbind(2)
-        a = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), allowed, self.attention_dropout,
-                      drop_a, mask_a, bias)  # (B, H, rows, dh)
-        a = a.transpose(1, 2).reshape(residual.shape[0], d)
-        h = self.ln1(_dropout_add(self.out.stream(a, s), residual, mask_out), s)
-        f = self.ff2.stream(F.gelu(self.ff1.stream(h, s)), s)
-        return self.ln2(_dropout_add(f, h, mask_ff), s)
-
-    def forward_stacked(self, x: torch.Tensor, streams: list[int] | None, last: torch.Tensor | None) -> torch.Tensor:
-        """The same layer on x (S', B, T, d), every stream in one batched kernel per
-        operation; returns (S', B, T, d), or (S', B, 1, d) with ``last``."""
+    def forward(self, x: torch.Tensor, streams: list[int] | None, last: torch.Tensor | None) -> torch.Tensor:
+        """x (S', B, T, d), slice i with the weights of stream ``streams[i]`` (default all)
+        -> (S', B, T, d), or (S', B, 1, d) at ``last`` ((B,) each sequence's last real item)."""
         S, B, T, d = x.shape
         H, dh = self.heads, d // self.heads
         ph, drop = self.hidden_dropout, self.training
         if last is None:
             qkv = self.qkv(x.reshape(S, B * T, d), streams).view(S * B, T, 3, H, dh)
             q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # each (S*B, H, T, dh), views
-            a = attention(q, k, v, None, self.attention_dropout, drop)
+            a = kernels.attention(q, k, v, None, self.attention_dropout, drop)
             rows, residual = T, x
         else:
             # Keys and values at every position, the query at the last one only.
@@ -417,55 +239,14 @@ class StackedTransformerLayer(nn.Module):
             kv = self.qkv(x.reshape(S, B * T, d), streams, slice(d, 3 * d)).view(S * B, T, 2, H, dh)
             k, v = (t.transpose(1, 2) for t in kv.unbind(2))
             allowed = (torch.arange(T, device=x.device).view(1, T) <= last.view(B, 1)).repeat(S, 1)  # (S*B, T)
-            a = attention(q, k, v, allowed, self.attention_dropout, drop)
+            a = kernels.attention(q, k, v, allowed, self.attention_dropout, drop)
             rows = 1
         a = a.view(S, B, H, rows, dh).permute(0, 1, 3, 2, 4).reshape(S, B * rows, d)
         h = F.dropout(self.out(a, streams), ph, drop) + residual.reshape(S, B * rows, d)
-        h = self.ln1.stacked(h, streams)
+        h = self.ln1(h, streams)
         f = self.ff2(F.gelu(self.ff1(h, streams)), streams)
-        h = self.ln2.stacked(F.dropout(f, ph, drop) + h, streams)
+        h = self.ln2(F.dropout(f, ph, drop) + h, streams)
         return h.view(S, B, rows, d)
-
-
-def _dropout_add(x: torch.Tensor, residual: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """residual + dropout(x) in one pass, ``mask`` from :func:`dropout_mask` (None: no dropout)."""
-    return x + residual if mask is None else torch.addcmul(residual, x, mask)
-
-
-def score_bias(allowed: torch.Tensor | None, T: int, H: int, like: torch.Tensor) -> torch.Tensor:
-    """Additive attention mask: 0 where a query may look, -inf elsewhere. Causal (T, T)
-    when ``allowed`` is None, else (B*H, 1, T) from ``allowed`` (B, T), per head."""
-    if allowed is None:
-        hide = torch.ones(T, T, dtype=torch.bool, device=like.device).triu_(1)
-        return torch.zeros(T, T, dtype=like.dtype, device=like.device).masked_fill_(hide, float("-inf"))
-    B = allowed.shape[0]
-    bias = torch.zeros(B, 1, T, dtype=like.dtype, device=like.device).masked_fill_(~allowed.view(B, 1, T), float("-inf"))
-    return bias.repeat_interleave(H, dim=0)
-
-
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor | None,
-              p: float, training: bool, mask: torch.Tensor | None = None,
-              bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Scaled dot-product attention, (B, H, Tq, dh) x (B, H, T, dh) -> (B, H, Tq, dh).
-
-    Causal when ``allowed`` is None, else ``allowed`` (B, T) marks the keys every query
-    may see. Without dropout (evaluation, or p = 0) the fused kernel runs. With it
-    (training) the scores are one ``baddbmm`` (the scale and the additive mask of
-    :func:`score_bias` folded in; pass ``bias`` to reuse one) and the probabilities are
-    multiplied by ``mask`` ((B*H, Tq, T), values 0 and 1/(1-p)) when given, else by
-    F.dropout; on CPU this is several times cheaper than the fused kernel's dropout."""
-    B, H, Tq, dh = q.shape
-    T = k.shape[2]
-    if not training or p == 0.0:
-        bool_mask = None if allowed is None else allowed.view(B, 1, 1, T)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=bool_mask, is_causal=allowed is None)
-    if bias is None:
-        bias = score_bias(allowed, T, H, q)
-    scores = torch.baddbmm(bias, q.reshape(B * H, Tq, dh), k.reshape(B * H, T, dh).transpose(1, 2),
-                           alpha=dh ** -0.5)
-    probs = torch.softmax(scores, dim=-1)
-    probs = probs * mask if mask is not None else F.dropout(probs, p, True)
-    return torch.bmm(probs, v.reshape(B * H, T, dh)).view(B, H, Tq, dh)
 
 
 class StreamEncoders(nn.Module):
@@ -488,27 +269,15 @@ class StreamEncoders(nn.Module):
         ids = list(range(S)) if streams is None else [int(s) for s in streams]
         if len(ids) != S:
             raise ValueError(f"{len(ids)} stream ids for {S} streams of input")
+        if kernels.cpu_kernels(x):  # the same computation, stream by stream (kernels.py)
+            return kernels.encode_per_stream(self, x, lengths, ids, last_only)
         drop = self.training and self.dropout > 0
         last = lengths - 1
-        if not cpu_kernels(x):
-            h = F.dropout(self.ln.stacked(x.reshape(S, B * T, d), streams), self.dropout, drop).view(S, B, T, d)
-            for i, layer in enumerate(self.layers):
-                final = i == len(self.layers) - 1
-                at = last if (final and last_only) else None
-                if layer.recompute and torch.is_grad_enabled():  # F.dropout inside: replay its RNG
-                    h = checkpoint(layer.forward_stacked, h, streams, at, use_reentrant=False)
-                else:
-                    h = layer.forward_stacked(h, streams, at)
-            return h[:, :, 0] if last_only else h
-        mask = dropout_mask((S, B * T, d), self.dropout, x) if drop else None
-        hs = []
-        for i, s in enumerate(ids):
-            h = self.ln(x[i].reshape(B * T, d), s)
-            hs.append(h * mask[i] if mask is not None else h)
+        h = F.dropout(self.ln(x.reshape(S, B * T, d), streams), self.dropout, drop).view(S, B, T, d)
         for i, layer in enumerate(self.layers):
-            final = i == len(self.layers) - 1
-            hs = layer(hs, ids, B, last if (final and last_only) else None)
-        return torch.stack(hs) if last_only else torch.stack(hs).view(S, B, T, d)
+            at = last if (last_only and i == len(self.layers) - 1) else None  # the loss needs the last item only
+            h = kernels.recomputed(layer, h, streams, at) if layer.recompute else layer(h, streams, at)
+        return h[:, :, 0] if last_only else h
 
 
 # ----------------------------------------------------------------------------- model
@@ -638,7 +407,7 @@ class HM4SR(nn.Module):
             rows = tables[uniq]
             z = F.embedding(index, rows.view(len(uniq), -1)).view(B, T, *rows.shape[1:]) \
                 + position.view(1, T, 1, -1)  # (B, T, S, d)
-            o, g = self.interactive.forward_factored(rows, position, index)
+            o, g = kernels.interactive_moe_factored(self.interactive, rows, position, index)  # = self.interactive(z), once per distinct item
             z = z + o
             if want:
                 extras["interactive_gates"] = g * real.view(B, T, 1, 1)
@@ -763,91 +532,11 @@ class HM4SR(nn.Module):
     def backward_in_parts(self, batch: SequenceBatch, parts: int, *, introspect: bool = False,
                           generator: torch.Generator | None = None,
                           autocast_dtype: torch.dtype | None = None) -> HM4SROutput:
-        """A prefix-mode training step's forward and backward with the sequence side run on
-        ``parts`` slices of the batch at a time (``TrainConfig.micro_batches``): about
-        1/``parts`` of its activation memory, for one more forward pass of the sequence side
-        (and the catalogue's projection once more per part).
-
-        The losses still see the whole batch (the contrastive ones take in-batch
-        negatives): the sequence vectors are first computed part by part without a graph,
-        the losses and their gradients with respect to those vectors are formed once, and
-        each part is then run again with a graph and back-propagated from its slice of
-        those gradients (gradient caching). The random state is rewound before each rerun,
-        so the rerun draws the same dropout masks: the parameter gradients are those of
-        the whole batch's loss under these masks. The masks differ from a one-part step's
-        (they are drawn per part), so a run is not bit-identical to ``parts=1``.
-        Leaves the gradients in ``.grad`` (accumulated, as ``loss.backward()`` would) and
-        returns the output with detached losses. ``autocast_dtype`` (e.g. bf16 on CUDA) runs
-        each forward piece under autocast, each in an autocast region of its own (so no
-        weight cast made without a graph is reused) and every backward outside one; call
-        this method outside autocast."""
-        if batch.position_targets is not None:
-            raise ValueError("backward_in_parts takes a prefix-mode batch (one target per sequence); "
-                             "this one has position targets (dense mode)")
-        B = batch.items.shape[0]
-        if not 1 <= parts <= B:
-            raise ValueError(f"parts must be between 1 and the batch size {B}, got {parts}")
-        place = self._placeholder_draw(batch, generator)
-        slices = [slice(int(c[0]), int(c[-1]) + 1) for c in torch.arange(B).tensor_split(parts)]
-        device = batch.items.device
-
-        def part(sl: slice) -> tuple[SequenceBatch, torch.Tensor | None]:
-            sub = SequenceBatch(batch.items[sl], batch.timestamps[sl], batch.lengths[sl], batch.targets[sl],
-                                batch.users[sl])
-            return sub, (place[sl] if place is not None else None)
-
-        def rng_state():
-            return torch.get_rng_state(), (torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
-
-        def set_rng_state(state) -> None:
-            torch.set_rng_state(state[0])
-            if state[1] is not None:
-                torch.cuda.set_rng_state(state[1], device)
-
-        def amp():
-            return torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16,
-                                  enabled=autocast_dtype is not None)
-
-        states, hs, augs, extras = [], [], [], []
-        with torch.no_grad():  # 1: the sequence vectors, part by part, no graph kept
-            with amp():
-                tables = self.item_tables()
-            for sl in slices:
-                states.append(rng_state())
-                sub, sub_place = part(sl)
-                with amp():
-                    h, h_aug, ex = self._encode(sub, tables, sub_place, introspect)
-                hs.append(h)
-                augs.append(h_aug)
-                extras.append(ex)
-            del tables
-        after = rng_state()
-        h = torch.cat(hs, dim=1).requires_grad_()  # (S, B, d), a leaf
-        h_aug = None
-        if place is not None:  # every part is augmented (a part without placeholders too, as in one pass)
-            h_aug = torch.cat(augs, dim=1).requires_grad_()
-        # 2: every loss on the whole batch; gradients to the item side and to the vectors
-        with amp():
-            item_matrix = self.item_matrix(self.item_tables())
-            named = self._losses(batch, h, None, h_aug, item_matrix, place, False)
-            total = self.total_loss(named)
-        total.backward()
-        # 3: each part again, with a graph and the same dropout masks, fed its slice of the gradients
-        for state, sl in zip(states, slices):
-            set_rng_state(state)
-            sub, sub_place = part(sl)
-            with amp():  # the catalogue's projection again: the part's graph must reach its weights
-                h_part, aug_part, _ = self._encode(sub, self.item_tables(), sub_place, False)
-            outputs, grads = [h_part], [h.grad[:, sl]]
-            if aug_part is not None:
-                outputs.append(aug_part)
-                grads.append(h_aug.grad[:, sl])
-            torch.autograd.backward(outputs, grads)
-        set_rng_state(after)
-        merged = {k: torch.cat([e[k] for e in extras]) if k != "lambdas" else extras[0][k] for k in extras[0]}
-        seq = h.detach().permute(1, 0, 2).reshape(B, -1)
-        return HM4SROutput(sequence=seq, losses={k: v.detach() for k, v in named.items()}, loss=total.detach(),
-                           stream_names=self.stream_names, **merged)
+        """A prefix-mode training step, forward and backward, with the sequence side run on
+        ``parts`` slices of the batch (``TrainConfig.micro_batches``; gradient caching):
+        see :func:`hm4sr_core.kernels.backward_in_parts`. Leaves the gradients in ``.grad``."""
+        return kernels.backward_in_parts(self, batch, parts, introspect=introspect, generator=generator,
+                                         autocast_dtype=autocast_dtype)
 
     def total_loss(self, named: dict[str, torch.Tensor]) -> torch.Tensor:
         """The one place the weighted total is formed."""

@@ -101,13 +101,24 @@ def test_bench_history_records_only_what_this_run_measured(tmp_path, monkeypatch
     assert row["skipped_parts"] == ",".join(skip) and row["measured_at"] == results["measured_at"]
 
 
-def test_probes_compare_equal_computations():
-    """benchmarks.probes: the head-by-head attention layout computes the block the model's
-    layout computes (so its timing compares like with like), and both GELU forms report."""
-    import argparse
+def test_same_results_finds_every_kind_of_difference():
+    """benchmarks.same_results: equal nested values pass (NaN included); a changed element,
+    dtype or shape, a missing key and a changed metric are each reported by place."""
+    import torch
 
-    from benchmarks import probes
-    att = probes.attention(argparse.Namespace(repeats=2))
-    assert att["largest_output_difference"] < 1e-2 and att["as_is_ms_median"] > 0 and att["by_head_ms_median"] > 0
-    g = probes.gelu(argparse.Namespace(repeats=2))
-    assert set(g) == {"F.gelu_ms_median", "erf_in_place_ms_median"}
+    from benchmarks.same_results import differences
+    a = {"state": {"w": torch.arange(6.0).view(2, 3), "b": torch.zeros(3)}, "metric": 0.25, "nan": float("nan"),
+         "rows": [1, 2]}
+    same = {"state": {"w": torch.arange(6.0).view(2, 3), "b": torch.zeros(3)}, "metric": 0.25, "nan": float("nan"),
+            "rows": [1, 2]}
+    assert differences(a, same, "run") == []
+    nudged = torch.arange(6.0).view(2, 3)
+    nudged[1, 2] = torch.nextafter(nudged[1, 2], torch.tensor(10.0))  # one ulp
+    cases = [({"w": nudged}, "run.state.w"), ({"w": torch.arange(6.0).view(2, 3).double()}, "run.state.w"),
+             ({"w": torch.arange(6.0).view(3, 2)}, "run.state.w")]
+    for change, where in cases:
+        other = dict(same, state=dict(same["state"], **change))
+        assert differences(a, other, "run") == [where]
+    assert differences(a, dict(same, metric=0.25000001), "run") == ["run.metric: 0.25 != 0.25000001"]
+    assert differences(a, {k: v for k, v in same.items() if k != "rows"}, "run") == ["run: keys ['rows']"]
+    assert differences(a, dict(same, rows=[1, 2, 3]), "run") == ["run.rows: lengths 2 and 3"]

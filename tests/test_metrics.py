@@ -10,7 +10,6 @@ import math
 import numpy as np
 import pytest
 import torch
-from scipy import stats
 
 from hm4sr_core.metrics import (
     TIE_POLICIES,
@@ -18,10 +17,8 @@ from hm4sr_core.metrics import (
     count_dot_product,
     count_greater_equal,
     coverage_and_popularity,
-    mean_std,
     metrics_from_counts,
     metrics_from_ranks,
-    paired_test,
     rank_dot_product,
     rank_of_targets,
     summarise,
@@ -341,27 +338,3 @@ def test_coverage_and_popularity_hand_computed():
     with pytest.raises(ValueError):
         coverage_and_popularity(top, popularity[:-1], num_items=6)
 
-
-def test_paired_test():
-    gen = np.random.default_rng(0)
-    a = gen.random(200)
-    b = a - 0.05 - 0.01 * gen.random(200)
-    wilcoxon = paired_test(a, b)
-    assert wilcoxon["p_value"] < 1e-6 and wilcoxon["n"] == 200
-    assert wilcoxon["mean_diff"] == pytest.approx(float(np.mean(a - b)))
-    ttest = paired_test(a, b, method="ttest")
-    assert ttest["statistic"] == pytest.approx(stats.ttest_rel(a, b).statistic)
-    same = paired_test(a, a.copy())
-    assert same["p_value"] == 1.0 and same["statistic"] == 0.0
-    assert paired_test(a, a.copy(), method="ttest")["p_value"] == 1.0
-    noise = paired_test(a, gen.permutation(a))
-    assert noise["p_value"] > 1e-3
-    with pytest.raises(ValueError, match="one length"):
-        paired_test(a, b[:-1])
-
-
-def test_mean_std_uses_sample_std():
-    assert mean_std([1.0, 2.0, 3.0]) == (2.0, 1.0)
-    assert mean_std([0.5]) == (0.5, 0.0)
-    with pytest.raises(ValueError):
-        mean_std([])

@@ -1,0 +1,347 @@
+"""Tests for hm4sr_core.kernels: every fast path computes what the model's plain form
+computes. The drawn dropout masks (values, rate, seeding), attention's training path
+against the fused kernel, the per-stream encoder against a direct transcription of
+RecBole's layer (with the drawn masks replayed), the factored expert mix (gradcheck),
+recomputation and gradient caching against one plain pass, and the whole model's losses
+and gradients with the CPU paths on and off."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hm4sr_core import kernels
+from hm4sr_core.config import ModelConfig
+from hm4sr_core.data.splits import SequenceBatch, iterate_batches
+from hm4sr_core.model import HM4SR, build_model
+
+LOSSES = {"rec", "id_contrastive", "category", "placeholder_contrastive"}
+
+
+def _model(config, ds, seed=0) -> HM4SR:
+    torch.manual_seed(seed)
+    return build_model(config, ds)
+
+
+def _dense_batch(split, size=64, seed=0) -> SequenceBatch:
+    return next(iterate_batches(split.train_dense, size, shuffle=True, generator=torch.Generator().manual_seed(seed)))
+
+
+def test_factored_interactive_moe_equals_the_per_token_computation():
+    """Experts and gate logits applied once per distinct item and once per position give
+    the per-token result (the model uses the factored form)."""
+    from hm4sr_core.model import InteractiveMoE
+    torch.manual_seed(0)
+    moe = InteractiveMoE(3, 8, 4, (0.3, 1.0, 1.0))
+    torch.nn.init.normal_(moe.gate_weight)
+    torch.nn.init.normal_(moe.gate_bias)
+    items = torch.randint(0, 20, (5, 7))
+    table, position = torch.randn(20, 3, 8), torch.randn(7, 8)
+    out, gates = moe(table[items] + position.view(1, 7, 1, 8))
+    uniq, index = torch.unique(items, return_inverse=True)
+    out_f, gates_f = kernels.interactive_moe_factored(moe, table[uniq], position, index)
+    torch.testing.assert_close(out_f, out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(gates_f, gates, atol=1e-6, rtol=1e-5)
+    assert gates.std() > 0.05  # the gates are not trivially uniform
+
+
+
+
+@pytest.mark.parametrize("p", [0.5, 0.25, 0.2])  # one-bit, 8-bit and 16-bit lanes
+def test_dropout_mask_values_keep_rate_and_seeding(p):
+    """Masks hold 0 and 1/(1-p) only, keep 1-p of the elements (within 6 sd), do not
+    pair neighbours, follow torch's seed, and fit sizes that are no multiple of a word."""
+    like = torch.empty(0)
+    torch.manual_seed(0)
+    m = kernels.dropout_mask((7, 1001, 13), p, like)
+    assert m.shape == (7, 1001, 13) and m.dtype == torch.float32
+    values = torch.unique(m)
+    assert len(values) == 2 and float(values[0]) == 0.0 and abs(float(values[1]) - 1 / (1 - p)) < 1e-6
+    kept = (m > 0).double().flatten()
+    n = kept.numel()
+    assert abs(float(kept.mean()) - (1 - p)) < 6 * math.sqrt(p * (1 - p) / n)
+    both = float((kept[:-1] * kept[1:]).mean())  # neighbours share a random word
+    assert abs(both - (1 - p) ** 2) < 0.01
+    torch.manual_seed(0)
+    assert torch.equal(kernels.dropout_mask((7, 1001, 13), p, like), m)
+    assert not torch.equal(kernels.dropout_mask((7, 1001, 13), p, like), m)
+
+
+def test_attention_training_path_equals_the_fused_kernel_when_nothing_is_dropped():
+    """The training path (baddbmm with the scale and an additive -inf mask, then the
+    dropout mask) with a keep-everything mask is the fused causal kernel, and its
+    last-position form is the causal result at each sequence's last item."""
+    torch.manual_seed(0)
+    B, H, T, dh = 4, 2, 6, 8
+    q, k, v = (torch.randn(B, H, T, dh) for _ in range(3))
+    full = kernels.attention(q, k, v, None, 0.5, True, torch.ones(B * H, T, T))
+    torch.testing.assert_close(full, F.scaled_dot_product_attention(q, k, v, is_causal=True))
+    last = torch.tensor([5, 0, 3, 2])
+    allowed = torch.arange(T).view(1, T) <= last.view(B, 1)
+    rows = torch.arange(B)
+    one = kernels.attention(q[rows, :, last].unsqueeze(2), k, v, allowed, 0.5, True, torch.ones(B * H, 1, T))
+    torch.testing.assert_close(one, full[rows, :, last].unsqueeze(2))
+    torch.testing.assert_close(kernels.attention(q[rows, :, last].unsqueeze(2), k, v, allowed, 0.5, False), one)
+
+
+def _encoder_and_reference(d=16, H=2, S=3, B=5, T=7):
+    """A small StreamEncoders with random weights, an input, lengths, and a direct
+    transcription of RecBole's post-LN layer for one stream with its own weights.
+    ``masks`` (optional) replays dropout: the input mask, then per layer the attention,
+    output and feed-forward masks, each for all streams, as the encoder draws them;
+    ``last`` computes the final layer at each sequence's last item only, as the encoder
+    does for the prefix loss."""
+    from hm4sr_core.model import StreamEncoders
+    cfg = ModelConfig(hidden_size=d, num_heads=H, inner_size=32, num_layers=2)
+    torch.manual_seed(0)
+    enc = StreamEncoders(S, cfg).eval()
+    with torch.no_grad():
+        for prm in enc.parameters():
+            prm.normal_(0.0, 0.3)
+    x = torch.randn(S, B, T, d)
+    lengths = torch.tensor([7, 3, 1, 5, 7])
+    causal = torch.full((T, T), float("-inf")).triu(1)
+    rows = torch.arange(B)
+
+    def ln(h, mod, s):
+        return F.layer_norm(h, (d,), eps=mod.eps) * mod.weight[s, 0] + mod.bias[s, 0]
+
+    def reference(s, h, i=None, masks=None, last=None):  # weights of stream s, slot i of the masks
+        drop = (lambda m, t: t * m[i].view(t.shape)) if masks else (lambda m, t: t)
+        m = iter(masks or [None] * 7)
+        h = drop(next(m), ln(h, enc.ln, s))
+        for j, layer in enumerate(enc.layers):
+            m_att, m_out, m_ff = next(m), next(m), next(m)
+            q, k, v = (h @ layer.qkv.weight[s] + layer.qkv.bias[s, 0]).split(d, dim=-1)
+            q, k, v = (t.reshape(B, T, H, d // H).transpose(1, 2) for t in (q, k, v))
+            probs = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(d // H) + causal, dim=-1)  # (B, H, T, T)
+            if last is not None and j == len(enc.layers) - 1:  # the query at the last item only
+                probs, h = probs[rows, :, last].unsqueeze(2), h[rows, last].unsqueeze(1)  # (B, H, 1, T), (B, 1, d)
+            att = drop(m_att, probs) @ v
+            a = att.transpose(1, 2).reshape(B, -1, d) @ layer.out.weight[s] + layer.out.bias[s, 0]
+            h = ln(drop(m_out, a) + h, layer.ln1, s)
+            f = F.gelu(h @ layer.ff1.weight[s] + layer.ff1.bias[s, 0]) @ layer.ff2.weight[s] + layer.ff2.bias[s, 0]
+            h = ln(drop(m_ff, f) + h, layer.ln2, s)
+        return h if last is None else h[:, 0]
+
+    return enc, x, lengths, reference
+
+
+@pytest.mark.parametrize("cpu_paths", [True, False], ids=["per-stream (CPU)", "stacked (GPU)"])
+def test_stream_encoders_equal_a_plain_post_ln_transformer_per_stream(cpu_paths, monkeypatch):
+    """The encoder against a direct transcription of RecBole's post-LN layer, stream by
+    stream with each stream's own weights: every position, the last position only, and
+    a subset of streams (as the placeholder pass uses); both the CPU's per-stream path
+    and the stacked path a GPU takes."""
+    monkeypatch.setattr(kernels, "cpu_kernels", lambda t: cpu_paths)
+    enc, x, lengths, reference = _encoder_and_reference()
+    S, B = x.shape[:2]
+    with torch.no_grad():
+        want = torch.stack([reference(s, x[s]) for s in range(S)])  # (S, B, T, d)
+        torch.testing.assert_close(enc(x, lengths, last_only=False), want, atol=1e-5, rtol=1e-5)
+        at_last = want[:, torch.arange(B), lengths - 1]  # (S, B, d)
+        torch.testing.assert_close(enc(x, lengths), at_last, atol=1e-5, rtol=1e-5)
+        sub = enc(x[1:], lengths, streams=[1, 2])
+        torch.testing.assert_close(sub, at_last[1:], atol=1e-5, rtol=1e-5)
+        with pytest.raises(ValueError, match="2 stream ids for 3 streams"):
+            enc(x, lengths, streams=[1, 2])
+
+
+def test_stream_encoders_apply_each_drawn_dropout_mask_where_it_belongs(monkeypatch):
+    """Training mode on the CPU: the masks the encoder draws, replayed into the plain
+    transcription, give the encoder's output, so each stream gets its own slice of each
+    mask and no two masks are swapped; at every position, and at the last position only
+    for a subset of streams (the placeholder pass of prefix mode)."""
+    enc, x, lengths, reference = _encoder_and_reference()
+    S = x.shape[0]
+    real, drawn = kernels.dropout_mask, []
+
+    def recording(shape, p, like):
+        drawn.append(real(shape, p, like))
+        return drawn[-1]
+
+    monkeypatch.setattr(kernels, "dropout_mask", recording)
+    enc.train()
+    with torch.no_grad():
+        got = enc(x, lengths, last_only=False)
+        assert len(drawn) == 7 and all(set(torch.unique(m).tolist()) == {0.0, 2.0} for m in drawn)
+        want = torch.stack([reference(s, x[s], s, drawn) for s in range(S)])
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        drawn.clear()
+        got = enc(x[1:], lengths, streams=[1, 2])
+        want = torch.stack([reference(s, x[s], i, drawn, last=lengths - 1) for i, s in enumerate((1, 2))])
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("cpu", [True, False], ids=["per-stream", "stacked"])
+def test_recompute_gives_the_same_loss_and_gradients(tiny_ds, tiny_split, tiny_model_config, monkeypatch, cpu):
+    """recompute_activations keeps less for the backward and recomputes the rest; with
+    dropout on (masks drawn once, or F.dropout's RNG replayed) the loss and every gradient
+    equal the plain run's, in both encoder paths, and the encoder keeps fewer tensors."""
+    monkeypatch.setattr(kernels, "cpu_kernels", lambda t: cpu)
+    batch = next(iterate_batches(tiny_split.train_prefix, 32, shuffle=True, generator=torch.Generator().manual_seed(2)))
+    runs = []
+    for on in (False, True):
+        model = _model(tiny_model_config, tiny_ds).train().recompute_activations(on)
+        saved = []
+        torch.manual_seed(7)
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+            out = model(batch, losses=True, generator=torch.Generator().manual_seed(3))
+        out.loss.backward()
+        runs.append((out.loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None},
+                     sum(saved)))
+    (loss0, grads0, kept0), (loss1, grads1, kept1) = runs
+    assert torch.equal(loss0, loss1)
+    assert grads0.keys() == grads1.keys() and len(grads0) > 10
+    for name in grads0:
+        torch.testing.assert_close(grads1[name], grads0[name], atol=1e-6, rtol=1e-5, msg=name)
+    assert kept1 < 0.8 * kept0  # what the forward keeps for the backward (the checkpoint hides its inner tensors)
+    assert all(layer.recompute for layer in model.encoders.layers)
+    assert not any(layer.recompute for layer in model.recompute_activations(False).encoders.layers)
+
+
+def _grads(model) -> dict:
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("cpu", [True, False], ids=["per-stream", "stacked"])
+def test_backward_in_parts_equals_one_pass_without_dropout(tiny_ds, tiny_split, tiny_model_config, monkeypatch, cpu):
+    """Gradient caching is exact: with dropout off, three parts give the one-pass losses and
+    every gradient (the in-batch contrastive losses still see the whole batch), and the
+    introspection tensors come back whole."""
+    monkeypatch.setattr(kernels, "cpu_kernels", lambda t: cpu)
+    config = tiny_model_config.replace(hidden_dropout=0.0, attention_dropout=0.0)
+    batch = next(iterate_batches(tiny_split.train_prefix, 40, shuffle=True, generator=torch.Generator().manual_seed(2)))
+    one = _model(config, tiny_ds).train()
+    out1 = one(batch, losses=True, introspect=True, generator=torch.Generator().manual_seed(3))
+    out1.loss.backward()
+    parts = _model(config, tiny_ds).train()
+    out3 = parts.backward_in_parts(batch, 3, introspect=True, generator=torch.Generator().manual_seed(3))
+    assert out3.losses.keys() == out1.losses.keys() == LOSSES
+    assert float(out1.losses["placeholder_contrastive"].detach()) > 0
+    for k in out1.losses:
+        torch.testing.assert_close(out3.losses[k], out1.losses[k].detach(), atol=1e-6, rtol=1e-5, msg=k)
+    g1, g3 = _grads(one), _grads(parts)
+    assert g1.keys() == g3.keys() and len(g1) > 10
+    for name in g1:
+        torch.testing.assert_close(g3[name], g1[name], atol=1e-6, rtol=1e-4, msg=name)
+    torch.testing.assert_close(out3.interactive_gates, out1.interactive_gates.detach())
+    torch.testing.assert_close(out3.temporal_gates, out1.temporal_gates.detach())
+    assert out3.sequence.shape == out1.sequence.shape and not out3.loss.requires_grad
+
+
+@pytest.mark.parametrize("cpu", [True, False], ids=["per-stream", "stacked"])
+def test_backward_in_parts_replays_each_parts_dropout(tiny_ds, tiny_split, tiny_model_config, monkeypatch, cpu):
+    """With dropout on, the parameter gradients are those of the whole batch's loss with
+    each part encoded under the random state the part started from (the rerun draws the
+    same masks), and the global random state ends where the first pass left it."""
+    monkeypatch.setattr(kernels, "cpu_kernels", lambda t: cpu)
+    batch = next(iterate_batches(tiny_split.train_prefix, 40, shuffle=True, generator=torch.Generator().manual_seed(2)))
+    model = _model(tiny_model_config, tiny_ds).train()
+    torch.manual_seed(5)
+    out = model.backward_in_parts(batch, 2, generator=torch.Generator().manual_seed(3))
+    after = torch.get_rng_state()
+    got = _grads(model)
+
+    direct = _model(tiny_model_config, tiny_ds).train()
+    place = direct._placeholder_draw(batch, torch.Generator().manual_seed(3))
+    torch.manual_seed(5)
+    hs, augs = [], []
+    for sl in (slice(0, 20), slice(20, 40)):
+        sub = SequenceBatch(batch.items[sl], batch.timestamps[sl], batch.lengths[sl], batch.targets[sl], batch.users[sl])
+        h, h_aug, _ = direct._encode(sub, direct.item_tables(), place[sl], False)
+        hs.append(h)
+        augs.append(h_aug)
+    assert torch.equal(torch.get_rng_state(), after)
+    named = direct._losses(batch, torch.cat(hs, 1), None, torch.cat(augs, 1), direct.item_matrix(), place, False)
+    direct.total_loss(named).backward()
+    want = _grads(direct)
+    assert want.keys() == got.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], atol=1e-6, rtol=1e-4, msg=name)
+    torch.testing.assert_close(out.losses["rec"], named["rec"].detach())
+    with pytest.raises(ValueError, match="between 1 and the batch size 40"):
+        model.backward_in_parts(batch, 41)
+    with pytest.raises(ValueError, match="prefix-mode batch"):
+        model.backward_in_parts(_dense_batch(tiny_split), 2)
+
+
+def test_chunked_expert_mix_gradients(monkeypatch):
+    """The chunked Interactive-MoE mix (no (B, T, E, S, d) tensor) has the analytic
+    gradients for gates, item rows and position rows (float64 gradcheck, chunks of 2
+    sequences over 5 so the last chunk is short) and equals the direct form."""
+    monkeypatch.setattr(kernels.FactoredMix, "CHUNK", 2)
+    torch.manual_seed(0)
+    B, T, S, E, d, U = 5, 3, 2, 3, 4, 6
+    gates = torch.softmax(torch.randn(B, T, S, E, dtype=torch.float64), -1).requires_grad_()
+    items = torch.randn(U, E * S * d, dtype=torch.float64, requires_grad=True)
+    pos = torch.randn(T, E * S * d, dtype=torch.float64, requires_grad=True)
+    index = torch.randint(0, U, (B, T))
+    assert torch.autograd.gradcheck(lambda g, i, p: kernels.FactoredMix.apply(g, i, p, index, E), (gates, items, pos))
+    direct = ((items[index] + pos).view(B, T, E, S, d) * gates.transpose(2, 3).unsqueeze(-1)).sum(2)
+    torch.testing.assert_close(kernels.FactoredMix.apply(gates, items, pos, index, E), direct)
+    # only the item rows trainable; then float32 gates with bf16 rows (CPU autocast): one dtype inside,
+    # each gradient in its input's dtype
+    assert torch.autograd.gradcheck(lambda i: kernels.FactoredMix.apply(gates.detach(), i, pos.detach(), index, E), (items,))
+    g32 = gates.detach().float().requires_grad_()
+    i16, p16 = (t.detach().bfloat16().requires_grad_() for t in (items, pos))
+    kernels.FactoredMix.apply(g32, i16, p16, index, E).float().sum().backward()
+    assert (g32.grad.dtype, i16.grad.dtype, p16.grad.dtype) == (torch.float32, torch.bfloat16, torch.bfloat16)
+
+
+def test_the_stock_kernel_paths_used_off_the_cpu_agree_with_the_cpu_paths(tiny_ds, tiny_split, tiny_model_config,
+                                                                          monkeypatch):
+    """Off the CPU (a GPU) dropout is F.dropout and the expert mix is the direct form.
+    Run those paths here: without dropout they give the CPU paths' result, and with it
+    every parameter still gets a gradient."""
+    model = _model(tiny_model_config, tiny_ds)
+    batch = _dense_batch(tiny_split, 8, seed=1)
+    model.eval()
+    with torch.no_grad():
+        cpu = model(batch, losses=True, scores=True, generator=torch.Generator().manual_seed(0))
+        monkeypatch.setattr(kernels, "cpu_kernels", lambda t: False)
+        stock = model(batch, losses=True, scores=True, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(stock.scores, cpu.scores, atol=1e-5, rtol=1e-5)
+    for name in cpu.losses:
+        torch.testing.assert_close(stock.losses[name], cpu.losses[name], atol=1e-5, rtol=1e-5)
+    model.train()
+    out = model(batch, losses=True, generator=torch.Generator().manual_seed(0))
+    out.loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing and torch.isfinite(out.loss)
+
+
+@pytest.mark.parametrize("mode", ["dense", "prefix"])
+@pytest.mark.parametrize("preset", ["hm4sr", "sasrec"])
+def test_the_fast_paths_give_the_plain_forms_losses_and_gradients(tiny_ds, tiny_split, tiny_model_config,
+                                                                  monkeypatch, preset, mode):
+    """The whole model with the CPU paths (per-stream encoder, factored and chunked
+    expert mix) and with the plain form model.py states (``cpu_kernels`` off), dropout
+    off so both see the same function: the same scores, every named loss and every
+    parameter's gradient, in dense and prefix mode, for HM4SR and SASRec."""
+    config = tiny_model_config.replace(hidden_dropout=0.0, attention_dropout=0.0)
+    if preset == "sasrec":
+        config = ModelConfig.sasrec(**{k: getattr(config, k) for k in (
+            "hidden_size", "max_length", "num_layers", "num_heads", "inner_size", "hidden_dropout",
+            "attention_dropout")})
+    part = tiny_split.train_dense if mode == "dense" else tiny_split.train_prefix
+    batch = next(iterate_batches(part, 24, shuffle=True, generator=torch.Generator().manual_seed(4)))
+    runs = {}
+    for fast in (True, False):
+        monkeypatch.setattr(kernels, "cpu_kernels", lambda t, on=fast: on)
+        model = _model(config, tiny_ds).train()
+        out = model(batch, losses=True, scores=True, generator=torch.Generator().manual_seed(3))
+        out.loss.backward()
+        runs[fast] = out, _grads(model)
+    (fast_out, fast_grads), (plain_out, plain_grads) = runs[True], runs[False]
+    assert fast_out.losses.keys() == plain_out.losses.keys() == (LOSSES if preset == "hm4sr" else {"rec"})
+    torch.testing.assert_close(fast_out.scores, plain_out.scores, atol=1e-5, rtol=1e-5)
+    for name in plain_out.losses:
+        torch.testing.assert_close(fast_out.losses[name], plain_out.losses[name], atol=1e-6, rtol=1e-5, msg=name)
+    assert fast_grads.keys() == plain_grads.keys() and len(plain_grads) >= 10
+    for name in plain_grads:
+        torch.testing.assert_close(fast_grads[name], plain_grads[name], atol=1e-6, rtol=1e-4, msg=name)
+    assert any(float(g.abs().max()) > 1e-3 for g in plain_grads.values())  # gradients that could differ
