@@ -88,7 +88,7 @@ def test_split_categories_rule():
 
 def test_reads_interactions_items_and_text(games: Path):
     raw = read_recbole(games)
-    assert raw.name == "Games"
+    assert raw.name == "recbole-Games" and raw.source["dataset"] == "Games"
     inter = raw.interactions
     assert list(inter.columns) == ["user", "item", "timestamp"]
     assert inter["timestamp"].dtype == np.int64
@@ -107,7 +107,7 @@ def test_reads_interactions_items_and_text(games: Path):
 def test_inter_file_path_and_no_item_file(tmp_path: Path):
     inter = write_inter(tmp_path / "x" / "mini.inter")
     raw = read_recbole(inter)
-    assert raw.name == "mini"
+    assert raw.name == "recbole-mini"
     assert raw.items["text"].tolist() == FIRST_APPEARANCE  # no .item: text is the token
     assert all(c == [] for c in raw.items["categories"])
 
@@ -191,7 +191,7 @@ def test_missing_folder_and_missing_inter(tmp_path: Path):
     with pytest.raises(DataError, match="nowhere"):
         read_recbole(tmp_path / "nowhere")
     (tmp_path / "Empty").mkdir()
-    with pytest.raises(DataError, match=r"Empty\.inter: file not found"):
+    with pytest.raises(DataError, match=r"Empty: no \.inter file"):
         read_recbole(tmp_path / "Empty")
 
 
@@ -337,7 +337,7 @@ def test_authors_folder_reads_features_categories_and_provenance(tmp_path: Path)
     text, image = token_vectors(6, 2), token_vectors(5, 3)
     write_authors_folder(tmp_path / "Games", text, image, cats, names)
     raw = read_hm4sr_folder(tmp_path / "Games")
-    assert raw.name == "Games"
+    assert raw.name == "hm4sr-folder-Games"
     assert raw.items["item"].tolist() == FIRST_APPEARANCE
     assert dict(zip(raw.items["item"], raw.items["categories"])) == cats
     mods = {m.name: m for m in raw.modalities}
