@@ -21,6 +21,7 @@ failure on the way, while reading, encoding or writing, leaves it as it was.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Literal
@@ -62,9 +63,10 @@ class SourceInputs:
         """The manifest's ``inputs``: source, {role: path + sha256}, options, preprocessing.
 
         Hashes every input file (streamed, remembered by :func:`cached_file_sha256`)."""
-        files = {role: {"path": str(path), "sha256": cached_file_sha256(path)} for role, path in self.files.items()}
+        files = {role: {"path": os.path.abspath(path), "sha256": cached_file_sha256(path)}
+                 for role, path in self.files.items()}
         for role, (folder, members) in self.folders.items():
-            files[role] = {"path": str(folder), "sha256": files_sha256(members), "files": len(members)}
+            files[role] = {"path": os.path.abspath(folder), "sha256": files_sha256(members), "files": len(members)}
         return {"source": self.source, "files": files, "options": dict(self.options),
                 "preprocessing": config.to_dict()}
 
@@ -232,12 +234,17 @@ def _differences(old: dict, new: dict) -> list[str]:
     return out
 
 
+def _would(source: str, inputs: SourceInputs | None) -> str:
+    paths = inputs.paths() if inputs is not None else []
+    return f"it from source {source}" + (f" ({', '.join(paths[:3])})" if paths else "")
+
+
 def _refusal(folder: Path, manifest: dict, would: str, differences: list[str]) -> DataError:
     shown = "; ".join(differences[:_SHOWN_DIFFERENCES])
     if len(differences) > _SHOWN_DIFFERENCES:
         shown += f"; and {len(differences) - _SHOWN_DIFFERENCES} more"
     return DataError(f"{folder} already holds {describe(manifest)}; this call would prepare {would}, which "
-                     f"differs in {shown}. Refused before reading anything; pass --overwrite (overwrite=True) "
+                     f"differs in {shown}. Nothing was prepared or written; pass --overwrite (overwrite=True) "
                      f"to replace it, or --name to prepare under another name")
 
 
@@ -247,8 +254,7 @@ def check_source(folder: Path, manifest: dict | None, source: str, inputs: Sourc
     if manifest is None or source_of(manifest) == source:
         return
     there = source_of(manifest) if manifest else "not a prepared dataset"
-    would = f"it from source {source}" + (f" ({', '.join(inputs.paths()[:3])})" if inputs and inputs.paths() else "")
-    raise _refusal(folder, manifest, would, [f"source ({there} there, {source} now)"])
+    raise _refusal(folder, manifest, _would(source, inputs), [f"source ({there} there, {source} now)"])
 
 
 # --------------------------------------------------------------------------- prepare
@@ -273,11 +279,10 @@ def prepare_dataset(source: str, path: str | Path | None = None, *, name: str | 
     if previous is not None and not overwrite:
         check_source(folder, previous, source, inputs)
     record = inputs.record(config)
-    if previous is not None and not overwrite and "inputs" in previous:
+    if previous is not None and not overwrite and isinstance(previous.get("inputs"), dict):
         differences = _differences(previous["inputs"], record)
         if differences:
-            raise _refusal(folder, previous, f"it from {', '.join(inputs.paths()[:3]) or 'source ' + source}",
-                           differences)
+            raise _refusal(folder, previous, _would(source, inputs), differences)
         if previous.get("format_version") == FORMAT_VERSION:
             try:
                 return Prepared(load_dataset(folder), folder, "reused", previous)
