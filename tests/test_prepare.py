@@ -259,3 +259,25 @@ def test_name_must_be_a_folder_name(tmp_path):
     with pytest.raises(ValueError, match="expected a folder name"):
         prepare("synthetic", name="../elsewhere", out_root=tmp_path)
     assert not any(tmp_path.iterdir())
+
+
+def test_options_of_other_sources_are_refused_before_any_work(tmp_path, capsys):
+    folder = write_recbole_ml100k(tmp_path / "r")
+    code, out, err = run(capsys, "prepare", "recbole", "--path", folder, "--category", "Video_Games",
+                         "--out-root", tmp_path / "out")
+    assert code == 2 and "--category applies to amazon2014, amazon2018, amazon2023, not to source 'recbole'" in err
+    code, out, err = run(capsys, "prepare", "amazon2018", "--path", folder, "--dataset", "ml-100k",
+                         "--out-root", tmp_path / "out")
+    assert code == 2 and "--dataset applies to recbole, hm4sr-folder" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_prepare_help_explains_names_and_folder_forms(capsys):
+    with pytest.raises(SystemExit):
+        main(["prepare", "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # however argparse wrapped it
+    for needle in ("--name NAME", "the output folder's name, nothing else", "--dataset STEM", "--category CAT",
+                   "--overwrite", "reviews_<Cat>_5.json.gz + meta_<Cat>.json.gz",
+                   "<Cat>_5.json.gz (or <Cat>.json.gz) + meta_<Cat>.json.gz", "<Cat>.jsonl(.gz) + meta_<Cat>.jsonl(.gz)",
+                   "--path REVIEWS --meta META", "<Name>.inter, txt_emb.pt, img_emb.pt, cat.pt", "is reused"):
+        assert needle in text, needle
