@@ -81,7 +81,7 @@ class Prepared:
     previous: dict | None  # the manifest already in the folder (None when there was none)
 
 
-def _refuse_option(source: str, flag: str, value, sources: tuple[str, ...]) -> None:
+def _refuse_option(source: str, flag: str, value: object, sources: tuple[str, ...]) -> None:
     if value:
         raise ValueError(f"{flag} applies to {', '.join(sources)}, not to source {source!r}")
 

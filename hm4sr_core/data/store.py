@@ -2,7 +2,8 @@
 
 Layout of ``data/processed/<name>/``::
 
-    manifest.json          name, source, preprocessing, stats, modalities, file hashes, split hashes
+    manifest.json          name, source, preprocessing, stats, modalities, file hashes, split hashes,
+                           inputs (source, sha256 of each input file, options: see data.prepare)
     interactions.parquet   user, item, timestamp (sorted by user, timestamp, item)
     items.parquet          item, token, text, categories, reader extras
     users.parquet          user, token
