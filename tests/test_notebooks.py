@@ -317,7 +317,11 @@ def test_prepared_dataset_prepares_once_then_reuses(tmp_path):
     again, same = prepared_dataset("synthetic", "tiny", out_root=tmp_path, seed=2, synthetic=world)
     assert same == folder and (folder / "manifest.json").stat().st_mtime_ns == manifest  # loaded, not rebuilt
     assert again.source["seed"] == 1
-    _, rebuilt = prepared_dataset("synthetic", "tiny", out_root=tmp_path, reuse=False, seed=2, synthetic=world)
+    with pytest.raises(DataError, match=r"seed \(1 there, 2 now\).*overwrite"):  # other inputs: never silently
+        prepared_dataset("synthetic", "tiny", out_root=tmp_path, reuse=False, seed=2, synthetic=world)
+    assert (folder / "manifest.json").stat().st_mtime_ns == manifest
+    _, rebuilt = prepared_dataset("synthetic", "tiny", out_root=tmp_path, reuse=False, overwrite=True, seed=2,
+                                  synthetic=world)
     assert read_manifest(rebuilt)["source"]["seed"] == 2
     with pytest.raises(DataError, match="no prepared dataset named 'absent'"):
         prepared_dataset(None, "absent", out_root=tmp_path)

@@ -18,7 +18,7 @@ from PIL import Image, ImageDraw
 
 from hm4sr_core.config import PreprocessConfig
 from hm4sr_core.data.preprocess import preprocess
-from hm4sr_core.data.readers.amazon import read_amazon
+from hm4sr_core.data.readers.amazon import locate_amazon, read_amazon
 from hm4sr_core.data.schema import DataError
 
 ALL_ITEMS = PreprocessConfig(user_core=0, item_core=0)
@@ -291,3 +291,127 @@ def test_image_folder_encoded_with_mobilenetv2_and_masked(tmp_path: Path, monkey
     (images / "B2.png").write_bytes(b"not really a png")
     with pytest.raises(DataError, match=r"B2\.png: not a readable image"):
         preprocess(read_amazon(reviews, meta, version="2018", image_dir=images), ALL_ITEMS)
+
+
+# --------------------------------------------------------------------------- the downloaded folder
+
+
+def write_release(folder: Path, version: str, category: str = "Video_Games", reviews_name: str | None = None,
+                  meta_name: str | None = None) -> tuple[Path, Path]:
+    """One category of one release under its official download names, records in its exact
+    schema: 2014 Python-literal lines, 2018 JSON lines, 2023 JSONL (ms timestamps, parent_asin)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = [("U1", "A1", 0), ("U1", "A2", 1), ("U1", "A3", 2), ("U2", "A2", 3), ("U2", "A3", 4), ("U2", "A1", 5)]
+    start = 1388534400
+    if version == "2014":
+        reviews = [repr(review_2014(u, a, start + 86400 * k)) for u, a, k in rows]
+        meta = [repr({"asin": a, "title": f"Game {a}", "categories": [["Video Games", "PC"]], "imUrl": ""})
+                for a in ("A1", "A2", "A3")]
+        names = (f"reviews_{category}_5.json.gz", f"meta_{category}.json.gz")
+    elif version == "2018":
+        reviews = [json.dumps(review_2018(u, a, start + 86400 * k)) for u, a, k in rows]
+        meta = [json.dumps({"asin": a, "title": f"Game {a}", "category": ["Video Games", "PC"], "brand": "X"})
+                for a in ("A1", "A2", "A3")]
+        names = (f"{category}_5.json.gz", f"meta_{category}.json.gz")
+    else:
+        reviews = [json.dumps(review_2023(u, a, (start + 86400 * k) * 1000 + 123)) for u, a, k in rows]
+        meta = [json.dumps({"parent_asin": a, "title": f"Game {a}", "store": "X", "categories": ["Video Games"],
+                            "images": []}) for a in ("A1", "A2", "A3")]
+        names = (f"{category}.jsonl.gz", f"meta_{category}.jsonl")
+    return (write_lines(folder / (reviews_name or names[0]), reviews),
+            write_lines(folder / (meta_name or names[1]), meta))
+
+
+@pytest.fixture
+def fake_text(monkeypatch, tmp_path):
+    """A cheap stand-in for MiniLM (384-d, one distinct row per text) and a private hash cache."""
+    import hm4sr_core.data.readers.amazon as amazon
+
+    monkeypatch.setenv("HM4SR_CACHE_DIR", str(tmp_path / "cache"))
+
+    def encode(texts):
+        out = np.zeros((len(texts), 384), dtype=np.float32)
+        out[np.arange(len(texts)), [sum(map(ord, t)) % 384 for t in texts]] = 1.0
+        return out
+
+    monkeypatch.setattr(amazon, "encode_texts_cached", encode)
+
+
+@pytest.mark.parametrize("version", ["2014", "2018", "2023"])
+def test_folder_of_official_names_is_enough(tmp_path: Path, version: str, fake_text, capsys):
+    from hm4sr_core.cli import main
+    from hm4sr_core.data.store import load_dataset
+
+    folder = tmp_path / "downloads"
+    reviews, meta = write_release(folder, version)
+    (folder / "README.txt").write_text("notes", encoding="utf-8")
+    assert locate_amazon(folder, version=version) == (reviews, meta)
+    code = main(["prepare", f"amazon{version}", "--path", str(folder), "--out-root", str(tmp_path / "out"),
+                 "--user-core", "0", "--item-core", "0", "--max-length", "10"])
+    assert code == 0, capsys.readouterr().err
+    ds = load_dataset(tmp_path / "out" / f"amazon{version}-Video_Games")
+    assert ds.source["reviews_file"] == str(reviews) and ds.source["meta_file"] == str(meta)
+    assert ds.stats["interactions"] == 6 and ds.items.set_index("token").loc["A2", "text"].startswith("Game A2")
+    assert ds.interactions["timestamp"].min() == 1388534400  # 2023: milliseconds floored to seconds
+
+
+def test_2018_full_dump_name_and_both_dumps_of_one_category(tmp_path: Path):
+    reviews, meta = write_release(tmp_path, "2018", reviews_name="Video_Games.json.gz")
+    assert locate_amazon(tmp_path, version="2018") == (reviews, meta)
+    write_release(tmp_path, "2018")  # Video_Games_5.json.gz beside the full dump
+    with pytest.raises(DataError) as error:
+        locate_amazon(tmp_path, version="2018")
+    message = str(error.value)
+    assert "2 reviews files for Video_Games" in message and "Video_Games.json.gz" in message
+    assert "Video_Games_5.json.gz" in message and "--path REVIEWS --meta META" in message
+
+
+def test_two_categories_are_an_error_naming_them_and_category_picks(tmp_path: Path, fake_text, capsys):
+    from hm4sr_core.cli import main
+
+    write_release(tmp_path / "dl", "2014", "Video_Games")
+    toys = write_release(tmp_path / "dl", "2014", "Toys_and_Games")
+    with pytest.raises(DataError) as error:
+        locate_amazon(tmp_path / "dl", version="2014")
+    message = str(error.value)
+    assert "2 categories with both files: Toys_and_Games, Video_Games" in message and "--category" in message
+    assert locate_amazon(tmp_path / "dl", version="2014", category="Toys_and_Games") == toys
+    with pytest.raises(DataError, match=r"no category 'Toys' with both files .*categories with both: "
+                                        r"\['Toys_and_Games', 'Video_Games'\]"):
+        locate_amazon(tmp_path / "dl", version="2014", category="Toys")
+    code = main(["prepare", "amazon2014", "--path", str(tmp_path / "dl"), "--category", "Toys_and_Games",
+                 "--out-root", str(tmp_path / "out"), "--user-core", "0", "--item-core", "0"])
+    assert code == 0, capsys.readouterr().err
+    assert (tmp_path / "out" / "amazon2014-Toys_and_Games" / "manifest.json").is_file()
+    code = main(["prepare", "amazon2014", "--path", str(tmp_path / "dl"), "--out-root", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and "--category" in err and err.count("\n") == 1
+
+
+def test_folder_without_a_pair_lists_what_it_holds(tmp_path: Path):
+    reviews, meta = write_release(tmp_path, "2018")
+    meta.unlink()
+    with pytest.raises(DataError) as error:
+        locate_amazon(tmp_path, version="2018")
+    message = str(error.value)
+    assert "no Amazon 2018 pair <Cat>_5.json.gz (or <Cat>.json.gz) + meta_<Cat>.json.gz" in message
+    assert "reviews files: ['Video_Games_5.json.gz']" in message and "metadata files: none" in message
+    write_release(tmp_path / "new", "2023")  # a 2023 download handed to the 2018 reader
+    with pytest.raises(DataError, match=r"no Amazon 2018 pair .* the folder holds \['Video_Games\.jsonl\.gz', "
+                                        r"'meta_Video_Games\.jsonl'\]"):
+        locate_amazon(tmp_path / "new", version="2018")
+
+
+def test_file_form_finds_meta_beside_it_or_asks_for_it(tmp_path: Path):
+    reviews, meta = write_release(tmp_path, "2023")
+    assert locate_amazon(reviews, version="2023") == (reviews, meta)
+    other = tmp_path / "elsewhere.jsonl"
+    assert locate_amazon(reviews, other, version="2023") == (reviews, other)  # the two files, any names
+    meta.unlink()
+    with pytest.raises(DataError, match=r"Video_Games\.jsonl\.gz: needs --meta, the metadata file; none found "
+                                        r"beside it as meta_Video_Games\.\*"):
+        locate_amazon(reviews, version="2023")
+    with pytest.raises(DataError, match="--category picks a category inside a folder"):
+        locate_amazon(reviews, other, version="2023", category="Video_Games")
+    with pytest.raises(DataError, match="--meta goes with --path REVIEWS_FILE"):
+        locate_amazon(tmp_path, other, version="2023")

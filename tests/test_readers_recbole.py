@@ -7,6 +7,7 @@ and the authors' (N+1)-row tensors in RecBole's first-appearance item order.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -88,7 +89,7 @@ def test_split_categories_rule():
 
 def test_reads_interactions_items_and_text(games: Path):
     raw = read_recbole(games)
-    assert raw.name == "Games"
+    assert raw.name == "recbole-Games" and raw.source["dataset"] == "Games"
     inter = raw.interactions
     assert list(inter.columns) == ["user", "item", "timestamp"]
     assert inter["timestamp"].dtype == np.int64
@@ -107,7 +108,7 @@ def test_reads_interactions_items_and_text(games: Path):
 def test_inter_file_path_and_no_item_file(tmp_path: Path):
     inter = write_inter(tmp_path / "x" / "mini.inter")
     raw = read_recbole(inter)
-    assert raw.name == "mini"
+    assert raw.name == "recbole-mini"
     assert raw.items["text"].tolist() == FIRST_APPEARANCE  # no .item: text is the token
     assert all(c == [] for c in raw.items["categories"])
 
@@ -191,7 +192,7 @@ def test_missing_folder_and_missing_inter(tmp_path: Path):
     with pytest.raises(DataError, match="nowhere"):
         read_recbole(tmp_path / "nowhere")
     (tmp_path / "Empty").mkdir()
-    with pytest.raises(DataError, match=r"Empty\.inter: file not found"):
+    with pytest.raises(DataError, match=r"Empty: no \.inter file"):
         read_recbole(tmp_path / "Empty")
 
 
@@ -337,7 +338,7 @@ def test_authors_folder_reads_features_categories_and_provenance(tmp_path: Path)
     text, image = token_vectors(6, 2), token_vectors(5, 3)
     write_authors_folder(tmp_path / "Games", text, image, cats, names)
     raw = read_hm4sr_folder(tmp_path / "Games")
-    assert raw.name == "Games"
+    assert raw.name == "hm4sr-folder-Games"
     assert raw.items["item"].tolist() == FIRST_APPEARANCE
     assert dict(zip(raw.items["item"], raw.items["categories"])) == cats
     mods = {m.name: m for m in raw.modalities}
@@ -431,3 +432,56 @@ def test_authors_folder_not_a_tensor(tmp_path: Path):
     torch.save({"weight": torch.zeros(6, 2)}, folder / "txt_emb.pt")
     with pytest.raises(DataError, match=r"txt_emb\.pt: expected one 2-D tensor, found dict"):
         read_hm4sr_folder(folder)
+
+
+# --------------------------------------------------------------------------- the dataset stem
+
+
+def test_folder_with_several_inter_files_needs_dataset(tmp_path: Path):
+    folder = tmp_path / "downloads"
+    write_inter(folder / "Games.inter")
+    write_inter(folder / "Toys.inter", rows=INTER_ROWS[:3])
+    with pytest.raises(DataError) as error:
+        read_recbole(folder)
+    message = str(error.value)
+    assert str(folder) in message and "['Games.inter', 'Toys.inter']" in message and "--dataset" in message
+    toys = read_recbole(folder, "Toys")
+    assert toys.name == "recbole-Toys" and len(toys.interactions) == 3
+    with pytest.raises(DataError, match=r"Sports\.inter: file not found \(--dataset Sports\); \.inter files in "
+                                        r".*\['Games\.inter', 'Toys\.inter'\]"):
+        read_recbole(folder, "Sports")
+
+
+def test_stem_comes_from_the_only_inter_file_not_the_folder_or_the_name(tmp_path: Path):
+    folder = tmp_path / "recbole-download"
+    write_inter(folder / "ml-100k.inter")
+    raw = read_recbole(folder, name="my-ml")
+    assert raw.name == "my-ml" and raw.source["dataset"] == "ml-100k"
+    assert raw.interactions_file == str(folder / "ml-100k.inter")
+    with pytest.raises(DataError, match=r"the dataset stem 'ml-1m' \(--dataset\) differs from the file's 'ml-100k'"):
+        read_recbole(folder / "ml-100k.inter", "ml-1m")
+
+
+def test_authors_folder_stem_is_the_inter_file_whatever_the_name(tmp_path: Path, capsys, monkeypatch):
+    from hm4sr_core.cli import main
+
+    monkeypatch.setenv("HM4SR_CACHE_DIR", str(tmp_path / "cache"))
+    folder = tmp_path / "dataset" / "ML"
+    write_authors_folder(folder, token_vectors(4, 0), token_vectors(3, 1), {t: ["cat_0"] for t in FIRST_APPEARANCE},
+                         ["cat_0"])
+    cores = ["--user-core", "0", "--item-core", "0", "--max-length", "10", "--out-root", tmp_path / "out"]
+    assert main([str(a) for a in ["prepare", "hm4sr-folder", "--path", folder, "--name", "anything-else", *cores]]) == 0
+    manifest = json.loads((tmp_path / "out" / "anything-else" / "manifest.json").read_text())
+    assert manifest["source"]["dataset"] == "ML" and manifest["source"]["inter_file"] == str(folder / "ML.inter")
+    assert set(manifest["inputs"]["files"]) == {"inter", "txt_emb.pt", "img_emb.pt", "cat.pt"}
+    assert main([str(a) for a in ["prepare", "hm4sr-folder", "--path", folder, *cores]]) == 0
+    assert (tmp_path / "out" / "hm4sr-folder-ML" / "manifest.json").is_file()  # the default name
+
+    write_inter(folder / "ML-old.inter", header="user_id:token\titem_id:token\ttimestamp:float",
+                rows=[(u, i, t) for u, i, _, t in INTER_ROWS])
+    capsys.readouterr()
+    assert main([str(a) for a in ["prepare", "hm4sr-folder", "--path", folder, "--name", "x", *cores]]) == 2
+    err = capsys.readouterr().err
+    assert "['ML-old.inter', 'ML.inter']" in err and "--dataset STEM" in err
+    raw = read_hm4sr_folder(folder, "ML")
+    assert raw.name == "hm4sr-folder-ML" and raw.interactions_file == str(folder / "ML.inter")

@@ -3,6 +3,7 @@ replacement that never loses the previous folder, tamper detection by hash."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 
@@ -16,7 +17,8 @@ from hm4sr_core.data.prepare import format_stats, prepare
 from hm4sr_core.data.preprocess import preprocess
 from hm4sr_core.data.schema import DataError
 from hm4sr_core.data.splits import build_split
-from hm4sr_core.data.store import load_dataset, read_manifest, save_dataset
+from hm4sr_core.data.store import (cached_file_sha256, file_sha256, files_sha256, load_dataset, read_manifest,
+                                   save_dataset)
 
 
 def _assert_same_dataset(a, b):
@@ -159,8 +161,34 @@ def test_prepare_writes_folder_with_split_hashes(tmp_path):
                          synthetic=dict(n_users=60, n_items=40, mean_length=12, text_dim=8, image_dim=8), seed=3)
     assert folder == tmp_path / "tiny" and ds.name == "tiny"
     manifest = read_manifest(folder)
+    assert manifest["inputs"] == {"source": "synthetic", "files": {},
+                                  "options": {"seed": 3, "world": dict(n_users=60, n_items=40, mean_length=12,
+                                                                       text_dim=8, image_dim=8)},
+                                  "preprocessing": PreprocessConfig(max_length=10).to_dict()}
     for kind in ("leave_one_out", "temporal"):
         assert manifest["split_hashes"][kind] == build_split(ds, SplitConfig(kind=kind, max_length=10)).hash()
     _assert_same_dataset(ds, load_dataset(folder))
     text = format_stats(ds)
     assert "users        60" in text and "items        40" in text and "modality     text: 8-d" in text
+
+
+def test_cached_file_sha256_never_serves_a_stale_digest(tmp_path):
+    data = tmp_path / "reviews.json"
+    data.write_bytes(b"a" * 1000)
+    stat = data.stat()
+    first = cached_file_sha256(data, tmp_path / "cache")
+    assert first == file_sha256(data) == hashlib.sha256(b"a" * 1000).hexdigest()
+    assert len(list((tmp_path / "cache" / "input-sha256").iterdir())) == 1
+    data.write_bytes(b"b" * 1000)  # same size, and the old modification time put back
+    os.utime(data, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert cached_file_sha256(data, tmp_path / "cache") == hashlib.sha256(b"b" * 1000).hexdigest()
+    for entry in (tmp_path / "cache" / "input-sha256").iterdir():
+        entry.write_text("garbage")
+    assert cached_file_sha256(data, tmp_path / "cache") == file_sha256(data)  # an unreadable entry is recomputed
+    images = [tmp_path / "B1.jpg", tmp_path / "B2.jpg"]
+    for image, content in zip(images, (b"one", b"two")):
+        image.write_bytes(content)
+    group = files_sha256(images, tmp_path / "cache")
+    assert group == files_sha256(images[::-1], tmp_path / "cache")  # order given does not matter
+    images[1].rename(tmp_path / "B3.jpg")
+    assert files_sha256([images[0], tmp_path / "B3.jpg"], tmp_path / "cache") != group  # names count

@@ -2,7 +2,8 @@
 
 Layout of ``data/processed/<name>/``::
 
-    manifest.json          name, source, preprocessing, stats, modalities, file hashes, split hashes
+    manifest.json          name, source, preprocessing, stats, modalities, file hashes, split hashes,
+                           inputs (source, sha256 of each input file, options: see data.prepare)
     interactions.parquet   user, item, timestamp (sorted by user, timestamp, item)
     items.parquet          item, token, text, categories, reader extras
     users.parquet          user, token
@@ -40,6 +41,39 @@ def file_sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def cached_file_sha256(path: str | Path, cache_dir: Path | None = None) -> str:
+    """:func:`file_sha256`, remembered under ``<cache_dir>/input-sha256/`` (default
+    :func:`hm4sr_core.data.features.default_cache_dir`).
+
+    The entry is keyed by the resolved path, size, inode, mtime and ctime (ns): any
+    write, replacement or rename gives a new key, so a stale digest is never served.
+    Input files of ``hm4sr prepare`` (gigabytes for Amazon dumps) are read once.
+    """
+    from .features import cache_key_hash, default_cache_dir
+
+    path = Path(path).resolve()
+    stat = path.stat()
+    key = {"path": str(path), "size": stat.st_size, "inode": stat.st_ino,
+           "mtime_ns": stat.st_mtime_ns, "ctime_ns": stat.st_ctime_ns}
+    entry = (Path(cache_dir) if cache_dir is not None else default_cache_dir()) / "input-sha256" / cache_key_hash(key)
+    try:
+        digest = entry.read_text(encoding="ascii").strip()
+    except (OSError, UnicodeDecodeError):
+        digest = ""
+    if len(digest) == 64 and all(c in "0123456789abcdef" for c in digest):
+        return digest
+    digest = file_sha256(path)
+    write_text_atomic(entry, digest + "\n")
+    return digest
+
+
+def files_sha256(paths: list[Path] | tuple[Path, ...], cache_dir: Path | None = None) -> str:
+    """One digest for a group of files (a folder of item images): sha256 over
+    "<name>\\t<sha256>" lines in name order, so renaming a file changes it too."""
+    lines = sorted(f"{Path(p).name}\t{cached_file_sha256(p, cache_dir)}\n" for p in paths)
+    return hashlib.sha256("".join(lines).encode("utf-8")).hexdigest()
 
 
 def _json_default(value):

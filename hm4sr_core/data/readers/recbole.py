@@ -7,6 +7,9 @@ authors' processed folders (see :mod:`.hm4sr_folder`) reuse this module's parsin
 
 Rules this reader applies, beyond the format itself:
 
+* The dataset stem (``<stem>.inter``) is the one ``.inter`` file of the folder, or
+  the one ``dataset=`` names when there are several; it is RecBole's name, not the
+  prepared dataset's, which defaults to "recbole-<stem>".
 * ``.inter`` must have ``user_id``, ``item_id`` and ``timestamp``; other columns
   (rating, ...) are ignored. Timestamps may be written as floats; they must be
   finite and >= 0 and are floored to int64 seconds.
@@ -448,43 +451,97 @@ def read_feature_file(
 # --------------------------------------------------------------------------- reader
 
 
-def locate_inter(path: str | Path, name: str | None) -> tuple[Path, str]:
-    """(the .inter file, dataset name) from a folder or a .inter path.
+def locate_inter(path: str | Path, dataset: str | None = None) -> tuple[Path, str]:
+    """(the .inter file, its stem) from a folder or a .inter path.
 
-    A folder must hold ``<name>.inter`` (name defaults to the folder's name); when
-    no name is given and that file is absent, a folder's only ``.inter`` file is used.
+    ``dataset`` is RecBole's dataset stem: a folder must then hold ``<dataset>.inter``.
+    Without it a folder must hold exactly one ``.inter`` file; several are an error
+    listing them. The stem never depends on the output name of the prepared dataset.
     """
     path = Path(path)
     if path.is_file():
         if path.suffix != ".inter":
             raise DataError(f"{path}: expected a RecBole '.inter' file or a folder holding one")
-        return path, name or path.stem
+        if dataset is not None and dataset != path.stem:
+            raise DataError(f"{path}: the dataset stem {dataset!r} (--dataset) differs from the file's "
+                            f"{path.stem!r}; give the folder, or drop --dataset")
+        return path, path.stem
     if not path.is_dir():
-        raise DataError(f"{path}: not found; expected a folder holding <name>.inter, or the .inter file")
-    candidate = path / f"{name or path.name}.inter"
-    if candidate.is_file():
-        return candidate, name or path.name
-    found = sorted(p.name for p in path.glob("*.inter"))
-    if name is None and len(found) == 1:
-        return path / found[0], found[0][: -len(".inter")]
-    raise DataError(f"{candidate}: file not found; .inter files in {path}: {found or 'none'}")
+        raise DataError(f"{path}: not found; expected a folder holding <stem>.inter, or the .inter file")
+    found = sorted(p.name for p in path.glob("*.inter") if p.is_file())
+    if dataset is not None:
+        candidate = path / f"{dataset}.inter"
+        if not candidate.is_file():
+            raise DataError(f"{candidate}: file not found (--dataset {dataset}); .inter files in {path}: "
+                            f"{found or 'none'}")
+        return candidate, dataset
+    if not found:
+        raise DataError(f"{path}: no .inter file; expected RecBole atomic files <stem>.inter [+ <stem>.item]")
+    if len(found) > 1:
+        stems = [f.removesuffix(".inter") for f in found]
+        raise DataError(f"{path}: {len(found)} .inter files {found}; pick one with --dataset STEM "
+                        f"(one of {', '.join(stems)})")
+    return path / found[0], found[0].removesuffix(".inter")
+
+
+def default_name(stem: str) -> str:
+    """The prepared dataset's default name, "recbole-<stem>": never the name another reader
+    gives the same data (the MovieLens reader's "ml-100k", for instance)."""
+    return f"recbole-{stem}"
+
+
+def _feature_path(file: str | Path, folder: Path) -> Path:
+    """A feature file as given, else relative to the dataset folder."""
+    file = Path(file)
+    if not file.exists() and not file.is_absolute() and (folder / file).exists():
+        return folder / file
+    return file
+
+
+def input_files(inter_path: Path, features: dict[str, str | Path] | None = None) -> dict[str, Path]:
+    """Every file :func:`read_recbole` reads for ``inter_path`` and ``features``, by role:
+    ``inter``, ``item`` (when present), ``feature:<modality>`` and the row lists those
+    files come with (sidecar ``.items.txt`` or UniSRec ``.item2index``).
+
+    Raises DataError naming a feature file that does not exist.
+    """
+    files = {"inter": inter_path}
+    item_path = inter_path.with_suffix(".item")
+    if item_path.is_file():
+        files["item"] = item_path
+    for modality, given in (features or {}).items():
+        file = _feature_path(given, inter_path.parent)
+        if not file.is_file():
+            raise DataError(f"{file}: feature file for modality {modality!r} not found")
+        files[f"feature:{modality}"] = file
+        if file.suffix.lower().startswith(".feat"):
+            rows = file.with_name(file.name.rsplit(".", 1)[0] + ".item2index")
+        else:
+            rows = _sidecar(file)
+        if rows is not None and rows.is_file():
+            files[f"feature:{modality}:rows"] = rows
+    return files
 
 
 def read_recbole(
     path: str | Path,
+    dataset: str | None = None,
+    *,
     name: str | None = None,
     features: dict[str, str | Path] | None = None,
     optional_modalities: tuple[str, ...] = (),
 ) -> RawDataset:
     """Read RecBole atomic files (and optional feature files) into a :class:`RawDataset`.
 
-    ``path``: a folder holding ``<name>.inter`` (and optionally ``<name>.item``) or
-    the ``.inter`` file itself. ``features``: modality name -> file (relative paths
-    are tried against the dataset folder too); see the module docstring for how
+    ``path``: a folder holding ``<stem>.inter`` (and optionally ``<stem>.item``) or
+    the ``.inter`` file itself; ``dataset`` picks the stem in a folder holding several
+    (see :func:`locate_inter`). ``name``: the dataset's name, default
+    :func:`default_name` of the stem. ``features``: modality name -> file (relative
+    paths are tried against the dataset folder too); see the module docstring for how
     rows are matched to items. Modalities named in ``optional_modalities`` mask
     items without a feature row instead of raising.
     """
-    inter_path, name = locate_inter(path, name)
+    inter_path, stem = locate_inter(path, dataset)
     folder = inter_path.parent
     features = dict(features or {})
     unknown = sorted(set(optional_modalities) - set(features))
@@ -514,11 +571,8 @@ def read_recbole(
 
     modalities = []
     for modality, file in features.items():
-        file = Path(file)
-        if not file.exists() and not file.is_absolute() and (folder / file).exists():
-            file = folder / file
         modalities.append(read_feature_file(
-            file, modality, inter_items,
+            _feature_path(file, folder), modality, inter_items,
             item_table["item"].to_numpy(dtype=object) if item_table is not None else None,
             optional=modality in optional_modalities,
         ))
@@ -526,6 +580,7 @@ def read_recbole(
     source = {
         "reader": "hm4sr_core.data.readers.recbole.read_recbole",
         "format": "RecBole atomic files",
+        "dataset": stem,
         "inter_file": str(inter_path),
         "item_file": str(item_path) if item_table is not None else None,
         "feature_files": {m.name: m.source for m in modalities},
@@ -533,5 +588,5 @@ def read_recbole(
         "item_file_rows_without_interactions": unused_item_rows,
         "licence": "as supplied by the user",
     }
-    return RawDataset(name=name, source=source, interactions=interactions, items=items,
+    return RawDataset(name=name or default_name(stem), source=source, interactions=interactions, items=items,
                       modalities=modalities, interactions_file=str(inter_path))
