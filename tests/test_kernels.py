@@ -16,18 +16,9 @@ import torch.nn.functional as F
 from hm4sr_core import kernels
 from hm4sr_core.config import ModelConfig
 from hm4sr_core.data.splits import SequenceBatch, iterate_batches
-from hm4sr_core.model import HM4SR, build_model
+from hm4sr_core.model import build_model
 
-LOSSES = {"rec", "id_contrastive", "category", "placeholder_contrastive"}
-
-
-def _model(config, ds, seed=0) -> HM4SR:
-    torch.manual_seed(seed)
-    return build_model(config, ds)
-
-
-def _dense_batch(split, size=64, seed=0) -> SequenceBatch:
-    return next(iterate_batches(split.train_dense, size, shuffle=True, generator=torch.Generator().manual_seed(seed)))
+from test_model import LOSSES, _dense_batch, _model  # the same seeded model and batch as the model's tests
 
 
 def test_factored_interactive_moe_equals_the_per_token_computation():
