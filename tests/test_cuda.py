@@ -9,7 +9,6 @@ import math
 import pytest
 import torch
 
-from hm4sr_core.config import TrainConfig
 from hm4sr_core.evaluate import evaluate
 from hm4sr_core.train import load_checkpoint, model_from_checkpoint, train
 

@@ -16,7 +16,6 @@ import torch.nn.functional as F
 from hm4sr_core import kernels
 from hm4sr_core.config import ModelConfig
 from hm4sr_core.data.splits import SequenceBatch, iterate_batches
-from hm4sr_core.model import build_model
 
 from test_model import LOSSES, _dense_batch, _model  # the same seeded model and batch as the model's tests
 
