@@ -225,7 +225,7 @@ def _execute(nb: str, notebook_dir: Path, run_dir: Path, planned: dict, manifest
     others too, as unknown names). On failure the entry is completed, the failed notebook
     rendered, and :class:`NotebookError` raised."""
     import papermill
-    from nbclient.exceptions import CellTimeoutError
+    from nbclient.exceptions import CellTimeoutError, DeadKernelError
     from papermill.exceptions import PapermillExecutionError
 
     source = notebook_dir / f"{nb}.ipynb"
@@ -237,13 +237,15 @@ def _execute(nb: str, notebook_dir: Path, run_dir: Path, planned: dict, manifest
     manifest["notebooks"].append(entry)
     write_json_atomic(run_dir / "manifest.json", manifest)
     executed = run_dir / entry["executed"]
+    entry["kernel_log"] = f"{nb}.kernel.log"
     t0 = time.perf_counter()
     try:
         papermill.execute_notebook(str(source), str(executed), parameters=params, kernel_name=KERNEL_NAME,
                                    progress_bar=False, cwd=str(notebook_dir), execution_timeout=cell_timeout,
                                    # each live plotly FigureWidget would carry its own copy of
                                    # plotly.js (~5 MB) into the saved widget state
-                                   store_widget_state=False)
+                                   store_widget_state=False,
+                                   kernel_manager_class=_logged_kernel_manager(run_dir / entry["kernel_log"]))
     except PapermillExecutionError as err:
         entry.update(status="failed", seconds=round(time.perf_counter() - t0, 2),
                      error={"cell": err.exec_count, "ename": err.ename, "evalue": err.evalue},
@@ -259,10 +261,33 @@ def _execute(nb: str, notebook_dir: Path, run_dir: Path, planned: dict, manifest
         raise NotebookError(nb, f"notebook {nb}.ipynb: a cell ran longer than {cell_timeout} s and was stopped "
                                 f"({err}); executed notebook: {executed}", ename="CellTimeoutError",
                             evalue=str(err)) from None
+    except (DeadKernelError, RuntimeError) as err:  # the kernel died, or did not start in time
+        entry.update(status="failed", seconds=round(time.perf_counter() - t0, 2),
+                     error={"cell": None, "ename": type(err).__name__, "evalue": str(err)},
+                     html=_render_html(executed))
+        raise NotebookError(nb, f"notebook {nb}.ipynb: its kernel failed ({type(err).__name__}: {err}); "
+                                f"the kernel's own output is in {run_dir / entry['kernel_log']}",
+                            ename=type(err).__name__, evalue=str(err)) from None
     record = run_dir / f"{nb}.json"
     entry.update(status="ok", seconds=round(time.perf_counter() - t0, 2),
                  record=record.name if record.exists() else None)
     return entry
+
+
+def _logged_kernel_manager(log: Path) -> type:
+    """A kernel manager whose kernel writes its own stdout and stderr to ``log``: ipykernel's
+    notes (its TCP-transport warning, the interrupt it reports at shutdown) stay out of the
+    terminal, and a kernel that dies leaves its last words in the run folder."""
+    from jupyter_client.manager import AsyncKernelManager
+
+    class LoggedKernelManager(AsyncKernelManager):
+        async def start_kernel(self, **kw):
+            with open(log, "ab") as handle:  # the kernel process keeps its own copy of the descriptor
+                kw.setdefault("stdout", handle)
+                kw.setdefault("stderr", handle)
+                await super().start_kernel(**kw)
+
+    return LoggedKernelManager
 
 
 def _data_entry(record: dict) -> dict:

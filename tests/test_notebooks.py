@@ -287,6 +287,32 @@ def test_a_failing_notebook_stops_the_run_naming_notebook_and_cell(tmp_path):
     assert "failed" in (out / "index.html").read_text()
 
 
+def test_a_kernel_that_dies_stops_the_run_naming_its_log(tmp_path):
+    notebooks = tmp_path / "notebooks"
+    notebooks.mkdir()
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell("smoke = False", metadata={"tags": ["parameters"]}),
+                nbformat.v4.new_code_cell("import os\nos.write(2, b'last words\\n')  # the process's own stderr, as a crash "
+                                          "writes it\nos._exit(3)")]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, notebooks / "01_prepare_data.ipynb")
+    out = tmp_path / "run"
+    t0 = time.monotonic()
+    with pytest.raises(NotebookError, match="its kernel failed") as info:
+        run_notebooks(out=out, notebooks=("01_prepare_data",), notebook_dir=notebooks, progress=False,
+                      cell_timeout=60)
+    assert time.monotonic() - t0 < 120
+    log = out / "01_prepare_data.kernel.log"
+    assert str(log) in str(info.value) and "last words" in log.read_text()
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "failed" and manifest["notebooks"][0]["kernel_log"] == log.name
+
+
+def test_kernel_output_goes_to_the_run_folder_not_the_terminal(smoke_run):
+    for name in NOTEBOOKS:
+        assert (smoke_run / f"{name}.kernel.log").exists()
+
+
 # ----------------------------------------------------------------------------- runner pieces (no kernel)
 
 
