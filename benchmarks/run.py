@@ -33,13 +33,12 @@ def _peak_rss_mb() -> float:
 
 
 def _dataset():
-    from hm4sr_core.data.prepare import prepare
-    from hm4sr_core.data.store import load_dataset, read_manifest
-    try:
-        return load_dataset("ml-100k"), read_manifest("ml-100k")["data_hash"]
-    except ValueError:
-        ds, _ = prepare("ml-100k")
-        return ds, read_manifest("ml-100k")["data_hash"]
+    """ml-100k as the MovieLens reader prepares it (prepared on first use; a folder of that
+    name made by another reader is refused, not measured)."""
+    from hm4sr_core.data.store import read_manifest
+    from hm4sr_core.notebooks import prepared_dataset
+    ds, folder = prepared_dataset("ml-100k", "ml-100k")
+    return ds, read_manifest(folder)["data_hash"]
 
 
 def part_epochs(args) -> dict:
