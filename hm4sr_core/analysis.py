@@ -13,6 +13,7 @@ shown next to a control).
   :func:`with_true_time` (a shuffled-time table placed at the real gaps and dates),
   :func:`gate_spread` (how much routing differs between groups), :func:`return_positions`
   (the positions after a break, with the category the month rule points to),
+  :func:`gate_shift_at_jumps` (the item after a return, where the category jumps),
   :func:`planted_routing_measures` and :func:`recovery_table` (trained gates against the
   strongest control, with a verdict in words).
 
@@ -141,6 +142,34 @@ def gate_shift_after_long_gap(temporal_df: pd.DataFrame, threshold_days: float) 
     n_experts = max(len(experts), 1)
     out.attrs["n_short"] = int((~long_gap).sum()) // n_experts
     out.attrs["n_long"] = int(long_gap.sum()) // n_experts
+    return out
+
+
+def gate_shift_at_jumps(temporal_df: pd.DataFrame, threshold_days: float) -> pd.DataFrame:
+    """Mean Temporal-MoE gate per expert at the item right after a return (where the
+    planted world's category jumps) and at every other short pause.
+
+    A jump position has a short gap itself (<= ``threshold_days``) and follows a position
+    whose gap was longer. Returns one row per expert: expert, other_short, jump, shift
+    (jump - other_short); ``attrs`` "total_variation", "n_jump", "n_other" (positions).
+    """
+    first = temporal_df["expert"].min()
+    pos = temporal_df.loc[temporal_df["expert"] == first, ["example", "position", "gap_days"]]
+    prev = pos.assign(position=pos["position"] + 1).rename(columns={"gap_days": "previous_gap_days"})
+    pos = pos.merge(prev, on=["example", "position"], how="left")
+    short = pos["gap_days"].notna() & (pos["gap_days"] <= threshold_days)
+    jump = short & (pos["previous_gap_days"] > threshold_days)
+    label = pd.Series(np.where(jump, "jump", np.where(short, "other_short", "")), index=pos.index)
+    keyed = temporal_df.merge(pos[["example", "position"]].assign(_kind=label.to_numpy()), on=["example", "position"])
+    means = keyed[keyed["_kind"] != ""].groupby(["_kind", "expert"])["gate"].mean().unstack("_kind")
+    experts = np.sort(pd.unique(temporal_df["expert"]))
+    means = means.reindex(index=experts, columns=["other_short", "jump"])
+    out = pd.DataFrame({"expert": experts, "other_short": means["other_short"].to_numpy(),
+                        "jump": means["jump"].to_numpy()})
+    out["shift"] = out["jump"] - out["other_short"]
+    out.attrs["total_variation"] = float(0.5 * out["shift"].abs().sum(min_count=1))
+    out.attrs["n_jump"] = int(jump.sum())
+    out.attrs["n_other"] = int((short & ~jump).sum())
     return out
 
 
@@ -280,6 +309,10 @@ def planted_routing_measures(dataset: Dataset, threshold_days: float, *, gates: 
       - "return month -> temporal gate": the month of a return sets the category of the
         jump after it, so the Temporal-MoE gate at a return may differ by that category
         (:func:`gate_spread` of :func:`return_positions` by season_category). Same controls.
+      - "jump after a return -> temporal gate": the jump lands on the item after the return,
+        whose own gap is short (:func:`gate_shift_at_jumps`). The gate reads only its own
+        position's gap and date, so it has no way to single that item out: the plant a
+        gate cannot recover, measured like the others. Same controls.
 
     All tables cover the same part and users; ``*_temporal`` come from
     :func:`~hm4sr_core.introspect.temporal_gate_table`, the others from
@@ -314,6 +347,11 @@ def planted_routing_measures(dataset: Dataset, threshold_days: float, *, gates: 
     for condition, table in timed:
         row = gate_spread(return_positions(table, dataset, threshold_days), "season_category").iloc[0]
         add("return month -> temporal gate", claim, condition, row["spread"], row["positions"])
+    claim = "the category jumps at the item after a return: the temporal gate there differs from other short pauses"
+    for condition, table in timed:
+        shift = gate_shift_at_jumps(table, threshold_days)
+        add("jump after a return -> temporal gate", claim, condition, shift.attrs["total_variation"],
+            shift.attrs["n_jump"])
     return pd.DataFrame(rows)
 
 

@@ -10,7 +10,8 @@ import pandas as pd
 import pytest
 import torch
 
-from hm4sr_core.analysis import (category_counts, drop_modality, gate_shift_after_long_gap, gate_spread,
+from hm4sr_core.analysis import (category_counts, drop_modality, gate_shift_after_long_gap, gate_shift_at_jumps,
+                                 gate_spread,
                                  neighbour_agreement, planted_routing_measures, planted_summary, recovery_table,
                                  return_positions, sequence_lengths, time_gaps, with_true_time)
 from hm4sr_core.data.synthetic import seasonal_category
@@ -168,7 +169,21 @@ def test_routing_measures_on_the_planted_world(tiny_ds, tiny_model_config):
     assert conditions == {"category -> text gates": ["trained", "untrained", "text dropped"],
                           "category -> image gates": ["trained", "untrained"],
                           "break -> temporal gate": ["trained", "shuffled time", "untrained"],
-                          "return month -> temporal gate": ["trained", "shuffled time", "untrained"]}
+                          "return month -> temporal gate": ["trained", "shuffled time", "untrained"],
+                          "jump after a return -> temporal gate": ["trained", "shuffled time", "untrained"]}
     assert measures["value"].between(0, 1).all() and (measures["positions"] > 0).all()
     verdict = recovery_table(measures)
     assert not verdict["recovered"].any()  # the "trained" model here is its own untrained control
+
+
+def test_gate_shift_at_jumps_by_hand():
+    # one sequence: first item, short, LONG (a return), short (the jump), short; 2 experts
+    gaps = [np.nan, 1.0, 40.0, 2.0, 3.0]
+    expert0 = [0.5, 0.6, 0.5, 0.9, 0.4]
+    table = pd.DataFrame([{"example": 0, "position": p, "gap_days": g, "expert": k, "gate": e if k == 0 else 1 - e}
+                          for p, (g, e) in enumerate(zip(gaps, expert0)) for k in (0, 1)])
+    got = gate_shift_at_jumps(table, 30.0)
+    # jump: position 3 (0.9, 0.1); other short pauses: positions 1 and 4, mean (0.5, 0.5)
+    np.testing.assert_allclose(got["jump"], [0.9, 0.1])
+    np.testing.assert_allclose(got["other_short"], [0.5, 0.5])
+    assert got.attrs == {"total_variation": pytest.approx(0.4), "n_jump": 1, "n_other": 2}
