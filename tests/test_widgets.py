@@ -130,11 +130,12 @@ def test_handler_errors_are_shown_not_swallowed(world):
     before = np.asarray(ex.bars.data[0].y)
     ex.first_item.value = True  # the handler raises; the explorer must say so
     assert isinstance(ex.last_error, ValueError)
+    assert ex.errors.layout.border == "1px solid #d33"  # framed in red once there is an error
     text = "".join(o["text"] for o in ex.errors.outputs)
     assert "no first-item bucket" in text and "Traceback" in text
     np.testing.assert_array_equal(np.asarray(ex.bars.data[0].y), before)
     ex.clear_errors()
-    assert ex.errors.outputs == () and ex.last_error is None
+    assert ex.errors.outputs == () and ex.last_error is None and not ex.errors.layout.border
 
 
 def test_loss_explorer_toggles_smooths_and_weights(world):

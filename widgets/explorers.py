@@ -35,6 +35,7 @@ SECONDS_PER_DAY = 86_400.0
 PANEL_MIN_WIDTH = "380px"
 # Checkboxes and labels as wide as their text, not the 300-pixel default of ipywidgets.
 COMPACT = widgets.Layout(width="auto", margin="2px 12px 2px 0")
+ERROR_BORDER = "1px solid #d33"
 
 
 # Plotly's FigureWidget draws while its element is still detached from the page, so it takes
@@ -158,8 +159,9 @@ class Explorer:
     """Shared plumbing: the error Output, the handler guard and notebook display."""
 
     def __init__(self) -> None:
-        self.errors = widgets.Output(layout=widgets.Layout(border="1px solid #d33", max_height="12em",
-                                                           overflow="auto"))
+        # The red frame appears with the first error: an empty one under every figure read as an
+        # error on a projector.
+        self.errors = widgets.Output(layout=widgets.Layout(max_height="12em", overflow="auto"))
         self.last_error: BaseException | None = None
         self.widget: widgets.VBox | None = None
 
@@ -172,6 +174,7 @@ class Explorer:
                 return handler(*args, **kwargs)
             except Exception as exc:  # shown to the user below, and logged: not swallowed
                 self.last_error = exc
+                self.errors.layout.border = ERROR_BORDER
                 self.errors.append_stderr(f"{type(self).__name__}.{handler.__name__} failed:\n"
                                           f"{traceback.format_exc()}")
                 _log.exception("%s handler %s failed", type(self).__name__, handler.__name__)
@@ -185,6 +188,7 @@ class Explorer:
     def clear_errors(self) -> None:
         self.errors.clear_output()
         self.errors.outputs = ()
+        self.errors.layout.border = ""
         self.last_error = None
 
     def _ipython_display_(self) -> None:
