@@ -6,7 +6,11 @@ updates the traces in place inside ``fig.batch_update()``. Every handler runs th
 :meth:`Explorer._guard`: an exception is written, with its traceback, into the explorer's
 visible ``errors`` Output (and kept in ``last_error``), never swallowed.
 
-Each explorer has ``.widget`` (the top-level VBox) and displays itself in a notebook.
+Each explorer has ``.widget`` (the top-level VBox, CSS class ``hm4sr-explorer``) and displays
+itself in a notebook. Layout: no figure has a fixed width; controls sit on rows that wrap
+(:func:`control_row`), side-by-side figures in a grid that stacks them below two columns of
+:data:`PANEL_MIN_WIDTH` (:func:`panel_grid`), so an explorer fits the output area from a
+1280-pixel screen with the file browser open to a 1920-pixel one (tests/test_browser.py).
 Figures are ``plotly.graph_objects.FigureWidget`` when the ``anywidget`` package is
 installed (plotly >= 6 needs it); without it they are plain ``Figure`` objects shown in an
 ``Output`` that is redrawn after each update, so the explorers still work, less smoothly.
@@ -77,8 +81,9 @@ else:
 
 
 def width_watcher() -> widgets.Widget | None:
-    """The widget that keeps an explorer's figures at its width (None without anywidget,
-    where figures are drawn by JupyterLab's own plotly renderer, which sizes itself)."""
+    """The widget that keeps an explorer's figures at its width. None without anywidget:
+    figures are then plain ones drawn into an Output by JupyterLab's plotly renderer (a
+    path the browser test does not take)."""
     if anywidget is None:
         return None
     return WidthWatcher(layout=widgets.Layout(width="0px", height="0px", overflow="hidden"))
