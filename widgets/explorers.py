@@ -37,9 +37,13 @@ SECONDS_PER_DAY = 86_400.0
 # Side-by-side panels share a row down to this width each, then stack one below the other
 # (a 1280-pixel screen with JupyterLab's file browser open leaves an output area of ~900 px).
 PANEL_MIN_WIDTH = "380px"
-# Checkboxes and labels as wide as their text, not the 300-pixel default of ipywidgets.
-COMPACT = widgets.Layout(width="auto", margin="2px 12px 2px 0")
 ERROR_BORDER = "1px solid #d33"
+
+
+def compact() -> widgets.Layout:
+    """Checkboxes and labels as wide as their text, not the 300-pixel default of ipywidgets
+    (a Layout of its own for each: a shared one would be closed with any of its widgets)."""
+    return widgets.Layout(width="auto", margin="2px 12px 2px 0")
 
 
 # Plotly's FigureWidget draws while its element is still detached from the page, so it takes
@@ -363,9 +367,9 @@ class TemporalExplorer(Explorer):
                                           max=np.log10(hi), step=0.01, description="gap (days)",
                                           continuous_update=False, readout_format=".3g")
         self.first_item = widgets.Checkbox(value=False, description="first item (no gap)", indent=False,
-                                           layout=COMPACT)
+                                           layout=compact())
         self.day = widgets.IntSlider(value=0, min=0, max=span_days, description="day", continuous_update=False)
-        self.date_label = widgets.Label(layout=COMPACT)
+        self.date_label = widgets.Label(layout=compact())
         self.expert = widgets.Dropdown(options=[0], value=0, description="grid expert",
                                        layout=widgets.Layout(width="180px"))
         self.recompute = widgets.Button(description="Recompute grid", icon="refresh",
@@ -489,12 +493,12 @@ class LossExplorer(Explorer):
         self.table = introspect.loss_table(steps_df)
         names = figures._tasks(self.table)
         n_steps = self.table["step"].nunique()
-        self.tasks = {t: widgets.Checkbox(value=True, description=t, indent=False, layout=COMPACT) for t in names}
+        self.tasks = {t: widgets.Checkbox(value=True, description=t, indent=False, layout=compact()) for t in names}
         self.window = widgets.IntSlider(value=1, min=1, max=max(1, min(200, n_steps)), description="smoothing",
                                         continuous_update=False)
         self.column = widgets.ToggleButtons(options=[("unweighted", "value"), ("weighted", "weighted")],
                                             value="value")
-        self.log_y = widgets.Checkbox(value=False, description="log y", indent=False, layout=COMPACT)
+        self.log_y = widgets.Checkbox(value=False, description="log y", indent=False, layout=compact())
         self._lines = FigureView(figures.loss_figure(self.table))
         self._shares = FigureView(figures.loss_share_figure(self.table))
         for box in self.tasks.values():
