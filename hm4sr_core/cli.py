@@ -178,7 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     rn.add_argument("--full", action="store_true", help="train to convergence (100 epochs, patience 10)")
 
     de = sub.add_parser("demo", help="what `make demo` runs: prepare ml-100k and print its statistics, "
-                                     "then train and run the notebooks")
+                                     "then run the notebooks: the routing tour on a planted world first, "
+                                     "then training and analysis on ml-100k")
     de.add_argument("--skip-notebooks", action="store_true", help="stop after preparing the data")
     return p
 
@@ -326,7 +327,9 @@ def cmd_demo(args) -> int:
     print(format_stats(ds))
     if args.skip_notebooks:
         return 0
-    from .notebooks import run_notebooks
+    from .notebooks import NOTEBOOKS, TOUR, run_notebooks
+    print(f"notebooks: {TOUR} first (HM4SR trained to early stopping on a planted world whose truth is known, "
+          f"about a minute), then {', '.join(NOTEBOOKS[1:])} on ml-100k")
     folder = run_notebooks(smoke=False, data="ml-100k")
     print(f"open {folder / 'index.html'}")
     return 0

@@ -1,5 +1,7 @@
 """Reproducibility runs: execute ``notebooks/NN_*.ipynb`` in order with papermill into
-``runs/<run-id>/`` (``hm4sr run-notebooks``, ``make demo``).
+``runs/<run-id>/`` (``hm4sr run-notebooks``, ``make demo``). The first,
+``00_expert_routing_tour``, trains on its own planted synthetic world in every mode (a
+run's ``--data`` goes to notebooks 01-06 only).
 
 A run folder holds, per notebook: the executed notebook, its HTML rendering, the JSON
 record its last cell wrote, and its key figures (plotly JSON written by the notebook,
@@ -14,7 +16,8 @@ Three sizes, chosen by the runner and passed as notebook parameters:
 * ``smoke``: every notebook's ``smoke`` parameter is True (tiny sizes, set in the
   notebook itself) on a run-local planted synthetic world: the test suite's run.
 * ``demo``: the notebooks' own defaults, sized so ``make demo`` on ml-100k finishes in
-  about 15 minutes on 2 cores: short training, stated as such in the notebooks.
+  about 15 minutes on 2 cores: short training, stated as such in the notebooks (the
+  tour trains to early stopping on its small planted world).
 * ``full``: training to convergence (100 epochs, early stopping with patience 10).
 
 A notebook that raises stops the run: :class:`NotebookError` names the notebook, the
@@ -41,7 +44,10 @@ from .data.store import (PROCESSED_ROOT, REPO_ROOT, load_dataset, read_manifest,
                          write_json_atomic, write_text_atomic)
 
 NOTEBOOK_DIR = REPO_ROOT / "notebooks"
-NOTEBOOKS = ("01_prepare_data", "02_train", "03_expert_gating", "04_temporal_embeddings",
+# The routing tour comes first: it trains on its own planted world (whatever the run's data),
+# so the first gate picture of a run comes from a converged model on data whose truth is known.
+TOUR = "00_expert_routing_tour"
+NOTEBOOKS = (TOUR, "01_prepare_data", "02_train", "03_expert_gating", "04_temporal_embeddings",
              "05_loss_contributions", "06_embedding_atlas")
 RUNS_ROOT = REPO_ROOT / "runs"
 SMOKE_DATASET = "synthetic-smoke"  # the run-local world a smoke run prepares
@@ -131,7 +137,8 @@ def plan_parameters(mode: str, data: str | None, run_dir: Path, seed: int | None
         dataset = name
     plan = {}
     for nb in NOTEBOOKS:
-        params = dict(common, dataset=dataset)
+        # The tour builds its planted world from the seed in every mode: it gets no dataset.
+        params = dict(common) if nb == TOUR else dict(common, dataset=dataset)
         if nb == "01_prepare_data":
             params.update(first)
         if mode == "full":

@@ -55,6 +55,14 @@ def set_seed(seed: int) -> None:
     np.random.seed(seed % (2**32))
 
 
+def initial_model(dataset: Dataset, model_config: ModelConfig, seed: int) -> HM4SR:
+    """The model :func:`train` starts from for this configuration and seed, before any step:
+    the "untrained" control of a trained model (same config, same seed, no training).
+    Seeds torch and numpy as :func:`train` does."""
+    set_seed(seed)
+    return build_model(model_config, dataset)
+
+
 def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 100_003 + epoch)
 
@@ -154,9 +162,9 @@ def train(dataset: Dataset, model_config: ModelConfig = ModelConfig(), config: T
         torch.set_num_threads(config.threads)
     device = torch.device(config.device)
     out = Path(out_dir) if out_dir is not None else None
-    set_seed(config.seed)
     split = split or build_split(dataset, SplitConfig(kind=config.split, max_length=model_config.max_length))
-    model = build_model(model_config, dataset).to(device).recompute_activations(config.recompute)
+    # Seeds torch and numpy; building the split draws no random numbers.
+    model = initial_model(dataset, model_config, config.seed).to(device).recompute_activations(config.recompute)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
     train_part = split.train(config.mode)

@@ -337,3 +337,17 @@ def test_table_resumes_a_run_a_killed_table_left_unfinished(prepared, tmp_path, 
     assert code == 0, err
     assert "training from scratch instead" in text
     assert pd.read_csv(run / "epochs.csv")["train_seconds"].iloc[0] != first["train_seconds"].iloc[0]
+
+
+def test_demo_runs_the_routing_tour_first(monkeypatch, tmp_path, capsys):
+    import hm4sr_core.notebooks as runner
+
+    calls = []
+    monkeypatch.setattr(runner, "prepared_dataset", lambda source, name: (None, tmp_path))
+    monkeypatch.setattr("hm4sr_core.data.prepare.format_stats", lambda ds: "stats")
+    monkeypatch.setattr(runner, "run_notebooks", lambda **kwargs: calls.append(kwargs) or tmp_path)
+    code, text, err = _run(capsys, "demo")
+    assert code == 0, err
+    assert calls == [{"smoke": False, "data": "ml-100k"}]  # every notebook, in NOTEBOOKS order
+    assert runner.NOTEBOOKS[0] == runner.TOUR and "planted world" in text
+    assert text.index(runner.TOUR) < text.index("01_prepare_data")

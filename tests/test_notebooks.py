@@ -26,7 +26,7 @@ from papermill.cli import papermill as papermill_cli
 
 from hm4sr_core.data.schema import DataError
 from hm4sr_core.data.store import read_manifest
-from hm4sr_core.notebooks import (FULL_TRAINING, NOTEBOOK_DIR, NOTEBOOKS, NotebookError, plan_parameters,
+from hm4sr_core.notebooks import (FULL_TRAINING, NOTEBOOK_DIR, NOTEBOOKS, TOUR, NotebookError, plan_parameters,
                                   prepared_dataset, run_notebooks)
 
 EXPECTED = Path(__file__).parent / "fixtures" / "notebooks_smoke_expected.json"
@@ -154,6 +154,30 @@ def test_every_recorded_number_is_finite(records):
             assert math.isfinite(value), f"{name}{path} = {value}"
 
 
+def test_routing_tour_record(records, smoke_run):
+    r = records[TOUR]
+    assert r["parameters"]["smoke"] is True and r["stats"]["users"] == 60  # its own world, not the run's data
+    assert r["planted"]["long_gap_days"] == 30.0 and 0.0 < r["long_gap_share"] < 1.0
+    assert r["training"]["epochs_run"] == 2 and 1 <= r["training"]["best_epoch"] <= 2
+    E = r["num_experts"]
+    # Untrained gates sit near 1/E; each distance is a gate's distance from it, at most 1 - 1/E.
+    assert r["distance_from_uniform"]["untrained interactive"] < 0.05
+    assert all(0.0 <= d <= 1 - 1 / E for d in r["distance_from_uniform"].values())
+    # The Interactive MoE comes before the time embedding: shuffled time cannot move it.
+    assert r["interactive_change_when_time_shuffled"] == 0.0
+    plants = {row["plant"] for row in r["measures"]}
+    assert plants == {"category -> text gates", "category -> image gates", "break -> temporal gate",
+                      "return month -> temporal gate", "jump after a return -> temporal gate"}
+    assert all(0.0 <= row["value"] <= 1.0 and row["positions"] > 0 for row in r["measures"])
+    for row in r["recovery"]:  # the verdict follows from the measures by the stated rule
+        controls = [m["value"] for m in r["measures"] if m["plant"] == row["plant"] and m["condition"] != "trained"]
+        assert row["control_value"] == max(controls)
+        assert row["recovered"] == (row["trained"] >= 2 * row["control_value"] and row["trained"] >= 0.05)
+        assert row["verdict"].startswith("recovered" if row["recovered"] else "NOT recovered")
+    manifest = json.loads((smoke_run / "manifest.json").read_text())
+    assert manifest["notebooks"][0]["name"] == TOUR and "dataset" not in manifest["notebooks"][0]["parameters"]
+
+
 def test_prepared_data_record(records):
     r = records["01_prepare_data"]
     assert r["source"] == "synthetic" and r["stats"]["users"] == 120 and r["stats"]["items"] >= 50
@@ -251,6 +275,8 @@ def _comparable(records: dict) -> dict:
         "time_controls": {row["eval_time"]: row["ndcg@10"] for row in records["04_temporal_embeddings"]["time_controls"]},
         "ablation": {row["model"]: row["ndcg@10 mean"] for row in records["05_loss_contributions"]["ablation"]},
         "agreement": {row["space"]: row["agreement"] for row in records["06_embedding_atlas"]["agreement"]},
+        "tour": {"test_ndcg@10": records[TOUR]["training"]["test"]["ndcg@10"],
+                 "measures": {f"{row['plant']} / {row['condition']}": row["value"] for row in records[TOUR]["measures"]}},
     }
 
 
@@ -274,7 +300,8 @@ def test_smoke_metrics_equal_the_stored_expectation(records):
 def test_a_failing_notebook_stops_the_run_naming_notebook_and_cell(tmp_path):
     out = tmp_path / "failed"
     with pytest.raises(NotebookError) as info:
-        run_notebooks(data="no-such-dataset", out=out, progress=False, cell_timeout=120)
+        # from 01 on: the routing tour before it needs no data (and would train for half a minute)
+        run_notebooks(data="no-such-dataset", out=out, notebooks=NOTEBOOKS[1:], progress=False, cell_timeout=120)
     err = info.value
     assert err.notebook == "01_prepare_data" and err.ename == "DataError"
     message = str(err)
@@ -330,6 +357,11 @@ def test_plan_parameters_per_mode(tmp_path):
     full = plan_parameters("full", "games", tmp_path, seed=7)
     assert full["01_prepare_data"]["source"] == ""  # not a reader: must be prepared already
     assert all(p["seed"] == 7 and p["epochs"] == FULL_TRAINING["epochs"] for p in full.values())
+    # The routing tour comes first and always trains on its own planted world: no dataset, in every mode.
+    assert NOTEBOOKS[0] == TOUR == "00_expert_routing_tour"
+    for plan in (smoke, demo, full, plan_parameters("demo", "ml-100k", tmp_path)):
+        assert list(plan)[0] == TOUR and "dataset" not in plan[TOUR] and "source" not in plan[TOUR]
+    assert full[TOUR]["epochs"] == FULL_TRAINING["epochs"] and full[TOUR]["seed"] == 7
     with pytest.raises(ValueError, match="mode must be"):
         plan_parameters("fast", None, tmp_path)
     with pytest.raises(ValueError, match="--smoke or --full"):

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
-from hm4sr_core.train import load_checkpoint, train
+from hm4sr_core.train import initial_model, load_checkpoint, train
 
 TIMING = ("train_seconds", "seconds_since_start", "seconds")
 
@@ -199,3 +199,14 @@ def test_recompute_trains_to_the_same_run(tiny_ds, tiny_split, tiny_model_config
     assert all(layer.recompute for layer in again.model.encoders.layers)
     assert again.record["valid"] == first.record["valid"] and again.record["test"] == first.record["test"]
     pd.testing.assert_frame_equal(_untimed(again.steps), _untimed(first.steps), check_exact=False, rtol=1e-5)
+
+
+def test_initial_model_is_where_training_starts(tiny_ds, tiny_split, tiny_model_config, tiny_train_config,
+                                                monkeypatch):
+    # With the optimiser's step disabled, train() ends with the weights it started from.
+    monkeypatch.setattr(torch.optim.Adam, "step", lambda self, closure=None: None)
+    config = tiny_train_config.replace(epochs=1, max_steps_per_epoch=2)
+    frozen = train(tiny_ds, tiny_model_config, config, progress=False, split=tiny_split).model
+    start = initial_model(tiny_ds, tiny_model_config, config.seed)
+    assert _same_state(frozen, start)
+    assert not _same_state(start, initial_model(tiny_ds, tiny_model_config, config.seed + 1))

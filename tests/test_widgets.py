@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import ipywidgets
 import numpy as np
 import pandas as pd
 import plotly.io as pio
@@ -129,11 +130,12 @@ def test_handler_errors_are_shown_not_swallowed(world):
     before = np.asarray(ex.bars.data[0].y)
     ex.first_item.value = True  # the handler raises; the explorer must say so
     assert isinstance(ex.last_error, ValueError)
+    assert ex.errors.layout.border == "1px solid #d33"  # framed in red once there is an error
     text = "".join(o["text"] for o in ex.errors.outputs)
     assert "no first-item bucket" in text and "Traceback" in text
     np.testing.assert_array_equal(np.asarray(ex.bars.data[0].y), before)
     ex.clear_errors()
-    assert ex.errors.outputs == () and ex.last_error is None
+    assert ex.errors.outputs == () and ex.last_error is None and not ex.errors.layout.border
 
 
 def test_loss_explorer_toggles_smooths_and_weights(world):
@@ -317,3 +319,49 @@ def test_a_browser_that_never_answers_times_out_naming_it(tmp_path):
         figures.render_static([(fig.to_dict(), {"format": "png"}, "lambda")], str(fake), start_timeout=3,
                               figure_timeout=3)
     assert time.monotonic() - t0 < 45
+
+
+def test_gate_heatmaps_are_centred_on_uniform_and_say_so(world):
+    ds, result, split, gates, temporal = world
+    E = result.model.config.num_experts
+    example = int(gates["example"].iloc[0])
+    curve = I.temporal_gate_curve(result.model, [3600.0, 86_400.0], [ds.stats["first_timestamp"]] * 2)
+    heatmaps = {
+        "gate_heatmap": figures.gate_heatmap(gates, example, 0),
+        "gate_trajectory_figure": figures.gate_trajectory_figure(gates, example, "text"),
+        "expert_usage_heatmap": figures.expert_usage_heatmap(I.expert_usage(gates)),
+        "gate_by_category_figure": figures.gate_by_category_figure(I.gate_by_category(gates), "text"),
+        "temporal_gate_curve_figure": figures.temporal_gate_curve_figure(curve, 1),
+    }
+    for name, fig in heatmaps.items():
+        trace = fig.data[0]
+        assert trace.type == "heatmap", name
+        assert trace.zmid == pytest.approx(1 / E), name
+        # symmetric around 1/E, so uniform is the neutral colour of the diverging scale
+        assert trace.zmax - trace.zmid == pytest.approx(trace.zmid - trace.zmin), name
+        assert trace.zmin == 0.0, name
+        assert "%{z:.3f}" in trace.hovertemplate, name  # the value on hover
+        assert fig.layout.title.subtitle.text.startswith(f"uniform = 1/E = {1 / E:.3g}"), name
+        assert fig.layout.width is None, name  # sized by its container
+    assert figures.uniform_note(4).startswith("uniform = 1/E = 0.25")
+    # gate bars and profiles: a dashed line at 1/E and the same subtitle
+    for fig in (figures.temporal_gate_bars(temporal, example, 0), figures.temporal_gate_profile(temporal, "position"),
+                figures.expert_usage_heatmap(I.expert_usage(temporal))):
+        assert [s.y0 for s in fig.layout.shapes] == [pytest.approx(1 / E)]
+        assert fig.layout.title.subtitle.text == figures.uniform_note(E)
+    with pytest.raises(ValueError, match="n_experts"):
+        figures.gate_colour(0)
+
+
+def test_explorers_lay_out_for_narrow_and_wide_output_areas(world):
+    ds, result, _, gates, temporal = world
+    gate = GateExplorer(gates, temporal)
+    assert "hm4sr-explorer" in gate.widget._dom_classes
+    grid = next(c for c in gate.widget.children if isinstance(c, ipywidgets.GridBox))
+    assert "auto-fit" in grid.layout.grid_template_columns  # side-by-side panels wrap below a width
+    rows = [c for c in gate.widget.children if "hm4sr-controls" in getattr(c, "_dom_classes", ())]
+    assert len(rows) == 1 and rows[0].layout.flex_flow == "row wrap"
+    if gate._heatmap.live:
+        assert gate.heatmap._config.get("responsive") is True
+    loss = LossExplorer(result.steps)
+    assert len([c for c in loss.widget.children if "hm4sr-controls" in getattr(c, "_dom_classes", ())]) == 1

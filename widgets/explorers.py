@@ -6,7 +6,11 @@ updates the traces in place inside ``fig.batch_update()``. Every handler runs th
 :meth:`Explorer._guard`: an exception is written, with its traceback, into the explorer's
 visible ``errors`` Output (and kept in ``last_error``), never swallowed.
 
-Each explorer has ``.widget`` (the top-level VBox) and displays itself in a notebook.
+Each explorer has ``.widget`` (the top-level VBox, CSS class ``hm4sr-explorer``) and displays
+itself in a notebook. Layout: no figure has a fixed width; controls sit on rows that wrap
+(:func:`control_row`), side-by-side figures in a grid that stacks them below two columns of
+:data:`PANEL_MIN_WIDTH` (:func:`panel_grid`), so an explorer fits the output area from a
+1280-pixel screen with the file browser open to a 1920-pixel one (tests/test_browser.py).
 Figures are ``plotly.graph_objects.FigureWidget`` when the ``anywidget`` package is
 installed (plotly >= 6 needs it); without it they are plain ``Figure`` objects shown in an
 ``Output`` that is redrawn after each update, so the explorers still work, less smoothly.
@@ -30,6 +34,89 @@ from . import figures
 
 _log = logging.getLogger(__name__)
 SECONDS_PER_DAY = 86_400.0
+# Side-by-side panels share a row down to this width each, then stack one below the other
+# (a 1280-pixel screen with JupyterLab's file browser open leaves an output area of ~900 px).
+PANEL_MIN_WIDTH = "380px"
+ERROR_BORDER = "1px solid #d33"
+
+
+def compact() -> widgets.Layout:
+    """Checkboxes and labels as wide as their text, not the 300-pixel default of ipywidgets
+    (a Layout of its own for each: a shared one would be closed with any of its widgets)."""
+    return widgets.Layout(width="auto", margin="2px 12px 2px 0")
+
+
+# Plotly's FigureWidget draws while its element is still detached from the page, so it takes
+# plotly's default 700-pixel width and, left alone, never looks at its container again. Its
+# figures are made "responsive" (plotly.js resizes them to their container on a window
+# resize), and this watcher announces one whenever an explorer's box changes width: when it
+# first appears, when the window or the file browser beside the notebook changes.
+WIDTH_WATCHER_ESM = """
+export default {
+  render({ el }) {
+    let last = null, frame = null;
+    const observer = new ResizeObserver((entries) => {
+      const width = Math.round(entries[0].contentRect.width);
+      if (width === last) return;
+      last = width;
+      window.dispatchEvent(new Event("resize"));
+    });
+    const attach = () => {
+      const box = el.closest(".hm4sr-explorer");
+      if (box) observer.observe(box);
+      else frame = requestAnimationFrame(attach);
+    };
+    attach();
+    return () => { observer.disconnect(); if (frame !== null) cancelAnimationFrame(frame); };
+  },
+};
+"""
+
+
+try:
+    import anywidget
+except ImportError:  # no FigureWidget either: figures are plain, drawn by Lab's plotly renderer
+    anywidget = None
+else:
+    class WidthWatcher(anywidget.AnyWidget):
+        """Invisible; announces a window resize when the explorer around it changes width."""
+
+        _esm = WIDTH_WATCHER_ESM
+
+
+def width_watcher() -> widgets.Widget | None:
+    """The widget that keeps an explorer's figures at its width. None without anywidget:
+    figures are then plain ones drawn into an Output by JupyterLab's plotly renderer (a
+    path the browser test does not take)."""
+    if anywidget is None:
+        return None
+    return WidthWatcher(layout=widgets.Layout(width="0px", height="0px", overflow="hidden"))
+
+
+def control_row(controls) -> widgets.HBox:
+    """Controls on one row that wraps onto the next when the output area is too narrow."""
+    row = widgets.HBox(list(controls), layout=widgets.Layout(flex_flow="row wrap", align_items="center",
+                                                            width="100%"))
+    row.add_class("hm4sr-controls")
+    return row
+
+
+def panel_grid(panels) -> widgets.GridBox:
+    """Figures side by side in equal columns of at least :data:`PANEL_MIN_WIDTH`, wrapping
+    onto rows of their own when the output area is narrower. Each figure sizes itself to
+    its column (no figure here sets a width)."""
+    return widgets.GridBox(list(panels), layout=widgets.Layout(
+        grid_template_columns=f"repeat(auto-fit, minmax({PANEL_MIN_WIDTH}, 1fr))", grid_gap="4px 12px",
+        width="100%"))
+
+
+def explorer_box(children) -> widgets.VBox:
+    """An explorer's top-level box: full width of the output area, never wider."""
+    watcher = width_watcher()
+    children = ([watcher] if watcher is not None else []) + list(children)
+    box = widgets.VBox(children, layout=widgets.Layout(width="100%", max_width="100%", overflow="hidden"))
+    box.add_class("hm4sr-explorer")
+    return box
 
 
 def figure_widgets_available() -> bool:
@@ -51,6 +138,9 @@ class FigureView:
     def __init__(self, fig: go.Figure):
         try:
             self.figure = go.FigureWidget(fig)
+            # plotly.js refits a responsive figure to its container on each window resize
+            # (see WIDTH_WATCHER_ESM): no figure here has a fixed width.
+            self.figure._config = {**self.figure._config, "responsive": True}
             self.widget = self.figure
             self.live = True
         except ImportError:
@@ -78,8 +168,9 @@ class Explorer:
     """Shared plumbing: the error Output, the handler guard and notebook display."""
 
     def __init__(self) -> None:
-        self.errors = widgets.Output(layout=widgets.Layout(border="1px solid #d33", max_height="12em",
-                                                           overflow="auto"))
+        # The red frame appears with the first error: an empty one under every figure read as an
+        # error on a projector.
+        self.errors = widgets.Output(layout=widgets.Layout(max_height="12em", overflow="auto"))
         self.last_error: BaseException | None = None
         self.widget: widgets.VBox | None = None
 
@@ -92,6 +183,7 @@ class Explorer:
                 return handler(*args, **kwargs)
             except Exception as exc:  # shown to the user below, and logged: not swallowed
                 self.last_error = exc
+                self.errors.layout.border = ERROR_BORDER
                 self.errors.append_stderr(f"{type(self).__name__}.{handler.__name__} failed:\n"
                                           f"{traceback.format_exc()}")
                 _log.exception("%s handler %s failed", type(self).__name__, handler.__name__)
@@ -105,6 +197,7 @@ class Explorer:
     def clear_errors(self) -> None:
         self.errors.clear_output()
         self.errors.outputs = ()
+        self.errors.layout.border = ""
         self.last_error = None
 
     def _ipython_display_(self) -> None:
@@ -163,9 +256,8 @@ class GateExplorer(Explorer):
         self._observe(self.position, self._on_position)
         self._observe(self.stream, self._on_stream)
         panels = [self._heatmap.widget] + ([self._temporal.widget] if self._temporal else [])
-        self.widget = widgets.VBox([
-            widgets.HBox([self.example, self.position, self.stream]), self.info,
-            widgets.HBox(panels), self._trajectory.widget, self.errors])
+        self.widget = explorer_box([control_row([self.example, self.position, self.stream]), self.info,
+                                    panel_grid(panels), self._trajectory.widget, self.errors])
 
     @property
     def heatmap(self):
@@ -274,10 +366,12 @@ class TemporalExplorer(Explorer):
         self.gap = widgets.FloatLogSlider(value=1.0 if lo <= 1.0 <= hi else lo, base=10, min=np.log10(lo),
                                           max=np.log10(hi), step=0.01, description="gap (days)",
                                           continuous_update=False, readout_format=".3g")
-        self.first_item = widgets.Checkbox(value=False, description="first item (no gap)")
+        self.first_item = widgets.Checkbox(value=False, description="first item (no gap)", indent=False,
+                                           layout=compact())
         self.day = widgets.IntSlider(value=0, min=0, max=span_days, description="day", continuous_update=False)
-        self.date_label = widgets.Label()
-        self.expert = widgets.Dropdown(options=[0], value=0, description="grid expert")
+        self.date_label = widgets.Label(layout=compact())
+        self.expert = widgets.Dropdown(options=[0], value=0, description="grid expert",
+                                       layout=widgets.Layout(width="180px"))
         self.recompute = widgets.Button(description="Recompute grid", icon="refresh",
                                         tooltip="evaluate the gate on the whole (gap, date) grid")
 
@@ -285,9 +379,8 @@ class TemporalExplorer(Explorer):
         r = self.gate_fn(np.array([self._gap_seconds()]), np.array([self._date_seconds()]))
         experts = sorted(int(k) for k in pd.unique(r["expert"]))
         self.expert.options = experts
-        self._bars = FigureView(go.Figure(go.Bar(x=[f"expert {k}" for k in experts], y=r.sort_values("expert")["gate"],
-                                                 marker_color=figures.PALETTE[:len(experts)]))
-                                .update_layout(title="Temporal gate r here", yaxis_range=[0, 1], height=300))
+        self._bars = FigureView(figures.temporal_gate_bars(r.assign(example=0, position=0), 0, 0)
+                                .update_layout(title_text="Temporal gate r here"))
         self._embedding = FigureView(figures.time_embedding_figure(self.embedding_fn(self._gap_seconds(),
                                                                                      self._date_seconds())))
         self._grid = FigureView(self._grid_figure())
@@ -298,10 +391,9 @@ class TemporalExplorer(Explorer):
         self._observe(self.expert, self._on_expert)
         self.recompute.on_click(self._guard(self._on_recompute))
         self._update_label()
-        self.widget = widgets.VBox([
-            widgets.HBox([self.gap, self.first_item]), widgets.HBox([self.day, self.date_label]),
-            widgets.HBox([self._bars.widget, self._embedding.widget]),
-            widgets.HBox([self.expert, self.recompute]), self._grid.widget, self.errors])
+        self.widget = explorer_box([
+            control_row([self.gap, self.first_item, self.day, self.date_label, self.expert, self.recompute]),
+            panel_grid([self._bars.widget, self._embedding.widget]), self._grid.widget, self.errors])
 
     @classmethod
     def from_model(cls, model, dataset=None, *, gap_days_range=(1 / 1440, 365.0), grid: int = 40):
@@ -401,12 +493,12 @@ class LossExplorer(Explorer):
         self.table = introspect.loss_table(steps_df)
         names = figures._tasks(self.table)
         n_steps = self.table["step"].nunique()
-        self.tasks = {t: widgets.Checkbox(value=True, description=t, indent=False) for t in names}
+        self.tasks = {t: widgets.Checkbox(value=True, description=t, indent=False, layout=compact()) for t in names}
         self.window = widgets.IntSlider(value=1, min=1, max=max(1, min(200, n_steps)), description="smoothing",
                                         continuous_update=False)
         self.column = widgets.ToggleButtons(options=[("unweighted", "value"), ("weighted", "weighted")],
                                             value="value")
-        self.log_y = widgets.Checkbox(value=False, description="log y", indent=False)
+        self.log_y = widgets.Checkbox(value=False, description="log y", indent=False, layout=compact())
         self._lines = FigureView(figures.loss_figure(self.table))
         self._shares = FigureView(figures.loss_share_figure(self.table))
         for box in self.tasks.values():
@@ -414,8 +506,7 @@ class LossExplorer(Explorer):
         self._observe(self.window, self._on_values)
         self._observe(self.column, self._on_values)
         self._observe(self.log_y, self._on_log)
-        self.widget = widgets.VBox([widgets.HBox(list(self.tasks.values())),
-                                    widgets.HBox([self.window, self.column, self.log_y]),
+        self.widget = explorer_box([control_row([*self.tasks.values(), self.window, self.column, self.log_y]),
                                     self._lines.widget, self._shares.widget, self.errors])
 
     @property
@@ -486,7 +577,7 @@ class EmbeddingExplorer(Explorer):
         self._scatter = FigureView(figures.embedding_scatter(atlas_df, colors[0], spaces[0]))
         for control in (self.color, self.space, self.categories):
             self._observe(control, self._on_change)
-        self.widget = widgets.VBox([widgets.HBox([widgets.VBox([self.color, self.space]), self.categories]),
+        self.widget = explorer_box([control_row([widgets.VBox([self.color, self.space]), self.categories]),
                                     self._scatter.widget, self.errors])
 
     @property

@@ -22,7 +22,10 @@ from plotly.subplots import make_subplots
 
 from hm4sr_core.data.store import write_bytes_atomic
 
-GATE_SCALE = "Viridis"
+# Gate heatmaps diverge around uniform routing: white at 1/E, red above, blue below, on a
+# range symmetric around 1/E ([0, 2/E]) so a near-uniform gate reads as one pale colour and
+# a routed one stands out; gates above 2/E saturate (the hover always gives the value).
+GATE_SCALE = "RdBu_r"
 # A qualitative palette long enough for the categories of the data sets we use (Games has
 # many more categories than this; beyond it colours repeat, the hover still names them).
 PALETTE = plotly.colors.qualitative.Plotly + plotly.colors.qualitative.Set2 + plotly.colors.qualitative.Pastel1
@@ -36,6 +39,38 @@ DEBIAN_CHROMIUM = "/usr/bin/chromium"
 
 def _expert_labels(experts) -> list[str]:
     return [f"expert {int(k)}" for k in experts]
+
+
+def gate_colour(n_experts: int, title: str = "gate") -> dict:
+    """Heatmap colour settings for gates over ``n_experts`` experts: zmid = 1/E (white),
+    zmin 0 and zmax 2/E (symmetric around it), the colour bar ticked at 0, 1/E and 2/E."""
+    if n_experts < 1:
+        raise ValueError(f"gate_colour: n_experts must be >= 1, got {n_experts}")
+    uniform = 1.0 / n_experts
+    return dict(zmin=0.0, zmid=uniform, zmax=2.0 * uniform, colorscale=GATE_SCALE,
+                colorbar=dict(title=title, tickvals=[0.0, uniform, 2.0 * uniform],
+                              ticktext=["0", f"{uniform:.3g} = 1/E", f"\u2265 {2.0 * uniform:.3g}"]))
+
+
+def uniform_note(n_experts: int) -> str:
+    """The subtitle every gate figure carries: what a gate that routes nothing would read."""
+    return f"uniform = 1/E = {1.0 / n_experts:.3g} (E = {n_experts} experts; white)"
+
+
+def _gate_title(text: str, n_experts: int) -> dict:
+    return dict(text=text, subtitle=dict(text=uniform_note(n_experts)))
+
+
+# Margins that keep titles, subtitles and colour bars inside a figure that sizes itself to
+# its container (no fixed width anywhere: the explorers lay panels out in a wrapping grid).
+MARGIN = dict(t=80, b=50, l=60, r=20)
+
+
+def _uniform_line(fig: go.Figure, n_experts: int) -> go.Figure:
+    """A dashed line at 1/E on a figure whose y axis is a gate."""
+    fig.add_hline(y=1.0 / n_experts, line=dict(dash="dash", color="#777", width=1),
+                  annotation_text="uniform 1/E", annotation_position="top left")
+    return fig
 
 
 def _example(df: pd.DataFrame, example: int) -> pd.DataFrame:
@@ -65,13 +100,13 @@ def gate_matrix_data(gates_df: pd.DataFrame, example: int, position: int):
 
 
 def gate_heatmap(gates_df: pd.DataFrame, example: int, position: int) -> go.Figure:
-    """Heatmap stream x expert of the Interactive-MoE gates at one position (zmin 0, zmax 1)."""
+    """Heatmap stream x expert of the Interactive-MoE gates at one position, coloured
+    around uniform (:func:`gate_colour`)."""
     z, streams, experts = gate_matrix_data(gates_df, example, position)
-    fig = go.Figure(go.Heatmap(z=z, x=_expert_labels(experts), y=streams, zmin=0.0, zmax=1.0,
-                               colorscale=GATE_SCALE, colorbar=dict(title="gate"),
+    fig = go.Figure(go.Heatmap(z=z, x=_expert_labels(experts), y=streams, **gate_colour(len(experts)),
                                hovertemplate="%{y} / %{x}: %{z:.3f}<extra></extra>"))
-    fig.update_layout(title=f"Interactive-MoE gates at position {position}", xaxis_title="expert",
-                      yaxis_title="stream", height=300, margin=dict(t=50, b=40))
+    fig.update_layout(title=_gate_title(f"Interactive-MoE gates at position {position}", len(experts)),
+                      xaxis_title="expert", yaxis_title="stream", height=320, margin=MARGIN)
     return fig
 
 
@@ -91,11 +126,10 @@ def gate_trajectory_figure(gates_df: pd.DataFrame, example: int, stream: str, po
     """Heatmap expert x position of one stream's gates along the sequence; a vertical line
     marks ``position``."""
     z, positions, experts = gate_trajectory_data(gates_df, example, stream)
-    fig = go.Figure(go.Heatmap(z=z, x=positions, y=_expert_labels(experts), zmin=0.0, zmax=1.0,
-                               colorscale=GATE_SCALE, colorbar=dict(title="gate"),
+    fig = go.Figure(go.Heatmap(z=z, x=positions, y=_expert_labels(experts), **gate_colour(len(experts)),
                                hovertemplate="position %{x}, %{y}: %{z:.3f}<extra></extra>"))
-    fig.update_layout(title=f"{stream} stream: gates along the sequence", xaxis_title="position (0 = oldest)",
-                      yaxis_title="expert", height=300, margin=dict(t=50, b=40))
+    fig.update_layout(title=_gate_title(f"{stream} stream: gates along the sequence", len(experts)),
+                      xaxis_title="position (0 = oldest)", yaxis_title="expert", height=320, margin=MARGIN)
     if position is not None:
         fig.add_vline(x=position, line=dict(color="red", width=2))
     return fig
@@ -105,16 +139,19 @@ def expert_usage_heatmap(usage_df: pd.DataFrame) -> go.Figure:
     """Heatmap stream x expert of :func:`~hm4sr_core.introspect.expert_usage` (bars per expert
     for a temporal table, which has no stream)."""
     if "stream" not in usage_df.columns:
+        n = usage_df["expert"].nunique()
         fig = go.Figure(go.Bar(x=_expert_labels(usage_df["expert"]), y=usage_df["gate"],
-                               error_y=dict(type="data", array=usage_df.get("std"))))
-        fig.update_layout(title="Temporal-MoE: mean gate per expert", yaxis_title="mean gate", yaxis_range=[0, 1])
-        return fig
+                               error_y=dict(type="data", array=usage_df.get("std")),
+                               hovertemplate="%{x}: %{y:.3f}<extra></extra>"))
+        fig.update_layout(title=_gate_title("Temporal-MoE: mean gate per expert", n), yaxis_title="mean gate",
+                          yaxis_range=[0, 1], margin=MARGIN)
+        return _uniform_line(fig, n)
     wide = usage_df.pivot_table(index="stream", columns="expert", values="gate", observed=True)
     fig = go.Figure(go.Heatmap(z=wide.to_numpy(), x=_expert_labels(wide.columns), y=[str(s) for s in wide.index],
-                               zmin=0.0, zmax=1.0, colorscale=GATE_SCALE, text=np.round(wide.to_numpy(), 3),
-                               texttemplate="%{text}", colorbar=dict(title="mean gate")))
-    fig.update_layout(title="Interactive-MoE: mean gate per stream and expert", xaxis_title="expert",
-                      yaxis_title="stream", height=320)
+                               **gate_colour(len(wide.columns), "mean gate"), text=np.round(wide.to_numpy(), 3),
+                               texttemplate="%{text}", hovertemplate="%{y} / %{x}: %{z:.3f}<extra></extra>"))
+    fig.update_layout(title=_gate_title("Interactive-MoE: mean gate per stream and expert", len(wide.columns)),
+                      xaxis_title="expert", yaxis_title="stream", height=340, margin=MARGIN)
     return fig
 
 
@@ -127,10 +164,11 @@ def gate_by_category_figure(by_category_df: pd.DataFrame, stream: str | None = N
         df = df[df["stream"] == stream]
     wide = df.pivot_table(index="category", columns="expert", values="gate", observed=True)
     fig = go.Figure(go.Heatmap(z=wide.to_numpy(), x=_expert_labels(wide.columns), y=[str(c) for c in wide.index],
-                               colorscale=GATE_SCALE, colorbar=dict(title="mean gate")))
+                               **gate_colour(len(wide.columns), "mean gate"),
+                               hovertemplate="%{y} / %{x}: %{z:.3f}<extra></extra>"))
     title = "Mean gate per category" + (f" ({stream} stream)" if stream is not None else "")
-    fig.update_layout(title=title, xaxis_title="expert", yaxis_title="category",
-                      height=max(300, 22 * len(wide) + 120))
+    fig.update_layout(title=_gate_title(title, len(wide.columns)), xaxis_title="expert", yaxis_title="category",
+                      height=max(320, 22 * len(wide) + 140), margin=MARGIN)
     return fig
 
 
@@ -149,10 +187,11 @@ def temporal_gate_data(temporal_df: pd.DataFrame, example: int, position: int):
 def temporal_gate_bars(temporal_df: pd.DataFrame, example: int, position: int) -> go.Figure:
     """Bar per expert of the temporal gate r at one position."""
     experts, gates = temporal_gate_data(temporal_df, example, position)
-    fig = go.Figure(go.Bar(x=_expert_labels(experts), y=gates, marker_color=PALETTE[:len(experts)]))
-    fig.update_layout(title=f"Temporal-MoE gate at position {position}", yaxis_range=[0, 1],
-                      yaxis_title="gate", height=300, margin=dict(t=50, b=40))
-    return fig
+    fig = go.Figure(go.Bar(x=_expert_labels(experts), y=gates, marker_color=PALETTE[:len(experts)],
+                           hovertemplate="%{x}: %{y:.3f}<extra></extra>"))
+    fig.update_layout(title=_gate_title(f"Temporal-MoE gate at position {position}", len(experts)),
+                      yaxis_range=[0, 1], yaxis_title="gate", height=320, margin=MARGIN)
+    return _uniform_line(fig, len(experts))
 
 
 def temporal_gate_profile(temporal_df: pd.DataFrame, against: str = "gap_days", bins: int = 30) -> go.Figure:
@@ -186,11 +225,11 @@ def temporal_gate_profile(temporal_df: pd.DataFrame, against: str = "gap_days", 
         fig.add_trace(go.Scatter(x=mean.index, y=mean[k], mode="lines+markers", name=f"expert {k}",
                                  line_color=PALETTE[i % len(PALETTE)]))
     labels = {"gap_days": "gap before the item (days, log)", "date": "date", "position": "position (0 = oldest)"}
-    fig.update_layout(title="Temporal-MoE gate r by " + labels[against].split(" (")[0], xaxis_title=labels[against],
-                      yaxis_title="mean gate", yaxis_range=[0, 1])
+    fig.update_layout(title=_gate_title("Temporal-MoE gate r by " + labels[against].split(" (")[0], len(mean.columns)),
+                      xaxis_title=labels[against], yaxis_title="mean gate", yaxis_range=[0, 1], margin=MARGIN)
     if against == "gap_days":
         fig.update_xaxes(type="log")
-    return fig
+    return _uniform_line(fig, len(mean.columns))
 
 
 def temporal_gate_grid_data(curve_df: pd.DataFrame, expert: int):
@@ -205,11 +244,12 @@ def temporal_gate_grid_data(curve_df: pd.DataFrame, expert: int):
 def temporal_gate_curve_figure(curve_df: pd.DataFrame, expert: int = 0) -> go.Figure:
     """Heatmap of one expert's temporal gate over log gap (x) and date (y)."""
     z, gaps, dates = temporal_gate_grid_data(curve_df, expert)
-    fig = go.Figure(go.Heatmap(z=z, x=gaps, y=dates, zmin=0.0, zmax=1.0, colorscale=GATE_SCALE,
-                               colorbar=dict(title="gate"),
+    n = int(curve_df["expert"].nunique())
+    fig = go.Figure(go.Heatmap(z=z, x=gaps, y=dates, **gate_colour(n),
                                hovertemplate="gap %{x:.3g} d, %{y}: %{z:.3f}<extra></extra>"))
     fig.update_xaxes(type="log", title="gap before the item (days)")
-    fig.update_layout(title=f"Temporal gate of expert {expert} over gap and date", yaxis_title="date", height=400)
+    fig.update_layout(title=_gate_title(f"Temporal gate of expert {expert} over gap and date", n),
+                      yaxis_title="date", height=420, margin=MARGIN)
     return fig
 
 
