@@ -344,11 +344,12 @@ def test_gate_heatmaps_are_centred_on_uniform_and_say_so(world):
         assert fig.layout.title.subtitle.text.startswith(f"uniform = 1/E = {1 / E:.3g}"), name
         assert fig.layout.width is None, name  # sized by its container
     assert figures.uniform_note(4).startswith("uniform = 1/E = 0.25")
-    # gate bars and profiles: a dashed line at 1/E and the same subtitle
+    # gate bars and profiles: a dashed line at 1/E, and the subtitle says so
     for fig in (figures.temporal_gate_bars(temporal, example, 0), figures.temporal_gate_profile(temporal, "position"),
                 figures.expert_usage_heatmap(I.expert_usage(temporal))):
         assert [s.y0 for s in fig.layout.shapes] == [pytest.approx(1 / E)]
-        assert fig.layout.title.subtitle.text == figures.uniform_note(E)
+        assert fig.layout.title.subtitle.text == figures.uniform_note(E, "dashed line")
+        assert fig.layout.title.subtitle.text.endswith("experts; dashed line)")
     with pytest.raises(ValueError, match="n_experts"):
         figures.gate_colour(0)
 

@@ -52,9 +52,10 @@ def gate_colour(n_experts: int, title: str = "gate") -> dict:
                               ticktext=["0", f"{uniform:.3g} = 1/E", f"\u2265 {2.0 * uniform:.3g}"]))
 
 
-def uniform_note(n_experts: int) -> str:
-    """The subtitle every gate figure carries: what a gate that routes nothing would read."""
-    return f"uniform = 1/E = {1.0 / n_experts:.3g} (E = {n_experts} experts; white)"
+def uniform_note(n_experts: int, shown: str = "white") -> str:
+    """The subtitle every gate figure carries: what a gate that routes nothing would read,
+    and how the figure shows it (white in a heatmap, a dashed line in a chart)."""
+    return f"uniform = 1/E = {1.0 / n_experts:.3g} (E = {n_experts} experts; {shown})"
 
 
 def _gate_title(text: str, n_experts: int) -> dict:
@@ -67,9 +68,10 @@ MARGIN = dict(t=80, b=50, l=60, r=20)
 
 
 def _uniform_line(fig: go.Figure, n_experts: int) -> go.Figure:
-    """A dashed line at 1/E on a figure whose y axis is a gate."""
+    """A dashed line at 1/E on a figure whose y axis is a gate; the subtitle says so."""
     fig.add_hline(y=1.0 / n_experts, line=dict(dash="dash", color="#777", width=1),
                   annotation_text="uniform 1/E", annotation_position="top left")
+    fig.update_layout(title_subtitle_text=uniform_note(n_experts, "dashed line"))
     return fig
 
 
