@@ -329,7 +329,7 @@ def cmd_demo(args) -> int:
         return 0
     from .notebooks import NOTEBOOKS, TOUR, run_notebooks
     print(f"notebooks: {TOUR} first (HM4SR trained to early stopping on a planted world whose truth is known, "
-          f"about a minute), then {', '.join(NOTEBOOKS[1:])} on ml-100k")
+          f"about 30 s here), then {', '.join(NOTEBOOKS[1:])} on ml-100k")
     folder = run_notebooks(smoke=False, data="ml-100k")
     print(f"open {folder / 'index.html'}")
     return 0
