@@ -1,6 +1,6 @@
 # The two commands a newcomer needs: `make demo` and `make test`.
 # Each creates .venv when missing and installs the pinned environment once; a second
-# run installs nothing (the stamp below changes only when pyproject.toml does).
+# run installs nothing (the stamp below changes only when pyproject.toml or this file does).
 
 PYTHON ?= python3
 VENV := .venv
@@ -35,7 +35,7 @@ system-packages:  ## Debian's chromium + DejaVu fonts for PNG/SVG export and bro
 demo: $(STAMP) system-packages  ## prepare ml-100k (features, statistics), train and run the notebooks
 	$(PY) -m hm4sr_core.cli demo
 
-test: $(STAMP) system-packages  ## run the test suite (under 10 minutes on 2 cores)
+test: $(STAMP) system-packages  ## run the test suite (about 4 minutes on 2 cores)
 	$(PY) -m pytest
 
 bench: $(STAMP)  ## run benchmarks/ and write benchmarks/results.json

@@ -2,7 +2,7 @@
 # One short session on a GPU machine (the device tool), everything in one call:
 #   1. the CUDA tests (tests/test_cuda.py: training, bf16 autocast, GPU checkpoint re-scored on CPU);
 #   2. NVIDIA MPS started when its control program is there (workers share the card far
-#      better under it: README, "On a GPU");
+#      better under it: docs/guide.md, "On a GPU");
 #   3. with TABLE=1 (default): the ml-100k results table (hm4sr table, 27 runs, --jobs workers
 #      sharing the GPU);
 #   4. with SCREEN=1: the fidelity screen (python -m benchmarks.fidelity: the `reference`

@@ -2,7 +2,7 @@
 
 The authors' released code, trained on ml-100k here (prefix mode, batch 1024, seed 2025),
 reached validation NDCG@20 0.0528 after its first epoch and 0.0611 after its second; our
-`reference` configuration reaches about 0.040 and 0.057 (README, "Fidelity"). This screen
+`reference` configuration reaches about 0.040 and 0.057 (docs/results.md, "Fidelity with the released code"). This screen
 trains `reference` in prefix mode with one change at a time, several seeds each, for a
 few epochs, and tabulates the validation NDCG@20 after each epoch against the released
 curve. Variants (each is `reference` plus the settings shown by ``--list``):

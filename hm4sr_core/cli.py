@@ -168,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="runs trained at once in worker processes (default 1). With N > 1 each worker gets "
                          "cores // N torch threads unless --set threads=K. On one GPU (--set device=cuda) start "
                          "NVIDIA MPS first (nvidia-cuda-mps-control -d): workers then share the card far "
-                         "better (README, 'On a GPU'). Ctrl-C cancels the queue and ends the workers")
+                         "better (docs/guide.md, 'On a GPU'). Ctrl-C cancels the queue and ends the workers")
     ta.add_argument("--quiet", action="store_true", help="no progress bars")
 
     rn = sub.add_parser("run-notebooks", help="execute the notebooks with papermill into runs/<run-id>/")
@@ -321,9 +321,10 @@ def cmd_demo(args) -> int:
     from .data.prepare import format_stats
     from .data.store import PROCESSED_ROOT
     from .notebooks import prepared_dataset
-    if (PROCESSED_ROOT / "ml-100k" / "manifest.json").exists():
-        print("ml-100k already prepared (data/processed/ml-100k); `hm4sr prepare ml-100k --overwrite` rebuilds it")
+    existed = (PROCESSED_ROOT / "ml-100k" / "manifest.json").exists()
     ds, _ = prepared_dataset("ml-100k", "ml-100k")  # refuses a data/processed/ml-100k from another source
+    if existed:
+        print("ml-100k already prepared (data/processed/ml-100k); `hm4sr prepare ml-100k --overwrite` rebuilds it")
     print(format_stats(ds))
     if args.skip_notebooks:
         return 0

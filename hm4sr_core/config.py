@@ -228,8 +228,8 @@ class TrainConfig(_Config):
     bucket_by_length: bool = True  # batches of similar lengths (less padding work); False = uniformly random batches as the released code
     log_every: int = 1  # steps between history rows
     max_steps_per_epoch: int = 0  # 0 = full epochs; > 0 caps steps (smoke runs, benchmarks)
-    recompute: bool = False  # keep only each encoder layer's input and recompute the rest in the backward: same results, less memory, slower (README, "Speed and memory")
-    micro_batches: int = 1  # prefix mode: run the encoders on this many parts of each batch (the losses still see the whole batch: gradient caching); less memory, one more forward (README, "Speed and memory")
+    recompute: bool = False  # keep only each encoder layer's input and recompute the rest in the backward: same results, less memory, slower (docs/performance.md)
+    micro_batches: int = 1  # prefix mode: run the encoders on this many parts of each batch (the losses still see the whole batch: gradient caching); less memory, one more forward (docs/performance.md)
 
     def __post_init__(self) -> None:
         _check(self.mode in ("dense", "prefix"), f"mode must be 'dense' or 'prefix', got {self.mode!r}")

@@ -240,7 +240,7 @@ def _train_parallel(data: str, todo: list, base, data_hash: str, jobs: int, thre
     pipe = Path(os.environ.get("CUDA_MPS_PIPE_DIRECTORY", "/tmp/nvidia-mps"))
     if base.device.startswith("cuda") and not (pipe / "control").exists():
         print("[table] hint: workers sharing one GPU ran several times faster under NVIDIA MPS here; start "
-              "its daemon first with `nvidia-cuda-mps-control -d` (README, 'On a GPU')", flush=True)
+              "its daemon first with `nvidia-cuda-mps-control -d` (docs/guide.md, 'On a GPU')", flush=True)
     pool = ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
                                initializer=_worker_init, initargs=(os.getpid(),))
     try:

@@ -16,7 +16,7 @@ Three sizes, chosen by the runner and passed as notebook parameters:
 * ``smoke``: every notebook's ``smoke`` parameter is True (tiny sizes, set in the
   notebook itself) on a run-local planted synthetic world: the test suite's run.
 * ``demo``: the notebooks' own defaults, sized so ``make demo`` on ml-100k finishes in
-  about 15 minutes on 2 cores: short training, stated as such in the notebooks (the
+  about 7 minutes on 2 cores: short training, stated as such in the notebooks (the
   tour trains to early stopping on its small planted world).
 * ``full``: training to convergence (100 epochs, early stopping with patience 10).
 
@@ -209,12 +209,21 @@ def run_notebooks(smoke: bool = False, data: str | None = None, out: str | Path 
             manifest["error"] = f"{type(err).__name__}: {err}"
             raise
         finally:
-            static = export_static_figures(run_dir / "figures", progress=progress)
+            # What follows must not hide the run's own error or leave it without a manifest.
+            try:
+                static = export_static_figures(run_dir / "figures", progress=progress)
+            except Exception as err:  # noqa: BLE001 - recorded; the notebooks' results stand
+                static = {"status": "failed", "reason": f"PNG/SVG figures not exported: {type(err).__name__}: {err}",
+                          "paths": []}
+                print(f"hm4sr: {static['reason']}", file=sys.stderr, flush=True)
             figures = static.pop("paths")
             manifest["static_figures"] = dict(static, formats=list(STATIC_FORMATS))
             for entry in manifest["notebooks"]:
                 if entry["name"] in html_jobs:
-                    entry["html"] = html_jobs[entry["name"]].result()
+                    try:
+                        entry["html"] = html_jobs[entry["name"]].result()
+                    except Exception as err:  # noqa: BLE001 - the executed notebook is still there
+                        entry["html"], entry["html_error"] = None, f"{type(err).__name__}: {err}"
                 entry["figures"] = sorted(str(p.relative_to(run_dir)) for p in figures
                                           if p.parent.name == entry["name"])
             manifest["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
@@ -340,8 +349,11 @@ def export_static_figures(folder: Path, formats: tuple[str, ...] = STATIC_FORMAT
 
     if not folder.exists():
         return {"status": "ok", "reason": None, "paths": []}
+    def stale(target: Path, source: Path) -> bool:  # a rerun into the same folder rewrites the JSON
+        return not target.exists() or target.stat().st_mtime_ns < source.stat().st_mtime_ns
+
     todo = [(source, source.with_suffix(f".{fmt}")) for source in sorted(folder.glob("*/*.json"))
-            for fmt in formats if not source.with_suffix(f".{fmt}").exists()]
+            for fmt in formats if stale(source.with_suffix(f".{fmt}"), source)]
     status, reason = "ok", None
     if todo:
         try:
@@ -412,7 +424,8 @@ def index_page(manifest: dict) -> str:
                  f'<a href="{e(nb["executed"])}">notebook</a>',
                  f'<a href="{e(nb["record"])}">record</a>' if nb.get("record") else ""]
         error = nb.get("error")
-        status = e(nb["status"]) + (f' in cell [{error["cell"]}]: {e(str(error["ename"]))}: '
+        where = f' in cell [{error["cell"]}]' if error and error.get("cell") is not None else ""
+        status = e(nb["status"]) + (f'{where}: {e(str(error["ename"]))}: '
                                     f'{e(str(error["evalue"]))}' if error else "")
         seconds = f'{nb["seconds"]:.1f}' if nb.get("seconds") is not None else ""
         rows.append(f'<tr><td>{e(nb["name"])}</td><td class="{e(nb["status"])}">{status}</td>'

@@ -2,8 +2,8 @@
 projector's and a desktop's size, and its figure reacts to a control.
 
 JupyterLab starts once for the module on 127.0.0.1 at a free port with token
-authentication on; headless Debian Chromium (/usr/bin/chromium, never a browser downloaded
-by playwright) opens one notebook holding the four explorers (Gate, Temporal, Loss,
+authentication on; headless Chromium (the one static export uses, Debian's /usr/bin/chromium
+here; never a browser downloaded by playwright) opens one notebook holding the four explorers (Gate, Temporal, Loss,
 Embedding) over a tiny planted world and a one-epoch model, in the default Lab layout with
 the file browser open, at 1280 x 800 and at 1920 x 1080. For each explorer and size: every
 plotly figure (its SVG, title and colour bar included) lies inside its own plot box, the
@@ -28,14 +28,25 @@ from pathlib import Path
 import nbformat
 import pytest
 
-CHROMIUM = Path("/usr/bin/chromium")
+
+def _browser() -> Path | None:
+    """The Chromium static export would use (figures.find_browser), or None."""
+    from widgets.figures import BrowserMissing, find_browser
+    try:
+        return Path(find_browser())
+    except BrowserMissing:
+        return None
+
+
+CHROMIUM = _browser()
 ARTIFACTS = Path(__file__).parent / "artifacts"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
 VIEWPORTS = ((1280, 800), (1920, 1080))
 
-pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's /usr/bin/chromium: `make test` "
-                                "installs it when run as root, else apt-get install -y chromium fonts-dejavu-core")
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="needs a Chromium (BROWSER_PATH, chromium on PATH or "
+                                "/usr/bin/chromium): `make test` installs Debian's when run as root, else "
+                                "apt-get install -y chromium fonts-dejavu-core")
 
 NOTEBOOK_CELLS = [
     "import numpy as np\n"

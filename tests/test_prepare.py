@@ -281,3 +281,15 @@ def test_prepare_help_explains_names_and_folder_forms(capsys):
                    "<Cat>_5.json.gz (or <Cat>.json.gz) + meta_<Cat>.json.gz", "<Cat>.jsonl(.gz) + meta_<Cat>.jsonl(.gz)",
                    "--path REVIEWS --meta META", "<Name>.inter, txt_emb.pt, img_emb.pt, cat.pt", "is reused"):
         assert needle in text, needle
+
+
+def test_the_default_synthetic_world_spelled_out_is_the_same_inputs(tmp_path):
+    """`hm4sr prepare synthetic` and `--users 300 --items 200` (the defaults) name one world:
+    the second reuses the first; another size is refused."""
+    root = tmp_path / "processed"
+    first = prepare_dataset("synthetic", out_root=root)
+    assert first.action == "written"
+    again = prepare_dataset("synthetic", out_root=root, synthetic={"n_users": 300, "n_items": 200})
+    assert again.action == "reused" and again.dataset.num_users == first.dataset.num_users
+    with pytest.raises(DataError, match="n_users"):
+        prepare_dataset("synthetic", out_root=root, synthetic={"n_users": 50})

@@ -231,11 +231,16 @@ def test_figures_are_built_from_tables(world):
         figures.temporal_gate_profile(temporal, "weekday")
 
 
-CHROMIUM = figures.DEBIAN_CHROMIUM
+def _has_browser() -> bool:
+    try:
+        figures.find_browser()
+    except figures.BrowserMissing:
+        return False
+    return True
 
 
-@pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"{CHROMIUM} is absent: `apt-get install chromium` "
-                    "to test PNG/SVG export through kaleido")
+@pytest.mark.skipif(not _has_browser(), reason="no Chromium (BROWSER_PATH, chromium on PATH, /usr/bin/chromium): "
+                    "`apt-get install -y chromium fonts-dejavu-core` to test PNG/SVG export through kaleido")
 def test_save_figure_writes_png_and_svg(world, tmp_path):
     _, _, _, gates, _ = world
     fig = figures.gate_heatmap(gates, int(gates["example"].iloc[0]), 0)
@@ -251,9 +256,14 @@ def test_save_figure_without_a_browser_says_how_to_install(tmp_path, monkeypatch
     monkeypatch.delenv("BROWSER_PATH", raising=False)
     monkeypatch.setenv("PATH", str(tmp_path))
     monkeypatch.setattr(figures, "DEBIAN_CHROMIUM", str(tmp_path / "no-chromium"))
+    fig = figures.lambda_figure(pd.DataFrame({"step": [0], "lambda_id": [0.0]}))
     with pytest.raises(figures.BrowserMissing, match="apt-get install -y chromium"):
-        figures.save_figure(figures.lambda_figure(pd.DataFrame({"step": [0], "lambda_id": [0.0]})), tmp_path / "x")
+        figures.save_figure(fig, tmp_path / "x", if_no_browser="raise")
     assert list(Path(tmp_path).iterdir()) == []  # nothing half-written
+    # By default (a notebook opened in Lab on a machine without a browser) JSON, and a warning.
+    with pytest.warns(UserWarning, match="Wrote plotly JSON instead of png, svg"):
+        written = figures.save_figure(fig, tmp_path / "x")
+    assert written == [tmp_path / "x.json"] and sorted(p.name for p in tmp_path.iterdir()) == ["x.json"]
     # Plotly JSON needs no browser (the notebook runner exports PNG/SVG from it later).
     written = figures.save_figure(figures.lambda_figure(pd.DataFrame({"step": [0, 1], "lambda_id": [0.0, 0.5]})),
                                   tmp_path / "lam", formats=("json",))
@@ -274,7 +284,7 @@ figures.DEBIAN_CHROMIUM = sys.argv[1] + "/no-chromium"
 fig = figures.lambda_figure(pd.DataFrame({"step": [0, 1], "lambda_id": [0.0, 0.5]}))
 t0 = time.monotonic()
 try:
-    figures.save_figure(fig, sys.argv[1] + "/lam", formats=("png", "svg"))
+    figures.save_figure(fig, sys.argv[1] + "/lam", formats=("png", "svg"), if_no_browser="raise")
 except figures.BrowserMissing as err:
     print(f"{time.monotonic() - t0:.3f}|{err}")
 """

@@ -12,6 +12,7 @@ import asyncio
 import os
 import shutil
 import threading
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -571,7 +572,7 @@ def render_static(requests: list[tuple[dict, dict, str]], browser: str | None = 
 
 
 def save_figure(fig: go.Figure, path_without_ext, formats=("png", "svg"), *, width: int | None = None,
-                height: int | None = None, scale: float = 1.0) -> list[Path]:
+                height: int | None = None, scale: float = 1.0, if_no_browser: str = "warn") -> list[Path]:
     """Write ``fig`` as ``<path_without_ext>.<format>`` for each format, atomically.
 
     Args:
@@ -580,16 +581,27 @@ def save_figure(fig: go.Figure, path_without_ext, formats=("png", "svg"), *, wid
         formats: any of ``EXPORT_FORMATS``; "json" (plotly's figure JSON) needs no browser.
         width, height: pixels; default the figure's own size, else 900 x 500.
         scale: pixel density multiplier for raster formats.
+        if_no_browser: "warn" (default): when a format needs Chromium and none is installed,
+            write the plotly JSON instead and warn once (a notebook opened on a machine without
+            a browser keeps running); "raise": raise :class:`BrowserMissing`, writing nothing.
     Returns:
         The paths written. Each file appears whole or not at all (temporary file + rename).
     Raises:
-        BrowserMissing when a format needs Chromium and none is installed; StaticExportError
-        when the browser fails or does not answer in time. Nothing is written then.
+        BrowserMissing (with ``if_no_browser="raise"``); StaticExportError when the browser
+        fails or does not answer in time. Nothing is written then.
     """
     formats = tuple(formats)
     bad = [f for f in formats if f not in EXPORT_FORMATS]
     if bad or not formats:
         raise ValueError(f"save_figure: formats must be a non-empty subset of {EXPORT_FORMATS}, got {formats}")
+    if if_no_browser not in ("warn", "raise"):
+        raise ValueError(f"save_figure: if_no_browser must be 'warn' or 'raise', got {if_no_browser!r}")
+    if if_no_browser == "warn" and any(f not in BROWSER_FREE_FORMATS for f in formats):
+        try:
+            find_browser()
+        except BrowserMissing as err:
+            warnings.warn(f"{err}. Wrote plotly JSON instead of {', '.join(formats)}", stacklevel=2)
+            formats = ("json",)
     fig_dict = fig.to_dict()
     layout = fig_dict.get("layout", {})
     width = int(width or layout.get("width") or 900)

@@ -114,9 +114,16 @@ def locate_inputs(source: str, path: str | Path | None = None, *, dataset: str |
         return SourceInputs(source, movielens.NAME, movielens.input_files(path), {}, origin,
                             lambda: movielens.read_ml100k(path))
     if source == "synthetic":
+        import inspect
+
         from .synthetic import make_synthetic_world
         params = dict(synthetic or {})
-        return SourceInputs(source, "synthetic", {}, {}, {"seed": seed, "world": params},
+        # Recorded with every default filled in, so that `--users 300` and no flag (the same
+        # world) compare equal.
+        world = {k: p.default for k, p in inspect.signature(make_synthetic_world).parameters.items()
+                 if p.kind is p.KEYWORD_ONLY and k != "name"}
+        world.update(params)
+        return SourceInputs(source, "synthetic", {}, {}, {"seed": seed, "world": world},
                             lambda: make_synthetic_world(seed, **params))
     if path is None:
         raise DataError(f"source {source!r} needs --path (a folder or file)")
