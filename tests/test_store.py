@@ -161,9 +161,12 @@ def test_prepare_writes_folder_with_split_hashes(tmp_path):
                          synthetic=dict(n_users=60, n_items=40, mean_length=12, text_dim=8, image_dim=8), seed=3)
     assert folder == tmp_path / "tiny" and ds.name == "tiny"
     manifest = read_manifest(folder)
+    given = dict(n_users=60, n_items=40, mean_length=12, text_dim=8, image_dim=8)
+    # the world is recorded whole: the values given, and every other parameter at its default
+    defaults = {"n_categories": 8, "image_noise_share": 0.5, "long_gap_days": 30.0, "long_gap_share": 0.25,
+                "regime_follow_prob": 0.9, "zipf_exponent": 0.8, "return_lag": 1}
     assert manifest["inputs"] == {"source": "synthetic", "files": {},
-                                  "options": {"seed": 3, "world": dict(n_users=60, n_items=40, mean_length=12,
-                                                                       text_dim=8, image_dim=8)},
+                                  "options": {"seed": 3, "world": {**given, **defaults}},
                                   "preprocessing": PreprocessConfig(max_length=10).to_dict()}
     for kind in ("leave_one_out", "temporal"):
         assert manifest["split_hashes"][kind] == build_split(ds, SplitConfig(kind=kind, max_length=10)).hash()
