@@ -341,7 +341,7 @@ def export_static_figures(folder: Path, formats: tuple[str, ...] = STATIC_FORMAT
 
     Returns ``{"status": "ok" | "skipped" | "failed", "reason": str | None, "paths": [...]}``
     where ``paths`` are every static file present afterwards."""
-    from widgets.figures import BrowserMissing, StaticExportError, find_browser, render_static
+    from widgets.figures import BrowserMissing, StaticExportError, find_browser, render_static, static_request
 
     def present() -> list[Path]:
         return [p for source in sorted(folder.glob("*/*.json"))
@@ -349,6 +349,7 @@ def export_static_figures(folder: Path, formats: tuple[str, ...] = STATIC_FORMAT
 
     if not folder.exists():
         return {"status": "ok", "reason": None, "paths": []}
+
     def stale(target: Path, source: Path) -> bool:  # a rerun into the same folder rewrites the JSON
         return not target.exists() or target.stat().st_mtime_ns < source.stat().st_mtime_ns
 
@@ -361,12 +362,8 @@ def export_static_figures(folder: Path, formats: tuple[str, ...] = STATIC_FORMAT
             if progress:
                 print(f"static figures: {len(todo)} files ({', '.join(formats)}) with {browser} ...", flush=True)
             figures = {s: json.loads(s.read_text()) for s in {s for s, _ in todo}}
-            requests = []
-            for source, target in todo:
-                layout = figures[source].get("layout", {})
-                opts = dict(format=target.suffix[1:], width=int(layout.get("width") or 900),
-                            height=int(layout.get("height") or 500))
-                requests.append((figures[source], opts, f"{source.parent.name}/{source.stem}"))
+            requests = [static_request(figures[source], target.suffix[1:], f"{source.parent.name}/{source.stem}")
+                        for source, target in todo]
             for (_, target), image in zip(todo, render_static(requests)):
                 write_bytes_atomic(target, image)
         except (BrowserMissing, StaticExportError) as err:

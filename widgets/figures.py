@@ -459,8 +459,8 @@ def embedding_scatter(atlas_df: pd.DataFrame, color: str = "category", space: st
 
 # ----------------------------------------------------------------------------- export
 
-# A browser that never answers must not hang a run: seconds for Chromium to start (its first
-# start on a cold disk took about 10 s here), and for each image once it runs.
+# A browser that never answers must not hang a run: seconds for Chromium to start, and for
+# each image once it runs (both far above what a working browser needs).
 BROWSER_START_TIMEOUT = 60.0
 FIGURE_TIMEOUT = 60.0
 INSTALL_HINT = ("install it with `apt-get install -y chromium fonts-dejavu-core` (`make demo` and `make test` "
@@ -489,6 +489,16 @@ def find_browser() -> str:
                          f"on PATH, {DEBIAN_CHROMIUM}); {INSTALL_HINT}")
 
 
+def static_request(fig_dict: dict, fmt: str, label: str, *, width: int | None = None, height: int | None = None,
+                   scale: float = 1.0) -> tuple[dict, dict, str]:
+    """One request for :func:`render_static`: the figure at ``width`` x ``height`` pixels,
+    default the figure's own size, else 900 x 500."""
+    layout = fig_dict.get("layout", {})
+    opts = dict(format=fmt, width=int(width or layout.get("width") or 900),
+                height=int(height or layout.get("height") or 500), scale=scale)
+    return fig_dict, opts, label
+
+
 def render_static(requests: list[tuple[dict, dict, str]], browser: str | None = None, *,
                   start_timeout: float = BROWSER_START_TIMEOUT,
                   figure_timeout: float = FIGURE_TIMEOUT) -> list[bytes]:
@@ -508,7 +518,7 @@ def render_static(requests: list[tuple[dict, dict, str]], browser: str | None = 
     import kaleido
 
     browser = browser or find_browser()
-    stage = {"what": f"starting {browser}"}
+    stage = {"what": f"starting {browser}", "limit": start_timeout}  # where the session is, for errors
 
     async def within(coro, seconds: float):
         """``coro``'s result, or TimeoutError after ``seconds`` (kaleido turns a plain
@@ -529,7 +539,7 @@ def render_static(requests: list[tuple[dict, dict, str]], browser: str | None = 
             await within(k.open(), start_timeout)
             images = []
             for fig, opts, label in requests:
-                stage["what"] = f"rendering {label} as {opts.get('format')} in {browser}"
+                stage.update(what=f"rendering {label} as {opts.get('format')} in {browser}", limit=figure_timeout)
                 images.append(await within(k.calc_fig(fig, opts=opts), figure_timeout))
             return images
         finally:
@@ -559,8 +569,7 @@ def render_static(requests: list[tuple[dict, dict, str]], browser: str | None = 
                                 f"{start_timeout + figure_timeout * len(requests) + 30:.0f} s")
     err = result.get("error")
     if isinstance(err, TimeoutError):
-        limit = start_timeout if stage["what"].startswith("starting") else figure_timeout
-        raise StaticExportError(f"static export: no answer within {limit:.0f} s while {stage['what']}") from None
+        raise StaticExportError(f"static export: no answer within {stage['limit']:.0f} s while {stage['what']}") from None
     if err is not None:
         raise StaticExportError(f"static export failed while {stage['what']}: {type(err).__name__}: {err}") from err
     images = result["images"]
@@ -603,12 +612,9 @@ def save_figure(fig: go.Figure, path_without_ext, formats=("png", "svg"), *, wid
             warnings.warn(f"{err}. Wrote plotly JSON instead of {', '.join(formats)}", stacklevel=2)
             formats = ("json",)
     fig_dict = fig.to_dict()
-    layout = fig_dict.get("layout", {})
-    width = int(width or layout.get("width") or 900)
-    height = int(height or layout.get("height") or 500)
     base = Path(path_without_ext)
     rendered = [f for f in formats if f not in BROWSER_FREE_FORMATS]
-    requests = [(fig_dict, dict(format=f, width=width, height=height, scale=scale), base.name) for f in rendered]
+    requests = [static_request(fig_dict, f, base.name, width=width, height=height, scale=scale) for f in rendered]
     images = dict(zip(rendered, render_static(requests))) if rendered else {}
     if "json" in formats:
         images["json"] = go.Figure(fig).to_json().encode()

@@ -154,15 +154,6 @@ def locate_inputs(source: str, path: str | Path | None = None, *, dataset: str |
                                                    image_encoder=image_encoder))
 
 
-def read_source(source: str, path: str | Path | None = None, *, name: str | None = None,
-                **reader_options) -> RawDataset:
-    """Dispatch to the reader for ``source`` (one of :data:`SOURCES`); see :func:`locate_inputs`."""
-    raw = locate_inputs(source, path, **reader_options).read()
-    if name:
-        raw.name = name
-    return raw
-
-
 # --------------------------------------------------------------------------- the target folder
 
 
