@@ -1,0 +1,436 @@
+"""Scale benchmark: training, evaluation and data preparation as the catalogue grows.
+
+Synthetic worlds of 10^4, 10^5 and 10^6 items with about 10 interactions per item
+(benchmarks/scale_world.py) are trained in dense mode (the default) with the full and the
+sampled softmax (ModelConfig.rec_loss), in one process and in 2 DDP processes; an
+untrained model ranks test users against the whole catalogue; and the 10M-interaction
+Amazon 2023 file is prepared. Every measurement runs in a child process of its own so its
+peak RSS is its own, under a time limit; a case that cannot run is recorded with its
+reason, never crashes the benchmark. Figures go into benchmarks/results.json under
+"scale" (merged: other parts of the file are kept).
+
+    python -m benchmarks.scale                           # everything (about 20 minutes here)
+    python -m benchmarks.scale --sizes 1e4,1e5 --only train
+    python -m benchmarks.scale --skip prepare --set device=cuda
+    python -m benchmarks.scale --case train:1e4:sampled:1  # one case, printed as JSON
+
+Training throughput is windows ("sequences") per second over ``--steps`` steps after
+``--warmup`` steps; the exponent is the slope of log(seconds per step) against log(items)
+for the sampled softmax (1 process): below 1 means a step grows sub-linearly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results.json"
+WORK = ROOT / "benchmarks" / "_work"
+PARTS = ("train", "eval", "prepare")
+LOSSES = ("full", "sampled")
+DEFAULT_SIZES = "1e4,1e5,1e6"
+EVAL_SPLIT_EXAMPLES = 256  # validation/test examples kept in a training case: train() scores them at the end
+# Full softmax keeps about three (positions x items) float32 arrays per step (scores, their
+# log-softmax, the gradient); a case whose estimate exceeds --full-softmax-limit-gb is skipped.
+FULL_SOFTMAX_COPIES = 3
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _size(text: str) -> int:
+    value = float(text)
+    if not value.is_integer() or value < 100:
+        raise argparse.ArgumentTypeError(f"a size is a whole number of items >= 100 (e.g. 1e5), got {text!r}")
+    return int(value)
+
+
+def _sizes(text: str) -> list[int]:
+    return [_size(t) for t in text.split(",") if t.strip()]
+
+
+# --------------------------------------------------------------------------- data
+
+
+def dense_split(ds, max_length: int, eval_examples: int):
+    """The split ``train()`` uses in dense mode, without the prefix layout: leave-one-out
+    dense windows, and the first ``eval_examples`` validation and test examples (None = all).
+
+    ``build_split`` also builds one (T,)-row per training target for prefix mode: 2 x n x T
+    int64 (about 6.4 GB at 10^7 interactions, T = 50) that dense training never reads."""
+    from hm4sr_core.data import splits
+    inter = ds.interactions
+    users = inter["user"].to_numpy(np.int64)
+    items = inter["item"].to_numpy(np.int64)
+    times = inter["timestamp"].to_numpy(np.int64)
+    starts, ends = splits._user_boundaries(users)
+    ok = (ends - starts) >= 3
+    starts, ends = starts[ok], ends[ok]
+    keep = slice(None) if eval_examples is None else slice(0, eval_examples)
+    test = splits._examples(items, times, users, (ends - 1)[keep], starts[keep], max_length)
+    valid = splits._examples(items, times, users, (ends - 2)[keep], starts[keep], max_length)
+    dense = splits._dense_windows(items, times, users, starts, ends - 2, max_length)
+    empty = splits.SplitPart(*(np.zeros((0, max_length), np.int64) for _ in range(2)),
+                             *(np.zeros(0, np.int64) for _ in range(4)))
+    return splits.Split("leave_one_out", empty, dense, valid, test, {}, max_length)
+
+
+def _world(args, size: int):
+    from benchmarks.scale_world import make_scale_world
+    t = time.perf_counter()
+    ds = make_scale_world(size, seed=args.seed)
+    return ds, time.perf_counter() - t
+
+
+def _overrides(args):
+    from hm4sr_core.cli import parse_overrides
+    return parse_overrides(args.set)
+
+
+# --------------------------------------------------------------------------- cases (child side)
+
+
+def case_train(args, size: int, loss: str, nproc: int) -> dict:
+    """Dense-mode training steps on the ``size``-item world: seconds per step after warm-up."""
+    from hm4sr_core.config import ModelConfig, TrainConfig
+    from hm4sr_core.train import train
+    model_over, train_over = _overrides(args)
+    mc = ModelConfig(rec_loss=loss, **model_over)
+    ds, world_s = _world(args, size)
+    split = dense_split(ds, mc.max_length, EVAL_SPLIT_EXAMPLES)
+    rss_data = _peak_rss_mb()
+    steps = args.warmup + args.steps
+    threads = max(1, args.threads // nproc)
+    cfg = TrainConfig(**{"mode": "dense", "epochs": 1, "max_steps_per_epoch": steps, "threads": threads,
+                         "patience": 100, "seed": args.seed, "eval_batch_size": 256, **train_over})
+    out = {"items": size, "loss": loss, "nproc": nproc, "threads_per_process": threads,
+           "interactions": ds.stats["interactions"], "users": ds.stats["users"],
+           "dense_windows": len(split.train_dense), "world_seconds": world_s, "rss_after_data_mb": rss_data,
+           "device": cfg.device, "num_negatives": mc.num_negatives if loss == "sampled" else None}
+    if loss == "full":
+        positions = cfg.dense_batch_size * float(split.train_dense.lengths.mean())
+        gb = FULL_SOFTMAX_COPIES * positions * (size + 1) * 4 / 1e9
+        out["full_softmax_logits_gb_estimate"] = gb
+        if gb > args.full_softmax_limit_gb:
+            out["skipped"] = (f"full softmax needs about {gb:.1f} GB of logits per step ({FULL_SOFTMAX_COPIES} x "
+                              f"{positions:.0f} positions x {size + 1} items x 4 B), over "
+                              f"--full-softmax-limit-gb {args.full_softmax_limit_gb}")
+            return out
+    t0 = time.perf_counter()
+    if nproc > 1:
+        r = _train_ddp(ds, mc, cfg, split, nproc)
+    else:
+        r = train(ds, mc, cfg, split=split, progress=False)
+    seconds = r.steps["seconds"].to_numpy()
+    if len(seconds) < steps:
+        raise RuntimeError(f"expected {steps} step rows, got {len(seconds)}")
+    # seconds[k] is the time from the epoch's start to the end of step k; the warm-up steps
+    # (first-touch allocation, thread pools) are left out.
+    ends = np.concatenate([[0.0], seconds[:steps]])
+    timed = np.diff(ends)[args.warmup:]
+    per_step = float(timed.mean())
+    windows = cfg.dense_batch_size * (nproc if getattr(r, "global_batch_scales_with_nproc", False) else 1)
+    out.update(seconds_per_step=per_step, seconds_per_step_median=float(np.median(timed)),
+               seconds_per_step_all=[float(v) for v in timed], sequences_per_second=windows / per_step,
+               windows_per_step=windows, first_step_seconds=float(seconds[0]),
+               train_call_seconds=time.perf_counter() - t0, final_loss=float(r.steps["loss"].iloc[-1]),
+               steps_timed=args.steps, warmup_steps=args.warmup)
+    return out
+
+
+def _train_ddp(ds, mc, cfg, split, nproc):
+    raise RuntimeError("DDP training (branch ddp) is not merged here yet")
+
+
+def case_eval(args, size: int) -> dict:
+    """Full-catalogue ranking of the first ``--eval-users`` test users by an untrained
+    model (the cost does not depend on the weights): users per second."""
+    import torch
+
+    from hm4sr_core.config import ModelConfig, TrainConfig
+    from hm4sr_core.evaluate import evaluate
+    from hm4sr_core.model import build_model
+    model_over, train_over = _overrides(args)
+    ds, world_s = _world(args, size)
+    mc = ModelConfig(**model_over)
+    split = dense_split(ds, mc.max_length, args.eval_users + 64)
+    cfg = TrainConfig(**{"threads": args.threads, **train_over})
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(args.seed)
+    model = build_model(mc, ds).to(cfg.device)
+    rss_model = _peak_rss_mb()
+    test = split.test
+    warm = _take(test, slice(args.eval_users, args.eval_users + 64))
+    evaluate(model, warm, cfg, device=cfg.device)
+    part = _take(test, slice(0, args.eval_users))
+    t = time.perf_counter()
+    r = evaluate(model, part, cfg, device=cfg.device)
+    secs = time.perf_counter() - t
+    return {"items": size, "eval_users": len(part), "eval_seconds": secs, "users_per_second": len(part) / secs,
+            "rss_before_ranking_mb": rss_model, "world_seconds": world_s, "threads": cfg.threads,
+            "device": cfg.device, "hr@10": r.metrics["hr@10"]}
+
+
+def _take(part, rows: slice):
+    from dataclasses import fields, replace
+    return replace(part, **{f.name: getattr(part, f.name)[rows] for f in fields(part)
+                            if getattr(part, f.name) is not None})
+
+
+def case_prepare(args) -> dict:
+    raise RuntimeError("the Amazon 2023 streaming reader (branch stream) is not merged here yet")
+
+
+def run_case(args, spec: str) -> dict:
+    """Run one case ``part[:size[:loss[:nproc]]]`` in this process (the child side)."""
+    bits = spec.split(":")
+    if bits[0] == "train":
+        return case_train(args, _size(bits[1]), bits[2], int(bits[3]))
+    if bits[0] == "eval":
+        return case_eval(args, _size(bits[1]))
+    if bits[0] == "prepare":
+        return case_prepare(args)
+    raise SystemExit(f"unknown case {spec!r}: expected train:SIZE:full|sampled:NPROC, eval:SIZE or prepare")
+
+
+# --------------------------------------------------------------------------- parent side
+
+
+def _tree_rss_mb(pid: int) -> float:
+    """Resident MB of ``pid`` and its descendants now (0 where /proc cannot be read)."""
+    try:
+        children: dict[int, list[int]] = {}
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    with open(f"/proc/{entry}/stat") as f:
+                        ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+                except (OSError, IndexError, ValueError):
+                    continue
+                children.setdefault(ppid, []).append(int(entry))
+        total, todo = 0.0, [pid]
+        while todo:
+            p = todo.pop()
+            todo.extend(children.get(p, []))
+            try:
+                with open(f"/proc/{p}/status") as f:
+                    for line in f:
+                        if line.startswith("VmRSS:"):
+                            total += int(line.split()[1]) / 1024.0
+            except OSError:
+                pass
+        return total
+    except OSError:
+        return 0.0
+
+
+def measure(spec: str, child_args: list[str], limit_s: float) -> dict:
+    """Run case ``spec`` in a child process (its own session: on timeout the whole group is
+    killed). Adds ``peak_rss_mb`` (the largest process of the case, from wait4),
+    ``peak_tree_rss_mb`` (the sum over its processes, sampled every 0.2 s: DDP ranks
+    together), ``wall_seconds`` and, when it did not finish, ``error``."""
+    cmd = [sys.executable, "-m", "benchmarks.scale", "--case", spec, *child_args]
+    load_before = os.getloadavg()[0]  # a shared machine's noise, made visible (2 cores: above 2 = contention)
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    peak_tree = [0.0]
+    done = threading.Event()
+
+    def sample():
+        while not done.wait(0.2):
+            peak_tree[0] = max(peak_tree[0], _tree_rss_mb(proc.pid))
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    timed_out = False
+    try:
+        stdout, stderr = proc.communicate(timeout=limit_s)
+    except subprocess.TimeoutExpired:
+        timed_out = True
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+    done.set()
+    sampler.join()
+    # communicate() reaped the child: its rusage is the one RUSAGE_CHILDREN gained, read per child below.
+    out: dict = {}
+    lines = [line for line in stdout.strip().splitlines() if line.startswith("{")]
+    if proc.returncode == 0 and lines:
+        out = json.loads(lines[-1])
+    elif timed_out:
+        out["error"] = f"over the time limit of {limit_s:.0f} s"
+    else:
+        tail = stderr.strip().splitlines()[-3:]
+        out["error"] = f"exit {proc.returncode}: " + " | ".join(tail)
+    out["wall_seconds"] = time.perf_counter() - t0
+    out["load_average_1min"] = [load_before, os.getloadavg()[0]]
+    out["peak_tree_rss_mb"] = peak_tree[0]
+    if "child_peak_rss_mb" in out:
+        out["peak_rss_mb"] = out.pop("child_peak_rss_mb")
+    return out
+
+
+def _fit_exponent(rows: list[dict]) -> dict | None:
+    """Slope (and R^2) of log(median seconds per step) against log(items) over the given
+    rows: the median, because on a shared machine one step stalled by another process would
+    otherwise move the slope."""
+    pts = [(r["items"], r["seconds_per_step_median"]) for r in rows if r.get("seconds_per_step_median")]
+    if len(pts) < 2:
+        return None
+    x = np.log([p[0] for p in pts])
+    y = np.log([p[1] for p in pts])
+    slope, intercept = np.polyfit(x, y, 1)
+    resid = y - (slope * x + intercept)
+    r2 = 1.0 - float((resid ** 2).sum()) / float(((y - y.mean()) ** 2).sum()) if len(pts) > 2 else 1.0
+    return {"exponent": float(slope), "r2": r2, "points": [[int(n), float(s)] for n, s in pts]}
+
+
+def plan(args) -> list[str]:
+    """The cases of this run, in the order they run (small first: a time limit cuts the big ones)."""
+    cases = []
+    for size in args.sizes:
+        if "train" in args.parts:
+            for nproc in args.nprocs:
+                for loss in args.losses:
+                    cases.append(f"train:{size}:{loss}:{nproc}")
+        if "eval" in args.parts:
+            cases.append(f"eval:{size}")
+    if "prepare" in args.parts:
+        cases.append("prepare")
+    return cases
+
+
+def summarise(cases: dict) -> dict:
+    """The headline figures of a run: the exponent and the targets of issue 13."""
+    sampled = [v for k, v in cases.items() if k.startswith("train:") and v.get("loss") == "sampled"
+               and v.get("nproc") == 1]
+    out: dict = {"sampled_step_exponent": _fit_exponent(sorted(sampled, key=lambda r: r["items"]))}
+    big = [v for v in sampled if v.get("items") == 1_000_000 and "seconds_per_step" in v]
+    if big:
+        out["target_1e6_sampled_under_4gb"] = {"peak_rss_mb": big[0]["peak_rss_mb"],
+                                               "met": big[0]["peak_rss_mb"] < 4096}
+    exp = out["sampled_step_exponent"]
+    if exp:
+        out["target_sublinear"] = {"exponent": exp["exponent"], "met": exp["exponent"] < 1.0}
+    prep = cases.get("prepare")
+    if prep and "peak_rss_mb" in prep and "error" not in prep:
+        out["target_prepare_under_8gb"] = {"peak_rss_mb": prep["peak_rss_mb"], "met": prep["peak_rss_mb"] < 8192}
+    return out
+
+
+def write_results(scale: dict, path: Path = RESULTS) -> dict:
+    """Merge ``scale`` into ``path`` under "scale" (other keys kept), atomically; cases of an
+    earlier run that this one did not measure are kept."""
+    from hm4sr_core.data.store import write_json_atomic
+    results = json.loads(path.read_text()) if path.exists() else {}
+    old = results.get("scale", {})
+    merged = {**old.get("cases", {}), **scale["cases"]}
+    scale = {**scale, "cases": merged, "summary": summarise(merged)}
+    results["scale"] = scale
+    write_json_atomic(path, results)
+    return scale
+
+
+def _commit() -> dict:
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "hm4sr_core", "benchmarks"], cwd=ROOT,
+                               capture_output=True, text=True)
+        return {"commit": head.stdout.strip() or None, "uncommitted_changes": bool(dirty.stdout.strip())}
+    except OSError:
+        return {"commit": None}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m benchmarks.scale", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", type=_sizes, default=_sizes(DEFAULT_SIZES),
+                   help=f"catalogue sizes, comma-separated (default {DEFAULT_SIZES})")
+    p.add_argument("--only", action="append", choices=PARTS, default=[], help="run only these parts (repeatable)")
+    p.add_argument("--skip", action="append", choices=PARTS, default=[], help="parts to leave out (repeatable)")
+    p.add_argument("--losses", type=lambda s: s.split(","), default=list(LOSSES),
+                   help="rec_loss values trained (default full,sampled)")
+    p.add_argument("--nprocs", type=lambda s: [int(v) for v in s.split(",")], default=[1, 2],
+                   help="process counts trained (default 1,2; 2 = DDP, threads split between them)")
+    p.add_argument("--steps", type=int, default=10, help="training steps timed per case (default 10)")
+    p.add_argument("--warmup", type=int, default=3, help="steps before the timed ones (default 3)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads per case, split between DDP processes")
+    p.add_argument("--eval-users", type=int, default=1000, help="test users ranked per evaluation case (default 1000)")
+    p.add_argument("--full-softmax-limit-gb", type=float, default=6.0,
+                   help="skip a full-softmax case whose estimated logits memory is above this (default 6)")
+    p.add_argument("--case-limit", type=float, default=600.0, help="seconds a case may run before it is killed")
+    p.add_argument("--total-limit", type=float, default=0.0,
+                   help="seconds for the whole run (0 = none); cases that would start after it are recorded as not run")
+    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic worlds and the model")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="ModelConfig/TrainConfig override for every case, e.g. device=cuda or num_negatives=512")
+    p.add_argument("--results", type=Path, default=RESULTS, help="JSON file the figures are merged into")
+    p.add_argument("--case", help="run one case in this process and print its JSON (what the parent runs)")
+    args = p.parse_args(argv)
+    if args.steps < 1 or args.warmup < 0:
+        p.error("--steps must be >= 1 and --warmup >= 0")
+    args.parts = [x for x in (args.only or PARTS) if x not in args.skip]
+    return args
+
+
+def _child_args(args) -> list[str]:
+    out = [f"--steps={args.steps}", f"--warmup={args.warmup}", f"--threads={args.threads}",
+           f"--eval-users={args.eval_users}", f"--full-softmax-limit-gb={args.full_softmax_limit_gb}",
+           f"--seed={args.seed}"]
+    return out + [f"--set={s}" for s in args.set]
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.case:
+        out = run_case(args, args.case)
+        out["child_peak_rss_mb"] = _peak_rss_mb()
+        if "torch" in sys.modules and sys.modules["torch"].cuda.is_available():
+            out["cuda_peak_allocated_mb"] = sys.modules["torch"].cuda.max_memory_allocated() / 2**20
+        print(json.dumps(out))
+        return
+    import torch
+
+    from hm4sr_core.train import environment
+    start = time.perf_counter()
+    cases: dict = {}
+    todo = plan(args)
+    for i, spec in enumerate(todo, 1):
+        left = args.total_limit - (time.perf_counter() - start) if args.total_limit else args.case_limit
+        if left <= 5:
+            cases[spec] = {"error": "not run: --total-limit reached"}
+            print(f"[scale {i}/{len(todo)}] {spec}: not run (total limit)", file=sys.stderr, flush=True)
+            continue
+        print(f"[scale {i}/{len(todo)}] {spec} ...", file=sys.stderr, flush=True)
+        r = measure(spec, _child_args(args), min(args.case_limit, left))
+        cases[spec] = r
+        brief = r.get("error") or r.get("skipped") or \
+            ", ".join(f"{k} {r[k]:.4g}" for k in ("seconds_per_step", "sequences_per_second", "users_per_second",
+                                                  "prepare_seconds", "peak_rss_mb") if isinstance(r.get(k), float))
+        print(f"[scale {i}/{len(todo)}] {spec}: {brief} ({r['wall_seconds']:.0f} s)", file=sys.stderr, flush=True)
+    torch.set_num_threads(args.threads)
+    scale = {"cases": cases, "environment": environment(), **_commit(),
+             "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+             "command": "python -m benchmarks.scale " + " ".join(sys.argv[1:] if argv is None else argv),
+             "settings": {"steps": args.steps, "warmup": args.warmup, "threads": args.threads,
+                          "eval_users": args.eval_users, "seed": args.seed, "set": args.set,
+                          "mode": "dense", "world": "benchmarks.scale_world.make_scale_world defaults"}}
+    scale = write_results(scale, args.results)
+    print(json.dumps(scale["summary"], indent=2))
+
+
+if __name__ == "__main__":
+    main()
