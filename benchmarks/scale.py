@@ -191,7 +191,25 @@ def _take(part, rows: slice):
 
 
 def case_prepare(args) -> dict:
-    raise RuntimeError("the Amazon 2023 streaming reader (branch stream) is not merged here yet")
+    """``hm4sr prepare amazon2023`` on the synthetic 10M-interaction file, stage by stage
+    (benchmarks/prepare_large.py: read, preprocess, split hashes, save; the text encoder
+    is the feature step and is left out there)."""
+    from benchmarks.prepare_large import measure as measure_prepare
+    out = measure_prepare(str(args.amazon_path), "2023", 5, 5)
+    out["prepare_seconds"] = float(out["total_seconds"])
+    out["file_interactions"] = args.amazon_interactions
+    return out
+
+
+def ensure_amazon_file(path: Path, interactions: int) -> str:
+    """Write the synthetic Amazon 2023 file into ``path`` unless it is there (the generator is
+    deterministic: the same arguments give the same bytes). Returns what was done."""
+    from benchmarks.amazon2023_synth import CATEGORY, write_amazon2023
+    if (path / f"{CATEGORY}.jsonl.gz").exists() and (path / f"meta_{CATEGORY}.jsonl.gz").exists():
+        return f"reused {path}"
+    t = time.perf_counter()
+    write_amazon2023(path, interactions=interactions, progress=False)
+    return f"generated {path} in {time.perf_counter() - t:.0f} s"
 
 
 def run_case(args, spec: str) -> dict:
@@ -375,9 +393,15 @@ def parse_args(argv=None):
     p.add_argument("--total-limit", type=float, default=0.0,
                    help="seconds for the whole run (0 = none); cases that would start after it are recorded as not run")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic worlds and the model")
+    p.add_argument("--amazon-path", type=Path, default=WORK / "amazon10m",
+                   help="folder of the synthetic Amazon 2023 file the prepare part reads (written there when missing)")
+    p.add_argument("--amazon-interactions", type=int, default=10_000_000,
+                   help="review lines of that file when it is written (default 10,000,000)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="ModelConfig/TrainConfig override for every case, e.g. device=cuda or num_negatives=512")
     p.add_argument("--results", type=Path, default=RESULTS, help="JSON file the figures are merged into")
+    p.add_argument("--headline", action="store_true",
+                   help="print the headline scalars as one JSON line last (what make bench records in history.jsonl)")
     p.add_argument("--case", help="run one case in this process and print its JSON (what the parent runs)")
     args = p.parse_args(argv)
     if args.steps < 1 or args.warmup < 0:
@@ -389,7 +413,8 @@ def parse_args(argv=None):
 def _child_args(args) -> list[str]:
     out = [f"--steps={args.steps}", f"--warmup={args.warmup}", f"--threads={args.threads}",
            f"--eval-users={args.eval_users}", f"--full-softmax-limit-gb={args.full_softmax_limit_gb}",
-           f"--seed={args.seed}"]
+           f"--seed={args.seed}", f"--amazon-path={args.amazon_path}",
+           f"--amazon-interactions={args.amazon_interactions}"]
     return out + [f"--set={s}" for s in args.set]
 
 
@@ -415,6 +440,10 @@ def main(argv=None) -> None:
             print(f"[scale {i}/{len(todo)}] {spec}: not run (total limit)", file=sys.stderr, flush=True)
             continue
         print(f"[scale {i}/{len(todo)}] {spec} ...", file=sys.stderr, flush=True)
+        if spec == "prepare":
+            print(f"[scale {i}/{len(todo)}] input: {ensure_amazon_file(args.amazon_path, args.amazon_interactions)}",
+                  file=sys.stderr, flush=True)
+            left = args.total_limit - (time.perf_counter() - start) if args.total_limit else args.case_limit
         r = measure(spec, _child_args(args), min(args.case_limit, left))
         cases[spec] = r
         brief = r.get("error") or r.get("skipped") or \
@@ -430,6 +459,20 @@ def main(argv=None) -> None:
                           "mode": "dense", "world": "benchmarks.scale_world.make_scale_world defaults"}}
     scale = write_results(scale, args.results)
     print(json.dumps(scale["summary"], indent=2))
+    if args.headline:
+        print(json.dumps(headline(scale["summary"])))
+
+
+def headline(summary: dict) -> dict:
+    """The summary's scalars, flat: what a history line can hold."""
+    out = {}
+    if summary.get("sampled_step_exponent"):
+        out["sampled_step_exponent"] = summary["sampled_step_exponent"]["exponent"]
+    if "target_1e6_sampled_under_4gb" in summary:
+        out["1e6_sampled_peak_rss_mb"] = summary["target_1e6_sampled_under_4gb"]["peak_rss_mb"]
+    if "target_prepare_under_8gb" in summary:
+        out["prepare_peak_rss_mb"] = summary["target_prepare_under_8gb"]["peak_rss_mb"]
+    return out
 
 
 if __name__ == "__main__":
