@@ -38,9 +38,10 @@ from hm4sr_core.data.schema import Dataset, ModalityFeatures
 START_SECONDS = 1_577_836_800  # 2020-01-01T00:00:00Z: dates stay readable
 START_SPAN_S = 730 * 86_400  # users start in a two-year window
 GAP_RANGE_S = (60.0, 7 * 86_400.0)  # log-uniform gaps: a minute to a week
+MEAN_LENGTH = 15.0  # default mean sequence length (Amazon 2023 categories after a 5-core: 8 to 15)
 
 
-def make_scale_world(num_items: int, *, interactions_per_item: float = 10.0, mean_length: float = 15.0,
+def make_scale_world(num_items: int, *, interactions_per_item: float = 10.0, mean_length: float = MEAN_LENGTH,
                      min_length: int = 5, popularity_exponent: float = 0.8, num_categories: int = 20,
                      feature_dim: int = 32, seed: int = 0) -> Dataset:
     """A :class:`Dataset` of ``num_items`` items and about ``num_items * interactions_per_item``

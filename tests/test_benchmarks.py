@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import subprocess
 import sys
@@ -189,3 +190,17 @@ def test_scale_full_softmax_over_the_memory_limit_is_skipped_with_its_estimate(t
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert "skipped" in out and "seconds_per_step" not in out
     assert 0.001 < out["full_softmax_logits_gb_estimate"] < 1
+
+
+def test_scale_ddp_case_runs_two_ranks_on_one_global_batch():
+    """A 2-process case (hm4sr_core.distributed.spawn, gloo): both ranks time the same steps
+    of 32-window global batches; the case's peak RSS is its largest rank's."""
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.scale", "--case", "train:2e3:sampled:2", "--steps", "2",
+                           "--warmup", "1", "--set", "hidden_size=16", "--set", "inner_size=32",
+                           "--set", "num_layers=1", "--set", "num_negatives=64"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["nproc"] == 2 and out["threads_per_process"] == 1 and out["windows_per_step"] == 32
+    assert len(out["rank_peak_rss_mb"]) == 2 and out["child_peak_rss_mb"] == max(out["rank_peak_rss_mb"] + [out["launcher_peak_rss_mb"]])
+    assert all(0 < s < 60 for s in out["rank_seconds_per_step"]) and math.isfinite(out["final_loss"])
