@@ -266,19 +266,22 @@ def _line_chunks(path: Path, chunk_bytes: int) -> Iterator[tuple[int, bytes]]:
             pending = data[cut:]
 
 
-# Bytes pyarrow's JSON reader counts as whitespace; a line of only these is blank for it and for json.
-_JSON_BLANK = np.zeros(256, dtype=bool)
-_JSON_BLANK[[9, 10, 13, 32]] = True
-
-
-def _non_blank_lines(chunk: bytes) -> int:
-    """How many lines of ``chunk`` hold anything but JSON whitespace."""
+def _object_lines(chunk: bytes) -> int | None:
+    """The number of lines when every line of ``chunk`` starts with "{" and ends with "}"
+    (before an optional "\\r"), else None. Such lines are not blank, so when pyarrow reads
+    as many rows as there are lines, row k is line k: no line held two objects."""
     data = np.frombuffer(chunk, dtype=np.uint8)
-    starts = np.concatenate([[0], np.flatnonzero(data == 10) + 1])
-    starts = starts[starts < len(data)]
-    if len(starts) == 0:
+    if len(data) == 0:
         return 0
-    return int(np.logical_or.reduceat(~_JSON_BLANK[data], starts).sum())
+    ends = np.flatnonzero(data == 10)
+    if len(ends) == 0 or ends[-1] != len(data) - 1:
+        ends = np.append(ends, len(data))  # the file's last line may have no newline
+    starts = np.concatenate([[0], ends[:-1] + 1])
+    last = ends - 1
+    last[(last > starts) & (data[np.maximum(last, 0)] == 13)] -= 1  # "\r\n" line ends
+    ok = (ends > starts) & (data[np.minimum(starts, len(data) - 1)] == ord("{")) & (last > starts)
+    ok &= data[np.maximum(last, 0)] == ord("}")
+    return len(ends) if ok.all() else None
 
 
 class _TokenCodes:
@@ -302,16 +305,21 @@ class _TokenCodes:
 def _arrow_chunk(chunk: bytes, schema: _Schema, users: _TokenCodes, items: _TokenCodes
                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
     """(user codes, item codes, seconds) of a chunk read by pyarrow; None when the chunk holds
-    anything pyarrow might read otherwise than :func:`_parse_line` (a bad or blank line,
-    two objects on a line, a number as id, a float or string timestamp, a null, an empty or
-    padded id, a negative time, non-UTF-8 bytes): that chunk then goes to the line parser."""
+    anything pyarrow might read otherwise than :func:`_parse_line` (a bad or blank line, a
+    line not shaped "{...}", two objects on a line, a number as id, a float or string
+    timestamp, a null, an empty id, a negative time, non-UTF-8 bytes): that chunk then goes
+    to the line parser. Ids are stripped of surrounding whitespace as the line parser does."""
+    lines = _object_lines(chunk)
+    if lines is None:
+        return None
     try:
-        chunk.decode("utf-8")  # the line reader reads text: the same bytes must be valid here
+        if not chunk.isascii():
+            chunk.decode("utf-8")  # the line reader reads text: the same bytes must be valid here
         table = pa_json.read_json(pa.BufferReader(chunk), read_options=pa_json.ReadOptions(block_size=_ARROW_BLOCK),
                                   parse_options=_arrow_options(schema))
     except (pa.ArrowInvalid, UnicodeDecodeError):
         return None
-    if table.num_rows != _non_blank_lines(chunk) or any(column.null_count for column in table.columns):
+    if table.num_rows != lines or any(column.null_count for column in table.columns):
         return None
     times = table.column(schema.time).to_numpy()
     if (times < 0).any():
