@@ -243,25 +243,27 @@ def _line_chunks(path: Path, chunk_bytes: int) -> Iterator[tuple[int, bytes]]:
     line, pending = 1, b""
     with gzip.open(path, "rb") if gzipped else open(path, "rb") as handle:
         while True:
-            parts, size, error = [pending], len(pending), None
+            parts, size, error, eof = [pending], len(pending), None, False
             try:
-                while size < chunk_bytes:
+                while True:
                     part = handle.read1(step)
                     if not part:
+                        eof = True
                         break
                     parts.append(part)
                     size += len(part)
+                    if size >= chunk_bytes:
+                        break
             except (EOFError, gzip.BadGzipFile, zlib.error) as damage:
                 error = damage
             data = b"".join(parts)
-            at_end = size == len(pending) or error is not None
-            cut = len(data) if at_end and error is None else data.rfind(b"\n") + 1
+            cut = len(data) if eof else data.rfind(b"\n") + 1
             if cut:
                 yield line, data[:cut]
                 line += data.count(b"\n", 0, cut)
             if error is not None:
                 raise DataError(f"{path}: line {line}: truncated or corrupt gzip data ({error})") from None
-            if at_end:
+            if eof:
                 return
             pending = data[cut:]
 
