@@ -17,6 +17,12 @@ version  reviews (one record a line, plain or .gz)    metadata (one record a lin
 2014 lines are Python literals (``ast.literal_eval``; strict JSON is accepted too);
 2018 and 2023 lines must be strict JSON. Gzip is detected from the file's magic bytes.
 
+Reviews files run to tens of millions of lines (issue 13): :func:`read_reviews` streams
+them in chunks of decompressed bytes, pyarrow parses only the user, item and time fields,
+and ids become integer codes chunk by chunk. Any chunk pyarrow might read differently
+from the line parser (:func:`_parse_line`, the reference) is read by the line parser,
+so both accept the same files and bad input is reported at its exact line.
+
 Give the two files, or the folder they were downloaded to: :func:`locate_amazon`
 finds the pair by the release's official names, and asks for ``category`` when the
 folder holds several categories.
@@ -326,14 +332,12 @@ def _arrow_chunk(chunk: bytes, schema: _Schema, users: _TokenCodes, items: _Toke
     times = table.column(schema.time).to_numpy()
     if (times < 0).any():
         return None
-    coded = []
-    for field, table_codes in ((schema.user, users), (schema.item, items)):
-        encoded = table.column(field).combine_chunks().dictionary_encode()
-        distinct = [t.strip() for t in encoded.dictionary.to_pylist()]  # _token strips: so does this
-        if not all(distinct):
-            return None
-        coded.append(table_codes.encode(distinct)[encoded.indices.to_numpy()])
-    return coded[0], coded[1], times // schema.time_per_second
+    encoded = [table.column(field).combine_chunks().dictionary_encode() for field in (schema.user, schema.item)]
+    distinct = [[t.strip() for t in e.dictionary.to_pylist()] for e in encoded]  # _token strips: so does this
+    if not all(all(tokens) for tokens in distinct):
+        return None  # an empty id: the line parser names its line
+    return (users.encode(distinct[0])[encoded[0].indices.to_numpy()],
+            items.encode(distinct[1])[encoded[1].indices.to_numpy()], times // schema.time_per_second)
 
 
 _ARROW_BLOCK = 4 * 2**20  # pyarrow's parse block: a longer line sends its chunk to the line parser
