@@ -17,6 +17,12 @@ version  reviews (one record a line, plain or .gz)    metadata (one record a lin
 2014 lines are Python literals (``ast.literal_eval``; strict JSON is accepted too);
 2018 and 2023 lines must be strict JSON. Gzip is detected from the file's magic bytes.
 
+Reviews files run to tens of millions of lines (issue 13): :func:`read_reviews` streams
+them in chunks of decompressed bytes, pyarrow parses only the user, item and time fields,
+and ids become integer codes chunk by chunk. Any chunk pyarrow might read differently
+from the line parser (:func:`_parse_line`, the reference) is read by the line parser,
+so both accept the same files and bad input is reported at its exact line.
+
 Give the two files, or the folder they were downloaded to: :func:`locate_amazon`
 finds the pair by the release's official names, and asks for ``category`` when the
 folder holds several categories.
@@ -243,42 +249,47 @@ def _line_chunks(path: Path, chunk_bytes: int) -> Iterator[tuple[int, bytes]]:
     line, pending = 1, b""
     with gzip.open(path, "rb") if gzipped else open(path, "rb") as handle:
         while True:
-            parts, size, error = [pending], len(pending), None
+            parts, size, error, eof = [pending], len(pending), None, False
             try:
-                while size < chunk_bytes:
+                while True:
                     part = handle.read1(step)
                     if not part:
+                        eof = True
                         break
                     parts.append(part)
                     size += len(part)
+                    if size >= chunk_bytes:
+                        break
             except (EOFError, gzip.BadGzipFile, zlib.error) as damage:
                 error = damage
             data = b"".join(parts)
-            at_end = size == len(pending) or error is not None
-            cut = len(data) if at_end and error is None else data.rfind(b"\n") + 1
+            cut = len(data) if eof else data.rfind(b"\n") + 1
             if cut:
                 yield line, data[:cut]
                 line += data.count(b"\n", 0, cut)
             if error is not None:
                 raise DataError(f"{path}: line {line}: truncated or corrupt gzip data ({error})") from None
-            if at_end:
+            if eof:
                 return
             pending = data[cut:]
 
 
-# Bytes pyarrow's JSON reader counts as whitespace; a line of only these is blank for it and for json.
-_JSON_BLANK = np.zeros(256, dtype=bool)
-_JSON_BLANK[[9, 10, 13, 32]] = True
-
-
-def _non_blank_lines(chunk: bytes) -> int:
-    """How many lines of ``chunk`` hold anything but JSON whitespace."""
+def _object_lines(chunk: bytes) -> int | None:
+    """The number of lines when every line of ``chunk`` starts with "{" and ends with "}"
+    (before an optional "\\r"), else None. Such lines are not blank, so when pyarrow reads
+    as many rows as there are lines, row k is line k: no line held two objects."""
     data = np.frombuffer(chunk, dtype=np.uint8)
-    starts = np.concatenate([[0], np.flatnonzero(data == 10) + 1])
-    starts = starts[starts < len(data)]
-    if len(starts) == 0:
+    if len(data) == 0:
         return 0
-    return int(np.logical_or.reduceat(~_JSON_BLANK[data], starts).sum())
+    ends = np.flatnonzero(data == 10)
+    if len(ends) == 0 or ends[-1] != len(data) - 1:
+        ends = np.append(ends, len(data))  # the file's last line may have no newline
+    starts = np.concatenate([[0], ends[:-1] + 1])
+    last = ends - 1
+    last[(last > starts) & (data[np.maximum(last, 0)] == 13)] -= 1  # "\r\n" line ends
+    ok = (ends > starts) & (data[np.minimum(starts, len(data) - 1)] == ord("{")) & (last > starts)
+    ok &= data[np.maximum(last, 0)] == ord("}")
+    return len(ends) if ok.all() else None
 
 
 class _TokenCodes:
@@ -302,28 +313,31 @@ class _TokenCodes:
 def _arrow_chunk(chunk: bytes, schema: _Schema, users: _TokenCodes, items: _TokenCodes
                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
     """(user codes, item codes, seconds) of a chunk read by pyarrow; None when the chunk holds
-    anything pyarrow might read otherwise than :func:`_parse_line` (a bad or blank line,
-    two objects on a line, a number as id, a float or string timestamp, a null, an empty or
-    padded id, a negative time, non-UTF-8 bytes): that chunk then goes to the line parser."""
+    anything pyarrow might read otherwise than :func:`_parse_line` (a bad or blank line, a
+    line not shaped "{...}", two objects on a line, a number as id, a float or string
+    timestamp, a null, an empty id, a negative time, non-UTF-8 bytes): that chunk then goes
+    to the line parser. Ids are stripped of surrounding whitespace as the line parser does."""
+    lines = _object_lines(chunk)
+    if lines is None:
+        return None
     try:
-        chunk.decode("utf-8")  # the line reader reads text: the same bytes must be valid here
+        if not chunk.isascii():
+            chunk.decode("utf-8")  # the line reader reads text: the same bytes must be valid here
         table = pa_json.read_json(pa.BufferReader(chunk), read_options=pa_json.ReadOptions(block_size=_ARROW_BLOCK),
                                   parse_options=_arrow_options(schema))
     except (pa.ArrowInvalid, UnicodeDecodeError):
         return None
-    if table.num_rows != _non_blank_lines(chunk) or any(column.null_count for column in table.columns):
+    if table.num_rows != lines or any(column.null_count for column in table.columns):
         return None
     times = table.column(schema.time).to_numpy()
     if (times < 0).any():
         return None
-    coded = []
-    for field, table_codes in ((schema.user, users), (schema.item, items)):
-        encoded = table.column(field).combine_chunks().dictionary_encode()
-        distinct = [t.strip() for t in encoded.dictionary.to_pylist()]  # _token strips: so does this
-        if not all(distinct):
-            return None
-        coded.append(table_codes.encode(distinct)[encoded.indices.to_numpy()])
-    return coded[0], coded[1], times // schema.time_per_second
+    encoded = [table.column(field).combine_chunks().dictionary_encode() for field in (schema.user, schema.item)]
+    distinct = [[t.strip() for t in e.dictionary.to_pylist()] for e in encoded]  # _token strips: so does this
+    if not all(all(tokens) for tokens in distinct):
+        return None  # an empty id: the line parser names its line
+    return (users.encode(distinct[0])[encoded[0].indices.to_numpy()],
+            items.encode(distinct[1])[encoded[1].indices.to_numpy()], times // schema.time_per_second)
 
 
 _ARROW_BLOCK = 4 * 2**20  # pyarrow's parse block: a longer line sends its chunk to the line parser
