@@ -178,12 +178,23 @@ def train_steps(args, size: int, loss: str, nproc: int) -> dict:
             before_eval.append(_peak_rss_mb())
         return evaluate(*a, **k)
 
-    training.evaluate = timed_evaluate
+    marks: list[tuple[float, float]] = []
+    iterate = training.iterate_batches
+
+    def marked_batches(*a, **k):
+        # Wrapped only to read the clocks as each step starts (train() fetches the next batch
+        # right after a step's optimizer step); the batches are unchanged. CPU time counts
+        # this process's threads only: on a shared machine it is the steadier cost of a step.
+        for batch in iterate(*a, **k):
+            marks.append((time.perf_counter(), time.process_time()))
+            yield batch
+
+    training.evaluate, training.iterate_batches = timed_evaluate, marked_batches
     t0 = time.perf_counter()
     try:
         r = training.train(ds, mc, cfg, split=split, progress=False)
     finally:
-        training.evaluate = evaluate
+        training.evaluate, training.iterate_batches = evaluate, iterate
     seconds = r.steps["seconds"].to_numpy()
     if len(seconds) < steps:
         raise RuntimeError(f"expected {steps} step rows, got {len(seconds)}")
@@ -191,6 +202,9 @@ def train_steps(args, size: int, loss: str, nproc: int) -> dict:
     # (first-touch allocation, thread pools) are left out.
     timed = np.diff(np.concatenate([[0.0], seconds[:steps]]))[args.warmup:]
     per_step = float(timed.mean())
+    if len(marks) >= steps + 1:
+        cpu = np.diff([m[1] for m in marks[:steps + 1]])[args.warmup:]
+        out.update(cpu_seconds_per_step=float(cpu.mean()), cpu_seconds_per_step_median=float(np.median(cpu)))
     windows = cfg.dense_batch_size  # a global batch: DDP ranks share it (rows rank::world)
     out.update(seconds_per_step=per_step, seconds_per_step_median=float(np.median(timed)),
                seconds_per_step_all=[float(v) for v in timed], sequences_per_second=windows / per_step,
@@ -309,8 +323,10 @@ def measure(spec: str, child_args: list[str], limit_s: float) -> dict:
     cmd = [sys.executable, "-m", "benchmarks.scale", "--case", spec, *child_args]
     load_before = os.getloadavg()[0]  # a shared machine's noise, made visible (2 cores: above 2 = contention)
     t0 = time.perf_counter()
+    # As `make bench`: idle OpenMP threads sleep instead of spinning (Makefile, OMP_WAIT_POLICY).
+    env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ}
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+                            start_new_session=True, env=env)
     peak_tree = [0.0]
     done = threading.Event()
 
@@ -347,11 +363,11 @@ def measure(spec: str, child_args: list[str], limit_s: float) -> dict:
     return out
 
 
-def _fit_exponent(rows: list[dict]) -> dict | None:
-    """Slope (and R^2) of log(median seconds per step) against log(items) over the given
-    rows: the median, because on a shared machine one step stalled by another process would
-    otherwise move the slope."""
-    pts = [(r["items"], r["seconds_per_step_median"]) for r in rows if r.get("seconds_per_step_median")]
+def _fit_exponent(rows: list[dict], key: str = "cpu_seconds_per_step_median") -> dict | None:
+    """Slope (and R^2) of log(``key``) against log(items) over the given rows. The default is
+    the median CPU seconds of a step: on a shared machine wall time mostly measures the other
+    processes, and one stalled step would move a mean."""
+    pts = [(r["items"], r[key]) for r in rows if r.get(key)]
     if len(pts) < 2:
         return None
     x = np.log([p[0] for p in pts])
@@ -381,7 +397,9 @@ def summarise(cases: dict) -> dict:
     """The headline figures of a run: the exponent and the targets of issue 13."""
     sampled = [v for k, v in cases.items() if k.startswith("train:") and v.get("loss") == "sampled"
                and v.get("nproc") == 1]
-    out: dict = {"sampled_step_exponent": _fit_exponent(sorted(sampled, key=lambda r: r["items"]))}
+    ordered = sorted(sampled, key=lambda r: r["items"])
+    out: dict = {"sampled_step_exponent": _fit_exponent(ordered),
+                 "sampled_step_exponent_wall": _fit_exponent(ordered, "seconds_per_step_median")}
     big = [v for v in sampled if v.get("items") == 1_000_000 and "seconds_per_step" in v]
     if big:
         steps_mb = big[0].get("train_peak_rss_mb")

@@ -150,7 +150,7 @@ def test_scale_world_is_deterministic_and_shaped_like_a_catalogue():
 
 def test_scale_exponent_is_the_log_log_slope():
     from benchmarks.scale import _fit_exponent
-    rows = [{"items": n, "seconds_per_step_median": 0.5 * n ** 0.25} for n in (10**4, 10**5, 10**6)]
+    rows = [{"items": n, "cpu_seconds_per_step_median": 0.5 * n ** 0.25} for n in (10**4, 10**5, 10**6)]
     fit = _fit_exponent(rows)
     assert fit["exponent"] == pytest.approx(0.25) and fit["r2"] == pytest.approx(1.0)
     assert _fit_exponent(rows[:1]) is None
@@ -175,6 +175,7 @@ def test_scale_benchmark_runs_a_tiny_world_and_merges_into_results(tmp_path):
     train = scale["cases"]["train:2000:sampled:1"]
     assert "error" not in train, train
     assert train["items"] == 2000 and train["num_negatives"] == 64 and len(train["seconds_per_step_all"]) == 2
+    assert 0 < train["cpu_seconds_per_step"] < 120 and train["train_peak_rss_mb"] <= train["peak_rss_mb"]
     assert 0 < train["seconds_per_step"] < 60 and train["sequences_per_second"] == pytest.approx(32 / train["seconds_per_step"])
     assert 19_000 <= train["interactions"] <= 21_000 and 100 < train["peak_rss_mb"] < 4000
     ev = scale["cases"]["eval:2000"]
