@@ -5,8 +5,9 @@
 Each argument is a folder of ``seed-<S>/`` runs (``hm4sr train --out``); the first is the
 baseline. Prints, for valid and test NDCG@10 and NDCG@20: every seed's value, mean +- std
 over seeds (:func:`hm4sr_core.significance.mean_std`), the per-seed difference to the
-baseline's run of the same seed, and, per seed, the Wilcoxon signed-rank p-value over
-test users (:func:`hm4sr_core.significance.paired_test`; valid per-user metrics likewise).
+baseline's run of the same seed with, per seed, the Wilcoxon signed-rank p-value over
+users (:func:`hm4sr_core.significance.paired_test`, per-user valid or test metrics), and
+the mean difference with a paired t-test over seeds.
 """
 
 from __future__ import annotations
@@ -36,15 +37,18 @@ def main(argv: list[str] | None = None) -> None:
     records = {g: {s: json.loads((runs[g][s] / "results.json").read_text()) for s in runs[g]} for g in args.groups}
     print(f"seeds finished in every group: {seeds}\n")
     for split in ("valid", "test"):
-        lines = [f"| {split} | " + " | ".join(f"seed {s}" for s in seeds) + " | mean +- std |", "|---|" + "---:|" * (len(seeds) + 1)]
+        lines = [f"| {split} | " + " | ".join(f"seed {s}" for s in seeds) + " | mean +- std |",
+                 "|---|" + "---:|" * (len(seeds) + 1)]
         for metric in METRICS:
             for g in args.groups:
                 values = [records[g][s][split][metric] for s in seeds]
                 m, sd = mean_std(values) if len(values) > 1 else (values[0], float("nan"))
-                lines.append(f"| {g.name} {metric} | " + " | ".join(f"{v:.4f}" for v in values) + f" | {m:.4f} +- {sd:.4f} |")
+                lines.append(f"| {g.name} {metric} | " + " | ".join(f"{v:.4f}" for v in values)
+                             + f" | {m:.4f} +- {sd:.4f} |")
         print("\n".join(lines) + "\n")
     for g in args.groups[1:]:
-        lines = [f"| {g.name} - {base.name} | split | metric | " + " | ".join(f"seed {s}" for s in seeds) + " | mean |",
+        lines = [f"| {g.name} - {base.name} | split | metric | " + " | ".join(f"seed {s}" for s in seeds)
+                 + " | mean |",
                  "|---|---|---|" + "---:|" * (len(seeds) + 1)]
         for split in ("valid", "test"):
             for metric in METRICS:
@@ -57,7 +61,12 @@ def main(argv: list[str] | None = None) -> None:
                     pval = paired_test(a.loc[users].to_numpy(), b.loc[users].to_numpy())["p_value"]
                     diffs.append(d)
                     cells.append(f"{d:+.4f} (p={pval:.2g})")
-                lines.append(f"| | {split} | {metric} | " + " | ".join(cells) + f" | {sum(diffs) / len(diffs):+.4f} |")
+                mean = f"{sum(diffs) / len(diffs):+.4f}"
+                if len(seeds) > 1:  # paired t-test over seeds (each seed's run against the baseline's)
+                    a = [records[g][s][split][metric] for s in seeds]
+                    b = [records[base][s][split][metric] for s in seeds]
+                    mean += f" (t-test over seeds p={paired_test(a, b, method='ttest')['p_value']:.2g})"
+                lines.append(f"| | {split} | {metric} | " + " | ".join(cells) + f" | {mean} |")
         print("\n".join(lines) + "\n")
     for g in args.groups:
         secs = [records[g][s]["seconds_per_epoch"] for s in seeds]
