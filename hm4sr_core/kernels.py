@@ -325,7 +325,8 @@ def backward_in_parts(model: HM4SR, batch: SequenceBatch, parts: int, *, introsp
     """A prefix-mode training step's forward and backward with the sequence side run on
     ``parts`` slices of the batch at a time (``TrainConfig.micro_batches``): about
     1/``parts`` of its activation memory, for one more forward pass of the sequence side
-    (and the catalogue's projection once more per part).
+    (and the item side's projection once more per part: the catalogue's, or with
+    ``rec_loss="sampled"`` the step's rows only, negatives drawn once per batch).
 
     The losses still see the whole batch (the contrastive ones take in-batch
     negatives): the sequence vectors are first computed part by part without a graph,
@@ -401,7 +402,7 @@ def backward_in_parts(model: HM4SR, batch: SequenceBatch, parts: int, *, introsp
     for state, sl in zip(states, slices):
         set_rng_state(state)
         sub, sub_place = part(sl)
-        with amp():  # the catalogue's projection again: the part's graph must reach its weights
+        with amp():  # the item side's projection again: the part's graph must reach its weights
             h_part, aug_part, _ = model._encode(sub, model.item_tables(ids), sub_place, False)
         outputs, grads = [h_part], [h.grad[:, sl]]
         if aug_part is not None:

@@ -3,7 +3,8 @@
 Small modules first, in the order of the forward pass: the feature tables' width
 (section 1), the Interactive MoE (2.2), the time embedding (2.3), the Temporal MoE (2.4),
 the per-stream Transformer encoders (2.5); then :class:`HM4SR` (forward, losses,
-scoring, 2.6), then the four losses as pure functions (section 3). SASRec is HM4SR with
+scoring, 2.6), then the four losses as pure functions (section 3), with the sampled
+next-item loss for large catalogues (docs/sampled_softmax.md). SASRec is HM4SR with
 the ID stream alone and every extra part off (``ModelConfig.sasrec()``).
 Pure torch: no file I/O, no device choice, no prints.
 
@@ -529,7 +530,9 @@ class HM4SR(nn.Module):
                 introspect: bool = False, generator: torch.Generator | None = None) -> HM4SROutput:
         """Encode ``batch``. ``losses`` computes every enabled loss (needs targets; dense
         layout when ``batch.position_targets`` is set); ``scores`` returns full-catalogue
-        scores; ``introspect`` returns gates, lambda and the time inputs."""
+        scores; ``introspect`` returns gates, lambda and the time inputs. With
+        ``rec_loss="sampled"`` and ``losses`` the step draws its negatives from ``generator``
+        (after the placeholders) and computes the item side for its own rows only."""
         dense = losses and batch.position_targets is not None
         every = dense and self.config.dense_auxiliary == "every_position"
         place = self._placeholder_draw(batch, generator) if losses else None
