@@ -79,6 +79,11 @@ def backend_for(device: str) -> str:
     return "nccl" if device.startswith("cuda") else "gloo"
 
 
+def backend() -> str:
+    """The initialised process group's backend ("gloo", "nccl")."""
+    return str(dist.get_backend())
+
+
 def setup(device: str = "cpu", timeout_s: float = DEFAULT_TIMEOUT_S) -> Ranks:
     """Join the process group described by the environment (RANK, WORLD_SIZE, LOCAL_RANK,
     MASTER_ADDR, MASTER_PORT: what ``torchrun`` and :func:`spawn` set). On CUDA each rank

@@ -322,7 +322,7 @@ def train(dataset: Dataset, model_config: ModelConfig = ModelConfig(), config: T
         "environment": environment(),
     }
     if ranks.active:
-        record["distributed"] = {"world_size": ranks.world, "backend": distributed.backend_for(device.type),
+        record["distributed"] = {"world_size": ranks.world, "backend": distributed.backend(),
                                  "shards": "rows rank::world of each global batch",
                                  "contrastive_negatives": "within each rank's shard"}
     result = TrainResult(model, valid, test, pd.DataFrame(steps_rows), epochs_df, best_epoch,

@@ -1,11 +1,12 @@
-"""The rank side of tests/test_distributed.py: ``python tests/ddp_ranks.py CASE OUT``
-starts two gloo ranks on 127.0.0.1 with :func:`hm4sr_core.distributed.spawn` and runs
-CASE in each; rank 0 saves what the test compares into OUT. Run in a subprocess with a
-timeout, so no test can hang.
+"""The rank side of tests/test_distributed.py and tests/test_cuda.py:
+``python tests/ddp_ranks.py CASE OUT [NPROC]`` starts NPROC (default 2) ranks on
+127.0.0.1 with :func:`hm4sr_core.distributed.spawn` and runs CASE in each; rank 0 saves
+what the test compares into OUT. Run in a subprocess with a timeout, so no test can hang.
 
-Cases: ``train`` (the runs compared with one process, the gradient with contrastive
-losses, sharded evaluation, a killed and resumed run), ``kill`` (rank 1 is SIGKILLed
-after its first epoch), ``raise`` (rank 1 raises after its first epoch).
+Cases: ``train`` (gloo: the runs compared with one process, the gradient with
+contrastive losses, sharded evaluation, a killed and resumed run), ``kill`` (rank 1 is
+SIGKILLed after its first epoch), ``raise`` (rank 1 raises after its first epoch),
+``cuda`` (nccl, rank r on cuda:r: one run compared with one process, sharded evaluation).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import json
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -84,7 +86,8 @@ def case_train(out: Path) -> None:
     torch.manual_seed(0)
     model = build_model(HM4SR_FULL, ds).train()
     net = distributed.wrap_model(model, torch.device("cpu"))
-    batch = next(iter(iterate_batches(split.train_prefix, 45, shuffle=True, generator=torch.Generator().manual_seed(2))))
+    batch = next(iter(iterate_batches(split.train_prefix, 45, shuffle=True,
+                                      generator=torch.Generator().manual_seed(2))))
     shard = distributed.shard_batch(batch, ranks)
     result = net(shard.batch, losses=True, generator=torch.Generator().manual_seed(100 + ranks.rank))
     (result.loss * shard.weight).backward()
@@ -110,12 +113,29 @@ def case_train(out: Path) -> None:
                              for k, v in whole.model.state_dict().items())}, out / "resume.pt")
 
 
+CUDA_CASE = "sasrec_dense"
+
+
+def case_cuda(out: Path) -> None:
+    ds, split = tiny_world()
+    model_cfg, train_cfg = equality_cases(split)[CUDA_CASE]
+    result = train(ds, model_cfg, train_cfg.replace(device="cuda"), out_dir=out / CUDA_CASE, data_hash="tiny",
+                   progress=False, split=split)
+    ranks = distributed.current()
+    device = torch.device("cuda", ranks.local_rank)
+    got = evaluate(result.model, split.valid, EVAL_CONFIG.replace(device="cuda"), history=split.train_history(),
+                   time_origin=int(ds.stats["first_timestamp"]), device=device, ranks=ranks)
+    _save({"per_user": got.per_user, "users": got.users, "backend": torch.distributed.get_backend()},
+          out / "eval.pt")
+
+
 def case_fail(out: Path, how: str) -> None:
     ds, split = tiny_world()
     ranks = distributed.current()
 
     def fail(row):
         if ranks.rank == 1:
+            (out / "failed_at").write_text(repr(time.time()))
             if how == "kill":
                 os.kill(os.getpid(), signal.SIGKILL)
             raise ValueError("planted failure in rank 1")
@@ -128,15 +148,22 @@ def run_rank(case: str, out: str) -> None:
     torch.set_num_threads(1)
     if case == "train":
         case_train(Path(out))
+    elif case == "cuda":
+        case_cuda(Path(out))
     else:
         case_fail(Path(out), case)
 
 
 if __name__ == "__main__":
     case, out = sys.argv[1], sys.argv[2]
+    nproc = int(sys.argv[3]) if len(sys.argv) > 3 else 2
+    Path(out).mkdir(parents=True, exist_ok=True)
     try:
-        distributed.spawn(run_rank, 2, (case, out), timeout_s=60.0, grace_s=5.0)
+        distributed.spawn(run_rank, nproc, (case, out), device="cuda" if case == "cuda" else "cpu", timeout_s=60.0,
+                          grace_s=5.0)
     except distributed.DistributedError as err:
-        print(json.dumps({"error": str(err)}))
+        failed_at = Path(out) / "failed_at"
+        after = time.time() - float(failed_at.read_text()) if failed_at.exists() else None
+        print(json.dumps({"error": str(err), "seconds_after_failure": after}))
         sys.exit(1)
     print(json.dumps({"error": None}))

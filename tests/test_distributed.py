@@ -13,7 +13,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -43,18 +42,16 @@ def _env() -> dict:
             "HF_HUB_OFFLINE": "1"}
 
 
-def _ranks(case: str, out: Path, timeout: float) -> tuple[subprocess.CompletedProcess, float]:
-    t0 = time.monotonic()
-    done = subprocess.run([sys.executable, str(ROOT / "tests" / "ddp_ranks.py"), case, str(out)], cwd=ROOT,
+def _ranks(case: str, out: Path, timeout: float) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "tests" / "ddp_ranks.py"), case, str(out)], cwd=ROOT,
                           env=_env(), capture_output=True, text=True, timeout=timeout)
-    return done, time.monotonic() - t0
 
 
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory):
     """Folder of the ``train`` case run by two ranks (tests/ddp_ranks.py)."""
     out = tmp_path_factory.mktemp("ddp")
-    done, _ = _ranks("train", out, timeout=600)
+    done = _ranks("train", out, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return out
 
@@ -144,9 +141,10 @@ def test_training_results_rank_every_user_once_as_one_process(ddp_run, world):
     """results.json and per_user_valid.parquet of a two-rank run: its best model scored by
     one process gives the same rows, in the same order."""
     ds, split = world
-    model_cfg, train_cfg = ddp_ranks.equality_cases(split)["hm4sr_dense"]
+    _, train_cfg = ddp_ranks.equality_cases(split)["hm4sr_dense"]
     model = model_from_checkpoint(load_checkpoint(ddp_run / "hm4sr_dense" / "best.pt"), ds)
-    want = evaluate(model, split.valid, train_cfg, history=split.train_history(), time_origin=int(ds.stats["first_timestamp"]))
+    want = evaluate(model, split.valid, train_cfg, history=split.train_history(),
+                    time_origin=int(ds.stats["first_timestamp"]))
     got = pd.read_parquet(ddp_run / "hm4sr_dense" / "per_user_valid.parquet")
     assert got["user"].is_unique and np.array_equal(got["user"].to_numpy(), want.users)
     for k, v in want.per_user.items():
@@ -190,11 +188,13 @@ def test_a_run_stopped_on_every_rank_resumes_to_the_same_result(ddp_run):
 @pytest.mark.parametrize("how, message", [("kill", "rank 1 of 2 was killed by signal SIGKILL"),
                                           ("raise", "rank 1 of 2 failed with ValueError: planted failure in rank 1")])
 def test_a_dead_rank_ends_the_run_with_its_name_and_error(tmp_path, how, message):
-    done, seconds = _ranks(how, tmp_path, timeout=180)
+    done = _ranks(how, tmp_path, timeout=300)
     assert done.returncode == 1, done.stderr[-3000:]
-    error = json.loads(done.stdout.strip().splitlines()[-1])["error"]
-    assert error.startswith(message), error
-    assert seconds < 120, seconds  # the survivor did not wait for its 60 s collective timeout twice over
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["error"].startswith(message), report["error"]
+    # rank 0 fails at its next collective (the peer's connection is gone), not after the
+    # 60 s timeout, and the launcher returns within its 5 s grace
+    assert report["seconds_after_failure"] < 30, report
 
 
 # ----------------------------------------------------------------------------- command line
