@@ -66,12 +66,15 @@ def measure(path: str, version: str, user_core: int, item_core: int) -> dict:
                            rss_after_meta_mb=_rss_mb(), peak_after_meta_mb=_peak_mb())
         return result
 
-    amazon.read_meta = timed_read_meta
     reviews, meta = amazon.locate_amazon(path, version=version)
     stages, cpu = {}, {}
-    start, cpu_start = time.perf_counter(), _cpu_seconds()
-    raw = amazon.read_amazon(reviews, meta, version=version)
-    stages["read"], cpu["read"] = time.perf_counter() - start, _cpu_seconds() - cpu_start
+    amazon.read_meta = timed_read_meta
+    try:
+        start, cpu_start = time.perf_counter(), _cpu_seconds()
+        raw = amazon.read_amazon(reviews, meta, version=version)
+        stages["read"], cpu["read"] = time.perf_counter() - start, _cpu_seconds() - cpu_start
+    finally:
+        amazon.read_meta = read_meta
     out.update(meta_timing, rss_after_read_mb=_rss_mb(), peak_after_read_mb=_peak_mb(),
                reviews=int(raw.source["reviews"]), items_read=int(len(raw.items)))
     raw.modalities = [m for m in raw.modalities if m.name != "text"]
