@@ -6,7 +6,7 @@ ids, item table) -> both split hashes -> save to a temporary folder (deleted aft
 text modality (MiniLM over every surviving item) is taken out before preprocessing and not
 measured: it is the feature step, cached and timed on its own (docs/performance.md).
 
-Prints one JSON object: seconds per stage, the process's resident memory after each stage
+Prints one JSON object: wall and CPU (user + system) seconds per stage, the process's resident memory after each stage
 and its peak (``ru_maxrss``), metadata reading apart, and the row counts.
 
     python -m benchmarks.prepare_large --path benchmarks/_work/amazon10m
@@ -39,6 +39,12 @@ def _peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def _cpu_seconds() -> float:
+    """User + system CPU time of this process: steadier than wall time on a shared host."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def measure(path: str, version: str, user_core: int, item_core: int) -> dict:
     import hm4sr_core
     from hm4sr_core.config import PreprocessConfig, SplitConfig
@@ -53,42 +59,47 @@ def measure(path: str, version: str, user_core: int, item_core: int) -> dict:
 
     def timed_read_meta(*args, **kwargs):
         # Wrapped only to time the metadata pass inside read_amazon; the call is unchanged.
-        before, start = _rss_mb(), time.perf_counter()
+        before, start, cpu_start = _rss_mb(), time.perf_counter(), _cpu_seconds()
         result = read_meta(*args, **kwargs)
-        meta_timing.update(meta_seconds=time.perf_counter() - start, rss_before_meta_mb=before,
+        meta_timing.update(meta_seconds=time.perf_counter() - start, meta_cpu_seconds=_cpu_seconds() - cpu_start,
+                           rss_before_meta_mb=before,
                            rss_after_meta_mb=_rss_mb(), peak_after_meta_mb=_peak_mb())
         return result
 
-    amazon.read_meta = timed_read_meta
     reviews, meta = amazon.locate_amazon(path, version=version)
-    stages = {}
-    start = time.perf_counter()
-    raw = amazon.read_amazon(reviews, meta, version=version)
-    stages["read"] = time.perf_counter() - start
+    stages, cpu = {}, {}
+    amazon.read_meta = timed_read_meta
+    try:
+        start, cpu_start = time.perf_counter(), _cpu_seconds()
+        raw = amazon.read_amazon(reviews, meta, version=version)
+        stages["read"], cpu["read"] = time.perf_counter() - start, _cpu_seconds() - cpu_start
+    finally:
+        amazon.read_meta = read_meta
     out.update(meta_timing, rss_after_read_mb=_rss_mb(), peak_after_read_mb=_peak_mb(),
                reviews=int(raw.source["reviews"]), items_read=int(len(raw.items)))
     raw.modalities = [m for m in raw.modalities if m.name != "text"]
 
     config = PreprocessConfig(user_core=user_core, item_core=item_core)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), _cpu_seconds()
     ds = preprocess(raw, config)
-    stages["preprocess"] = time.perf_counter() - start
+    stages["preprocess"], cpu["preprocess"] = time.perf_counter() - start, _cpu_seconds() - cpu_start
     del raw
     out.update(rss_after_preprocess_mb=_rss_mb(), peak_after_preprocess_mb=_peak_mb(),
                rows_after_dedup=ds.preprocessing["rows_after_dedup"], interactions=ds.stats["interactions"],
                users=ds.stats["users"], items=ds.stats["items"], categories=len(ds.category_names))
 
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), _cpu_seconds()
     hashes = {kind: build_split(ds, SplitConfig(kind=kind, max_length=config.max_length)).hash()
               for kind in ("leave_one_out", "temporal")}
-    stages["splits"] = time.perf_counter() - start
+    stages["splits"], cpu["splits"] = time.perf_counter() - start, _cpu_seconds() - cpu_start
     out.update(rss_after_splits_mb=_rss_mb(), peak_after_splits_mb=_peak_mb())
 
     with tempfile.TemporaryDirectory() as folder:
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), _cpu_seconds()
         save_dataset(ds, Path(folder) / "ds", extra={"split_hashes": hashes})
-        stages["save"] = time.perf_counter() - start
+        stages["save"], cpu["save"] = time.perf_counter() - start, _cpu_seconds() - cpu_start
     out.update(stages={k: round(v, 1) for k, v in stages.items()}, total_seconds=round(sum(stages.values()), 1),
+               cpu_seconds={k: round(v, 1) for k, v in cpu.items()}, total_cpu_seconds=round(sum(cpu.values()), 1),
                peak_rss_mb=round(_peak_mb()), split_hashes=hashes)
     return out
 

@@ -73,3 +73,20 @@ def test_cli_writes_and_refuses_nonsense(tmp_path: Path, capsys):
     assert "Synthetic_Goods.jsonl.gz" in capsys.readouterr().out
     assert main(["--interactions", "0", "--out", str(tmp_path / "none")]) == 2
     assert "interactions must be >= 1" in capsys.readouterr().err
+
+
+def test_prepare_large_measures_every_stage_on_the_generated_files(files):
+    from benchmarks.prepare_large import measure
+    from hm4sr_core.config import PreprocessConfig, SplitConfig
+    from hm4sr_core.data.preprocess import preprocess
+    from hm4sr_core.data.splits import build_split
+
+    result = measure(str(files[0].parent), "2023", user_core=2, item_core=2)
+    assert set(result["stages"]) == set(result["cpu_seconds"]) == {"read", "preprocess", "splits", "save"}
+    assert result["reviews"] == 5000 and result["meta_seconds"] > 0
+    assert result["peak_rss_mb"] >= result["rss_after_read_mb"] > 0
+    raw = read_amazon(*files, version="2023")
+    raw.modalities = []
+    ds = preprocess(raw, PreprocessConfig(user_core=2, item_core=2))
+    assert result["interactions"] == ds.stats["interactions"] and result["items"] == ds.num_items
+    assert result["split_hashes"]["temporal"] == build_split(ds, SplitConfig(kind="temporal")).hash()

@@ -4,6 +4,10 @@ Steps, in order, each an explicit parameter of :class:`PreprocessConfig`:
 validation -> de-duplication -> iterative k-core -> deterministic ordering (same-second
 ties broken by item token) -> dense id remapping -> feature alignment (encoders run
 only on surviving items) -> statistics.
+
+Ids are coded to integers first (:class:`CodedInteractions`; a categorical column, as the
+Amazon reader returns, keeps its own codes), so de-duplication and k-core are array
+operations and each id exists once as a string, whatever the number of rows.
 """
 
 from __future__ import annotations

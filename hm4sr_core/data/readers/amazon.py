@@ -81,6 +81,7 @@ from hm4sr_core.data.schema import DataError, RawDataset, RawModality
 VERSIONS = ("2014", "2018", "2023")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")  # preference order when an asin has several
 IMAGE_CHUNK = 256  # images opened at once: bounds memory on large folders
+CHUNK_BYTES = 8 * 2**20  # decompressed review bytes parsed at once: bounds memory; larger was no faster
 CITATIONS = {
     "2014": "McAuley et al., SIGIR 2015; He & McAuley, WWW 2016",
     "2018": "Ni, Li & McAuley, EMNLP 2019",
@@ -348,7 +349,7 @@ def _arrow_options(schema: _Schema) -> pa_json.ParseOptions:
     return pa_json.ParseOptions(explicit_schema=pa.schema(fields), unexpected_field_behavior="ignore")
 
 
-def read_reviews(path: str | Path, version: str, *, chunk_bytes: int = 32 * 2**20) -> pd.DataFrame:
+def read_reviews(path: str | Path, version: str, *, chunk_bytes: int = CHUNK_BYTES) -> pd.DataFrame:
     """Reviews file -> DataFrame user, item (categorical: codes into the id strings, which
     are in order of first appearance, all used), timestamp (int64 s); rows in file order.
 
