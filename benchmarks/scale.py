@@ -9,10 +9,12 @@ peak RSS is its own, under a time limit; a case that cannot run is recorded with
 reason, never crashes the benchmark. Figures go into benchmarks/results.json under
 "scale" (merged: other parts of the file are kept).
 
-    python -m benchmarks.scale                           # everything (about 20 minutes here)
+    python -m benchmarks.scale                           # everything (about 8 minutes here)
     python -m benchmarks.scale --sizes 1e4,1e5 --only train
     python -m benchmarks.scale --skip prepare --set device=cuda
     python -m benchmarks.scale --case train:1e4:sampled:1  # one case, printed as JSON
+    torchrun ... -m benchmarks.scale --case train:1e6:sampled:torchrun  # one case over several machines
+    python -m benchmarks.scale --table                   # the recorded figures as Markdown
 
 Training throughput is windows ("sequences") per second over ``--steps`` steps after
 ``--warmup`` steps; the exponent is the slope of log(seconds per step) against log(items)
@@ -137,6 +139,30 @@ def case_train(args, size: int, loss: str, nproc: int) -> dict:
     return out
 
 
+def case_train_torchrun(args, size: int, loss: str) -> dict | None:
+    """A training case under torchrun (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT set;
+    several machines): this process is one rank; rank 0 returns the figures, the others None.
+    Each rank gets ``--threads`` // LOCAL_WORLD_SIZE torch threads."""
+    from hm4sr_core import distributed
+    _, train_over = _overrides(args)
+    ranks = distributed.setup(train_over.get("device", "cpu"), args.case_limit)
+    try:
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", ranks.world))
+        out = train_steps(args, size, loss, ranks.world, threads=max(1, args.threads // local))
+        out["rank_peak_rss_mb"] = _peak_rss_mb()
+        every = distributed.gather_objects(out, ranks)
+    finally:
+        distributed.teardown()
+    if not ranks.main:
+        return None
+    merged = every[0]
+    merged["launcher"] = "torchrun"
+    merged["rank_peak_rss_mb"] = [r["rank_peak_rss_mb"] for r in every]
+    merged["rank_seconds_per_step"] = [r["seconds_per_step"] for r in every]
+    merged["ranks_peak_rss_sum_mb"] = sum(merged["rank_peak_rss_mb"])
+    return merged
+
+
 def _ddp_rank(args: dict, size: int, loss: str, nproc: int, folder: str) -> None:
     """One DDP rank of a training case: its figures into ``folder``/rank-<r>.json."""
     from hm4sr_core import distributed
@@ -145,7 +171,7 @@ def _ddp_rank(args: dict, size: int, loss: str, nproc: int, folder: str) -> None
     (Path(folder) / f"rank-{distributed.current().rank}.json").write_text(json.dumps(out))
 
 
-def train_steps(args, size: int, loss: str, nproc: int) -> dict:
+def train_steps(args, size: int, loss: str, nproc: int, threads: int | None = None) -> dict:
     """Build the world and its dense split, run ``train()`` for warm-up + timed steps (one
     epoch, validation on ``EVAL_SPLIT_EXAMPLES`` examples), return the step times."""
     import hm4sr_core.train as training
@@ -156,7 +182,7 @@ def train_steps(args, size: int, loss: str, nproc: int) -> dict:
     split = dense_split(ds, mc.max_length, EVAL_SPLIT_EXAMPLES)
     rss_data = _peak_rss_mb()
     steps = args.warmup + args.steps
-    threads = max(1, args.threads // nproc)
+    threads = threads or max(1, args.threads // nproc)
     cfg = TrainConfig(**{"mode": "dense", "epochs": 1, "max_steps_per_epoch": steps, "threads": threads,
                          "patience": 100, "seed": args.seed, **train_over})
     n_prefix = ds.stats["interactions"] - 3 * ds.stats["users"]
@@ -275,13 +301,15 @@ def ensure_amazon_file(path: Path, interactions: int) -> str:
 def run_case(args, spec: str) -> dict:
     """Run one case ``part[:size[:loss[:nproc]]]`` in this process (the child side)."""
     bits = spec.split(":")
-    if bits[0] == "train":
+    if bits[0] == "train" and len(bits) == 4 and bits[3] == "torchrun":
+        return case_train_torchrun(args, _size(bits[1]), bits[2])
+    if bits[0] == "train" and len(bits) == 4:
         return case_train(args, _size(bits[1]), bits[2], int(bits[3]))
     if bits[0] == "eval":
         return case_eval(args, _size(bits[1]))
     if bits[0] == "prepare":
         return case_prepare(args)
-    raise SystemExit(f"unknown case {spec!r}: expected train:SIZE:full|sampled:NPROC, eval:SIZE or prepare")
+    raise SystemExit(f"unknown case {spec!r}: expected train:SIZE:full|sampled:NPROC|torchrun, eval:SIZE or prepare")
 
 
 # --------------------------------------------------------------------------- parent side
@@ -399,7 +427,12 @@ def summarise(cases: dict) -> dict:
                and v.get("nproc") == 1]
     ordered = sorted(sampled, key=lambda r: r["items"])
     out: dict = {"sampled_step_exponent": _fit_exponent(ordered),
-                 "sampled_step_exponent_wall": _fit_exponent(ordered, "seconds_per_step_median")}
+                 "sampled_step_exponent_wall": _fit_exponent(ordered, "seconds_per_step_median"),
+                 # between neighbouring sizes: where the O(N) part of a step starts to dominate
+                 "sampled_step_exponent_local": [
+                     {"items": [a["items"], b["items"]], **_fit_exponent([a, b])}
+                     for a, b in zip(ordered, ordered[1:])
+                     if a.get("cpu_seconds_per_step_median") and b.get("cpu_seconds_per_step_median")]}
     big = [v for v in sampled if v.get("items") == 1_000_000 and "seconds_per_step" in v]
     if big:
         steps_mb = big[0].get("train_peak_rss_mb")
@@ -459,7 +492,7 @@ def parse_args(argv=None):
                    help="rec_loss values trained (default full,sampled)")
     p.add_argument("--nprocs", type=lambda s: [int(v) for v in s.split(",")], default=[1, 2],
                    help="process counts trained (default 1,2; 2 = DDP, threads split between them)")
-    p.add_argument("--steps", type=int, default=10, help="training steps timed per case (default 10)")
+    p.add_argument("--steps", type=int, default=20, help="training steps timed per case (default 20)")
     p.add_argument("--warmup", type=int, default=3, help="steps before the timed ones (default 3)")
     p.add_argument("--threads", type=int, default=2, help="torch threads per case, split between DDP processes")
     p.add_argument("--eval-users", type=int, default=1000, help="test users ranked per evaluation case (default 1000)")
@@ -478,6 +511,8 @@ def parse_args(argv=None):
     p.add_argument("--results", type=Path, default=RESULTS, help="JSON file the figures are merged into")
     p.add_argument("--headline", action="store_true",
                    help="print the headline scalars as one JSON line last (what make bench records in history.jsonl)")
+    p.add_argument("--table", action="store_true",
+                   help="print the recorded figures (--results) as Markdown tables and measure nothing")
     p.add_argument("--case", help="run one case in this process and print its JSON (what the parent runs)")
     args = p.parse_args(argv)
     if args.steps < 1 or args.warmup < 0:
@@ -496,8 +531,13 @@ def _child_args(args) -> list[str]:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.table:
+        print(table(json.loads(args.results.read_text())["scale"]))
+        return
     if args.case:
         out = run_case(args, args.case)
+        if out is None:  # a torchrun rank other than 0
+            return
         out["child_peak_rss_mb"] = _peak_rss_mb()
         if "rank_peak_rss_mb" in out:  # DDP: the launcher is small, the ranks hold the data
             out["launcher_peak_rss_mb"] = out["child_peak_rss_mb"]
@@ -540,6 +580,37 @@ def main(argv=None) -> None:
     print(json.dumps(scale["summary"], indent=2))
     if args.headline:
         print(json.dumps(headline(scale["summary"])))
+
+
+def table(scale: dict) -> str:
+    """The "scale" record as Markdown tables (what docs/performance.md shows)."""
+    cases = scale["cases"]
+    lines = ["| items | loss | processes | sequences/s | s/step (median) | CPU s/step (median) | "
+             "peak RSS, steps (MB) | peak RSS, train() (MB) |", "|---:|---|---:|---:|---:|---:|---:|---:|"]
+    for key, c in cases.items():
+        if not key.startswith("train:"):
+            continue
+        if "seconds_per_step" not in c:
+            why = c.get("skipped") or c.get("error", "")
+            lines.append(f"| {c.get('items', key.split(':')[1]):,} | {c.get('loss', '')} | {c.get('nproc', '')} | "
+                         f"not run: {why} | | | | |")
+            continue
+        rss = c["peak_rss_mb"] if c["nproc"] == 1 else f"{c['peak_rss_mb']:,.0f} per rank"
+        steps_rss = c.get("train_peak_rss_mb")
+        lines.append(f"| {c['items']:,} | {c['loss']} | {c['nproc']} | {c['sequences_per_second']:.1f} | "
+                     f"{c['seconds_per_step_median']:.3f} | {c.get('cpu_seconds_per_step_median', float('nan')):.3f} | "
+                     f"{steps_rss:,.0f} | " + (f"{rss:,.0f} |" if isinstance(rss, float) else f"{rss} |"))
+    lines += ["", "| items | users ranked | users/s | peak RSS (MB) |", "|---:|---:|---:|---:|"]
+    for key, c in cases.items():
+        if key.startswith("eval:") and "users_per_second" in c:
+            lines.append(f"| {c['items']:,} | {c['eval_users']:,} | {c['users_per_second']:.1f} | {c['peak_rss_mb']:,.0f} |")
+    prep = cases.get("prepare")
+    if prep and "prepare_seconds" in prep:
+        lines += ["", "| prepare | reviews | interactions after 5-core | seconds (read / preprocess / splits / save) "
+                  "| peak RSS (MB) |", "|---|---:|---:|---|---:|",
+                  f"| amazon2023 synthetic | {prep['reviews']:,} | {prep['interactions']:,} | {prep['prepare_seconds']:.1f} "
+                  f"({' / '.join(str(v) for v in prep['stages'].values())}) | {prep['peak_rss_mb']:,.0f} |"]
+    return "\n".join(lines)
 
 
 def headline(summary: dict) -> dict:
