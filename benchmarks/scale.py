@@ -129,8 +129,11 @@ def case_train(args, size: int, loss: str, nproc: int) -> dict:
     import tempfile
 
     from hm4sr_core import distributed
+    _, train_over = _overrides(args)
     with tempfile.TemporaryDirectory(prefix="hm4sr-scale-") as tmp:
-        distributed.spawn(_ddp_rank, nproc, (vars(args), size, loss, nproc, tmp), timeout_s=args.case_limit)
+        # gloo on the CPU, nccl with device=cuda (rank r on cuda:r)
+        distributed.spawn(_ddp_rank, nproc, (vars(args), size, loss, nproc, tmp),
+                          device=train_over.get("device", "cpu"), timeout_s=args.case_limit)
         ranks = [json.loads((Path(tmp) / f"rank-{r}.json").read_text()) for r in range(nproc)]
     out = ranks[0]
     out["rank_peak_rss_mb"] = [r["rank_peak_rss_mb"] for r in ranks]
