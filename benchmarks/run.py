@@ -189,7 +189,9 @@ def _run_scale(args) -> dict:
     """benchmarks/scale.py in its own process (its cases in processes of their own): it merges
     its figures into results.json under "scale" itself and prints its headline scalars last,
     returned here with a ``scale_`` prefix for the history line. Its progress lines pass through."""
-    cmd = [sys.executable, "-m", "benchmarks.scale", "--sizes", args.scale_sizes, "--headline"]
+    import shlex
+    cmd = [sys.executable, "-m", "benchmarks.scale", "--sizes", args.scale_sizes, "--headline",
+           *shlex.split(args.scale_args)]
     print("[bench] scale ...", file=sys.stderr, flush=True)
     proc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True)
     if proc.returncode != 0:
@@ -231,6 +233,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=7, help="evaluation repeats (median)")
     p.add_argument("--skip", action="append", default=[], choices=PARTS, help="parts to leave out (repeatable)")
     p.add_argument("--scale-sizes", default="1e4,1e5,1e6", help="catalogue sizes of the scale part (default 1e4,1e5,1e6)")
+    p.add_argument("--scale-args", default="", help="more options of the scale part, e.g. \"--skip prepare --steps 5\" "
+                                                     "(python -m benchmarks.scale --help)")
     p.add_argument("--history", action="store_true",
                    help="print the recorded runs (benchmarks/history.jsonl) and their medians, measure nothing")
     p.add_argument("--last", type=int, default=0, help="with --history: only the last N runs (default all)")

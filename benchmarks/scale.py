@@ -462,12 +462,21 @@ def summarise(cases: dict) -> dict:
 
 
 def write_results(scale: dict, path: Path = RESULTS) -> dict:
-    """Merge ``scale`` into ``path`` under "scale" (other keys kept), atomically; cases of an
-    earlier run that this one did not measure are kept."""
+    """Merge ``scale`` into ``path`` under "scale" (other keys kept), atomically. Cases of an
+    earlier run that this one did not measure are kept when it ran with the same settings
+    (e.g. ``--only prepare`` after ``--skip prepare``), dropped otherwise, so the summary never
+    fits an exponent across two protocols."""
     from hm4sr_core.data.store import write_json_atomic
     results = json.loads(path.read_text()) if path.exists() else {}
     old = results.get("scale", {})
-    merged = {**old.get("cases", {}), **scale["cases"]}
+    for spec in scale["cases"]:
+        scale["cases"][spec]["measured_at"] = scale["measured_at"]
+    if old.get("settings") == scale["settings"]:
+        merged = {**old.get("cases", {}), **scale["cases"]}
+    else:
+        merged = dict(scale["cases"])
+        if old.get("cases"):
+            scale["earlier_cases_dropped"] = f"{len(old['cases'])} cases of {old.get('measured_at')}: other settings"
     scale = {**scale, "cases": merged, "summary": summarise(merged)}
     results["scale"] = scale
     write_json_atomic(path, results)
@@ -581,8 +590,8 @@ def main(argv=None) -> None:
                           "mode": "dense", "world": "benchmarks.scale_world.make_scale_world defaults"}}
     scale = write_results(scale, args.results)
     print(json.dumps(scale["summary"], indent=2))
-    if args.headline:
-        print(json.dumps(headline(scale["summary"])))
+    if args.headline:  # this run's cases only: a history line must not repeat an earlier run's figures
+        print(json.dumps(headline(summarise(cases))))
 
 
 def table(scale: dict) -> str:

@@ -158,7 +158,9 @@ def test_scale_exponent_is_the_log_log_slope():
 
 def test_scale_benchmark_runs_a_tiny_world_and_merges_into_results(tmp_path):
     """python -m benchmarks.scale on 2,000 items (a 3-step sampled-softmax run and an
-    evaluation, each in its own process): the figures land under "scale", other keys stay."""
+    evaluation, each in its own process): the figures land under "scale", other keys stay;
+    a later run with the same settings keeps the cases it did not measure, and an earlier
+    run's cases of other settings are dropped."""
     results = tmp_path / "results.json"
     results.write_text(json.dumps({"eval_users_per_second": 1817.0, "scale": {"cases": {"eval:7": {"x": 1}}}}))
     cmd = [sys.executable, "-m", "benchmarks.scale", "--sizes", "2e3", "--nprocs", "1", "--losses", "sampled",
@@ -169,8 +171,8 @@ def test_scale_benchmark_runs_a_tiny_world_and_merges_into_results(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "[scale 1/2] train:2000:sampled:1" in proc.stderr  # a progress line per part
     out = json.loads(results.read_text())
-    assert out["eval_users_per_second"] == 1817.0 and out["scale"]["cases"]["eval:7"] == {"x": 1}
     scale = out["scale"]
+    assert out["eval_users_per_second"] == 1817.0 and "eval:7" not in scale["cases"]
     assert {"environment", "measured_at", "commit", "command", "settings", "summary"} <= set(scale)
     train = scale["cases"]["train:2000:sampled:1"]
     assert "error" not in train, train
@@ -181,6 +183,11 @@ def test_scale_benchmark_runs_a_tiny_world_and_merges_into_results(tmp_path):
     ev = scale["cases"]["eval:2000"]
     assert ev["eval_users"] == 50 and ev["users_per_second"] > 0 and ev["peak_rss_mb"] >= ev["rss_before_ranking_mb"]
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == {}  # headline: no exponent from one size
+
+    again = subprocess.run(cmd + ["--only", "eval"], capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stderr[-2000:]
+    later = json.loads(results.read_text())["scale"]["cases"]
+    assert later["train:2000:sampled:1"] == train and later["eval:2000"]["measured_at"] > ev["measured_at"]
 
 
 def test_scale_full_softmax_over_the_memory_limit_is_skipped_with_its_estimate(tmp_path):
