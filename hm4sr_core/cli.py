@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -127,6 +128,16 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--out", required=True, help="run folder to write")
     tr.add_argument("--resume", action="store_true", help="continue a killed run from --out/last.pt")
     tr.add_argument("--quiet", action="store_true", help="no progress bars")
+    tr.add_argument("--nproc", type=int, default=1, metavar="N",
+                    help="train data-parallel (DDP) in N processes on this machine (default 1): gloo on the CPU, "
+                         "nccl with --set device=cuda (rank r on cuda:r). The global batch stays batch_size / "
+                         "dense_batch_size, each rank trains on 1/N of it; each rank gets cores // N torch threads "
+                         "unless --set threads=K. On a 2-core machine it is rarely faster than one process. "
+                         "Several machines: start this command with torchrun instead (docs/guide.md, "
+                         "'Distributed training')")
+    tr.add_argument("--dist-timeout", type=float, default=300.0, metavar="SECONDS",
+                    help="with --nproc or torchrun: a rank waiting longer than this for the others fails "
+                         "instead of hanging (default 300)")
 
     ev = sub.add_parser("evaluate", help="re-score a checkpoint on validation or test",
                         description="Load a checkpoint (weights_only) and rank the split's targets against the "
@@ -219,8 +230,8 @@ def _train_configs(args) -> tuple[ModelConfig, TrainConfig]:
 
 
 def cmd_train(args) -> int:
-    from .data.store import load_dataset, read_manifest
-    from .train import train
+    from . import distributed
+    from .data.store import read_manifest
     model_cfg, train_cfg = _train_configs(args)  # validates before any work
     seeds = [train_cfg.seed]
     if args.seeds:
@@ -228,6 +239,38 @@ def cmd_train(args) -> int:
             seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
         except ValueError:
             raise ValueError(f"--seeds expects comma-separated integers, got {args.seeds!r}") from None
+    if args.nproc < 1:
+        raise ValueError(f"--nproc must be >= 1, got {args.nproc}")
+    if args.dist_timeout <= 0:
+        raise ValueError(f"--dist-timeout must be > 0 seconds, got {args.dist_timeout}")
+    launched = "WORLD_SIZE" in os.environ  # started by torchrun (or another launcher that sets it)
+    if args.nproc > 1 and launched:
+        raise ValueError("--nproc starts its own processes; under torchrun leave it out "
+                         "(torchrun's --nproc-per-node sets the number)")
+    if (args.nproc > 1 or launched) and train_cfg.micro_batches > 1:
+        raise ValueError("micro_batches > 1 is for one process: each rank already holds 1/N of a batch")
+    read_manifest(args.data)  # a missing dataset fails here, before any process starts
+    if args.nproc > 1:
+        if train_cfg.threads == 0:
+            train_cfg = train_cfg.replace(threads=max(1, (os.cpu_count() or 1) // args.nproc))
+        distributed.spawn(_train_seeds, args.nproc, (args, model_cfg, train_cfg, seeds),
+                          device=train_cfg.device, timeout_s=args.dist_timeout)
+    elif launched:
+        distributed.setup(train_cfg.device, args.dist_timeout)
+        try:
+            _train_seeds(args, model_cfg, train_cfg, seeds)
+        finally:
+            distributed.teardown()
+    else:
+        _train_seeds(args, model_cfg, train_cfg, seeds)
+    return 0
+
+
+def _train_seeds(args, model_cfg: ModelConfig, train_cfg: TrainConfig, seeds: list[int]) -> None:
+    """One run per seed (in every rank of a distributed run; rank 0 prints)."""
+    from .data.store import load_dataset, read_manifest
+    from .distributed import current
+    from .train import train
     manifest = read_manifest(args.data)
     dataset = load_dataset(args.data)
     for seed in seeds:
@@ -235,10 +278,10 @@ def cmd_train(args) -> int:
         result = train(dataset, model_cfg, train_cfg.replace(seed=seed), out_dir=out,
                        data_hash=manifest["data_hash"], resume=args.resume, progress=not args.quiet)
         m = result.test.metrics
-        print(f"{model_cfg.name} seed {seed}: best epoch {result.best_epoch}/{result.epochs_run}, "
-              f"test ndcg@10 {m['ndcg@10']:.4f} hr@10 {m['hr@10']:.4f} mrr@10 {m['mrr@10']:.4f} "
-              f"({result.seconds_per_epoch:.1f} s/epoch) -> {out}")
-    return 0
+        if current().main:
+            print(f"{model_cfg.name} seed {seed}: best epoch {result.best_epoch}/{result.epochs_run}, "
+                  f"test ndcg@10 {m['ndcg@10']:.4f} hr@10 {m['hr@10']:.4f} mrr@10 {m['mrr@10']:.4f} "
+                  f"({result.seconds_per_epoch:.1f} s/epoch) -> {out}", flush=True)
 
 
 def cmd_evaluate(args) -> int:
@@ -342,6 +385,7 @@ COMMANDS = {"prepare": cmd_prepare, "train": cmd_train, "evaluate": cmd_evaluate
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .distributed import DistributedError
     from .experiments import RunsFailed
     args = build_parser().parse_args(argv)
     try:
@@ -349,6 +393,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, RunsFailed) as err:  # DataError is a ValueError
         print(f"hm4sr {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except DistributedError as err:
+        print(f"hm4sr {args.command}: error: {err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"hm4sr {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -3,6 +3,10 @@
 Every model here scores by a dot product (query (B, K) x item matrix (N+1, K)), so
 ranking runs in item chunks through :mod:`hm4sr_core.metrics` and never holds a
 users x items matrix. The item matrix is computed once per evaluation.
+
+Under distributed training each rank ranks every ``world``-th evaluation batch (the same
+batches, so the same floating-point work, as one process) and the rows are gathered
+back into one process's order: the per-user metrics equal one process's to the bit.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from . import distributed
 from .config import TrainConfig
 from .data.splits import SequenceBatch, SplitPart, iterate_batches
 from .metrics import DEFAULT_KS, RankCounts, coverage_and_popularity, count_dot_product, metrics_from_counts
@@ -70,11 +75,13 @@ def query_by_length(model, batch: SequenceBatch, chunk: int = QUERY_CHUNK) -> to
 def evaluate(model, part: SplitPart, config: TrainConfig = TrainConfig(), *,
              history: list[np.ndarray] | None = None, popularity: np.ndarray | None = None,
              device: torch.device | str = "cpu", ks=DEFAULT_KS, time_origin: int = 0,
-             chunk_items: int = 65536) -> EvalResult:
+             chunk_items: int = 65536, ranks: distributed.Ranks = distributed.SINGLE) -> EvalResult:
     """Rank every example's target against the whole catalogue.
 
     ``history`` (per user id, item ids) is masked only when ``config.mask_history``.
     ``popularity`` ((N+1,) training counts) adds coverage@10 and popularity@10.
+    ``ranks`` of an active process group: this rank ranks batches ``rank::world`` and
+    every rank returns the whole, gathered result (a collective: call it on every rank).
     """
     was_training = model.training
     model.eval()
@@ -82,8 +89,12 @@ def evaluate(model, part: SplitPart, config: TrainConfig = TrainConfig(), *,
         item_matrix = model.item_matrix().to(device)
         greater, equal, tops, users = [], [], [], []
         gen = torch.Generator().manual_seed(config.seed)
-        for batch in iterate_batches(part, config.eval_batch_size):
-            batch = perturb_timestamps(batch, config.eval_time, gen, time_origin).to(device)
+        for i, batch in enumerate(iterate_batches(part, config.eval_batch_size)):
+            # every rank perturbs every batch, so the draws of its own stay those of one process
+            batch = perturb_timestamps(batch, config.eval_time, gen, time_origin)
+            if i % ranks.world != ranks.rank:
+                continue
+            batch = batch.to(device)
             exclude = None
             if config.mask_history and history is not None:
                 exclude = [torch.as_tensor(history[u], dtype=torch.int64, device=device)
@@ -95,6 +106,11 @@ def evaluate(model, part: SplitPart, config: TrainConfig = TrainConfig(), *,
             equal.append(counts.equal.cpu())
             tops.append(top.cpu())
             users.append(batch.users.cpu())
+        if ranks.active:  # rank r holds batches r, r + world, ...: interleave them back
+            parts = distributed.gather_objects((greater, equal, tops, users), ranks)
+            n = sum(len(p[0]) for p in parts)
+            greater, equal, tops, users = ([parts[i % ranks.world][f][i // ranks.world] for i in range(n)]
+                                           for f in range(4))
         counts = RankCounts(torch.cat(greater), torch.cat(equal))
         per_user = metrics_from_counts(counts.greater, counts.equal, ks, config.tie_policy)
         top_items = torch.cat(tops).numpy()

@@ -7,11 +7,19 @@ is scored once, by the best checkpoint, after training stops.
 Reproducibility on CPU: the batch order and placeholder positions come from a
 generator seeded by (seed, epoch); dropout draws from torch's global generator, whose
 state is saved in every checkpoint, so ``resume`` continues a killed run exactly.
+
+Inside a torch.distributed process group (``hm4sr train --nproc N``, torchrun) the same
+loop trains data-parallel (DDP): every rank draws the same batch order and trains on its
+shard of each global batch, evaluation is split over the ranks and gathered, and only
+rank 0 writes files (:mod:`hm4sr_core.distributed`; docs/guide.md, "Distributed
+training"). Rank r > 0 draws dropout from torch seeded with seed + r, and placeholders
+from a generator of its own.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import platform
 import tempfile
@@ -24,7 +32,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import __version__
+from . import __version__, distributed
 from .config import LOSS_NAMES, ModelConfig, SplitConfig, TrainConfig
 from .data.schema import Dataset
 from .data.splits import Split, build_split, iterate_batches
@@ -158,13 +166,21 @@ def train(dataset: Dataset, model_config: ModelConfig = ModelConfig(), config: T
     """
     from tqdm.auto import tqdm
 
+    ranks = distributed.current()
+    if ranks.active and config.micro_batches > 1:
+        raise ValueError(f"micro_batches={config.micro_batches} is for one process; with {ranks.world} ranks each "
+                         f"already holds 1/{ranks.world} of a batch (set micro_batches=1)")
     if config.threads:
         torch.set_num_threads(config.threads)
-    device = torch.device(config.device)
+    device = distributed.rank_device(config.device, ranks)
     out = Path(out_dir) if out_dir is not None else None
+    progress = progress and ranks.main
     split = split or build_split(dataset, SplitConfig(kind=config.split, max_length=model_config.max_length))
     # Seeds torch and numpy; building the split draws no random numbers.
     model = initial_model(dataset, model_config, config.seed).to(device).recompute_activations(config.recompute)
+    if ranks.rank > 0:
+        torch.manual_seed(config.seed + ranks.rank)  # every rank starts from the same weights, but its own dropout
+    net = distributed.wrap_model(model, device) if ranks.active else model
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
     train_part = split.train(config.mode)
@@ -188,7 +204,7 @@ def train(dataset: Dataset, model_config: ModelConfig = ModelConfig(), config: T
                              f"use a new --out folder or the same settings")
         model.load_state_dict(ck["model_state"])
         optimizer.load_state_dict(ck["optimizer_state"])
-        torch.set_rng_state(ck["rng_state"])
+        _restore_rng(ck, config.seed, ranks)
         steps_rows, epoch_rows = _rows(ck["steps"]), _rows(ck["epochs"])
         best_metric, best_epoch, bad_epochs = ck["best_metric"], ck["best_epoch"], ck["bad_epochs"]
         best_state = ck["best_state"]
@@ -204,6 +220,8 @@ def train(dataset: Dataset, model_config: ModelConfig = ModelConfig(), config: T
     for epoch in range(start_epoch, config.epochs + 1):
         model.train()
         gen = _epoch_generator(config.seed, epoch)
+        draws = gen if not ranks.active else \
+            torch.Generator().manual_seed(distributed.draw_seed(config.seed, epoch, ranks.rank))
         t0 = time.perf_counter()
         bar = tqdm(total=n_batches, desc=f"epoch {epoch}", disable=not progress, leave=False)
         sums: dict[str, float] = {}
@@ -211,7 +229,8 @@ def train(dataset: Dataset, model_config: ModelConfig = ModelConfig(), config: T
                                                   bucket=config.bucket_by_length)):
             if i >= n_batches:
                 break
-            batch = batch.to(device)
+            shard = distributed.shard_batch(batch, ranks) if ranks.active else None
+            batch = (shard.batch if shard is not None else batch).to(device)
             introspect = step % config.log_every == 0
             amp = config.amp and device.type == "cuda"
             if config.micro_batches > 1:  # forward and backward in parts (autocast inside), gradients left in .grad
@@ -220,12 +239,18 @@ def train(dataset: Dataset, model_config: ModelConfig = ModelConfig(), config: T
                                                  generator=gen, autocast_dtype=torch.bfloat16 if amp else None)
             else:
                 with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
-                    result = model(batch, losses=True, introspect=introspect, generator=gen)
+                    result = net(batch, losses=True, introspect=introspect, generator=draws)
                 optimizer.zero_grad(set_to_none=True)
-                result.loss.backward()
+                if shard is None:
+                    result.loss.backward()
+                else:  # DDP averages over ranks: this makes it the example-weighted mean
+                    (result.loss * shard.weight).backward()
             if config.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
             optimizer.step()
+            if shard is not None:  # the history shows the global batch's losses
+                losses, total = distributed.weighted_losses(result.losses, result.loss, shard)
+                result = dataclasses.replace(result, losses=losses, loss=total)
             for k, v in result.losses.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach())
             if step % config.log_every == 0:
@@ -240,7 +265,8 @@ def train(dataset: Dataset, model_config: ModelConfig = ModelConfig(), config: T
         row = {"epoch": epoch, "train_seconds": train_seconds}
         row.update({f"loss_{k}": v / max(n_batches, 1) for k, v in sums.items()})
         if epoch % config.eval_every == 0 or epoch == config.epochs:
-            valid = evaluate(model, split.valid, config, history=history, device=device, time_origin=origin)
+            valid = evaluate(model, split.valid, config, history=history, device=device, time_origin=origin,
+                             ranks=ranks)
             row.update({f"valid_{k}": v for k, v in valid.metrics.items()})
             metric = valid.metrics[config.valid_metric]
             if metric > best_metric:
@@ -259,9 +285,13 @@ def train(dataset: Dataset, model_config: ModelConfig = ModelConfig(), config: T
         if out is not None:
             payload = _checkpoint(model, optimizer, model_config, config, dataset.name, data_hash, steps_rows,
                                   epoch_rows, epoch, step, best_metric, best_epoch, bad_epochs, best_state)
-            _atomic_torch_save(payload, out / "last.pt")
-            if best_epoch == epoch:
-                _atomic_torch_save(payload, out / "best.pt")
+            if ranks.active:  # every rank's dropout state, so resume continues each rank exactly
+                payload["rng_states"] = distributed.gather_objects(torch.get_rng_state(), ranks)
+                payload["world_size"] = ranks.world
+            if ranks.main:
+                _atomic_torch_save(payload, out / "last.pt")
+                if best_epoch == epoch:
+                    _atomic_torch_save(payload, out / "best.pt")
         if on_epoch is not None:  # after the checkpoint: a callback that interrupts loses nothing
             on_epoch(row)
         if stop:
@@ -270,9 +300,9 @@ def train(dataset: Dataset, model_config: ModelConfig = ModelConfig(), config: T
     if best_state is not None:
         model.load_state_dict(best_state)
     valid = evaluate(model, split.valid, config, history=history, popularity=popularity, device=device,
-                     time_origin=origin)
+                     time_origin=origin, ranks=ranks)
     test = evaluate(model, split.test, config, history=history, popularity=popularity, device=device,
-                    time_origin=origin)
+                    time_origin=origin, ranks=ranks)
     epochs_df = pd.DataFrame(epoch_rows)
     seconds = float(np.median(epochs_df["train_seconds"])) if len(epochs_df) else float("nan")
     record = {
@@ -290,15 +320,32 @@ def train(dataset: Dataset, model_config: ModelConfig = ModelConfig(), config: T
         "seconds_per_epoch": seconds,
         "environment": environment(),
     }
+    if ranks.active:
+        record["distributed"] = {"world_size": ranks.world, "backend": distributed.backend(),
+                                 "shards": "rows rank::world of each global batch",
+                                 "contrastive_negatives": "within each rank's shard"}
     result = TrainResult(model, valid, test, pd.DataFrame(steps_rows), epochs_df, best_epoch,
                          len(epoch_rows), seconds, record)
-    if out is not None:
+    if out is not None and ranks.main:
         write_run(result, out)
     return result
 
 
 # Settings a resumed run may change: how long to go on and how to run, not what is learnt.
 RESUME_MAY_CHANGE = ("epochs", "patience", "threads", "device", "eval_batch_size", "log_every", "recompute")
+
+
+def _restore_rng(ck: dict, seed: int, ranks: distributed.Ranks) -> None:
+    """Torch's random state at the checkpoint: this rank's own when the checkpoint was
+    written by as many ranks, else rank 0's (the other ranks reseed with seed + rank, so
+    the run goes on, but not as it would have without the interruption)."""
+    states = ck.get("rng_states")
+    if ranks.active and states is not None and len(states) == ranks.world:
+        torch.set_rng_state(states[ranks.rank])
+    elif ranks.rank == 0:
+        torch.set_rng_state(ck["rng_state"])
+    else:
+        torch.manual_seed(seed + ranks.rank)
 
 
 def _resumable(config: TrainConfig) -> dict:
@@ -363,3 +410,10 @@ def write_run(result: TrainResult, out: Path) -> None:
         frame.to_csv(tmp, index=False)
         os.replace(tmp, out / name)
     write_json_atomic(out / "results.json", result.record)
+
+
+if __name__ == "__main__":  # `torchrun ... -m hm4sr_core.train --data D --out O`: the same as `hm4sr train`
+    import sys
+
+    from .cli import main
+    sys.exit(main(["train", *sys.argv[1:]]))

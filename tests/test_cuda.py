@@ -137,3 +137,41 @@ def test_backward_in_parts_under_bf16_autocast_reaches_every_weight(tiny_ds, tin
         got = grads[1][name]
         assert float(got.norm()) > 0 or float(want.norm()) == 0, name
         assert float((got - want).norm()) <= 0.1 * float(want.norm()) + 1e-4, name
+
+
+def test_ddp_over_nccl_trains_as_one_process_and_evaluates_to_the_bit(tiny_ds, tmp_path):
+    """`hm4sr train --nproc N --set device=cuda`'s path: N nccl ranks (N = 2 where two GPUs
+    are seen, else a process group of one, which still runs DDP, the shards and the
+    gathers over nccl), rank r on cuda:r. Parameters as one CUDA process's within a bound
+    10x the CPU test's (other kernels); evaluation equal to the bit (same batches)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import numpy as np
+
+    root = Path(__file__).resolve().parent.parent
+    sys.path.insert(0, str(root / "tests"))
+    import ddp_ranks
+
+    nproc = min(2, torch.cuda.device_count())
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, str(root / "tests" / "ddp_ranks.py"), "cuda", str(tmp_path), str(nproc)],
+                          cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ds, split = ddp_ranks.tiny_world()
+    model_cfg, train_cfg = ddp_ranks.equality_cases(split)[ddp_ranks.CUDA_CASE]
+    single = train(ds, model_cfg, train_cfg.replace(device="cuda"), out_dir=tmp_path / "single", data_hash="tiny",
+                   progress=False, split=split)
+    theirs = load_checkpoint(tmp_path / ddp_ranks.CUDA_CASE / "last.pt")["model_state"]
+    for name, want in load_checkpoint(tmp_path / "single" / "last.pt")["model_state"].items():
+        assert torch.allclose(theirs[name], want, rtol=0, atol=1e-5), (name, float((theirs[name] - want).abs().max()))
+    got = torch.load(tmp_path / "eval.pt", weights_only=False)
+    assert got["backend"] == "nccl"
+    model = model_from_checkpoint(load_checkpoint(tmp_path / ddp_ranks.CUDA_CASE / "last.pt"), ds, best=False)
+    again = evaluate(model.to("cuda"), split.valid, ddp_ranks.EVAL_CONFIG.replace(device="cuda"),
+                     history=split.train_history(), time_origin=int(ds.stats["first_timestamp"]), device="cuda")
+    assert np.array_equal(got["users"], again.users)
+    for k, v in again.per_user.items():  # the DDP model scored by one process: the gathered rows, bit for bit
+        assert np.array_equal(got["per_user"][k], v), k
