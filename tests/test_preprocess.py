@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from hm4sr_core.config import PreprocessConfig
-from hm4sr_core.data.preprocess import preprocess
+from hm4sr_core.data.preprocess import deduplicate, k_core, preprocess
 from hm4sr_core.data.schema import DataError, RawDataset, RawModality
 
 NO_CORE = PreprocessConfig(user_core=0, item_core=0)
@@ -211,3 +211,88 @@ def test_stats_are_computed_from_the_filtered_data(tiny_ds):
     assert s["length_quantiles"]["max"] == lengths.max() and s["length_quantiles"]["min"] == lengths.min()
     assert s["zero_gap_share"] == 0.0  # synthetic timestamps strictly increase
     assert s["first_timestamp"] == tiny_ds.interactions["timestamp"].min()
+
+
+# --- integer-coded filtering against the string implementation it replaced ------------------
+
+
+def _string_oracle(frame: pd.DataFrame, dedup: str, user_core: int, item_core: int):
+    """The DataFrame-of-strings pipeline preprocess ran before ids were coded to integers:
+    (interactions with dense ids, sorted; user tokens; item tokens)."""
+    frame = frame.assign(user=frame["user"].astype(str), item=frame["item"].astype(str))
+    if dedup == "exact":
+        frame = frame.drop_duplicates(["user", "item", "timestamp"])
+    elif dedup == "first":
+        frame = frame.sort_values(["user", "timestamp", "item"], kind="stable").drop_duplicates(["user", "item"])
+    while True:
+        n = len(frame)
+        if item_core > 0:
+            frame = frame[frame["item"].map(frame["item"].value_counts()) >= item_core]
+        if user_core > 0:
+            frame = frame[frame["user"].map(frame["user"].value_counts()) >= user_core]
+        if len(frame) == n:
+            break
+
+    def order(tokens):
+        unique = pd.unique(tokens)
+        return sorted(unique, key=int) if all(t.isdigit() for t in unique) else sorted(unique)
+
+    users, items = order(frame["user"]), order(frame["item"])
+    ids = pd.DataFrame({
+        "user": pd.Series(np.arange(len(users)), index=users).reindex(frame["user"]).to_numpy(np.int64),
+        "item": pd.Series(np.arange(1, len(items) + 1), index=items).reindex(frame["item"]).to_numpy(np.int64),
+        "timestamp": frame["timestamp"].to_numpy(np.int64),
+    }).sort_values(["user", "timestamp", "item"], kind="stable").reset_index(drop=True)
+    return ids, users, items
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_coded_filtering_matches_the_string_implementation(make_raw, seed):
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(50, 400))
+    numeric = seed % 3 == 0  # all-digit tokens are numbered numerically: "9" before "10"
+    user_pool = [str(k) for k in rng.permutation(1000)[:40]] if numeric else [f"u{k}" for k in range(40)]
+    item_pool = [str(k) for k in range(1, 31)] if numeric else [f"i{k:x}" for k in range(30)]
+    # Skewed draws make k-core drop users and items in several rounds; coarse times make
+    # exact duplicates and same-second ties.
+    users = rng.choice(user_pool, size=n, p=np.arange(40, 0, -1) / 820)
+    items = rng.choice(item_pool, size=n, p=np.arange(30, 0, -1) / 465)
+    times = rng.integers(0, 12, size=n) * 100
+    rows = list(zip(users.tolist(), items.tolist(), times.tolist()))
+    rows += rows[: n // 10]  # exact repeats, some (user, item) pairs at other times already
+    if numeric:
+        rows = [(int(u) if k % 2 else u, i, t) for k, (u, i, t) in enumerate(rows)]  # 7 and "7": one user
+    raw = make_raw(rows)
+    for dedup in ("none", "exact", "first"):
+        for core in (0, 2, 3, 5):
+            config = PreprocessConfig(dedup=dedup, user_core=core, item_core=max(0, core - 1))
+            expected, users_order, items_order = _string_oracle(raw.interactions, dedup, config.user_core,
+                                                                config.item_core)
+            if expected.empty:
+                with pytest.raises(DataError, match="core filtering removed all"):
+                    preprocess(raw, config)
+                continue
+            ds = preprocess(raw, config)
+            pd.testing.assert_frame_equal(ds.interactions, expected)
+            assert ds.user_tokens.tolist() == users_order and ds.items["token"].tolist() == items_order
+            assert ds.preprocessing["rows_after_kcore"] == len(expected)
+
+
+def test_k_core_and_deduplicate_on_codes():
+    user = np.array([0, 0, 1, 1, 2, 2, 3, 3])
+    item = np.array([0, 1, 0, 1, 2, 3, 2, 1])  # test_k_core_is_iterative's rows, coded
+    assert k_core(user, item, 2, 2).tolist() == [True, True, True, True, False, False, False, False]
+    assert k_core(user, item, 0, 0).all() and not k_core(user, item, 9, 0).any()
+    time = np.array([5, 1, 1, 1, 3, 3, 3, 3])
+    repeated = (np.array([0, 0, 0, 1]), np.array([4, 4, 4, 4]), np.array([5, 1, 1, 1]))
+    assert deduplicate(*repeated, "exact").tolist() == [True, True, False, True]
+    assert deduplicate(*repeated, "first").tolist() == [False, True, False, True]  # the earliest, first in file
+    assert deduplicate(*repeated, "none").all() and deduplicate(user, item, time, "exact").all()
+
+
+def test_integer_tokens_printed_differently_have_a_fixed_order(make_raw):
+    # "01" and "1" are both integer 1: ordered by their text, whatever the row order.
+    rows = [("u", "1", 1), ("u", "01", 2), ("v", "2", 3), ("v", "01", 4)]
+    for shuffled in (rows, rows[::-1]):
+        ds = preprocess(make_raw(shuffled), NO_CORE)
+        assert ds.items["token"].tolist() == ["01", "1", "2"]

@@ -9,15 +9,19 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 import shutil
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from PIL import Image, ImageDraw
 
+from benchmarks.amazon2023_synth import write_amazon2023
 from hm4sr_core.config import PreprocessConfig
 from hm4sr_core.data.preprocess import preprocess
+from hm4sr_core.data.readers import amazon
 from hm4sr_core.data.readers.amazon import locate_amazon, read_amazon
 from hm4sr_core.data.schema import DataError
 
@@ -415,3 +419,119 @@ def test_file_form_finds_meta_beside_it_or_asks_for_it(tmp_path: Path):
         locate_amazon(reviews, other, version="2023", category="Video_Games")
     with pytest.raises(DataError, match="--meta goes with --path REVIEWS_FILE"):
         locate_amazon(tmp_path, other, version="2023")
+
+
+# --------------------------------------------------------------------------- chunked reading
+
+
+def _reference_reviews(path: Path, version: str) -> pd.DataFrame:
+    """The reviews as the line parser reads them, one record at a time: what the chunked
+    reader must reproduce (it was the whole reader before chunks)."""
+    schema = amazon.SCHEMAS[version]
+    rows = [(amazon._token(r, schema.user, path, n), amazon._token(r, schema.item, path, n),
+             amazon._seconds(r, schema.time, schema.time_per_second, path, n))
+            for n, r in amazon.iter_records(path, schema.python_literals)]
+    return pd.DataFrame(rows, columns=["user", "item", "timestamp"]).astype({"timestamp": np.int64})
+
+
+def _as_strings(frame: pd.DataFrame) -> pd.DataFrame:
+    return frame.assign(user=frame["user"].astype(str), item=frame["item"].astype(str))
+
+
+@pytest.fixture(scope="module")
+def synthetic_2023(tmp_path_factory) -> tuple[Path, Path]:
+    return write_amazon2023(tmp_path_factory.mktemp("synth"), interactions=3000, seed=3, progress=False)
+
+
+@pytest.mark.parametrize("gzipped", [True, False])
+def test_chunked_reader_gives_the_dataset_of_one_pass(synthetic_2023, tmp_path: Path, gzipped: bool):
+    reviews, meta = synthetic_2023
+    if not gzipped:
+        plain = tmp_path / "Synthetic_Goods.jsonl"
+        plain.write_bytes(gzip.decompress(reviews.read_bytes()))
+        reviews = plain
+    whole = amazon.read_reviews(reviews, "2023", chunk_bytes=2**30)
+    chunked = amazon.read_reviews(reviews, "2023", chunk_bytes=4096)  # about 7 lines a chunk: 400+ chunks
+    pd.testing.assert_frame_equal(chunked, whole)
+    pd.testing.assert_frame_equal(_as_strings(chunked), _reference_reviews(reviews, "2023"))
+    # Codes follow first appearance, so the item table keeps the file's order.
+    assert list(whole["item"].cat.categories) == list(pd.unique(_reference_reviews(reviews, "2023")["item"]))
+
+    raw = read_amazon(reviews, meta, version="2023")
+    raw.modalities = []  # MiniLM is not what is compared here
+    datasets = []
+    for interactions in (chunked, _reference_reviews(reviews, "2023")):
+        raw.interactions = interactions
+        datasets.append(preprocess(raw, PreprocessConfig(user_core=2, item_core=2)))
+    one, other = datasets
+    assert 0 < one.stats["interactions"] < 3000  # the 2-core removed something and kept something
+    pd.testing.assert_frame_equal(one.interactions, other.interactions)
+    pd.testing.assert_frame_equal(one.items, other.items)
+    np.testing.assert_array_equal(one.user_tokens, other.user_tokens)
+    np.testing.assert_array_equal(one.categories, other.categories)
+
+
+def test_chunks_pyarrow_cannot_read_alike_go_to_the_line_parser(tmp_path: Path):
+    # Each of these lines is read by the line parser's rules (a float or string timestamp,
+    # a numeric or padded id, a repeated key, a blank line, Windows line ends, no final
+    # newline); the chunked reader must give exactly what it gives.
+    good = [json.dumps(review_2023(f"U{k % 7}", f"C{k % 5}", 1_600_000_000_000 + 1000 * k)) for k in range(60)]
+    odd = [
+        '{"user_id": "U1", "parent_asin": "C1", "timestamp": 1600000000999.9}',
+        '{"user_id": "U2", "parent_asin": "C2", "timestamp": "1600000001500"}',
+        '{"user_id": 12345, "parent_asin": "C3", "timestamp": 1600000002000}',
+        '{"user_id": "  U3 ", "parent_asin": "C1", "timestamp": 1600000003000}',
+        '{"user_id": "U9", "user_id": "U4", "parent_asin": "C4", "timestamp": 1600000004000}',
+        "",
+        '   {"user_id": "U5", "parent_asin": "C\\u00e9", "timestamp": 1600000005000}',
+    ]
+    lines = good[:25] + odd + good[25:]
+    text = "\r\n".join(lines[:40]) + "\n" + "\n".join(lines[40:])  # last line without newline
+    path = tmp_path / "Odd.jsonl.gz"
+    path.write_bytes(gzip.compress(text.encode("utf-8")))
+    expected = _reference_reviews(path, "2023")
+    assert expected["user"].tolist()[25:32] == ["U1", "U2", "12345", "U3", "U4", "U5", "U4"]  # blank skipped
+    for chunk_bytes in (1, 300, 2**20):
+        pd.testing.assert_frame_equal(_as_strings(amazon.read_reviews(path, "2023", chunk_bytes=chunk_bytes)),
+                                      expected)
+
+
+@pytest.mark.parametrize("bad, expected", [
+    ('{"user_id": "U", "parent_asin": "C1", "timestamp": 5}{"user_id": "V", "parent_asin": "C1", "timestamp": 6}',
+     "expected one JSON object per line"),
+    ('{"user_id": "U", "parent_asin": "C1"', "expected one JSON object per line"),
+    ('{"user_id": "U", "parent_asin": "  ", "timestamp": 5}', "field 'parent_asin': expected a non-empty id"),
+    ('{"user_id": "U", "parent_asin": "C1", "timestamp": -5}', "expected milliseconds >= 0"),
+    ('{"user_id": "U", "parent_asin": "C1", "timestamp": null}', "missing field 'timestamp'"),
+    ('["U", "C1", 5]', "expected one JSON object, found list"),
+])
+def test_bad_line_deep_in_a_chunked_gzip_file_is_named_exactly(tmp_path: Path, bad: str, expected: str):
+    lines = [json.dumps(review_2023(f"U{k}", "C1", 1000 * k)) for k in range(2000)]
+    lines[1536] = bad  # line 1537, many chunks in
+    path = write_lines(tmp_path / "Big.jsonl.gz", lines)
+    for chunk_bytes in (4096, 2**20):
+        with pytest.raises(DataError) as error:
+            amazon.read_reviews(path, "2023", chunk_bytes=chunk_bytes)
+        assert str(error.value).startswith(f"{path}: line 1537") and expected in str(error.value)
+
+
+def test_invalid_utf8_and_truncated_gzip_in_chunks_name_the_line(tmp_path: Path):
+    lines = [json.dumps(review_2023(f"U{k}", "C1", 1000 * k)).encode() for k in range(300)]
+    lines[200] = lines[200].replace(b'"text": "As described."', b'"text": "caf\xe9"')  # Latin-1, not UTF-8
+    path = tmp_path / "Latin.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    with pytest.raises(DataError, match=r"Latin\.jsonl: line 201: not UTF-8 text"):
+        amazon.read_reviews(path, "2023", chunk_bytes=2048)
+    good = write_lines(tmp_path / "Cut.jsonl.gz", [json.dumps(review_2023(f"U{k}", "C1", k)) for k in range(20000)])
+    good.write_bytes(good.read_bytes()[:-2000])
+    with pytest.raises(DataError) as error:
+        amazon.read_reviews(good, "2023", chunk_bytes=4096)
+    message = str(error.value)
+    assert "truncated or corrupt gzip data" in message
+    line = int(re.search(r"line (\d+):", message).group(1))
+    assert 10000 < line <= 20000  # the line after the last whole one read, near the end
+
+
+def test_chunk_bytes_must_be_positive(synthetic_2023):
+    with pytest.raises(ValueError, match="chunk_bytes must be >= 1"):
+        amazon.read_reviews(synthetic_2023[0], "2023", chunk_bytes=0)

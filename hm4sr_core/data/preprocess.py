@@ -4,9 +4,15 @@ Steps, in order, each an explicit parameter of :class:`PreprocessConfig`:
 validation -> de-duplication -> iterative k-core -> deterministic ordering (same-second
 ties broken by item token) -> dense id remapping -> feature alignment (encoders run
 only on surviving items) -> statistics.
+
+Ids are coded to integers first (:class:`CodedInteractions`; a categorical column, as the
+Amazon reader returns, keeps its own codes), so de-duplication and k-core are array
+operations and each id exists once as a string, whatever the number of rows.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -15,13 +21,53 @@ from ..config import PreprocessConfig
 from .schema import DataError, Dataset, ModalityFeatures, RawDataset, RawModality
 
 
-def validate_interactions(frame: pd.DataFrame, file: str = "<interactions>") -> pd.DataFrame:
-    """Check columns and timestamps; return a copy with user/item as str, timestamp int64."""
+@dataclass
+class CodedInteractions:
+    """Interactions as integer codes into token tables: what filtering works on, so that a
+    large file's ids exist once each as strings, never once a row."""
+
+    user: np.ndarray  # (n,) int codes into user_tokens
+    item: np.ndarray  # (n,) int codes into item_tokens
+    timestamp: np.ndarray  # (n,) int64 seconds
+    user_tokens: np.ndarray  # (U,) distinct user tokens (str, object array)
+    item_tokens: np.ndarray  # (I,) distinct item tokens (str, object array)
+
+    def __len__(self) -> int:
+        return len(self.timestamp)
+
+    def take(self, keep: np.ndarray) -> "CodedInteractions":
+        """The rows where ``keep`` (bool, (n,)) is True, in order; token tables unchanged."""
+        return CodedInteractions(self.user[keep], self.item[keep], self.timestamp[keep],
+                                 self.user_tokens, self.item_tokens)
+
+
+def _codes(column: pd.Series, name: str, file: str) -> tuple[np.ndarray, np.ndarray]:
+    """(codes, distinct tokens as str) of one id column; a categorical column's own codes.
+
+    Values that print alike (1 and "1") are one token, as when the column is cast to str.
+    """
+    if isinstance(column.dtype, pd.CategoricalDtype):
+        codes, tokens = column.cat.codes.to_numpy(), column.cat.categories
+    else:
+        codes, tokens = pd.factorize(column)
+    if (codes < 0).any():
+        row = int(np.flatnonzero(codes < 0)[0])
+        raise DataError(f"{file}: row {row + 1}, column {name!r}: expected a token, got nothing")
+    tokens = np.asarray(pd.Index(tokens).astype(str), dtype=object)
+    merged, distinct = pd.factorize(tokens)
+    if len(distinct) < len(tokens):
+        codes = merged[codes]
+        tokens = np.asarray(distinct, dtype=object)
+    return codes, tokens
+
+
+def encode_interactions(frame: pd.DataFrame, file: str = "<interactions>") -> CodedInteractions:
+    """Check columns and timestamps; return the rows with user/item coded to integers
+    (tokens as str) and timestamps floored to int64 seconds."""
     missing = [c for c in ("user", "item", "timestamp") if c not in frame.columns]
     if missing:
         raise DataError(f"{file}: missing column(s) {missing}; found {list(frame.columns)}")
-    out = frame[["user", "item", "timestamp"]].copy()
-    ts = pd.to_numeric(out["timestamp"], errors="coerce")
+    ts = pd.to_numeric(frame["timestamp"], errors="coerce")
     bad = ts.isna() | ~np.isfinite(ts.to_numpy(dtype=float, na_value=np.nan))
     if bad.any():
         row = int(np.flatnonzero(bad.to_numpy())[0])
@@ -31,49 +77,64 @@ def validate_interactions(frame: pd.DataFrame, file: str = "<interactions>") -> 
         row = int(np.flatnonzero((ts < 0).to_numpy())[0])
         raise DataError(f"{file}: row {row + 1}, column 'timestamp': expected seconds >= 0, "
                         f"got {ts.iloc[row]!r}")
-    out["timestamp"] = np.floor(ts.to_numpy(dtype=np.float64)).astype(np.int64)
-    for col in ("user", "item"):
-        if out[col].isna().any():
-            row = int(np.flatnonzero(out[col].isna().to_numpy())[0])
-            raise DataError(f"{file}: row {row + 1}, column {col!r}: expected a token, got nothing")
-        out[col] = out[col].astype(str)
-    if len(out) == 0:
+    seconds = np.floor(ts.to_numpy(dtype=np.float64)).astype(np.int64)
+    user, user_tokens = _codes(frame["user"], "user", file)
+    item, item_tokens = _codes(frame["item"], "item", file)
+    if len(frame) == 0:
         raise DataError(f"{file}: no interactions")
-    return out
+    return CodedInteractions(user, item, seconds, user_tokens, item_tokens)
 
 
-def deduplicate(frame: pd.DataFrame, mode: str) -> pd.DataFrame:
-    """'exact' drops repeated (user, item, timestamp) rows; 'first' keeps each user's first
-    interaction with an item; 'none' keeps everything."""
-    if mode == "none":
-        return frame
-    if mode == "exact":
-        return frame.drop_duplicates(["user", "item", "timestamp"])
-    ordered = frame.sort_values(["user", "timestamp", "item"], kind="stable")
-    return ordered.drop_duplicates(["user", "item"])
+def deduplicate(user: np.ndarray, item: np.ndarray, timestamp: np.ndarray, mode: str) -> np.ndarray:
+    """Rows to keep, (n,) bool: 'exact' drops repeated (user, item, timestamp) rows (the
+    first stays); 'first' keeps each user's earliest interaction with an item; 'none' keeps
+    everything. Arguments are (n,) integer arrays (user and item codes)."""
+    keep = np.ones(len(timestamp), dtype=bool)
+    if mode == "none" or len(timestamp) == 0:
+        return keep
+    order = np.lexsort((timestamp, item, user))  # stable: equal rows stay in file order
+    repeat = np.ones(len(order) - 1, dtype=bool)  # row order[j + 1] repeats row order[j]
+    for column in (user, item) if mode == "first" else (user, item, timestamp):
+        sorted_column = column[order]
+        repeat &= sorted_column[1:] == sorted_column[:-1]
+    keep[order[1:][repeat]] = False
+    return keep
 
 
-def k_core(frame: pd.DataFrame, user_core: int, item_core: int) -> pd.DataFrame:
-    """Iteratively drop users with < user_core and items with < item_core interactions
-    until both hold (RecBole's ``user/item_inter_num_interval: [k, inf)``)."""
+def k_core(user: np.ndarray, item: np.ndarray, user_core: int, item_core: int) -> np.ndarray:
+    """Rows to keep, (n,) bool, after iteratively dropping users with < user_core and items
+    with < item_core interactions until both hold (RecBole's ``user/item_inter_num_interval:
+    [k, inf)``). ``user``/``item``: (n,) non-negative integer codes."""
+    rows = np.arange(len(user))
     while True:
-        n = len(frame)
-        if item_core > 0:
-            counts = frame["item"].map(frame["item"].value_counts())
-            frame = frame[counts >= item_core]
-        if user_core > 0:
-            counts = frame["user"].map(frame["user"].value_counts())
-            frame = frame[counts >= user_core]
-        if len(frame) == n:
-            return frame
+        n = len(rows)
+        for codes, core in ((item, item_core), (user, user_core)):
+            if core > 0:
+                current = codes[rows]
+                rows = rows[np.bincount(current)[current] >= core]
+        if len(rows) == n:
+            keep = np.zeros(len(user), dtype=bool)
+            keep[rows] = True
+            return keep
 
 
-def _token_order(tokens: pd.Series) -> np.ndarray:
-    """Sorted unique tokens: numerically when every token is an integer, else lexically."""
-    unique = pd.unique(tokens)
-    if all(t.isdigit() for t in unique):
-        return np.array(sorted(unique, key=int), dtype=object)
-    return np.array(sorted(unique), dtype=object)
+def _token_order(tokens: np.ndarray) -> np.ndarray:
+    """Positions that sort distinct tokens: numerically when every token is an integer,
+    else lexically. Integers that print differently ("01", "1") are ordered lexically."""
+    values = tokens.tolist()
+    if all(t.isdigit() for t in values):
+        keys = [(int(t), t) for t in values]
+        return np.array(sorted(range(len(values)), key=keys.__getitem__), dtype=np.int64)
+    return np.array(sorted(range(len(values)), key=values.__getitem__), dtype=np.int64)
+
+
+def _dense_ids(codes: np.ndarray, tokens: np.ndarray, start: int) -> tuple[np.ndarray, np.ndarray]:
+    """(id per row, numbered from ``start`` in :func:`_token_order`; the tokens used, in id order)."""
+    present = np.unique(codes)
+    order = _token_order(tokens[present])
+    ids = np.zeros(len(tokens), dtype=np.int64)
+    ids[present[order]] = np.arange(start, start + len(present))
+    return ids[codes], tokens[present[order]]
 
 
 def _align_modality(mod: RawModality, items: pd.DataFrame) -> ModalityFeatures:
@@ -152,7 +213,7 @@ def preprocess(raw: RawDataset, config: PreprocessConfig = PreprocessConfig()) -
     Raises DataError when the input is bad or filtering leaves nothing.
     """
     file = raw.interactions_file or f"{raw.name} interactions"
-    inter = validate_interactions(raw.interactions, file)
+    inter = encode_interactions(raw.interactions, file)
     items_table = raw.items.copy()
     if "item" not in items_table.columns:
         raise DataError(f"{raw.name} item table: missing column 'item'")
@@ -162,22 +223,17 @@ def preprocess(raw: RawDataset, config: PreprocessConfig = PreprocessConfig()) -
         raise DataError(f"{raw.name} item table: duplicate item id {dup!r}; expected unique ids")
 
     n_raw = len(inter)
-    inter = deduplicate(inter, config.dedup)
+    inter = inter.take(deduplicate(inter.user, inter.item, inter.timestamp, config.dedup))
     n_dedup = len(inter)
-    inter = k_core(inter, config.user_core, config.item_core)
+    inter = inter.take(k_core(inter.user, inter.item, config.user_core, config.item_core))
     if len(inter) == 0:
         raise DataError(f"{file}: {config.user_core}/{config.item_core}-core filtering removed all "
                         f"{n_dedup} interactions; lower user_core/item_core")
 
-    item_tokens = _token_order(inter["item"])
-    user_tokens = _token_order(inter["user"])
-    item_id = pd.Series(np.arange(1, len(item_tokens) + 1), index=item_tokens)
-    user_id = pd.Series(np.arange(len(user_tokens)), index=user_tokens)
-    frame = pd.DataFrame({
-        "user": user_id.reindex(inter["user"]).to_numpy(np.int64),
-        "item": item_id.reindex(inter["item"]).to_numpy(np.int64),
-        "timestamp": inter["timestamp"].to_numpy(np.int64),
-    })
+    item_ids, item_tokens = _dense_ids(inter.item, inter.item_tokens, start=1)
+    user_ids, user_tokens = _dense_ids(inter.user, inter.user_tokens, start=0)
+    frame = pd.DataFrame({"user": user_ids, "item": item_ids, "timestamp": inter.timestamp})
+    del inter
     # Same-second interactions are ordered by item id: deterministic whatever the file order.
     frame = frame.sort_values(["user", "timestamp", "item"], kind="stable").reset_index(drop=True)
 

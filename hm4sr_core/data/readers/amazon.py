@@ -17,6 +17,12 @@ version  reviews (one record a line, plain or .gz)    metadata (one record a lin
 2014 lines are Python literals (``ast.literal_eval``; strict JSON is accepted too);
 2018 and 2023 lines must be strict JSON. Gzip is detected from the file's magic bytes.
 
+Reviews files run to tens of millions of lines (issue 13): :func:`read_reviews` streams
+them in chunks of decompressed bytes, pyarrow parses only the user, item and time fields,
+and ids become integer codes chunk by chunk. Any chunk pyarrow might read differently
+from the line parser (:func:`_parse_line`, the reference) is read by the line parser,
+so both accept the same files and bad input is reported at its exact line.
+
 Give the two files, or the folder they were downloaded to: :func:`locate_amazon`
 finds the pair by the release's official names, and asks for ``category`` when the
 folder holds several categories.
@@ -56,6 +62,8 @@ from typing import Callable, Iterator
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.json as pa_json
 from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
@@ -73,6 +81,7 @@ from hm4sr_core.data.schema import DataError, RawDataset, RawModality
 VERSIONS = ("2014", "2018", "2023")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")  # preference order when an asin has several
 IMAGE_CHUNK = 256  # images opened at once: bounds memory on large folders
+CHUNK_BYTES = 8 * 2**20  # decompressed review bytes parsed at once: bounds memory; larger was no faster
 CITATIONS = {
     "2014": "McAuley et al., SIGIR 2015; He & McAuley, WWW 2016",
     "2018": "Ni, Li & McAuley, EMNLP 2019",
@@ -104,6 +113,38 @@ SCHEMAS = {
 # --------------------------------------------------------------------------- line records
 
 
+def _parse_line(line: str, number: int, path: Path, python_literals: bool) -> dict | None:
+    """One line -> its record dict; None for a blank line; DataError naming the line otherwise.
+
+    The reference parser: the chunked reviews reader hands it every chunk pyarrow's
+    reading might get wrong, so both paths accept and reject the same lines.
+    """
+    if not line.strip():
+        return None
+    expected = "one JSON object or Python dict literal" if python_literals else "one JSON object"
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as error:
+        if not python_literals:
+            raise DataError(f"{path}: line {number}: expected {expected} per line ({error})") from None
+        try:
+            record = ast.literal_eval(line.strip())
+        except (ValueError, SyntaxError, MemoryError, RecursionError) as literal_error:
+            raise DataError(f"{path}: line {number}: expected {expected} per line "
+                            f"({type(literal_error).__name__}: {literal_error})") from None
+    if not isinstance(record, dict):
+        raise DataError(f"{path}: line {number}: expected {expected}, found {type(record).__name__}")
+    return record
+
+
+def _is_gzip(path: Path) -> bool:
+    """True when the file starts with gzip's magic bytes; DataError when there is no file."""
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    with open(path, "rb") as probe:
+        return probe.read(2) == b"\x1f\x8b"
+
+
 def iter_records(
     path: Path, python_literals: bool, keep: Callable[[str], bool] | None = None
 ) -> Iterator[tuple[int, dict]]:
@@ -111,11 +152,7 @@ def iter_records(
 
     ``keep(line)`` False skips a line unparsed (parsing dominates the run time).
     """
-    if not path.is_file():
-        raise DataError(f"{path}: file not found")
-    with open(path, "rb") as probe:
-        gzipped = probe.read(2) == b"\x1f\x8b"
-    expected = "one JSON object or Python dict literal" if python_literals else "one JSON object"
+    gzipped = _is_gzip(path)
     number = 0
     try:
         handle = gzip.open(path, "rt", encoding="utf-8") if gzipped else open(path, encoding="utf-8")
@@ -123,19 +160,9 @@ def iter_records(
             for number, line in enumerate(handle, start=1):
                 if not line.strip() or (keep is not None and not keep(line)):
                     continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as error:
-                    if not python_literals:
-                        raise DataError(f"{path}: line {number}: expected {expected} per line ({error})") from None
-                    try:
-                        record = ast.literal_eval(line.strip())
-                    except (ValueError, SyntaxError, MemoryError, RecursionError) as literal_error:
-                        raise DataError(f"{path}: line {number}: expected {expected} per line "
-                                        f"({type(literal_error).__name__}: {literal_error})") from None
-                if not isinstance(record, dict):
-                    raise DataError(f"{path}: line {number}: expected {expected}, found {type(record).__name__}")
-                yield number, record
+                record = _parse_line(line, number, path, python_literals)
+                if record is not None:
+                    yield number, record
     except UnicodeDecodeError as error:
         raise DataError(f"{path}: line {number + 1}: not UTF-8 text ({error})") from None
     except (EOFError, gzip.BadGzipFile, zlib.error) as error:
@@ -211,17 +238,161 @@ def _image_url(record: dict, version: str) -> str:
 # --------------------------------------------------------------------------- files
 
 
-def read_reviews(path: str | Path, version: str) -> pd.DataFrame:
-    """Reviews file -> DataFrame user (str), item (str), timestamp (int64 s), file order."""
+def _line_chunks(path: Path, chunk_bytes: int) -> Iterator[tuple[int, bytes]]:
+    """Yield (1-based number of its first line, bytes) for runs of whole lines of a plain
+    or gzip file, about ``chunk_bytes`` decompressed bytes each (more when one line is longer).
+
+    Decompresses as it goes. When the gzip data ends early or is corrupt, the whole lines
+    before the damage are yielded first, then DataError names the first line not read.
+    """
+    gzipped = _is_gzip(path)
+    step = min(chunk_bytes, 2**20)  # read granularity: what a damaged gzip stream can lose
+    line, pending = 1, b""
+    with gzip.open(path, "rb") if gzipped else open(path, "rb") as handle:
+        while True:
+            parts, size, error, eof = [pending], len(pending), None, False
+            try:
+                while True:
+                    part = handle.read1(step)
+                    if not part:
+                        eof = True
+                        break
+                    parts.append(part)
+                    size += len(part)
+                    if size >= chunk_bytes:
+                        break
+            except (EOFError, gzip.BadGzipFile, zlib.error) as damage:
+                error = damage
+            data = b"".join(parts)
+            cut = len(data) if eof else data.rfind(b"\n") + 1
+            if cut:
+                yield line, data[:cut]
+                line += data.count(b"\n", 0, cut)
+            if error is not None:
+                raise DataError(f"{path}: line {line}: truncated or corrupt gzip data ({error})") from None
+            if eof:
+                return
+            pending = data[cut:]
+
+
+def _object_lines(chunk: bytes) -> int | None:
+    """The number of lines when every line of ``chunk`` starts with "{" and ends with "}"
+    (before an optional "\\r"), else None. Such lines are not blank, so when pyarrow reads
+    as many rows as there are lines, row k is line k: no line held two objects."""
+    data = np.frombuffer(chunk, dtype=np.uint8)
+    if len(data) == 0:
+        return 0
+    ends = np.flatnonzero(data == 10)
+    if len(ends) == 0 or ends[-1] != len(data) - 1:
+        ends = np.append(ends, len(data))  # the file's last line may have no newline
+    starts = np.concatenate([[0], ends[:-1] + 1])
+    last = ends - 1
+    last[(last > starts) & (data[np.maximum(last, 0)] == 13)] -= 1  # "\r\n" line ends
+    ok = (ends > starts) & (data[np.minimum(starts, len(data) - 1)] == ord("{")) & (last > starts)
+    ok &= data[np.maximum(last, 0)] == ord("}")
+    return len(ends) if ok.all() else None
+
+
+class _TokenCodes:
+    """Id strings -> dense int codes in order of first appearance, grown chunk by chunk.
+
+    Holds each distinct id once; rows only ever hold codes.
+    """
+
+    def __init__(self) -> None:
+        self.codes: dict[str, int] = {}
+
+    def encode(self, tokens: list[str]) -> np.ndarray:
+        codes = self.codes
+        return np.fromiter((codes.setdefault(t, len(codes)) for t in tokens), dtype=np.int32, count=len(tokens))
+
+    def categorical(self, codes: list[np.ndarray]) -> pd.Categorical:
+        tokens = np.fromiter(self.codes, dtype=object, count=len(self.codes))
+        return pd.Categorical.from_codes(np.concatenate(codes), categories=pd.Index(tokens, dtype=object))
+
+
+def _arrow_chunk(chunk: bytes, schema: _Schema, users: _TokenCodes, items: _TokenCodes
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """(user codes, item codes, seconds) of a chunk read by pyarrow; None when the chunk holds
+    anything pyarrow might read otherwise than :func:`_parse_line` (a bad or blank line, a
+    line not shaped "{...}", two objects on a line, a number as id, a float or string
+    timestamp, a null, an empty id, a negative time, non-UTF-8 bytes): that chunk then goes
+    to the line parser. Ids are stripped of surrounding whitespace as the line parser does."""
+    lines = _object_lines(chunk)
+    if lines is None:
+        return None
+    try:
+        if not chunk.isascii():
+            chunk.decode("utf-8")  # the line reader reads text: the same bytes must be valid here
+        table = pa_json.read_json(pa.BufferReader(chunk), read_options=pa_json.ReadOptions(block_size=_ARROW_BLOCK),
+                                  parse_options=_arrow_options(schema))
+    except (pa.ArrowInvalid, UnicodeDecodeError):
+        return None
+    if table.num_rows != lines or any(column.null_count for column in table.columns):
+        return None
+    times = table.column(schema.time).to_numpy()
+    if (times < 0).any():
+        return None
+    encoded = [table.column(field).combine_chunks().dictionary_encode() for field in (schema.user, schema.item)]
+    distinct = [[t.strip() for t in e.dictionary.to_pylist()] for e in encoded]  # _token strips: so does this
+    if not all(all(tokens) for tokens in distinct):
+        return None  # an empty id: the line parser names its line
+    return (users.encode(distinct[0])[encoded[0].indices.to_numpy()],
+            items.encode(distinct[1])[encoded[1].indices.to_numpy()], times // schema.time_per_second)
+
+
+_ARROW_BLOCK = 4 * 2**20  # pyarrow's parse block: a longer line sends its chunk to the line parser
+
+
+def _arrow_options(schema: _Schema) -> pa_json.ParseOptions:
+    fields = [(schema.user, pa.string()), (schema.item, pa.string()), (schema.time, pa.int64())]
+    return pa_json.ParseOptions(explicit_schema=pa.schema(fields), unexpected_field_behavior="ignore")
+
+
+def read_reviews(path: str | Path, version: str, *, chunk_bytes: int = CHUNK_BYTES) -> pd.DataFrame:
+    """Reviews file -> DataFrame user, item (categorical: codes into the id strings, which
+    are in order of first appearance, all used), timestamp (int64 s); rows in file order.
+
+    Streams the file ``chunk_bytes`` decompressed bytes at a time: pyarrow parses only the
+    three fields, and ids are coded to integers chunk by chunk, so memory grows with the
+    number of distinct users and items, not with the file. A chunk pyarrow cannot read
+    exactly as the line parser would is re-read line by line: the same records are
+    accepted, and bad input raises DataError naming the line, the field and what was expected.
+    """
+    if chunk_bytes < 1:
+        raise ValueError(f"chunk_bytes must be >= 1, got {chunk_bytes}")
     path, schema = Path(path), SCHEMAS[version]
-    users, items, times = [], [], []
-    for line, record in iter_records(path, schema.python_literals):
-        users.append(_token(record, schema.user, path, line))
-        items.append(_token(record, schema.item, path, line))
-        times.append(_seconds(record, schema.time, schema.time_per_second, path, line))
-    if not users:
+    users, items = _TokenCodes(), _TokenCodes()
+    user_codes, item_codes, times = [], [], []
+    for first, chunk in _line_chunks(path, chunk_bytes):
+        coded = _arrow_chunk(chunk, schema, users, items)
+        if coded is None:
+            coded = _line_chunk(path, chunk, first, schema, users, items)
+        user_codes.append(coded[0])
+        item_codes.append(coded[1])
+        times.append(coded[2])
+    if not users.codes:
         raise DataError(f"{path}: no reviews")
-    return pd.DataFrame({"user": users, "item": items, "timestamp": np.asarray(times, dtype=np.int64)})
+    return pd.DataFrame({"user": users.categorical(user_codes), "item": items.categorical(item_codes),
+                         "timestamp": np.concatenate(times).astype(np.int64)})
+
+
+def _line_chunk(path: Path, chunk: bytes, first: int, schema: _Schema, users: _TokenCodes, items: _TokenCodes
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`_arrow_chunk`'s result, line by line with the reference parser."""
+    user, item, seconds = [], [], []
+    for number, raw in enumerate(chunk.split(b"\n"), start=first):
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise DataError(f"{path}: line {number}: not UTF-8 text ({error})") from None
+        record = _parse_line(text, number, path, schema.python_literals)
+        if record is None:
+            continue
+        user.append(_token(record, schema.user, path, number))
+        item.append(_token(record, schema.item, path, number))
+        seconds.append(_seconds(record, schema.time, schema.time_per_second, path, number))
+    return users.encode(user), items.encode(item), np.asarray(seconds, dtype=np.int64)
 
 
 def read_meta(path: str | Path, version: str, wanted: set[str]) -> tuple[dict[str, dict], int]:
@@ -464,7 +635,7 @@ def read_amazon(
 
     ``version``: "2014", "2018" or "2023" (schemas in the module docstring).
     ``image_encoder``: a :func:`hm4sr_core.data.features.load_image_encoder` spec.
-    Returns interactions (user, item: str; timestamp: int64 s), items (item, text,
+    Returns interactions (user, item: categorical id strings; timestamp: int64 s), items (item, text,
     categories, title, brand, image_url), a ``text`` modality (MiniLM, 384-d) and,
     with ``image_dir``, an optional ``image`` modality. Raises DataError on bad input.
     """
@@ -472,7 +643,8 @@ def read_amazon(
         raise ValueError(f"version must be one of {VERSIONS}, got {version!r}")
     reviews_path, meta_path = Path(reviews_path), Path(meta_path)
     interactions = read_reviews(reviews_path, version)
-    tokens = pd.unique(interactions["item"].to_numpy(dtype=object))
+    # The categories are the item ids in order of first appearance, each reviewed at least once.
+    tokens = np.asarray(interactions["item"].cat.categories, dtype=object)
     meta, duplicates = read_meta(meta_path, version, set(tokens))
 
     records = [meta.get(t) for t in tokens]
@@ -505,7 +677,7 @@ def read_amazon(
         "licence": f"Amazon review data (McAuley lab, UCSD), research use; cite {CITATIONS[version]}",
         "reviews": int(len(interactions)),
         "missing_meta": int(no_meta.sum()),
-        "reviews_without_meta": int(interactions["item"].isin(set(tokens[no_meta])).sum()),
+        "reviews_without_meta": int(no_meta[interactions["item"].cat.codes.to_numpy()].sum()),
         "duplicate_meta": int(duplicates),
         "dropped_root_category": root,
         "image_dir": str(image_dir) if image_dir is not None else None,
