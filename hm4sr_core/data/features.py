@@ -271,8 +271,8 @@ def encode_sharded(
     out = np.zeros((len(inputs), dim), dtype=np.float32)
     present = [_shard_header_fits(path, stop - start, dim) for start, stop, path in shards]
     reused = sum(stop - start for (start, stop, _), ok in zip(shards, present) if ok)
-    with tqdm(total=len(inputs), initial=reused, desc=desc, unit=unit, disable=not progress) as bar:
-        bar.set_postfix_str(f"{reused} reused from cache", refresh=False)
+    with tqdm(total=len(inputs), initial=reused, desc=desc, unit=unit, disable=not progress,
+              postfix=f"{reused} reused from cache") as bar:
         missing = []
         for (start, stop, path), ok in zip(shards, present):
             array = _read_shard(path, stop - start, dim) if ok else None
