@@ -1,0 +1,133 @@
+"""Cost of the sharded, resumable feature cache on MiniLM text encoding (issue 13).
+
+Encodes N synthetic item texts on one CPU thread, each run in a fresh process with
+the model loaded before the clock starts:
+
+- ``one-shot``: today's path before sharding, :func:`cached` around one
+  :func:`encode_texts` call (one .npy for everything);
+- ``sharded``: :func:`encode_texts_cached` into an empty cache folder;
+- ``killed``: the same, SIGKILLed once half of the shards are on disk;
+- ``resumed``: the same call again on that folder (encodes only the missing shards);
+- ``cached``: once more, everything loaded from shards.
+
+    OMP_NUM_THREADS=1 python -m benchmarks.feature_shards --texts 20000
+
+Prints seconds and texts/s per run, the sharding overhead (sharded / one-shot) and
+the killed + resumed total, and checks that every run gave the same floats.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+COLOURS = ["red", "green", "blue", "black", "white", "grey", "silver", "navy", "olive", "teal"]
+THINGS = ["kettle", "backpack", "lamp", "keyboard", "chair", "notebook", "jacket", "speaker", "mug"]
+CATEGORIES = ["Home & Kitchen, Appliances", "Sports, Outdoor", "Electronics, Audio", "Office, Paper",
+              "Clothing, Men", "Toys & Games, Puzzles"]
+
+
+def synthetic_texts(n: int) -> list[str]:
+    """n distinct item texts shaped like the readers' "title | category path | brand"."""
+    return [f"{COLOURS[i % 10].title()} {THINGS[i * 7 % 9]} model {i} | {CATEGORIES[i * 5 % 6]} | Brand{i % 211}"
+            for i in range(n)]
+
+
+def child(mode: str, shard_size: int, texts_file: Path, cache: Path, out: Path, clock: Path) -> None:
+    """One run in this process: load MiniLM, note the start time, encode, save the result."""
+    import torch
+
+    from hm4sr_core.data import features
+
+    torch.set_num_threads(1)
+    texts = json.loads(texts_file.read_text())
+    features._text_model()
+    start = time.perf_counter()
+    clock.write_text(json.dumps({"start_wall": time.time()}))
+    if mode == "one-shot":
+        key = {"encoder": features.text_encoder_name(), "normalize": True, "texts": texts}
+        result = features.cached("text-minilm", key, lambda: features.encode_texts(texts, progress=False), cache)
+    else:
+        result = features.encode_texts_cached(texts, cache_dir=cache, progress=False, shard_size=shard_size)
+    seconds = time.perf_counter() - start
+    np.save(out, result)
+    clock.write_text(json.dumps({"seconds": seconds}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--texts", type=int, default=20000, help="number of synthetic texts (>= 2 shards)")
+    parser.add_argument("--shard-size", type=int, default=None, help="texts per shard (default: SHARD_SIZE)")
+    parser.add_argument("--child", choices=["one-shot", "sharded"], help=argparse.SUPPRESS)
+    parser.add_argument("--files", nargs=4, type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args.child, args.shard_size, *args.files)
+        return
+
+    from hm4sr_core.data.features import SHARD_SIZE, TEXT_BATCH_SIZE, shard_rows
+
+    shard_size = args.shard_size or SHARD_SIZE
+    rows = shard_rows(shard_size, TEXT_BATCH_SIZE)
+    shards = math.ceil(args.texts / rows)
+    if shards < 2:
+        raise ValueError(f"--texts must give at least 2 shards of {rows}, got {args.texts}")
+    work = Path(tempfile.mkdtemp(prefix="feature-shards-"))
+    texts_file = work / "texts.json"
+    texts_file.write_text(json.dumps(synthetic_texts(args.texts)))
+
+    def start(mode: str, run: str, cache: str) -> tuple[subprocess.Popen, Path]:
+        clock = work / f"{run}.clock"
+        files = [texts_file, work / cache, work / f"{run}.npy", clock]
+        command = [sys.executable, "-m", "benchmarks.feature_shards", "--child", mode,
+                   "--shard-size", str(shard_size), "--files", *map(str, files)]
+        return subprocess.Popen(command, stderr=subprocess.DEVNULL), clock
+
+    def finish(mode: str, run: str, cache: str) -> float:
+        process, clock = start(mode, run, cache)
+        if process.wait() != 0:
+            raise RuntimeError(f"{run} run failed (exit {process.returncode})")
+        return json.loads(clock.read_text())["seconds"]
+
+    seconds = {"one-shot": finish("one-shot", "one-shot", "one"), "sharded": finish("sharded", "sharded", "full")}
+
+    # Kill once half of the shards are written (the clock starts when the model is loaded).
+    process, clock = start("sharded", "killed", "resume")
+    target = shards // 2
+    while len(list((work / "resume").glob("text-minilm-*.npy"))) < target:
+        if process.poll() is not None:
+            raise RuntimeError("the run to be killed ended first")
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    killed_at = time.time()
+    process.wait()
+    seconds["killed"] = killed_at - json.loads(clock.read_text())["start_wall"]
+    written = len(list((work / "resume").glob("text-minilm-*.npy")))
+    seconds["resumed"] = finish("sharded", "resumed", "resume")
+    seconds["cached"] = finish("sharded", "cached", "resume")
+
+    reference = np.load(work / "one-shot.npy")
+    same = {run: bool(np.array_equal(np.load(work / f"{run}.npy"), reference))
+            for run in ("sharded", "resumed", "cached")}
+    n = args.texts
+    print(f"{n} texts, {shards} shards of {rows}, 1 thread; killed after {written} shards were written")
+    for run, value in seconds.items():
+        print(f"{run:>9}: {value:8.2f} s  {n / value:8.1f} texts/s" if run != "killed"
+              else f"{run:>9}: {value:8.2f} s  (then SIGKILL)")
+    print(f"sharding overhead (sharded / one-shot): {seconds['sharded'] / seconds['one-shot']:.3f}")
+    total = seconds["killed"] + seconds["resumed"]
+    print(f"killed + resumed: {total:.2f} s = {total / seconds['sharded']:.3f} x uninterrupted sharded")
+    print(f"same floats as one-shot: {same}")
+
+
+if __name__ == "__main__":
+    main()
