@@ -164,6 +164,14 @@ def test_changing_one_input_recomputes_only_its_shard(tmp_path):
     assert len(list(tmp_path.glob("unit-*.npy"))) == 4  # the old 4:8 shard stays for the old inputs
 
 
+def test_identical_shards_are_encoded_once(tmp_path):
+    recorder = Recorder([1.0, 2.0, 3.0, 4.0] * 2 + [5.0])
+    result = _sharded(recorder, tmp_path)
+    assert recorder.encoded == [1.0, 2.0, 3.0, 4.0, 5.0]  # shard 4:8 is shard 0:4's file
+    assert np.array_equal(result[4:8], result[:4])
+    assert len(list(tmp_path.glob("unit-*.npy"))) == 2
+
+
 def test_key_and_batch_size_are_part_of_the_shard_key(tmp_path):
     inputs = [float(i) for i in range(4)]
     _sharded(Recorder(inputs), tmp_path)

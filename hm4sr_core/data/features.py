@@ -285,6 +285,14 @@ def encode_sharded(
                 bar.set_postfix_str(f"{reused} reused from cache", refresh=False)
             missing.append((start, stop, path))
         for start, stop, path in missing:
+            # Another run on the same cache, or an identical earlier shard of this one, may have written it since.
+            array = _read_shard(path, stop - start, dim) if _shard_header_fits(path, stop - start, dim) else None
+            if array is not None:
+                out[start:stop] = array
+                reused += stop - start
+                bar.set_postfix_str(f"{reused} reused from cache", refresh=False)
+                bar.update(stop - start)
+                continue
             for batch_start in range(start, stop, batch_size):
                 batch_stop = min(batch_start + batch_size, stop)
                 batch = np.asarray(encode_batch(batch_start, batch_stop), dtype=np.float32)
