@@ -318,6 +318,23 @@ def test_mobilenet_encode_cached_gives_the_same_floats_and_skips_the_model_when_
     assert np.array_equal(restyled, sharded) and len(list(tmp_path.glob("image-unit-*.npy"))) == 4
 
 
+def test_pluggable_encoders_share_the_sharded_path(tmp_path):
+    """The timm / open_clip / hf encoders are _TorchCallableEncoder: one built from a real torch
+    forward (mean colour per channel) caches by its own name, with the same floats as encode()."""
+    def preprocess(images):
+        return torch.stack([torch.from_numpy(np.asarray(im.convert("RGB").resize((32, 32)), np.float32))
+                            for im in images]).permute(0, 3, 1, 2)  # (b, 3, 32, 32)
+
+    encoder = features._TorchCallableEncoder("mean colour 1", preprocess, lambda x: x.mean(dim=(2, 3)),
+                                             batch_size=3)
+    images = _images() * 2
+    result = encoder.encode_cached("image-unit", list(range(8)), lambda start, stop: images[start:stop],
+                                   cache_dir=tmp_path, shard_size=4, progress=False)
+    assert encoder.dim == 3 and result.shape == (8, 3)
+    assert np.array_equal(result, encoder.encode(images, progress=False))
+    assert len(list(tmp_path.glob("image-unit-*.npy"))) == 3  # shards of 3 (4 rounded to whole batches): 3+3+2
+
+
 def test_load_image_encoder_default_is_mobilenet():
     encoder = load_image_encoder()
     assert isinstance(encoder, MobileNetV2Encoder)
