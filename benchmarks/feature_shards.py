@@ -14,6 +14,11 @@ Also times the cache's own work alone (hashing the inputs, writing and fsyncing 
 files) with a free encoder that returns zeros: sharded vs one .npy.
 
     OMP_NUM_THREADS=1 python -m benchmarks.feature_shards --texts 20000
+    OMP_NUM_THREADS=1 python -m benchmarks.feature_shards --abba 2 --texts 8192 --shard-size 1024
+
+``--abba R``: instead, one process alternates one-shot and sharded encodings of the
+same texts (fresh cache folders) in ABBA order R times and prints each time and the
+median ratio: a shared host drifts by tens of percent between processes minutes apart.
 
 Prints seconds and texts encoded per second for each run, the sharding overhead
 (sharded / one-shot), the killed + resumed total, and checks that every run gave the
@@ -27,6 +32,7 @@ import json
 import math
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -72,6 +78,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--texts", type=int, default=20000, help="number of synthetic texts (>= 2 shards)")
     parser.add_argument("--shard-size", type=int, default=None, help="texts per shard (default: SHARD_SIZE)")
+    parser.add_argument("--abba", type=int, default=0, help="ABBA rounds of one-shot vs sharded in one process")
     parser.add_argument("--child", choices=["one-shot", "sharded"], help=argparse.SUPPRESS)
     parser.add_argument("--files", nargs=4, type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -88,9 +95,37 @@ def main() -> None:
         raise ValueError(f"--texts must give at least 2 shards of {rows}, got {args.texts}")
     work = Path(tempfile.mkdtemp(prefix="feature-shards-"))
     try:
-        run_all(args.texts, shard_size, rows, shards, work)
+        if args.abba:
+            abba(args.texts, shard_size, args.abba, work)
+        else:
+            run_all(args.texts, shard_size, rows, shards, work)
     finally:
         shutil.rmtree(work)
+
+
+def abba(n: int, shard_size: int, rounds: int, work: Path) -> None:
+    """One-shot (A) and sharded (B) in one process, ABBA order, each into a fresh cache folder."""
+    import torch
+
+    from hm4sr_core.data import features
+
+    torch.set_num_threads(1)
+    texts = synthetic_texts(n)
+    features._text_model()
+    seconds: dict[str, list[float]] = {"one-shot": [], "sharded": []}
+    for run, mode in enumerate(["one-shot", "sharded", "sharded", "one-shot"] * rounds):
+        cache = work / f"abba-{run}"
+        start = time.perf_counter()
+        if mode == "one-shot":
+            key = {**features.text_cache_key(), "texts": texts}
+            features.cached("text-minilm", key, lambda: features.encode_texts(texts, progress=False), cache)
+        else:
+            features.encode_texts_cached(texts, cache_dir=cache, progress=False, shard_size=shard_size)
+        seconds[mode].append(time.perf_counter() - start)
+        print(f"{mode:>9}: {seconds[mode][-1]:7.2f} s  {n / seconds[mode][-1]:7.1f} texts/s", flush=True)
+    ratios = [b / a for a, b in zip(seconds["one-shot"], seconds["sharded"])]
+    print(f"{n} texts, shards of {shard_size}, 1 thread: median sharded / one-shot = {statistics.median(ratios):.3f}"
+          f" (pairs: {', '.join(f'{r:.3f}' for r in ratios)})")
 
 
 def bookkeeping_seconds(texts: list[str], shard_size: int, work: Path) -> dict[str, float]:
