@@ -153,6 +153,10 @@ class ModelConfig(_Config):
     feature_width: int = 0  # 0 = each modality's own width; > 0 = every feature table fitted to it (released code: 768): zero-padded, or cut to its leading singular directions
     gap_buckets: str = "separate"  # "separate": padding and first item get interval buckets of their own; "released": both share the zero-gap bucket, as the released code
     dense_auxiliary: str = "every_position"  # dense mode: auxiliary losses at "every_position" (each position an example, as each prefix in prefix mode) or the "last_position" of each window
+    rec_loss: str = "full"  # next-item loss: "full" softmax over the catalogue (paper) | "sampled" softmax with logQ correction (large catalogues: a step's item side grows with batch + num_negatives, not with N)
+    num_negatives: int = 1024  # sampled: K negatives drawn per step with replacement, shared by every example of the batch
+    negative_proposal: str = "uniform"  # sampled: Q, "uniform" over items 1..N | "popularity" (training counts, smoothed by popularity_exponent)
+    popularity_exponent: float = 0.75  # popularity proposal: Q(i) proportional to (count_i + 1) ** this (1 = raw counts + 1, 0 = uniform); +1 keeps unseen items drawable
 
     def __post_init__(self) -> None:
         _check(self.hidden_size >= 2 and self.hidden_size % 2 == 0, f"hidden_size must be even >= 2, got {self.hidden_size}")
@@ -179,6 +183,12 @@ class ModelConfig(_Config):
                f"gap_buckets must be 'separate' or 'released', got {self.gap_buckets!r}")
         _check(self.dense_auxiliary in ("every_position", "last_position"),
                f"dense_auxiliary must be 'every_position' or 'last_position', got {self.dense_auxiliary!r}")
+        _check(self.rec_loss in ("full", "sampled"), f"rec_loss must be 'full' or 'sampled', got {self.rec_loss!r}")
+        _check(self.num_negatives >= 1, f"num_negatives must be >= 1, got {self.num_negatives}")
+        _check(self.negative_proposal in ("uniform", "popularity"),
+               f"negative_proposal must be 'uniform' or 'popularity', got {self.negative_proposal!r}")
+        _check(0.0 <= self.popularity_exponent <= 1.0,
+               f"popularity_exponent must be in [0, 1], got {self.popularity_exponent}")
 
     @property
     def loss_weights(self) -> dict[str, float]:

@@ -325,7 +325,8 @@ def backward_in_parts(model: HM4SR, batch: SequenceBatch, parts: int, *, introsp
     """A prefix-mode training step's forward and backward with the sequence side run on
     ``parts`` slices of the batch at a time (``TrainConfig.micro_batches``): about
     1/``parts`` of its activation memory, for one more forward pass of the sequence side
-    (and the catalogue's projection once more per part).
+    (and the item side's projection once more per part: the catalogue's, or with
+    ``rec_loss="sampled"`` the step's rows only, negatives drawn once per batch).
 
     The losses still see the whole batch (the contrastive ones take in-batch
     negatives): the sequence vectors are first computed part by part without a graph,
@@ -349,6 +350,10 @@ def backward_in_parts(model: HM4SR, batch: SequenceBatch, parts: int, *, introsp
     if not 1 <= parts <= B:
         raise ValueError(f"parts must be between 1 and the batch size {B}, got {parts}")
     place = model._placeholder_draw(batch, generator)
+    sample, ids = None, None
+    if model.config.rec_loss == "sampled":  # one draw of negatives for the whole batch; local row ids
+        sample = model.sample_candidates(batch, generator)
+        batch, ids = sample.batch, sample.ids
     slices = [slice(int(c[0]), int(c[-1]) + 1) for c in torch.arange(B).tensor_split(parts)]
     device = batch.items.device
 
@@ -372,7 +377,7 @@ def backward_in_parts(model: HM4SR, batch: SequenceBatch, parts: int, *, introsp
     states, hs, augs, extras = [], [], [], []
     with torch.no_grad():  # 1: the sequence vectors, part by part, no graph kept
         with amp():
-            tables = model.item_tables()
+            tables = model.item_tables(ids)
         for sl in slices:
             states.append(rng_state())
             sub, sub_place = part(sl)
@@ -389,16 +394,16 @@ def backward_in_parts(model: HM4SR, batch: SequenceBatch, parts: int, *, introsp
         h_aug = torch.cat(augs, dim=1).requires_grad_()
     # 2: every loss on the whole batch; gradients to the item side and to the vectors
     with amp():
-        item_matrix = model.item_matrix(model.item_tables())
-        named = model._losses(batch, h, None, h_aug, item_matrix, place, False)
+        item_matrix = model.item_matrix(model.item_tables(ids))
+        named = model._losses(batch, h, None, h_aug, item_matrix, place, False, sample)
         total = model.total_loss(named)
     total.backward()
     # 3: each part again, with a graph and the same dropout masks, fed its slice of the gradients
     for state, sl in zip(states, slices):
         set_rng_state(state)
         sub, sub_place = part(sl)
-        with amp():  # the catalogue's projection again: the part's graph must reach its weights
-            h_part, aug_part, _ = model._encode(sub, model.item_tables(), sub_place, False)
+        with amp():  # the item side's projection again: the part's graph must reach its weights
+            h_part, aug_part, _ = model._encode(sub, model.item_tables(ids), sub_place, False)
         outputs, grads = [h_part], [h.grad[:, sl]]
         if aug_part is not None:
             outputs.append(aug_part)

@@ -3,7 +3,8 @@
 Small modules first, in the order of the forward pass: the feature tables' width
 (section 1), the Interactive MoE (2.2), the time embedding (2.3), the Temporal MoE (2.4),
 the per-stream Transformer encoders (2.5); then :class:`HM4SR` (forward, losses,
-scoring, 2.6), then the four losses as pure functions (section 3). SASRec is HM4SR with
+scoring, 2.6), then the four losses as pure functions (section 3), with the sampled
+next-item loss for large catalogues (docs/sampled_softmax.md). SASRec is HM4SR with
 the ID stream alone and every extra part off (``ModelConfig.sasrec()``).
 Pure torch: no file I/O, no device choice, no prints.
 
@@ -50,6 +51,19 @@ class HM4SROutput:
     interval_buckets: torch.Tensor | None = None  # (B, T) gap bucket (0 padding, 1 first item)
     time_values: torch.Tensor | None = None  # (B, T) absolute time as fed to the embedding
     stream_names: tuple[str, ...] = ()
+
+
+@dataclass
+class CandidateSample:
+    """The item rows one sampled-softmax step needs (``ModelConfig.rec_loss="sampled"``).
+
+    Local row r stands for global item ``ids[r]``; ``ids`` is sorted and starts with the
+    padding item 0, so the remapped batch keeps 0 as padding and every real item > 0."""
+
+    ids: torch.Tensor  # (U,) global ids: the batch's inputs and targets, the negatives, and 0
+    negatives: torch.Tensor  # (K,) local rows of the K drawn negatives (repeats kept: drawn with replacement)
+    log_expected: torch.Tensor  # (U,) log(K * Q(item)), the logQ correction of each row (-inf at padding, never used)
+    batch: SequenceBatch  # the step's batch with items, targets and position targets in local rows
 
 
 # ----------------------------------------------------------------------------- modules
@@ -330,6 +344,11 @@ class HM4SR(nn.Module):
         self.category_head = nn.Linear(S * d, C) if (config.w_category > 0 and C > 0) else None
         self.placeholders = StackedLinear(len(self.modalities), 2 * d, d) \
             if (config.w_placeholder_contrastive > 0 and self.modalities) else None
+        # Popularity proposal of the sampled softmax, set by set_item_popularity (train() calls
+        # it): log Q per item on the model's device, and its CDF on the CPU where the
+        # training loop's generator draws.
+        self.register_buffer("proposal_log_prob", None, persistent=False)  # (N+1,) log Q, -inf at padding
+        self._proposal_cdf: torch.Tensor | None = None  # (N+1,) float64 on the CPU
         self._init_weights()
 
     # -- init: one pass over every module, documented in one place
@@ -377,16 +396,97 @@ class HM4SR(nn.Module):
             layer.recompute = bool(on)
         return self
 
+    # -- sampled softmax: the proposal and each step's candidates
+    def set_item_popularity(self, counts) -> "HM4SR":
+        """Give the model the training interaction count of each item ((N+1,), index 0 the
+        padding item; :func:`hm4sr_core.train.item_popularity`), from which the
+        ``"popularity"`` proposal is Q(i) proportional to (count_i + 1) ** popularity_exponent
+        over items 1..N, Q(0) = 0. Not saved in the state dict. Returns the model."""
+        counts = torch.as_tensor(counts, dtype=torch.float64).cpu()
+        if counts.shape != (self.num_items + 1,):
+            raise ValueError(f"item counts must have shape ({self.num_items + 1},) (padding item 0 first), "
+                             f"got {tuple(counts.shape)}")
+        if not bool(torch.isfinite(counts).all()) or bool((counts < 0).any()):
+            raise ValueError("item counts must be finite and >= 0")
+        q = (counts + 1.0) ** self.config.popularity_exponent
+        q[0] = 0.0
+        q = q / q.sum()
+        cdf = q.cumsum(0)
+        self._proposal_cdf = cdf / cdf[-1]
+        device = self.item_embedding.weight.device
+        self.proposal_log_prob = torch.log(q).float().to(device)
+        return self
+
+    def proposal_probabilities(self) -> torch.Tensor:
+        """(N+1,) float64 Q of the configured proposal on the CPU (Q(0) = 0, sums to 1)."""
+        if self.config.negative_proposal == "uniform":
+            q = torch.full((self.num_items + 1,), 1.0 / self.num_items, dtype=torch.float64)
+            q[0] = 0.0
+            return q
+        self._need_popularity()
+        return torch.diff(self._proposal_cdf, prepend=self._proposal_cdf.new_zeros(1))
+
+    def _need_popularity(self) -> None:
+        if self._proposal_cdf is None:
+            raise ValueError("negative_proposal='popularity' needs the training counts: call "
+                             "model.set_item_popularity(train.item_popularity(split, num_items)) first "
+                             "(train() does)")
+
+    def draw_negatives(self, k: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """(k,) int64 global item ids in 1..N drawn with replacement from the proposal Q,
+        on the CPU (from ``generator``: the same generator gives the same draws)."""
+        if self.config.negative_proposal == "uniform":
+            return torch.randint(1, self.num_items + 1, (k,), generator=generator)
+        self._need_popularity()
+        u = torch.rand(k, generator=generator, dtype=torch.float64)
+        # The first item whose CDF exceeds u: never 0 (CDF 0 there), never an item of Q = 0.
+        return torch.searchsorted(self._proposal_cdf, u, right=True).clamp_(1, self.num_items)
+
+    def sample_candidates(self, batch: SequenceBatch, generator: torch.Generator | None = None) -> CandidateSample:
+        """Draw the step's ``num_negatives`` shared negatives and gather the rows the step
+        needs: the union of the batch's input items, its targets, the negatives and the
+        padding item, with the batch remapped to those local rows."""
+        K = self.config.num_negatives
+        device = batch.items.device
+        negatives = self.draw_negatives(K, generator).to(device)
+        parts = [batch.items.reshape(-1), batch.targets.reshape(-1), negatives,
+                 torch.zeros(1, dtype=batch.items.dtype, device=device)]
+        if batch.position_targets is not None:
+            parts.append(batch.position_targets.reshape(-1))
+        ids = torch.unique(torch.cat(parts))  # sorted, so 0 is row 0 and the remap keeps the order of ids
+
+        def local(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else torch.searchsorted(ids, t)
+
+        sub = SequenceBatch(local(batch.items), batch.timestamps, batch.lengths, local(batch.targets),
+                            batch.users, local(batch.position_targets))
+        if self.config.negative_proposal == "uniform":
+            log_q = torch.full(ids.shape, -math.log(self.num_items), device=device)
+            log_q[0] = float("-inf")
+        else:
+            self._need_popularity()
+            log_q = self.proposal_log_prob.to(device)[ids]
+        return CandidateSample(ids, local(negatives), math.log(K) + log_q, sub)
+
     # -- item side
-    def item_tables(self) -> torch.Tensor:
+    def item_tables(self, ids: torch.Tensor | None = None) -> torch.Tensor:
         """(N+1, S, d) raw item representations per stream: E_id and W_m x_m + b_m
         (zero for items lacking the modality). Computed once per step, shared by the
-        sequence side, the scores and the category head."""
-        tables = [self.item_embedding.weight]
+        sequence side, the scores and the category head. With ``ids`` ((U,) global item
+        ids) only those rows, (U, S, d) in that order: what a sampled-softmax step needs
+        (:meth:`sample_candidates`), at a cost that grows with U, not with N."""
+        if ids is None:
+            tables = [self.item_embedding.weight]
+            for i, proj in enumerate(self.projections):
+                feats = getattr(self, f"features_{i}")
+                avail = getattr(self, f"available_{i}")
+                tables.append(proj(feats).mul_(avail.unsqueeze(1)))  # in place: one (N+1, d) temporary less
+            return torch.stack(tables, dim=1)
+        tables = [self.item_embedding.weight[ids]]  # the gradient reaches these rows only
         for i, proj in enumerate(self.projections):
-            feats = getattr(self, f"features_{i}")
-            avail = getattr(self, f"available_{i}")
-            tables.append(proj(feats).mul_(avail.unsqueeze(1)))  # in place: one (N+1, d) temporary less
+            feats = getattr(self, f"features_{i}")[ids]
+            avail = getattr(self, f"available_{i}")[ids]
+            tables.append(proj(feats).mul_(avail.unsqueeze(1)))
         return torch.stack(tables, dim=1)
 
     def item_matrix(self, tables: torch.Tensor | None = None) -> torch.Tensor:
@@ -430,11 +530,19 @@ class HM4SR(nn.Module):
                 introspect: bool = False, generator: torch.Generator | None = None) -> HM4SROutput:
         """Encode ``batch``. ``losses`` computes every enabled loss (needs targets; dense
         layout when ``batch.position_targets`` is set); ``scores`` returns full-catalogue
-        scores; ``introspect`` returns gates, lambda and the time inputs."""
-        tables = self.item_tables()
+        scores; ``introspect`` returns gates, lambda and the time inputs. With
+        ``rec_loss="sampled"`` and ``losses`` the step draws its negatives from ``generator``
+        (after the placeholders) and computes the item side for its own rows only."""
         dense = losses and batch.position_targets is not None
         every = dense and self.config.dense_auxiliary == "every_position"
         place = self._placeholder_draw(batch, generator) if losses else None
+        sample = None
+        if losses and self.config.rec_loss == "sampled":
+            # The item side for the rows this step needs only; the batch in local row ids.
+            sample = self.sample_candidates(batch, generator)
+            batch, tables = sample.batch, self.item_tables(sample.ids)
+        else:
+            tables = self.item_tables()
         h, h_aug, extras = self._encode(batch, tables, place, introspect, every=dense, aug_every=every)
         h_all = None
         if dense:
@@ -445,9 +553,9 @@ class HM4SR(nn.Module):
         out = HM4SROutput(sequence=seq, stream_names=self.stream_names, **extras)
         item_matrix = self.item_matrix(tables)
         if scores:
-            out.scores = score_all(seq, item_matrix)
+            out.scores = score_all(seq, item_matrix if sample is None else self.item_matrix())
         if losses:
-            out.losses = self._losses(batch, h, h_all, h_aug, item_matrix, place, every)
+            out.losses = self._losses(batch, h, h_all, h_aug, item_matrix, place, every, sample)
             out.loss = self.total_loss(out.losses)
         return out
 
@@ -480,9 +588,11 @@ class HM4SR(nn.Module):
 
     def _losses(self, batch: SequenceBatch, h: torch.Tensor, h_all: torch.Tensor | None,
                 h_aug: torch.Tensor | None, item_matrix: torch.Tensor, place: torch.Tensor | None,
-                every: bool) -> dict[str, torch.Tensor]:
+                every: bool, sample: "CandidateSample | None" = None) -> dict[str, torch.Tensor]:
         """Every enabled loss by name, unweighted. h (S, B, d) at the last items; h_all
-        (S, B, T, d) at every position in dense mode (else None); h_aug from :meth:`_encode`."""
+        (S, B, T, d) at every position in dense mode (else None); h_aug from :meth:`_encode`.
+        With ``sample`` (sampled softmax) ``batch`` and ``item_matrix`` are in the sample's
+        local row ids (:meth:`sample_candidates`)."""
         cfg = self.config
         dense = h_all is not None
         seq = h.permute(1, 0, 2).reshape(h.shape[1], -1)
@@ -491,9 +601,15 @@ class HM4SR(nn.Module):
         if dense:
             q = h_all.permute(1, 2, 0, 3).reshape(B, T, -1)  # (B, T, S*d)
             has = batch.position_targets > 0
-            named["rec"] = rec_loss(q[has], item_matrix, batch.position_targets[has])
+            rec_query, rec_targets = q[has], batch.position_targets[has]
         else:
-            named["rec"] = rec_loss(seq, item_matrix, batch.targets)
+            rec_query, rec_targets = seq, batch.targets
+        if sample is None:
+            named["rec"] = rec_loss(rec_query, item_matrix, rec_targets)
+        else:
+            neg = sample.negatives
+            named["rec"] = sampled_rec_loss(rec_query, item_matrix[rec_targets], item_matrix[neg], rec_targets,
+                                            neg, sample.log_expected[rec_targets], sample.log_expected[neg])
         window = torch.arange(B, device=h.device).view(B, 1).expand(B, T)  # (B, T) window of each position
         if every:
             # Every position with a next item is an example, as each prefix is in prefix
@@ -503,11 +619,13 @@ class HM4SR(nn.Module):
         else:
             targets, groups, id_rows = batch.targets, None, h[0]
         if cfg.w_id_contrastive > 0:
+            # Sampled: the targets' ID rows are the local tables' first stream (the same values).
+            target_id = self.item_embedding(targets) if sample is None else item_matrix[targets, :cfg.hidden_size]
             named["id_contrastive"] = id_contrastive_loss(
-                id_rows, self.item_embedding(targets), targets, cfg.id_contrastive_temperature,
-                cfg.mask_same_target, groups)
+                id_rows, target_id, targets, cfg.id_contrastive_temperature, cfg.mask_same_target, groups)
         if self.category_head is not None:
-            named["category"] = category_loss(self.category_head, item_matrix, self.categories, batch.items,
+            categories = self.categories if sample is None else self.categories[sample.ids]
+            named["category"] = category_loss(self.category_head, item_matrix, categories, batch.items,
                                               batch.items > 0)
         if self.placeholders is not None:
             if place is not None and every:
@@ -587,6 +705,28 @@ def score_all(sequence: torch.Tensor, item_matrix: torch.Tensor) -> torch.Tensor
 def rec_loss(sequence: torch.Tensor, item_matrix: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Cross-entropy of the full-catalogue scores against the next item (padding excluded)."""
     return F.cross_entropy(score_all(sequence, item_matrix), targets)
+
+
+def sampled_rec_loss(query: torch.Tensor, target_rows: torch.Tensor, negative_rows: torch.Tensor,
+                     targets: torch.Tensor, negatives: torch.Tensor, target_log_expected: torch.Tensor,
+                     negative_log_expected: torch.Tensor) -> torch.Tensor:
+    """Sampled softmax with logQ correction: the cross-entropy of each example's target
+    among its target and K shared negatives drawn with replacement from Q.
+
+    query (n, D), target_rows (n, D) and negative_rows (K, D) are item representations;
+    targets (n,) and negatives (K,) ids in one id space (to find accidental hits);
+    ``*_log_expected`` is log(K * Q(c)), the expected number of copies of c among the
+    draws. Every candidate's logit, the target's included, is s(c) - log(K * Q(c)); the
+    shared log K cancels in the softmax, so this is the s(c) - log Q(c) form too. A
+    negative equal to the example's target is an accidental hit and is left out. When
+    the negatives are every item once under a uniform Q (K = N, K * Q = 1) this is the
+    full-catalogue cross-entropy exactly."""
+    dtype = torch.promote_types(query.dtype, negative_rows.dtype)
+    pos = (query * target_rows).sum(-1).to(dtype) - target_log_expected.to(dtype)  # (n,)
+    neg = (query @ negative_rows.T).to(dtype) - negative_log_expected.to(dtype).view(1, -1)  # (n, K)
+    neg = neg.masked_fill(targets.view(-1, 1) == negatives.view(1, -1), float("-inf"))
+    logits = torch.cat([pos.unsqueeze(1), neg], dim=1)
+    return F.cross_entropy(logits, torch.zeros(len(targets), dtype=torch.long, device=logits.device))
 
 
 def contrastive_loss(a: torch.Tensor, b: torch.Tensor, targets: torch.Tensor, temperature: float,

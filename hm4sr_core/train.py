@@ -185,6 +185,7 @@ def train(dataset: Dataset, model_config: ModelConfig = ModelConfig(), config: T
     optimizer = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
     train_part = split.train(config.mode)
     popularity = item_popularity(split, dataset.num_items)
+    model.set_item_popularity(popularity)  # the sampled softmax's popularity proposal (ModelConfig.negative_proposal)
     history = split.train_history() if config.mask_history else None
     origin = int(dataset.stats["first_timestamp"])
 
