@@ -200,7 +200,7 @@ def train(dataset: Dataset, model_config: ModelConfig = ModelConfig(), config: T
             raise ValueError(f"resume: {out / 'last.pt'} was trained on data {ck['data_hash'][:12]}, "
                              f"this dataset is {data_hash[:12]}")
         saved = _resumable(TrainConfig.from_dict(ck["train_config"]))
-        if ck["model_config"] != model_config.to_dict() or saved != _resumable(config):
+        if ModelConfig.from_dict(ck["model_config"]) != model_config or saved != _resumable(config):
             raise ValueError(f"resume: {out / 'last.pt'} has a different configuration; "
                              f"use a new --out folder or the same settings")
         model.load_state_dict(ck["model_state"])

@@ -1,8 +1,15 @@
-"""Tests for hm4sr_core.data.features: cache, posters, MobileNetV2, MiniLM, encoder specs."""
+"""Tests for hm4sr_core.data.features: cache, sharded cache, posters, MobileNetV2, MiniLM, encoder specs."""
 
 from __future__ import annotations
 
 import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,13 +21,18 @@ from hm4sr_core.data.features import (
     MobileNetV2Encoder,
     cache_key_hash,
     cached,
+    encode_sharded,
     encode_texts,
     encode_texts_cached,
     genre_colour,
     load_image_encoder,
     mobilenetv2_weights_path,
     render_poster,
+    shard_paths,
+    shard_rows,
 )
+
+REPO = Path(__file__).resolve().parents[1]
 
 # --------------------------------------------------------------------------- cache
 
@@ -88,6 +100,141 @@ def test_cache_rejects_kind_that_is_not_a_file_name(tmp_path):
         cached("../escape", "k", lambda: np.zeros(1), cache_dir=tmp_path)
 
 
+# --------------------------------------------------------------------------- sharded cache
+
+
+class Recorder:
+    """A small real encoder: item ``i`` (a number) -> a row fixed by its value; records what it encodes."""
+
+    def __init__(self, inputs: list[float], dim: int = 3) -> None:
+        self.inputs = inputs
+        self.dim = dim
+        self.encoded: list[float] = []
+        self.calls: list[tuple[int, int]] = []
+
+    def __call__(self, start: int, stop: int) -> np.ndarray:
+        self.calls.append((start, stop))
+        values = np.asarray(self.inputs[start:stop], dtype=np.float64)
+        self.encoded.extend(self.inputs[start:stop])
+        return np.sin(values[:, None] * np.arange(1, self.dim + 1)).astype(np.float32)  # (b, dim)
+
+
+def _sharded(recorder: Recorder, cache: Path, **kwargs) -> np.ndarray:
+    options = {"dim": recorder.dim, "batch_size": 2, "shard_size": 4, "cache_dir": cache, "progress": False}
+    return encode_sharded("unit", {"encoder": "sine 1"}, recorder.inputs, recorder, **{**options, **kwargs})
+
+
+def test_shard_rows_are_whole_batches():
+    assert shard_rows(4096, 128) == 4096
+    assert shard_rows(5, 2) == 4  # rounded down to whole batches
+    assert shard_rows(1, 3) == 3  # never less than one batch
+    with pytest.raises(ValueError, match="shard_size must be >= 1"):
+        shard_rows(0, 2)
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        shard_rows(4, 0)
+
+
+def test_sharded_encoding_writes_one_file_per_shard_and_reuses_them(tmp_path):
+    inputs = [float(i) for i in range(10)]
+    first = Recorder(inputs)
+    result = _sharded(first, tmp_path)
+    assert result.shape == (10, 3) and result.dtype == np.float32
+    assert np.array_equal(result, first(0, 10))  # same rows as one call on everything
+    assert first.calls[:5] == [(0, 2), (2, 4), (4, 6), (6, 8), (8, 10)]  # batches never cross a shard edge
+    paths = shard_paths("unit", {"encoder": "sine 1"}, inputs, batch_size=2, shard_size=4, cache_dir=tmp_path)
+    assert [(start, stop) for start, stop, _ in paths] == [(0, 4), (4, 8), (8, 10)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for _, _, p in paths)
+    for start, stop, path in paths:
+        assert np.array_equal(np.load(path), result[start:stop])
+
+    second = Recorder(inputs)
+    assert np.array_equal(_sharded(second, tmp_path), result)
+    assert second.calls == []  # everything came from the shard files
+
+
+def test_changing_one_input_recomputes_only_its_shard(tmp_path):
+    inputs = [float(i) for i in range(10)]
+    _sharded(Recorder(inputs), tmp_path)
+    changed = list(inputs)
+    changed[5] = 50.0
+    recorder = Recorder(changed)
+    result = _sharded(recorder, tmp_path)
+    assert recorder.encoded == [4.0, 50.0, 6.0, 7.0]  # shard 4:8 only
+    assert np.array_equal(result, Recorder(changed)(0, 10))
+    assert len(list(tmp_path.glob("unit-*.npy"))) == 4  # the old 4:8 shard stays for the old inputs
+
+
+def test_identical_shards_are_encoded_once(tmp_path):
+    recorder = Recorder([1.0, 2.0, 3.0, 4.0] * 2 + [5.0])
+    result = _sharded(recorder, tmp_path)
+    assert recorder.encoded == [1.0, 2.0, 3.0, 4.0, 5.0]  # shard 4:8 is shard 0:4's file
+    assert np.array_equal(result[4:8], result[:4])
+    assert len(list(tmp_path.glob("unit-*.npy"))) == 2
+
+
+def test_key_and_batch_size_are_part_of_the_shard_key(tmp_path):
+    inputs = [float(i) for i in range(4)]
+    _sharded(Recorder(inputs), tmp_path)
+    other_encoder = Recorder(inputs)
+    encode_sharded("unit", {"encoder": "sine 2"}, inputs, other_encoder, dim=3, batch_size=2, shard_size=4,
+                   cache_dir=tmp_path, progress=False)
+    other_batch = Recorder(inputs)
+    _sharded(other_batch, tmp_path, batch_size=4)
+    assert other_encoder.encoded == inputs and other_batch.encoded == inputs
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "empty", "wrong shape", "nan"])
+def test_damaged_shard_is_recomputed_alone(tmp_path, damage):
+    inputs = [float(i) for i in range(10)]
+    reference = _sharded(Recorder(inputs), tmp_path)
+    _, _, middle = shard_paths("unit", {"encoder": "sine 1"}, inputs, batch_size=2, shard_size=4,
+                               cache_dir=tmp_path)[1]
+    good = middle.read_bytes()
+    if damage == "wrong shape":
+        np.save(middle, np.zeros((3, 3), np.float32))
+    elif damage == "nan":
+        np.save(middle, np.full((4, 3), np.nan, np.float32))
+    else:
+        middle.write_bytes({"garbage": b"not an npy file", "truncated": good[:-7], "empty": b""}[damage])
+    recorder = Recorder(inputs)
+    assert np.array_equal(_sharded(recorder, tmp_path), reference)
+    assert recorder.encoded == [4.0, 5.0, 6.0, 7.0]
+    assert middle.read_bytes() == good  # replaced by the recomputed shard
+
+
+def test_progress_bar_starts_at_the_cached_count(tmp_path, capsys):
+    inputs = [float(i) for i in range(10)]
+    _sharded(Recorder(inputs), tmp_path, shard_size=4)
+    _sharded(Recorder(inputs + [10.0, 11.0]), tmp_path, progress=True, desc="sines")  # shard 8:12 is new
+    first_draw, *_, last_draw = capsys.readouterr().err.strip().split("\r")
+    assert first_draw.startswith("sines:  67%") and " 8/12 " in first_draw and "8 reused from cache" in first_draw
+    assert " 12/12 " in last_draw
+
+
+def test_wrong_encoder_output_shape_names_kind_and_rows(tmp_path):
+    with pytest.raises(ValueError, match=r"unit: encoder returned shape \(2, 5\) for items 0:2; expected \(2, 3\)"):
+        encode_sharded("unit", {}, [0, 1], lambda start, stop: np.zeros((2, 5)), dim=3, batch_size=2,
+                       cache_dir=tmp_path, progress=False)
+
+
+def test_stale_temp_files_of_killed_runs_are_removed(tmp_path):
+    stale, fresh, other = tmp_path / ".unit-abc.tmp", tmp_path / ".unit-def.tmp", tmp_path / ".other-abc.tmp"
+    for path in (stale, fresh, other):
+        path.write_bytes(b"half a shard")
+    hour_ago = time.time() - 3600
+    os.utime(stale, (hour_ago, hour_ago))
+    os.utime(other, (hour_ago, hour_ago))
+    _sharded(Recorder([1.0]), tmp_path)
+    assert not stale.exists()
+    assert fresh.exists()  # young: could belong to a run writing right now
+    assert other.exists()  # another kind's: not this encoding's to judge
+
+
+def test_empty_input_gives_empty_array(tmp_path):
+    assert _sharded(Recorder([]), tmp_path).shape == (0, 3)
+    assert encode_texts_cached([], cache_dir=tmp_path, progress=False).shape == (0, 384)
+
+
 # --------------------------------------------------------------------------- posters
 
 
@@ -150,6 +297,42 @@ def test_mobilenet_features_shape_range_determinism_and_distinctness(mobilenet):
     assert np.array_equal(first, second)
     distances = np.linalg.norm(first[:, None] - first[None], axis=-1)
     assert distances[~np.eye(4, dtype=bool)].min() > 1.0
+
+
+def test_mobilenet_encode_cached_gives_the_same_floats_and_skips_the_model_when_cached(mobilenet, tmp_path):
+    images = _images()
+    ids = ["toy story", "schindler", "red", "gradient"]
+    sharded = mobilenet.encode_cached("image-unit", ids, lambda start, stop: images[start:stop],
+                                      cache_dir=tmp_path, shard_size=2, progress=False)
+    assert np.array_equal(sharded, mobilenet.encode(images, progress=False))
+    assert len(list(tmp_path.glob("image-unit-*.npy"))) == 2
+
+    fresh = MobileNetV2Encoder(batch_size=2)
+    opened: list[int] = []
+    again = fresh.encode_cached("image-unit", ids, lambda start, stop: opened.extend(range(start, stop)),
+                                cache_dir=tmp_path, shard_size=2, progress=False)
+    assert np.array_equal(again, sharded)
+    assert opened == [] and "model" not in vars(fresh)  # no image opened, no network loaded
+    restyled = fresh.encode_cached("image-unit", ids, lambda start, stop: images[start:stop],
+                                   options={"poster_style": 2}, cache_dir=tmp_path, shard_size=2, progress=False)
+    assert np.array_equal(restyled, sharded) and len(list(tmp_path.glob("image-unit-*.npy"))) == 4
+
+
+def test_pluggable_encoders_share_the_sharded_path(tmp_path):
+    """The timm / open_clip / hf encoders are _TorchCallableEncoder: one built from a real torch
+    forward (mean colour per channel) caches by its own name, with the same floats as encode()."""
+    def preprocess(images):
+        return torch.stack([torch.from_numpy(np.asarray(im.convert("RGB").resize((32, 32)), np.float32))
+                            for im in images]).permute(0, 3, 1, 2)  # (b, 3, 32, 32)
+
+    encoder = features._TorchCallableEncoder("mean colour 1", preprocess, lambda x: x.mean(dim=(2, 3)),
+                                             batch_size=3)
+    images = _images() * 2
+    result = encoder.encode_cached("image-unit", list(range(8)), lambda start, stop: images[start:stop],
+                                   cache_dir=tmp_path, shard_size=4, progress=False)
+    assert encoder.dim == 3 and result.shape == (8, 3)
+    assert np.array_equal(result, encoder.encode(images, progress=False))
+    assert len(list(tmp_path.glob("image-unit-*.npy"))) == 3  # shards of 3 (4 rounded to whole batches): 3+3+2
 
 
 def test_load_image_encoder_default_is_mobilenet():
@@ -226,3 +409,101 @@ def test_encode_texts_cached_writes_once(tmp_path):
     files = list(tmp_path.glob("text-minilm-*.npy"))
     second = encode_texts_cached(texts, cache_dir=tmp_path, progress=False)
     assert len(files) == 1 and np.array_equal(first, second)
+
+
+def test_encode_texts_cached_gives_the_same_floats_as_encode_texts(tmp_path):
+    texts = [f"Film {i} ({1990 + i}) | " + ", ".join(["Drama", "Comedy", "War"][: 1 + i % 3]) for i in range(11)]
+    sharded = encode_texts_cached(texts, cache_dir=tmp_path / "a", progress=False, batch_size=2, shard_size=4)
+    assert np.array_equal(sharded, encode_texts(texts, batch_size=2, progress=False))
+    assert len(list((tmp_path / "a").glob("text-minilm-*.npy"))) == 3
+    default = encode_texts_cached(texts, cache_dir=tmp_path / "b", progress=False)
+    assert np.array_equal(default, encode_texts(texts, progress=False))
+
+
+class LoggedMiniLM:
+    """The real MiniLM, recording every text it is asked to encode."""
+
+    def __init__(self) -> None:
+        self.model = features._text_model()
+        self.encoded: list[str] = []
+
+    def encode(self, texts, **kwargs):
+        self.encoded.extend(texts)
+        return self.model.encode(texts, **kwargs)
+
+
+def test_changing_one_text_re_encodes_only_its_shard(tmp_path, monkeypatch):
+    texts = [f"Item number {i} in a long catalogue" for i in range(10)]
+    before = encode_texts_cached(texts, cache_dir=tmp_path, progress=False, batch_size=2, shard_size=4)
+    logged = LoggedMiniLM()
+    monkeypatch.setattr(features, "_text_model", lambda: logged)
+    texts[9] = "A different last item"
+    after = encode_texts_cached(texts, cache_dir=tmp_path, progress=False, batch_size=2, shard_size=4)
+    assert logged.encoded == texts[8:10]
+    assert np.array_equal(after[:8], before[:8]) and not np.allclose(after[9], before[9])
+
+
+CHILD = """
+import json, sys, time
+import numpy as np
+from hm4sr_core.data import features
+
+cache, log, delay, texts_file, out = sys.argv[1:6]
+texts = json.loads(open(texts_file).read())
+model = features._text_model()
+
+
+class Logged:
+    # The real MiniLM, logging each batch before encoding it, slowed so the parent can kill mid-run.
+    def encode(self, chunk, **kwargs):
+        with open(log, "a") as handle:
+            handle.write(json.dumps(chunk) + "\\n")
+        time.sleep(float(delay))
+        return model.encode(chunk, **kwargs)
+
+
+features._text_model = lambda: Logged()
+np.save(out, features.encode_texts_cached(texts, cache_dir=cache, progress=False, batch_size=2, shard_size=4))
+"""
+
+
+def _logged_texts(log: Path) -> list[str]:
+    return [text for line in log.read_text().splitlines() for text in json.loads(line)] if log.exists() else []
+
+
+def test_killed_encoding_resumes_from_its_finished_shards(tmp_path):
+    texts = [f"Catalogue item {i}: a {colour} product" for i, colour in
+             enumerate(["red", "green", "blue", "black", "white", "grey"] * 4)]  # 24 texts, 6 shards of 4
+    (tmp_path / "texts.json").write_text(json.dumps(texts))
+    (tmp_path / "child.py").write_text(CHILD)
+    cache = tmp_path / "cache"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+
+    def child(log: str, delay: float, out: str) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, str(tmp_path / "child.py"), str(cache), str(tmp_path / log),
+                                 str(delay), str(tmp_path / "texts.json"), str(tmp_path / out)], env=env)
+
+    killed = child("killed.log", 0.4, "killed.npy")
+    deadline = time.time() + 180
+    while len(list(cache.glob("text-minilm-*.npy"))) < 2:
+        assert killed.poll() is None, "the child finished or failed before it could be killed"
+        assert time.time() < deadline, "no shard written within 180 s"
+        time.sleep(0.02)
+    killed.send_signal(signal.SIGKILL)
+    assert killed.wait() == -signal.SIGKILL
+    finished = sorted(cache.glob("text-minilm-*.npy"))
+    stamps = {path: path.stat().st_mtime_ns for path in finished}
+    k = len(finished)
+    assert 2 <= k < 6 and not (tmp_path / "killed.npy").exists()
+    assert _logged_texts(tmp_path / "killed.log")[: 4 * k] == texts[: 4 * k]  # the killed run did that work
+
+    resumed = child("resumed.log", 0.0, "resumed.npy")
+    assert resumed.wait(timeout=180) == 0
+    assert _logged_texts(tmp_path / "resumed.log") == texts[4 * k :]  # only the missing shards
+    assert {path: path.stat().st_mtime_ns for path in finished} == stamps  # finished shards not rewritten
+    assert len(list(cache.glob("text-minilm-*.npy"))) == 6
+
+    uninterrupted = encode_texts_cached(texts, cache_dir=tmp_path / "fresh", progress=False, batch_size=2,
+                                        shard_size=4)
+    assert np.array_equal(np.load(tmp_path / "resumed.npy"), uninterrupted)
+    assert np.array_equal(uninterrupted, encode_texts(texts, batch_size=2, progress=False))

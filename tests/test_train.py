@@ -100,6 +100,28 @@ def test_resume_with_more_epochs_equals_the_longer_run(tiny_ds, tiny_split, tiny
     pd.testing.assert_frame_equal(_untimed(more.steps), _untimed(long.steps))
 
 
+def test_a_checkpoint_from_before_newer_config_fields_resumes(tiny_ds, tiny_split, tiny_model_config,
+                                                              tiny_train_config, tmp_path):
+    # A last.pt written before a config field existed (here the sampled-softmax fields) holds
+    # the defaults implicitly: resuming it with today's default config goes on, while a
+    # non-default value of the new field is a different configuration.
+    from hm4sr_core.train import _atomic_torch_save
+
+    config = tiny_train_config.replace(epochs=2, patience=10)
+    train(tiny_ds, tiny_model_config, config.replace(epochs=1), out_dir=tmp_path, data_hash="h", progress=False,
+          split=tiny_split)
+    ck = load_checkpoint(tmp_path / "last.pt")
+    for key in ("rec_loss", "num_negatives", "negative_proposal", "popularity_exponent"):
+        del ck["model_config"][key]
+    _atomic_torch_save(ck, tmp_path / "last.pt")
+    resumed = train(tiny_ds, tiny_model_config, config, out_dir=tmp_path, data_hash="h", progress=False,
+                    split=tiny_split, resume=True)
+    assert resumed.epochs_run == 2
+    with pytest.raises(ValueError, match="different configuration"):
+        train(tiny_ds, tiny_model_config.replace(rec_loss="sampled"), config.replace(epochs=3), out_dir=tmp_path,
+              data_hash="h", resume=True, progress=False, split=tiny_split)
+
+
 def test_resume_refuses_other_data_or_model(tiny_ds, tiny_split, tiny_model_config, tiny_train_config, tiny_run,
                                             tmp_path):
     _, out = tiny_run

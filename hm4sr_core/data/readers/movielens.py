@@ -12,7 +12,7 @@ interaction set that is reachable offline (docs/data.md). Sources, in order:
 Modalities (HM4SR Sec. 3.1 needs a text and an image feature per item):
 ``text`` = MiniLM on "<title> | <genres>"; ``image`` = MobileNetV2 on a *synthetic*
 poster card drawn from the title and genres (no real posters exist offline).
-Both are computed after filtering and cached by their exact inputs.
+Both are computed after filtering and cached in resumable shards keyed by their exact inputs.
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ from hm4sr_core.data.features import (
     MobileNetV2Encoder,
     POSTER_STYLE_VERSION,
     TEXT_DIM,
-    cached,
     encode_texts_cached,
     mobilenetv2_name,
     render_poster,
@@ -249,15 +248,14 @@ def _image_modality() -> RawModality:
 
     def encode(items: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
         posters = [[str(t), [str(g) for g in c]] for t, c in zip(items["title"], items["categories"])]
-        key = {"encoder": encoder_name, "poster_style": POSTER_STYLE_VERSION, "size": POSTER_SIZE,
-               "posters": posters}
-
-        def compute() -> np.ndarray:
-            # The model is built only on a cache miss: a re-run never loads it.
-            images = [render_poster(t, c, POSTER_SIZE) for t, c in posters]
-            return MobileNetV2Encoder().encode(images)
-
-        return cached("image-mobilenetv2-poster", key, compute), np.ones(len(items), dtype=bool)
+        # The network is loaded only when a shard is missing: a re-run never loads it.
+        encoder = MobileNetV2Encoder()
+        features = encoder.encode_cached(
+            "image-mobilenetv2-poster", posters,
+            lambda start, stop: [render_poster(t, c, POSTER_SIZE) for t, c in posters[start:stop]],
+            options={"poster_style": POSTER_STYLE_VERSION, "size": POSTER_SIZE},
+        )
+        return features, np.ones(len(items), dtype=bool)
 
     provenance = {
         "encoder": encoder_name,
