@@ -6,7 +6,7 @@ on first use); the allocator part times one multiply on 1 thread.
 
     python -m benchmarks.run                 # everything (about 25 minutes here)
     python -m benchmarks.run --only eval_1m  # one part, printed as JSON
-    python -m benchmarks.run --skip scale    # without the scale benchmark (benchmarks/scale.py, ~20 min)
+    python -m benchmarks.run --skip scale    # without the scale benchmark (benchmarks/scale.py, about 8 minutes here)
 """
 
 from __future__ import annotations
