@@ -38,8 +38,8 @@ demo: $(STAMP) system-packages  ## prepare ml-100k (features, statistics), train
 test: $(STAMP) system-packages  ## run the test suite (about 4 minutes on 2 cores)
 	$(PY) -m pytest
 
-bench: $(STAMP)  ## run benchmarks/ and write benchmarks/results.json
-	$(PY) -m benchmarks.run
+bench: $(STAMP)  ## run benchmarks/ and write benchmarks/results.json (SKIP="scale eval_1m" leaves parts out)
+	$(PY) -m benchmarks.run $(addprefix --skip ,$(SKIP))
 
 lab: $(STAMP)  ## JupyterLab on localhost with token authentication and the project's kernel
 	$(VENV)/bin/jupyter lab --ip=127.0.0.1 --no-browser --notebook-dir=. $(if $(filter 0,$(shell id -u)),--allow-root)

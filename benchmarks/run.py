@@ -6,6 +6,7 @@ on first use); the allocator part times one multiply on 1 thread.
 
     python -m benchmarks.run                 # everything (about 25 minutes here)
     python -m benchmarks.run --only eval_1m  # one part, printed as JSON
+    python -m benchmarks.run --skip scale    # without the scale benchmark (benchmarks/scale.py, about 8 minutes here)
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results.json"
 TARGET_NDCG20 = 0.0864  # the released code's validation NDCG@20 after 8 epochs (4,380 s) here
-PARTS = ("allocator", "epochs", "prefix_recompute", "prefix_parts", "to_target", "eval", "eval_1m")
+PARTS = ("allocator", "epochs", "prefix_recompute", "prefix_parts", "to_target", "eval", "eval_1m", "scale")
 PREFIX_PARTS = 4  # TrainConfig.micro_batches of the prefix_parts part
 
 
@@ -184,6 +185,20 @@ def part_allocator(args) -> dict:
     return out
 
 
+def _run_scale(args) -> dict:
+    """benchmarks/scale.py in its own process (its cases in processes of their own): it merges
+    its figures into results.json under "scale" itself and prints its headline scalars last,
+    returned here with a ``scale_`` prefix for the history line. Its progress lines pass through."""
+    import shlex
+    cmd = [sys.executable, "-m", "benchmarks.scale", "--sizes", args.scale_sizes, "--headline",
+           *shlex.split(args.scale_args)]
+    print("[bench] scale ...", file=sys.stderr, flush=True)
+    proc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"benchmark part scale failed (exit {proc.returncode})")
+    return {f"scale_{k}": v for k, v in json.loads(proc.stdout.strip().splitlines()[-1]).items()}
+
+
 def _cpu_ticks() -> tuple[int, int] | None:
     """(steal, total) jiffies of all CPUs from /proc/stat; None where there is none."""
     try:
@@ -216,7 +231,10 @@ def main() -> None:
     p.add_argument("--dense-epochs", type=int, default=5, help="dense-mode epochs timed (default 5)")
     p.add_argument("--max-epochs", type=int, default=40, help="epoch cap for the time-to-target run (default 40, over twice the target time)")
     p.add_argument("--repeats", type=int, default=7, help="evaluation repeats (median)")
-    p.add_argument("--skip", action="append", default=[], choices=PARTS, help="parts to leave out")
+    p.add_argument("--skip", action="append", default=[], choices=PARTS, help="parts to leave out (repeatable)")
+    p.add_argument("--scale-sizes", default="1e4,1e5,1e6", help="catalogue sizes of the scale part (default 1e4,1e5,1e6)")
+    p.add_argument("--scale-args", default="", help="more options of the scale part, e.g. \"--skip prepare --steps 5\" "
+                                                     "(python -m benchmarks.scale --help)")
     p.add_argument("--history", action="store_true",
                    help="print the recorded runs (benchmarks/history.jsonl) and their medians, measure nothing")
     p.add_argument("--last", type=int, default=0, help="with --history: only the last N runs (default all)")
@@ -225,6 +243,8 @@ def main() -> None:
         print_history(args.last)
         return
     if args.only:
+        if args.only == "scale":
+            raise SystemExit("the scale part runs as python -m benchmarks.scale (see its --help)")
         fn = {"allocator": part_allocator, "epochs": part_epochs, "prefix_recompute": part_prefix_recompute,
               "prefix_parts": part_prefix_parts,
               "to_target": part_to_target, "eval": part_eval, "eval_1m": part_eval_1m}
@@ -234,11 +254,12 @@ def main() -> None:
     from hm4sr_core.train import environment
     extra = [f"--prefix-epochs={args.prefix_epochs}", f"--dense-epochs={args.dense_epochs}",
              f"--max-epochs={args.max_epochs}", f"--repeats={args.repeats}"]
-    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     measured: dict = {}  # this run's figures only: a skipped part keeps its old ones in results.json
     for part in PARTS:
         if part not in args.skip:
-            measured.update(_run_part(part, extra))
+            measured.update(_run_scale(args) if part == "scale" else _run_part(part, extra))
+    # Read after the parts: the scale part writes its "scale" key into the file itself.
+    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     results.update(measured)
     torch.set_num_threads(2)
     results["environment"] = environment()

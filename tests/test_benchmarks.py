@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import subprocess
 import sys
@@ -122,3 +123,92 @@ def test_same_results_finds_every_kind_of_difference():
     assert differences(a, dict(same, metric=0.25000001), "run") == ["run.metric: 0.25 != 0.25000001"]
     assert differences(a, {k: v for k, v in same.items() if k != "rows"}, "run") == ["run: keys ['rows']"]
     assert differences(a, dict(same, rows=[1, 2, 3]), "run") == ["run.rows: lengths 2 and 3"]
+
+
+def test_scale_world_is_deterministic_and_shaped_like_a_catalogue():
+    """benchmarks.scale_world: same seed, same arrays; every item used, ~10 interactions per
+    item, power-law popularity, every user long enough for leave-one-out, time increasing."""
+    import numpy as np
+
+    from benchmarks.scale_world import make_scale_world
+    a, b, c = make_scale_world(3000, seed=1), make_scale_world(3000, seed=1), make_scale_world(3000, seed=2)
+    assert a.interactions.equals(b.interactions) and not a.interactions.equals(c.interactions)
+    assert np.array_equal(a.modalities["image"].features, b.modalities["image"].features)
+    inter = a.interactions
+    assert a.num_items == 3000 and set(inter["item"].unique()) == set(range(1, 3001))
+    assert 29_000 <= len(inter) <= 31_000
+    counts = np.sort(inter["item"].value_counts().to_numpy())[::-1]
+    assert counts[:30].sum() > 0.1 * len(inter)  # the top 1% of items hold over a tenth
+    lengths = inter.groupby("user").size()
+    assert lengths.min() >= 5 and 12 <= lengths.mean() <= 18
+    assert (inter.groupby("user")["timestamp"].diff().dropna() > 0).all()
+    assert a.categories.shape == (3001, 20) and (a.categories[1:].sum(1) == 1).all() and a.categories[0].sum() == 0
+    assert a.modalities["text"].features.shape == (3001, 32) and not a.modalities["text"].available[0]
+    with pytest.raises(ValueError, match="mean_length"):
+        make_scale_world(3000, mean_length=4)
+
+
+def test_scale_exponent_is_the_log_log_slope():
+    from benchmarks.scale import _fit_exponent
+    rows = [{"items": n, "cpu_seconds_per_step_median": 0.5 * n ** 0.25} for n in (10**4, 10**5, 10**6)]
+    fit = _fit_exponent(rows)
+    assert fit["exponent"] == pytest.approx(0.25) and fit["r2"] == pytest.approx(1.0)
+    assert _fit_exponent(rows[:1]) is None
+
+
+def test_scale_benchmark_runs_a_tiny_world_and_merges_into_results(tmp_path):
+    """python -m benchmarks.scale on 2,000 items (a 3-step sampled-softmax run and an
+    evaluation, each in its own process): the figures land under "scale", other keys stay;
+    a later run with the same settings keeps the cases it did not measure, and an earlier
+    run's cases of other settings are dropped."""
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps({"eval_users_per_second": 1817.0, "scale": {"cases": {"eval:7": {"x": 1}}}}))
+    cmd = [sys.executable, "-m", "benchmarks.scale", "--sizes", "2e3", "--nprocs", "1", "--losses", "sampled",
+           "--steps", "2", "--warmup", "1", "--skip", "prepare", "--eval-users", "50",
+           "--set", "hidden_size=16", "--set", "inner_size=32", "--set", "num_layers=1",
+           "--set", "num_negatives=64", "--results", str(results), "--headline"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "[scale 1/2] train:2000:sampled:1" in proc.stderr  # a progress line per part
+    out = json.loads(results.read_text())
+    scale = out["scale"]
+    assert out["eval_users_per_second"] == 1817.0 and "eval:7" not in scale["cases"]
+    assert {"environment", "measured_at", "commit", "command", "settings", "summary"} <= set(scale)
+    train = scale["cases"]["train:2000:sampled:1"]
+    assert "error" not in train, train
+    assert train["items"] == 2000 and train["num_negatives"] == 64 and len(train["seconds_per_step_all"]) == 2
+    assert 0 < train["cpu_seconds_per_step"] < 120 and train["train_peak_rss_mb"] <= train["peak_rss_mb"]
+    assert 0 < train["seconds_per_step"] < 60 and train["sequences_per_second"] == pytest.approx(32 / train["seconds_per_step"])
+    assert 19_000 <= train["interactions"] <= 21_000 and 100 < train["peak_rss_mb"] < 4000
+    ev = scale["cases"]["eval:2000"]
+    assert ev["eval_users"] == 50 and ev["users_per_second"] > 0 and ev["peak_rss_mb"] >= ev["rss_before_ranking_mb"]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {}  # headline: no exponent from one size
+
+    again = subprocess.run(cmd + ["--only", "eval"], capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stderr[-2000:]
+    later = json.loads(results.read_text())["scale"]["cases"]
+    assert later["train:2000:sampled:1"] == train and later["eval:2000"]["measured_at"] > ev["measured_at"]
+
+
+def test_scale_full_softmax_over_the_memory_limit_is_skipped_with_its_estimate(tmp_path):
+    """A full-softmax case whose logits would not fit is recorded with the reason, not run."""
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.scale", "--case", "train:2e3:full:1",
+                           "--full-softmax-limit-gb", "0.001"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert "skipped" in out and "seconds_per_step" not in out
+    assert 0.001 < out["full_softmax_logits_gb_estimate"] < 1
+
+
+def test_scale_ddp_case_runs_two_ranks_on_one_global_batch():
+    """A 2-process case (hm4sr_core.distributed.spawn, gloo): both ranks time the same steps
+    of 32-window global batches; the case's peak RSS is its largest rank's."""
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.scale", "--case", "train:2e3:sampled:2", "--steps", "2",
+                           "--warmup", "1", "--set", "hidden_size=16", "--set", "inner_size=32",
+                           "--set", "num_layers=1", "--set", "num_negatives=64"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["nproc"] == 2 and out["threads_per_process"] == 1 and out["windows_per_step"] == 32
+    assert len(out["rank_peak_rss_mb"]) == 2 and out["child_peak_rss_mb"] == max(out["rank_peak_rss_mb"] + [out["launcher_peak_rss_mb"]])
+    assert all(0 < s < 60 for s in out["rank_seconds_per_step"]) and math.isfinite(out["final_loss"])
