@@ -54,17 +54,20 @@ QUERY_CHUNK = 256  # sequences encoded together: a (256, 50, S, d) activation st
 
 
 @torch.no_grad()
-def query_by_length(model, batch: SequenceBatch, chunk: int = QUERY_CHUNK) -> torch.Tensor:
+def query_by_length(model, batch: SequenceBatch, chunk: int = QUERY_CHUNK,
+                    tables: torch.Tensor | None = None) -> torch.Tensor:
     """``model.query(batch)`` computed over length-sorted chunks, each trimmed to its own
-    longest sequence (less padding work), and returned in the batch's row order."""
+    longest sequence (less padding work), and returned in the batch's row order.
+    ``tables``: the model's item tables, computed once by the caller instead of per chunk."""
     if batch.size <= chunk:
-        return model.query(batch)
+        return model.query(batch, tables=tables)
     order = torch.argsort(batch.lengths, stable=True)
     parts = []
     for idx in order.split(chunk):
         width = int(batch.lengths[idx].max())
         parts.append(model.query(SequenceBatch(batch.items[idx, :width], batch.timestamps[idx, :width],
-                                               batch.lengths[idx], batch.targets[idx], batch.users[idx])))
+                                               batch.lengths[idx], batch.targets[idx], batch.users[idx]),
+                                 tables=tables))
     q = torch.cat(parts)
     out = torch.empty_like(q)
     out[order] = q
@@ -86,7 +89,10 @@ def evaluate(model, part: SplitPart, config: TrainConfig = TrainConfig(), *,
     was_training = model.training
     model.eval()
     try:
-        item_matrix = model.item_matrix().to(device)
+        # The item side once per evaluation: the queries of every chunk of users read the same
+        # tables (recomputing them per chunk cost a catalogue-sized projection each time).
+        tables = model.item_tables()
+        item_matrix = model.item_matrix(tables).to(device)
         greater, equal, tops, users = [], [], [], []
         gen = torch.Generator().manual_seed(config.seed)
         for i, batch in enumerate(iterate_batches(part, config.eval_batch_size)):
@@ -99,7 +105,7 @@ def evaluate(model, part: SplitPart, config: TrainConfig = TrainConfig(), *,
             if config.mask_history and history is not None:
                 exclude = [torch.as_tensor(history[u], dtype=torch.int64, device=device)
                            for u in batch.users.tolist()]
-            q = query_by_length(model, batch)
+            q = query_by_length(model, batch, tables=tables)
             counts, top = count_dot_product(q, item_matrix, batch.targets, chunk_items=chunk_items,
                                             exclude_items=exclude, top_k=min(10, item_matrix.shape[0] - 1))
             greater.append(counts.greater.cpu())

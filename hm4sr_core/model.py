@@ -527,21 +527,26 @@ class HM4SR(nn.Module):
         return z, tau, extras
 
     def forward(self, batch: SequenceBatch, *, losses: bool = False, scores: bool = False,
-                introspect: bool = False, generator: torch.Generator | None = None) -> HM4SROutput:
+                introspect: bool = False, generator: torch.Generator | None = None,
+                tables: torch.Tensor | None = None) -> HM4SROutput:
         """Encode ``batch``. ``losses`` computes every enabled loss (needs targets; dense
         layout when ``batch.position_targets`` is set); ``scores`` returns full-catalogue
         scores; ``introspect`` returns gates, lambda and the time inputs. With
         ``rec_loss="sampled"`` and ``losses`` the step draws its negatives from ``generator``
-        (after the placeholders) and computes the item side for its own rows only."""
+        (after the placeholders) and computes the item side for its own rows only.
+        ``tables``: the whole catalogue's :meth:`item_tables` when the caller already holds
+        them for these weights (evaluation computes them once, not once per chunk of users)."""
         dense = losses and batch.position_targets is not None
         every = dense and self.config.dense_auxiliary == "every_position"
         place = self._placeholder_draw(batch, generator) if losses else None
         sample = None
         if losses and self.config.rec_loss == "sampled":
+            if tables is not None:
+                raise ValueError("tables= is for the whole catalogue; a sampled-softmax step computes its own rows")
             # The item side for the rows this step needs only; the batch in local row ids.
             sample = self.sample_candidates(batch, generator)
             batch, tables = sample.batch, self.item_tables(sample.ids)
-        else:
+        elif tables is None:
             tables = self.item_tables()
         h, h_aug, extras = self._encode(batch, tables, place, introspect, every=dense, aug_every=every)
         h_all = None
@@ -662,9 +667,10 @@ class HM4SR(nn.Module):
         return sum(weights[k] * v for k, v in named.items())
 
     @torch.no_grad()
-    def query(self, batch: SequenceBatch) -> torch.Tensor:
-        """(B, S*d) query vectors for ranking: score = query @ item_matrix().T."""
-        return self.forward(batch).sequence
+    def query(self, batch: SequenceBatch, tables: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, S*d) query vectors for ranking: score = query @ item_matrix().T. ``tables``:
+        :meth:`item_tables` of these weights when the caller has them already."""
+        return self.forward(batch, tables=tables).sequence
 
     @torch.no_grad()
     def full_sort_predict(self, batch: SequenceBatch) -> torch.Tensor:

@@ -166,3 +166,23 @@ def test_a_table_reuses_a_run_saved_before_a_setting_existed(tiny_run, tiny_mode
     record["config"]["model"]["from_the_future"] = 1
     (folder / "results.json").write_text(json.dumps(record))
     assert not _finished(folder, "tiny", tiny_model_config, tiny_train_config)
+
+
+def test_evaluation_computes_the_item_tables_once_whatever_the_number_of_chunks(tiny_split, tiny_run,
+                                                                                 tiny_train_config, monkeypatch):
+    # The item side is a catalogue-sized projection: once per evaluation, not once per chunk
+    # of users (at 10^6 items each recomputation cost gigabytes), and the queries read from the
+    # shared tables are the very ones the model computes on its own.
+    model = tiny_run[0].model.eval()
+    batch = next(iterate_batches(tiny_split.test, 1000))
+    with torch.no_grad():
+        assert torch.equal(model.query(batch, tables=model.item_tables()), model.query(batch))
+    expected = evaluate(model, tiny_split.test, tiny_train_config)
+    calls = []
+    original = model.item_tables
+    monkeypatch.setattr(model, "item_tables", lambda ids=None: calls.append(ids) or original(ids))
+    config = tiny_train_config.replace(eval_batch_size=5)
+    chunked = evaluate(model, tiny_split.test, config)
+    assert len(tiny_split.test) > 10  # several evaluation batches, each its own query
+    assert calls == [None]
+    assert chunked.metrics == expected.metrics
