@@ -67,27 +67,18 @@ def _sizes(text: str) -> list[int]:
 # --------------------------------------------------------------------------- data
 
 
-def dense_split(ds, max_length: int, eval_examples: int):
-    """The split ``train()`` uses in dense mode, without the prefix layout: leave-one-out
-    dense windows, and the first ``eval_examples`` validation and test examples (None = all).
-
-    ``build_split`` also builds one (T,)-row per training target for prefix mode: 2 x n x T
-    int64 (about 6.4 GB at 10^7 interactions, T = 50) that dense training never reads."""
-    from hm4sr_core.data import splits
-    inter = ds.interactions
-    users = inter["user"].to_numpy(np.int64)
-    items = inter["item"].to_numpy(np.int64)
-    times = inter["timestamp"].to_numpy(np.int64)
-    starts, ends = splits._user_boundaries(users)
-    ok = (ends - starts) >= 3
-    starts, ends = starts[ok], ends[ok]
-    keep = slice(None) if eval_examples is None else slice(0, eval_examples)
-    test = splits._examples(items, times, users, (ends - 1)[keep], starts[keep], max_length)
-    valid = splits._examples(items, times, users, (ends - 2)[keep], starts[keep], max_length)
-    dense = splits._dense_windows(items, times, users, starts, ends - 2, max_length)
-    empty = splits.SplitPart(*(np.zeros((0, max_length), np.int64) for _ in range(2)),
-                             *(np.zeros(0, np.int64) for _ in range(4)))
-    return splits.Split("leave_one_out", empty, dense, valid, test, {}, max_length)
+def dense_split(ds, max_length: int, eval_examples: int | None):
+    """``build_split`` (leave-one-out) as ``train()`` builds it, with only the first
+    ``eval_examples`` validation and test examples (None = all): train() scores them with
+    the full catalogue, which would take hours for every user. build_split builds a part
+    on its first access, so dense training never builds the prefix layout (2 x n x T int64,
+    about 6.4 GB at 10^7 interactions) and ``head`` builds only the rows it returns."""
+    from hm4sr_core.config import SplitConfig
+    from hm4sr_core.data.splits import build_split
+    split = build_split(ds, SplitConfig(kind="leave_one_out", max_length=max_length))
+    if eval_examples is not None:
+        split.valid, split.test = split.head("valid", eval_examples), split.head("test", eval_examples)
+    return split
 
 
 def _world(args, size: int):
@@ -240,7 +231,8 @@ def train_steps(args, size: int, loss: str, nproc: int, threads: int | None = No
                windows_per_step=windows, first_step_seconds=float(seconds[0]),
                train_call_seconds=time.perf_counter() - t0, final_loss=float(r.steps["loss"].iloc[-1]),
                steps_timed=args.steps, warmup_steps=args.warmup,
-               train_peak_rss_mb=before_eval[0] if before_eval else None)
+               train_peak_rss_mb=before_eval[0] if before_eval else None,
+               prefix_layout_built=split.is_built("train_prefix"))
     return out
 
 

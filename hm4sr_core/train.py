@@ -147,10 +147,13 @@ def item_popularity(split: Split, num_items: int) -> np.ndarray:
     """(N+1,) training interaction counts per item. Every training interaction but a
     user's first is the target of one prefix example, and the first is the input of the
     user's length-1 prefix. (Dense windows would count each window boundary twice: a
-    later window's first input is the previous window's last target.)"""
-    part = split.train_prefix
-    seen = np.concatenate([part.items[part.lengths == 1, 0], part.targets])
-    return np.bincount(seen, minlength=num_items + 1).astype(np.float64)
+    later window's first input is the previous window's last target.) Read in chunks of
+    rows: the prefix layout is not built for it (dense training never builds it)."""
+    counts = np.zeros(num_items + 1, np.int64)
+    for cols in split.columns("train_prefix", ("first_items", "lengths", "targets")):
+        seen = np.concatenate([cols["first_items"][cols["lengths"] == 1], cols["targets"]])
+        counts += np.bincount(seen, minlength=num_items + 1)
+    return counts.astype(np.float64)
 
 
 def train(dataset: Dataset, model_config: ModelConfig = ModelConfig(), config: TrainConfig = TrainConfig(), *,

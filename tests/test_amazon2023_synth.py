@@ -84,7 +84,9 @@ def test_prepare_large_measures_every_stage_on_the_generated_files(files):
     result = measure(str(files[0].parent), "2023", user_core=2, item_core=2)
     assert set(result["stages"]) == set(result["cpu_seconds"]) == {"read", "preprocess", "splits", "save"}
     assert result["reviews"] == 5000 and result["meta_seconds"] > 0
-    assert result["peak_rss_mb"] >= result["rss_after_read_mb"] > 0
+    # peak_rss_mb is rounded to whole MB; the peak can be the read itself now that hashing the
+    # splits builds no part, so compare like with like
+    assert result["peak_rss_mb"] >= round(result["rss_after_read_mb"]) > 0
     raw = read_amazon(*files, version="2023")
     raw.modalities = []
     ds = preprocess(raw, PreprocessConfig(user_core=2, item_core=2))
