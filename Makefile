@@ -35,7 +35,7 @@ system-packages:  ## Debian's chromium + DejaVu fonts for PNG/SVG export and bro
 demo: $(STAMP) system-packages  ## prepare ml-100k (features, statistics), train and run the notebooks
 	$(PY) -m hm4sr_core.cli demo
 
-test: $(STAMP) system-packages  ## run the test suite (about 4 minutes on 2 cores)
+test: $(STAMP) system-packages  ## run the test suite (about 5 minutes on 2 cores)
 	$(PY) -m pytest
 
 bench: $(STAMP)  ## run benchmarks/ and write benchmarks/results.json (SKIP="scale eval_1m" leaves parts out)
