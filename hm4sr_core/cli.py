@@ -124,7 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--mode", choices=("dense", "prefix"), help="training layout (default dense)")
     tr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override any ModelConfig/TrainConfig field, e.g. --set w_category=0 "
-                         "--set use_temporal_moe=false --set batch_size=256; repeatable")
+                         "--set use_temporal_moe=false --set batch_size=256; repeatable. Large catalogues: "
+                         "--set rec_loss=sampled --set num_negatives=1024 (sampled softmax, logQ-corrected; "
+                         "docs/sampled_softmax.md)")
     tr.add_argument("--out", required=True, help="run folder to write")
     tr.add_argument("--resume", action="store_true", help="continue a killed run from --out/last.pt")
     tr.add_argument("--quiet", action="store_true", help="no progress bars")
