@@ -4,9 +4,9 @@ Each measurement runs in its own subprocess so its peak RSS is its own. The trai
 evaluation parts use 2 threads and batch 1024 (the paper's) on the prepared ml-100k (prepared
 on first use); the allocator part times one multiply on 1 thread.
 
-    python -m benchmarks.run                 # everything (about 25 minutes here)
+    python -m benchmarks.run                 # everything (ml-100k parts ~30 min in earlier sessions, + scale)
     python -m benchmarks.run --only eval_1m  # one part, printed as JSON
-    python -m benchmarks.run --skip scale    # without the scale benchmark (benchmarks/scale.py, about 8 minutes here)
+    python -m benchmarks.run --skip scale    # without the scale benchmark (benchmarks/scale.py: 6-8 minutes here, 8 more to write its 10^7 file once)
 """
 
 from __future__ import annotations

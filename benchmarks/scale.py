@@ -278,7 +278,10 @@ def case_prepare(args) -> dict:
     from benchmarks.prepare_large import measure as measure_prepare
     out = measure_prepare(str(args.amazon_path), "2023", 5, 5)
     out["prepare_seconds"] = float(out["total_seconds"])
-    out["file_interactions"] = args.amazon_interactions
+    out["file_interactions"] = out.get("reviews")  # what was read: a reused file may hold another count
+    if out["file_interactions"] != args.amazon_interactions:
+        out["note"] = (f"{args.amazon_path} holds {out['file_interactions']} reviews, not --amazon-interactions "
+                       f"{args.amazon_interactions}: it was reused; delete it or pass another --amazon-path")
     return out
 
 
@@ -455,20 +458,25 @@ def summarise(cases: dict) -> dict:
 
 def write_results(scale: dict, path: Path = RESULTS) -> dict:
     """Merge ``scale`` into ``path`` under "scale" (other keys kept), atomically. Cases of an
-    earlier run that this one did not measure are kept when it ran with the same settings
-    (e.g. ``--only prepare`` after ``--skip prepare``), dropped otherwise, so the summary never
-    fits an exponent across two protocols."""
+    earlier run that this one did not measure are kept when it ran with the same settings at
+    the same commit (e.g. ``--only prepare`` after ``--skip prepare``), dropped
+    otherwise, so the summary never fits an exponent across two protocols or two versions of
+    the code. Each case records its own commit and time."""
     from hm4sr_core.data.store import write_json_atomic
     results = json.loads(path.read_text()) if path.exists() else {}
     old = results.get("scale", {})
     for spec in scale["cases"]:
         scale["cases"][spec]["measured_at"] = scale["measured_at"]
-    if old.get("settings") == scale["settings"]:
-        merged = {**old.get("cases", {}), **scale["cases"]}
+        scale["cases"][spec]["commit"] = scale.get("commit")
+    same_code = scale.get("commit") is not None and old.get("commit") == scale.get("commit")
+    if old.get("settings") == scale["settings"] and same_code:
+        merged = {**{k: v for k, v in old.get("cases", {}).items() if v.get("commit") == scale.get("commit")},
+                  **scale["cases"]}
     else:
         merged = dict(scale["cases"])
         if old.get("cases"):
-            scale["earlier_cases_dropped"] = f"{len(old['cases'])} cases of {old.get('measured_at')}: other settings"
+            why = "other settings" if old.get("settings") != scale["settings"] else "another commit"
+            scale["earlier_cases_dropped"] = f"{len(old['cases'])} cases of {old.get('measured_at')}: {why}"
     scale = {**scale, "cases": merged, "summary": summarise(merged)}
     results["scale"] = scale
     write_json_atomic(path, results)

@@ -12,8 +12,8 @@ Inside a torch.distributed process group (``hm4sr train --nproc N``, torchrun) t
 loop trains data-parallel (DDP): every rank draws the same batch order and trains on its
 shard of each global batch, evaluation is split over the ranks and gathered, and only
 rank 0 writes files (:mod:`hm4sr_core.distributed`; docs/guide.md, "Distributed
-training"). Rank r > 0 draws dropout from torch seeded with seed + r, and placeholders
-from a generator of its own.
+training"). Rank r > 0 draws dropout from torch seeded with seed + r; every rank draws
+placeholder positions and sampled-softmax negatives from a generator seeded by (seed, epoch, rank).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import os
 import platform
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -195,6 +196,7 @@ def train(dataset: Dataset, model_config: ModelConfig = ModelConfig(), config: T
     steps_rows: list[dict] = []
     epoch_rows: list[dict] = []
     best_metric, best_epoch, best_state, bad_epochs, start_epoch, step = -1.0, 0, None, 0, 1, 0
+    resumed_world = None  # processes that wrote the resumed checkpoint, when not this run's number
     if resume:
         if out is None or not (out / "last.pt").exists():
             raise FileNotFoundError(f"resume: no last.pt in {out}")
@@ -209,6 +211,12 @@ def train(dataset: Dataset, model_config: ModelConfig = ModelConfig(), config: T
         model.load_state_dict(ck["model_state"])
         optimizer.load_state_dict(ck["optimizer_state"])
         _restore_rng(ck, config.seed, ranks)
+        if ck.get("world_size", 1) != ranks.world:
+            resumed_world = ck.get("world_size", 1)
+            if ranks.main:
+                warnings.warn(f"resume: {out / 'last.pt'} was written by {resumed_world} process(es), this run has "
+                              f"{ranks.world}: it goes on, but not as the uninterrupted run would have "
+                              f"(the dropout streams and shards differ)", stacklevel=2)
         steps_rows, epoch_rows = _rows(ck["steps"]), _rows(ck["epochs"])
         best_metric, best_epoch, bad_epochs = ck["best_metric"], ck["best_epoch"], ck["bad_epochs"]
         best_state = ck["best_state"]
@@ -328,6 +336,8 @@ def train(dataset: Dataset, model_config: ModelConfig = ModelConfig(), config: T
         record["distributed"] = {"world_size": ranks.world, "backend": distributed.backend(),
                                  "shards": "rows rank::world of each global batch",
                                  "contrastive_negatives": "within each rank's shard"}
+    if resumed_world is not None:
+        record["resumed_from_world_size"] = resumed_world
     result = TrainResult(model, valid, test, pd.DataFrame(steps_rows), epochs_df, best_epoch,
                          len(epoch_rows), seconds, record)
     if out is not None and ranks.main:

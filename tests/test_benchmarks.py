@@ -212,3 +212,24 @@ def test_scale_ddp_case_runs_two_ranks_on_one_global_batch():
     assert out["nproc"] == 2 and out["threads_per_process"] == 1 and out["windows_per_step"] == 32
     assert len(out["rank_peak_rss_mb"]) == 2 and out["child_peak_rss_mb"] == max(out["rank_peak_rss_mb"] + [out["launcher_peak_rss_mb"]])
     assert all(0 < s < 60 for s in out["rank_seconds_per_step"]) and math.isfinite(out["final_loss"])
+
+
+def test_scale_results_never_mix_cases_of_two_commits(tmp_path):
+    """Earlier cases are kept only when they were measured with the same settings at the same
+    commit, and every case records its own commit: the summary's exponent and ratios never
+    mix two versions of the code."""
+    from benchmarks.scale import write_results
+    path = tmp_path / "results.json"
+
+    def run(commit, cases, settings="s"):
+        return write_results({"commit": commit, "measured_at": f"t-{commit}", "settings": settings,
+                              "cases": {k: dict(v) for k, v in cases.items()}}, path)
+
+    run("aaa", {"eval:10000": {"users_per_second": 1.0}})
+    kept = run("aaa", {"eval:100000": {"users_per_second": 2.0}})
+    assert set(kept["cases"]) == {"eval:10000", "eval:100000"}
+    assert kept["cases"]["eval:10000"]["commit"] == "aaa" and "earlier_cases_dropped" not in kept
+    other = run("bbb", {"eval:100000": {"users_per_second": 3.0}})
+    assert set(other["cases"]) == {"eval:100000"} and "another commit" in other["earlier_cases_dropped"]
+    settings = run("bbb", {"eval:10000": {"users_per_second": 4.0}}, settings="t")
+    assert set(settings["cases"]) == {"eval:10000"} and "other settings" in settings["earlier_cases_dropped"]

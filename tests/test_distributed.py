@@ -116,6 +116,13 @@ def test_two_ranks_reach_the_parameters_of_one_process(ddp_run, world, case, tmp
         assert torch.allclose(got, want, rtol=0, atol=PARAM_ATOL), (name, float((got - want).abs().max()))
         moved = max(moved, float((want - initial[name]).abs().max()))
     assert moved > 100 * PARAM_ATOL  # the steps moved the weights far more than the tolerance
+    # Adam divides a constant gradient scale away from the update, so equal weights alone
+    # would not catch a mis-scaled shard weight; its moments keep the gradients' scale.
+    for index, want in ours["optimizer_state"]["state"].items():
+        got = theirs["optimizer_state"]["state"][index]
+        for moment in ("exp_avg", "exp_avg_sq"):  # to 1e-4 of each moment's largest entry (summation order)
+            gap = float((got[moment] - want[moment]).abs().max())
+            assert gap <= 1e-4 * float(want[moment].abs().max()), (index, moment, gap)
     # the logged loss is the global batch's (count-weighted over ranks), as one process logs it
     np.testing.assert_allclose(pd.read_csv(ddp_run / case / "steps.csv")["loss_rec"],
                                single.steps["loss_rec"], rtol=1e-5)

@@ -507,3 +507,18 @@ def test_killed_encoding_resumes_from_its_finished_shards(tmp_path):
                                         shard_size=4)
     assert np.array_equal(np.load(tmp_path / "resumed.npy"), uninterrupted)
     assert np.array_equal(uninterrupted, encode_texts(texts, batch_size=2, progress=False))
+
+
+def test_non_finite_encoder_output_is_refused_before_any_shard_is_written(tmp_path):
+    # A shard holding NaN would be rejected by every later read and silently re-encoded on
+    # every run; the encoder's bad output is an error naming the kind and the item instead.
+    def encode(start, stop):
+        out = np.ones((stop - start, 3), dtype=np.float32)
+        if start <= 5 < stop:
+            out[5 - start, 1] = np.nan
+        return out
+
+    with pytest.raises(ValueError, match=r"unit: encoder returned non-finite features for item 5 \(items 4:6\)"):
+        encode_sharded("unit", {}, list(range(8)), encode, dim=3, batch_size=2, shard_size=4,
+                       cache_dir=tmp_path, progress=False)
+    assert len(list(tmp_path.glob("unit-*.npy"))) == 1  # the first shard (items 0:4) was finished and kept

@@ -202,3 +202,14 @@ def test_bad_part_name_and_chunk_size_are_refused(tiny_split):
         tiny_split.is_built("train")
     with pytest.raises(ValueError, match="chunk_rows must be >= 1, got 0"):
         tiny_split.hash(chunk_rows=0)
+
+
+def test_columns_of_a_built_part_give_none_for_a_field_it_lacks(tiny_ds):
+    """A prefix part has no position_targets: columns() says None for it whether the part is
+    built or not (it used to fail on a built part)."""
+    split = build_split(tiny_ds, SplitConfig(max_length=10))
+    lazy = next(split.columns("train_prefix", ("position_targets", "lengths")))
+    split.train_prefix  # build it
+    built = next(split.columns("train_prefix", ("position_targets", "lengths")))
+    assert lazy["position_targets"] is None and built["position_targets"] is None
+    assert np.array_equal(lazy["lengths"], built["lengths"])

@@ -232,3 +232,22 @@ def test_initial_model_is_where_training_starts(tiny_ds, tiny_split, tiny_model_
     start = initial_model(tiny_ds, tiny_model_config, config.seed)
     assert _same_state(frozen, start)
     assert not _same_state(start, initial_model(tiny_ds, tiny_model_config, config.seed + 1))
+
+
+def test_resuming_a_checkpoint_of_another_process_count_warns_and_says_so(tiny_ds, tiny_split, tiny_model_config,
+                                                                         tiny_train_config, tmp_path):
+    from hm4sr_core.train import _atomic_torch_save
+
+    config = tiny_train_config.replace(epochs=2, patience=10)
+    train(tiny_ds, tiny_model_config, config.replace(epochs=1), out_dir=tmp_path, data_hash="h", progress=False,
+          split=tiny_split)
+    ck = load_checkpoint(tmp_path / "last.pt")
+    ck["world_size"] = 2  # as a 2-rank run writes it
+    _atomic_torch_save(ck, tmp_path / "last.pt")
+    with pytest.warns(UserWarning, match="written by 2 process"):
+        resumed = train(tiny_ds, tiny_model_config, config, out_dir=tmp_path, data_hash="h", progress=False,
+                        split=tiny_split, resume=True)
+    assert resumed.record["resumed_from_world_size"] == 2
+    plain = train(tiny_ds, tiny_model_config, config, out_dir=tmp_path / "plain", data_hash="h", progress=False,
+                  split=tiny_split)
+    assert "resumed_from_world_size" not in plain.record

@@ -299,6 +299,10 @@ def encode_sharded(
                 if batch.shape != (batch_stop - batch_start, dim):
                     raise ValueError(f"{kind}: encoder returned shape {batch.shape} for items "
                                      f"{batch_start}:{batch_stop}; expected ({batch_stop - batch_start}, {dim})")
+                if not np.isfinite(batch).all():  # a shard with NaN/inf would be rejected on every later read
+                    bad = batch_start + int(np.flatnonzero(~np.isfinite(batch).all(axis=1))[0])
+                    raise ValueError(f"{kind}: encoder returned non-finite features for item {bad} (items "
+                                     f"{batch_start}:{batch_stop}); expected finite floats")
                 out[batch_start:batch_stop] = batch
                 bar.update(batch_stop - batch_start)
             _save_atomic(path, out[start:stop], kind)

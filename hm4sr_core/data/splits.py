@@ -234,7 +234,8 @@ class Split:
             return
         for a in range(0, len(value), chunk_rows):
             rows = slice(a, a + chunk_rows)
-            yield {c: (value.items[rows, 0] if c == "first_items" else getattr(value, c)[rows]) for c in names}
+            yield {c: (value.items[rows, 0] if c == "first_items"
+                       else None if getattr(value, c) is None else getattr(value, c)[rows]) for c in names}
 
     def train(self, mode: str) -> SplitPart:
         if mode not in ("prefix", "dense"):
