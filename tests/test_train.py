@@ -100,20 +100,28 @@ def test_resume_with_more_epochs_equals_the_longer_run(tiny_ds, tiny_split, tiny
     pd.testing.assert_frame_equal(_untimed(more.steps), _untimed(long.steps))
 
 
+def _edited_checkpoint(ds, split, model_config, config, out, edit) -> None:
+    """Train one epoch of ``config`` into ``out``, then rewrite its last.pt through ``edit(ck)``:
+    a checkpoint as an older version, or another number of processes, would have written it."""
+    from hm4sr_core.train import _atomic_torch_save
+
+    train(ds, model_config, config.replace(epochs=1), out_dir=out, data_hash="h", progress=False, split=split)
+    ck = load_checkpoint(out / "last.pt")
+    edit(ck)
+    _atomic_torch_save(ck, out / "last.pt")
+
+
 def test_a_checkpoint_from_before_newer_config_fields_resumes(tiny_ds, tiny_split, tiny_model_config,
                                                               tiny_train_config, tmp_path):
     # A last.pt written before a config field existed (here the sampled-softmax fields) holds
     # the defaults implicitly: resuming it with today's default config goes on, while a
     # non-default value of the new field is a different configuration.
-    from hm4sr_core.train import _atomic_torch_save
+    def drop_new_fields(ck):
+        for key in ("rec_loss", "num_negatives", "negative_proposal", "popularity_exponent"):
+            del ck["model_config"][key]
 
     config = tiny_train_config.replace(epochs=2, patience=10)
-    train(tiny_ds, tiny_model_config, config.replace(epochs=1), out_dir=tmp_path, data_hash="h", progress=False,
-          split=tiny_split)
-    ck = load_checkpoint(tmp_path / "last.pt")
-    for key in ("rec_loss", "num_negatives", "negative_proposal", "popularity_exponent"):
-        del ck["model_config"][key]
-    _atomic_torch_save(ck, tmp_path / "last.pt")
+    _edited_checkpoint(tiny_ds, tiny_split, tiny_model_config, config, tmp_path, drop_new_fields)
     resumed = train(tiny_ds, tiny_model_config, config, out_dir=tmp_path, data_hash="h", progress=False,
                     split=tiny_split, resume=True)
     assert resumed.epochs_run == 2
@@ -236,14 +244,9 @@ def test_initial_model_is_where_training_starts(tiny_ds, tiny_split, tiny_model_
 
 def test_resuming_a_checkpoint_of_another_process_count_warns_and_says_so(tiny_ds, tiny_split, tiny_model_config,
                                                                          tiny_train_config, tmp_path):
-    from hm4sr_core.train import _atomic_torch_save
-
     config = tiny_train_config.replace(epochs=2, patience=10)
-    train(tiny_ds, tiny_model_config, config.replace(epochs=1), out_dir=tmp_path, data_hash="h", progress=False,
-          split=tiny_split)
-    ck = load_checkpoint(tmp_path / "last.pt")
-    ck["world_size"] = 2  # as a 2-rank run writes it
-    _atomic_torch_save(ck, tmp_path / "last.pt")
+    _edited_checkpoint(tiny_ds, tiny_split, tiny_model_config, config, tmp_path,
+                       lambda ck: ck.update(world_size=2))  # as a 2-rank run writes it
     with pytest.warns(UserWarning, match="written by 2 process"):
         resumed = train(tiny_ds, tiny_model_config, config, out_dir=tmp_path, data_hash="h", progress=False,
                         split=tiny_split, resume=True)
