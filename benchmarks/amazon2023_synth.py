@@ -77,9 +77,21 @@ def _phrases(rng: np.random.Generator, count: int, mean_words: float) -> list[st
     return [json.dumps(" ".join(rng.choice(_WORDS, size=k)).capitalize() + ".") for k in lengths]
 
 
-def _open_gzip(path: Path):
-    raw = open(path, "wb")
-    return raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, compresslevel=GZIP_LEVEL, mtime=0)
+def _write_gzip_lines(path: Path, total: int, chunk_text, bar) -> None:
+    """Write ``chunk_text(start, stop)`` for rows 0..total in chunks of ``ROWS_PER_CHUNK`` into
+    ``path`` as gzip (no name or time in the header: the same text gives the same bytes),
+    through a temp file renamed at the end; a failure leaves no file, not half of one."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw,
+                                                   compresslevel=GZIP_LEVEL, mtime=0) as handle:
+            for start in range(0, total, ROWS_PER_CHUNK):
+                stop = min(total, start + ROWS_PER_CHUNK)
+                handle.write(chunk_text(start, stop).encode("utf-8"))
+                bar.update(stop - start)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def write_amazon2023(out: str | Path, *, interactions: int, items: int | None = None, users: int | None = None,
@@ -108,69 +120,61 @@ def write_amazon2023(out: str | Path, *, interactions: int, items: int | None = 
 
     reviews_path = out / f"{category}.jsonl.gz"
     meta_path = out / f"meta_{category}.jsonl.gz"
-    bar = tqdm(total=interactions + n_items, desc="synthetic Amazon 2023", unit="line", disable=not progress,
-               unit_scale=True)
-    with bar:
-        tmp = reviews_path.with_name(reviews_path.name + ".tmp")
-        raw, handle = _open_gzip(tmp)
-        with raw, handle:
-            for start in range(0, interactions, ROWS_PER_CHUNK):
-                stop = min(interactions, start + ROWS_PER_CHUNK)
-                n = stop - start
-                rating = rng.choice(5, size=n, p=[0.07, 0.05, 0.08, 0.15, 0.65]) + 1
-                millis = rng.integers(FIRST_MS, LAST_MS, size=n)
-                title = rng.integers(0, len(titles), size=n)
-                text = rng.integers(0, len(texts), size=n)
-                helpful = rng.geometric(0.6, size=n) - 1
-                verified = rng.random(n) < 0.9
-                lines = [
-                    f'{{"rating": {r}.0, "title": {titles[ti]}, "text": {texts[te]}, "images": [], '
-                    f'"asin": "B1{item_ids[i][2:]}", "parent_asin": "{item_ids[i]}", "user_id": "{user_ids[u]}", '
-                    f'"timestamp": {ms}, "helpful_vote": {h}, "verified_purchase": {"true" if v else "false"}}}\n'
-                    for r, ti, te, i, u, ms, h, v in zip(rating.tolist(), title.tolist(), text.tolist(),
-                                                         item_draw[start:stop].tolist(),
-                                                         user_draw[start:stop].tolist(), millis.tolist(),
-                                                         helpful.tolist(), verified.tolist())]
-                handle.write("".join(lines).encode("utf-8"))
-                bar.update(n)
-        os.replace(tmp, reviews_path)
 
-        counts = np.bincount(item_draw, minlength=n_items)
+    def review_lines(start: int, stop: int) -> str:
+        n = stop - start
+        rating = rng.choice(5, size=n, p=[0.07, 0.05, 0.08, 0.15, 0.65]) + 1
+        millis = rng.integers(FIRST_MS, LAST_MS, size=n)
+        title = rng.integers(0, len(titles), size=n)
+        text = rng.integers(0, len(texts), size=n)
+        helpful = rng.geometric(0.6, size=n) - 1
+        verified = rng.random(n) < 0.9
+        lines = [
+            f'{{"rating": {r}.0, "title": {titles[ti]}, "text": {texts[te]}, "images": [], '
+            f'"asin": "B1{item_ids[i][2:]}", "parent_asin": "{item_ids[i]}", "user_id": "{user_ids[u]}", '
+            f'"timestamp": {ms}, "helpful_vote": {h}, "verified_purchase": {"true" if v else "false"}}}\n'
+            for r, ti, te, i, u, ms, h, v in zip(rating.tolist(), title.tolist(), text.tolist(),
+                                                 item_draw[start:stop].tolist(),
+                                                 user_draw[start:stop].tolist(), millis.tolist(),
+                                                 helpful.tolist(), verified.tolist())]
+        return "".join(lines)
+
+    tree = [(f"Department {a}", f"Aisle {a}-{b}") for a in range(1, 13) for b in range(1, 9)]
+
+    def meta_lines(start: int, stop: int) -> str:
+        n = stop - start
+        written = rng.random(n) >= MISSING_META
+        leaf = rng.integers(0, len(tree) + len(tree) // 9, size=n)  # ~10% past the tree: no path
+        title = rng.integers(0, len(titles), size=n)
+        feature = rng.integers(0, len(texts), size=n)
+        price = np.round(rng.lognormal(3.0, 0.9, size=n), 2)
+        has_price = rng.random(n) < 0.7
+        store = rng.integers(1, 5000, size=n)
+        stars = np.round(rng.uniform(1.0, 5.0, size=n), 1)
+        lines = []
+        for k in np.flatnonzero(written).tolist():
+            rank = start + k
+            asin = item_ids[rank]
+            path = (json.dumps([MAIN_CATEGORY, *tree[leaf[k]]]) if leaf[k] < len(tree) else "[]")
+            url = f"https://m.media-amazon.com/images/I/{asin}"
+            lines.append(
+                f'{{"main_category": "{MAIN_CATEGORY}", "title": {titles[title[k]]}, '
+                f'"average_rating": {stars[k]}, "rating_number": {int(counts[rank])}, '
+                f'"features": [{texts[feature[k]]}], "description": [{texts[(feature[k] + 1) % len(texts)]}], '
+                f'"price": {price[k] if has_price[k] else "null"}, '
+                f'"images": [{{"thumb": "{url}._SS40_.jpg", "large": "{url}._SL500_.jpg", '
+                f'"variant": "MAIN", "hi_res": "{url}._SL1500_.jpg"}}], "videos": [], '
+                f'"store": "Store {store[k]}", "categories": {path}, '
+                f'"details": {{"Brand": "Store {store[k]}", "Item Weight": "{price[k] / 10:.1f} ounces"}}, '
+                f'"parent_asin": "{asin}", "bought_together": null}}\n')
+        return "".join(lines)
+
+    with tqdm(total=interactions + n_items, desc="synthetic Amazon 2023", unit="line", disable=not progress,
+              unit_scale=True) as bar:
+        _write_gzip_lines(reviews_path, interactions, review_lines, bar)
+        counts = np.bincount(item_draw, minlength=n_items)  # meta_lines reads it
         del item_draw, user_draw
-        tree = [(f"Department {a}", f"Aisle {a}-{b}") for a in range(1, 13) for b in range(1, 9)]
-        tmp = meta_path.with_name(meta_path.name + ".tmp")
-        raw, handle = _open_gzip(tmp)
-        with raw, handle:
-            for start in range(0, n_items, ROWS_PER_CHUNK):
-                stop = min(n_items, start + ROWS_PER_CHUNK)
-                n = stop - start
-                written = rng.random(n) >= MISSING_META
-                leaf = rng.integers(0, len(tree) + len(tree) // 9, size=n)  # ~10% past the tree: no path
-                title = rng.integers(0, len(titles), size=n)
-                feature = rng.integers(0, len(texts), size=n)
-                price = np.round(rng.lognormal(3.0, 0.9, size=n), 2)
-                has_price = rng.random(n) < 0.7
-                store = rng.integers(1, 5000, size=n)
-                stars = np.round(rng.uniform(1.0, 5.0, size=n), 1)
-                lines = []
-                for k in np.flatnonzero(written).tolist():
-                    rank = start + k
-                    asin = item_ids[rank]
-                    path = (json.dumps([MAIN_CATEGORY, *tree[leaf[k]]]) if leaf[k] < len(tree) else "[]")
-                    url = f"https://m.media-amazon.com/images/I/{asin}"
-                    lines.append(
-                        f'{{"main_category": "{MAIN_CATEGORY}", "title": {titles[title[k]]}, '
-                        f'"average_rating": {stars[k]}, "rating_number": {int(counts[rank])}, '
-                        f'"features": [{texts[feature[k]]}], "description": [{texts[(feature[k] + 1) % len(texts)]}], '
-                        f'"price": {price[k] if has_price[k] else "null"}, '
-                        f'"images": [{{"thumb": "{url}._SS40_.jpg", "large": "{url}._SL500_.jpg", '
-                        f'"variant": "MAIN", "hi_res": "{url}._SL1500_.jpg"}}], "videos": [], '
-                        f'"store": "Store {store[k]}", "categories": {path}, '
-                        f'"details": {{"Brand": "Store {store[k]}", "Item Weight": "{price[k] / 10:.1f} ounces"}}, '
-                        f'"parent_asin": "{asin}", "bought_together": null}}\n')
-                handle.write("".join(lines).encode("utf-8"))
-                bar.update(n)
-        os.replace(tmp, meta_path)
+        _write_gzip_lines(meta_path, n_items, meta_lines, bar)
     return reviews_path, meta_path
 
 
