@@ -55,6 +55,13 @@ VARIANTS: dict[str, tuple[str, dict[str, str]]] = {
     "no_category": ("reference", {"w_category": "0"}),
     "no_placeholder_contrastive": ("reference", {"w_placeholder_contrastive": "0"}),
     "rec_only": ("reference", {"w_id_contrastive": "0", "w_category": "0", "w_placeholder_contrastive": "0"}),
+    # released behaviours found on a later read of the source (issue 15): features and init
+    "image_centred": ("reference", {"feature_transform": "centre", "feature_transform_modalities": "image"}),
+    "image_l2": ("reference", {"feature_transform": "l2", "feature_transform_modalities": "image"}),
+    "gate_bias_uniform": ("reference", {"interactive_gate_bias": "uniform"}),
+    "time_float32": ("reference", {"timestamps": "float32"}),
+    "padding_row_trained": ("reference", {"padding_row": "trained"}),
+    "time_minmax": ("reference", {"timestamps": "minmax"}),
     # every released behaviour we know of at once
     "released_all": ("reference", {"gap_buckets": "released", "feature_width": "768", "category_columns": "192"}),
     # not a released behaviour: how much a larger step alone moves the first epoch

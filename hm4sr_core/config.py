@@ -157,6 +157,11 @@ class ModelConfig(_Config):
     num_negatives: int = 1024  # sampled: K negatives drawn per step with replacement, shared by every example of the batch
     negative_proposal: str = "uniform"  # sampled: Q, "uniform" over items 1..N | "popularity" (training counts, smoothed by popularity_exponent)
     popularity_exponent: float = 0.75  # popularity proposal: Q(i) proportional to (count_i + 1) ** this (1 = raw counts + 1, 0 = uniform); +1 keeps unseen items drawable
+    feature_transform: str = "none"  # feature tables before use: "none" (as given, released code) | "centre" (mean over items removed) | "standardise" (centred, every column to unit variance) | "l2" (every item's row to unit length); statistics over the items that have the modality
+    feature_transform_modalities: tuple = ()  # modalities feature_transform applies to; () = every modality
+    interactive_gate_bias: str = "zero"  # Interactive-MoE gate biases at init: "zero" | "uniform" (nn.Linear's default U(-1/sqrt(d), 1/sqrt(d)), as the released code's gates)
+    timestamps: str = "exact"  # how the model reads time: "exact" integer seconds | "float32" (rounded as RecBole stores them: 64 s spacing at today's epoch seconds) | "minmax" (scaled to [0, 1] over the data set: RecBole's normalize_all; needs normalise_time=false)
+    padding_row: str = "zero"  # ID padding row: "zero" (kept at zero, never a candidate) | "trained" (initialised like the others, trained, and a column of the training softmax: released code)
 
     def __post_init__(self) -> None:
         _check(self.hidden_size >= 2 and self.hidden_size % 2 == 0, f"hidden_size must be even >= 2, got {self.hidden_size}")
@@ -189,6 +194,20 @@ class ModelConfig(_Config):
                f"negative_proposal must be 'uniform' or 'popularity', got {self.negative_proposal!r}")
         _check(0.0 <= self.popularity_exponent <= 1.0,
                f"popularity_exponent must be in [0, 1], got {self.popularity_exponent}")
+        _check(self.feature_transform in ("none", "centre", "standardise", "l2"),
+               f"feature_transform must be 'none', 'centre', 'standardise' or 'l2', got {self.feature_transform!r}")
+        _check(self.interactive_gate_bias in ("zero", "uniform"),
+               f"interactive_gate_bias must be 'zero' or 'uniform', got {self.interactive_gate_bias!r}")
+        _check(self.timestamps in ("exact", "float32", "minmax"),
+               f"timestamps must be 'exact', 'float32' or 'minmax', got {self.timestamps!r}")
+        _check(not (self.timestamps == "minmax" and self.normalise_time),
+               "timestamps='minmax' scales time to [0, 1] as RecBole's normalize_all does; it needs "
+               "normalise_time=false (days since the first interaction of a [0, 1] clock mean nothing)")
+        _check(self.padding_row in ("zero", "trained"),
+               f"padding_row must be 'zero' or 'trained', got {self.padding_row!r}")
+        _check(not (self.padding_row == "trained" and self.rec_loss == "sampled"),
+               "padding_row='trained' keeps the padding column in the full softmax; the sampled "
+               "softmax never draws padding (use rec_loss=full)")
 
     @property
     def loss_weights(self) -> dict[str, float]:

@@ -87,6 +87,35 @@ def fit_feature_width(table: torch.Tensor, width: int) -> torch.Tensor:
     return F.pad(out, (0, width - out.shape[1]))  # zero columns for the directions it lacks
 
 
+def transform_features(table: torch.Tensor, available: torch.Tensor, how: str) -> torch.Tensor:
+    """A (N+1, D) feature table after ``ModelConfig.feature_transform``: statistics over the
+    items that have the modality (``available`` > 0; row 0, padding, never counts); those rows
+    transformed, every other row left at zero. "centre" removes the mean row: features whose
+    energy sits in one shared direction (the MobileNetV2 vectors of the poster cards put about
+    92% there) otherwise reach the model nearly constant across items. "standardise" also
+    scales every column to unit variance (a constant column stays zero); "l2" scales every
+    row to unit length. Computed in float64, returned in the table's dtype."""
+    if how == "none":
+        return table
+    rows = available.bool().clone()
+    rows[0] = False
+    x = table.double()
+    out = torch.zeros_like(x)
+    if not bool(rows.any()):
+        return table
+    real = x[rows]
+    if how == "l2":
+        norms = real.norm(dim=1, keepdim=True)
+        real = torch.where(norms > 0, real / norms.clamp(min=1e-300), real)
+    else:
+        real = real - real.mean(dim=0, keepdim=True)
+        if how == "standardise":
+            sd = real.std(dim=0, unbiased=False, keepdim=True)
+            real = torch.where(sd > 0, real / sd.clamp(min=1e-300), torch.zeros_like(real))
+    out[rows] = real
+    return out.to(table.dtype)
+
+
 class InteractiveMoE(nn.Module):
     """First level: E experts Linear(Sd -> Sd) over all streams; one softmax gate per stream
     from its own slice; o_s = lambda_s * sum_k g_s[k] * slice_s(Expert_k(z))."""
@@ -127,8 +156,16 @@ class TimeEmbedding(nn.Module):
     """
 
     def __init__(self, d: int, interval_scale: float, normalise: bool, time_origin: float,
-                 shared_zero_bucket: bool = False):
+                 shared_zero_bucket: bool = False, timestamps: str = "exact", time_span: float | None = None):
         super().__init__()
+        # How the model reads the (B, T) integer seconds (``ModelConfig.timestamps``): exactly,
+        # rounded to float32 as RecBole stores them, or min-max scaled over the data set
+        # (``time_span`` = last - first timestamp) as RecBole's normalize_all.
+        if timestamps == "minmax" and not (time_span and time_span > 0):
+            raise ValueError(f"timestamps='minmax' needs the data set's time span (last - first "
+                             f"timestamp) > 0, got {time_span!r}")
+        self.timestamps = timestamps
+        self.time_span = float(time_span) if time_span else None
         self.interval_scale = interval_scale
         # True reproduces the released code (config ``gap_buckets="released"``): padding and
         # the first item land in the zero-gap bucket (its NaN at padding cast to index 0).
@@ -140,20 +177,38 @@ class TimeEmbedding(nn.Module):
         self.absolute = nn.Linear(1, d)
         self.register_buffer("freq", 10000.0 ** (-torch.arange(d, dtype=torch.float32) / d), persistent=False)
 
+    def stored(self, timestamps: torch.Tensor) -> torch.Tensor:
+        """The (B, T) times as this model reads them: the integer seconds themselves
+        (``timestamps="exact"``), or float64 values of the float32 seconds or of the [0, 1]
+        min-max clock, each as RecBole would have stored them in float32."""
+        if self.timestamps == "float32":
+            return timestamps.float().double()
+        if self.timestamps == "minmax":
+            return ((timestamps.double() - self.time_origin) / self.time_span).float().double()
+        return timestamps
+
     def buckets(self, timestamps: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
         """(B, T) int64 bucket ids from (B, T) seconds and the (B, T) real-item mask."""
-        gaps = (timestamps[:, 1:] - timestamps[:, :-1]).clamp(min=0).double()  # shuffled times can go back
+        if self.timestamps != "exact":
+            t = self.stored(timestamps)
+            gaps = (t[:, 1:] - t[:, :-1]).clamp(min=0)
+        else:
+            gaps = (timestamps[:, 1:] - timestamps[:, :-1]).clamp(min=0).double()  # shuffled times can go back
         b = torch.floor(self.interval_scale * torch.log2(gaps + 1.0)).long() + GAP_BUCKET_OFFSET
         b = b.clamp(max=self.num_buckets - 1)
         if self.shared_zero_bucket:
             first, padding = GAP_BUCKET_OFFSET, GAP_BUCKET_OFFSET
         else:
             first, padding = FIRST_BUCKET, PADDING_BUCKET
-        out = torch.cat([torch.full_like(timestamps[:, :1], first), b], dim=1)
+        out = torch.cat([torch.full_like(b[:, :1], first), b], dim=1)
         return torch.where(real, out, torch.full_like(out, padding))
 
     def time_values(self, timestamps: torch.Tensor) -> torch.Tensor:
-        """(B, T) float32: days since the dataset's first interaction, or raw seconds."""
+        """(B, T) float32: days since the dataset's first interaction, or raw seconds (or
+        the [0, 1] clock with ``timestamps="minmax"``)."""
+        if self.timestamps != "exact":
+            t = self.stored(timestamps)
+            return ((t - self.time_origin) / 86400.0).float() if self.normalise else t.float()
         if self.normalise:
             return ((timestamps.double() - self.time_origin) / 86400.0).float()
         return timestamps.float()  # the released code: ~1e9 s straight into Linear -> cos
@@ -305,7 +360,8 @@ class HM4SR(nn.Module):
     """
 
     def __init__(self, config: ModelConfig, num_items: int, features: dict[str, torch.Tensor],
-                 available: dict[str, torch.Tensor], categories: torch.Tensor, time_origin: float):
+                 available: dict[str, torch.Tensor], categories: torch.Tensor, time_origin: float,
+                 time_span: float | None = None):
         super().__init__()
         self.config = config
         d = config.hidden_size
@@ -317,12 +373,22 @@ class HM4SR(nn.Module):
         self.item_embedding = nn.Embedding(num_items + 1, d, padding_idx=0)  # E_id
         self.position = nn.Embedding(config.max_length, d)  # P, shared by every stream
         self.projections = nn.ModuleList()
+        unknown = [m for m in config.feature_transform_modalities if m not in features]
+        if config.feature_transform != "none" and unknown:
+            raise ValueError(f"feature_transform_modalities names {unknown}, not among the model's "
+                             f"modalities {list(features)}")
         for i, name in enumerate(self.modalities):
             table = features[name].float()
+            if not config.feature_transform_modalities or name in config.feature_transform_modalities:
+                table = transform_features(table, available[name], config.feature_transform)
             if config.feature_width:
                 table = fit_feature_width(table, config.feature_width)
             self.register_buffer(f"features_{i}", table, persistent=False)  # (N+1, D_m)
-            self.register_buffer(f"available_{i}", available[name].float(), persistent=False)  # (N+1,)
+            avail = available[name].float()
+            if config.padding_row == "trained":  # the released padding column scores W_m 0 + b_m
+                avail = avail.clone()
+                avail[0] = 1.0
+            self.register_buffer(f"available_{i}", avail, persistent=False)  # (N+1,)
             self.projections.append(nn.Linear(table.shape[1], d))  # W_m
         categories = categories.float()
         if config.category_columns > categories.shape[1]:  # always-zero columns, as the released code's fixed 192
@@ -335,7 +401,8 @@ class HM4SR(nn.Module):
         self.interactive = InteractiveMoE(S, d, config.num_experts, config.lambda_init) \
             if config.use_interactive_moe else None
         self.time = TimeEmbedding(d, config.interval_scale, config.normalise_time, time_origin,
-                                  shared_zero_bucket=config.gap_buckets == "released") \
+                                  shared_zero_bucket=config.gap_buckets == "released",
+                                  timestamps=config.timestamps, time_span=time_span) \
             if config.use_temporal_moe or (config.w_placeholder_contrastive > 0 and self.modalities) else None
         self.temporal = TemporalMoE(S, d, config.num_experts, config.train_temporal_experts) \
             if config.use_temporal_moe else None
@@ -381,11 +448,15 @@ class HM4SR(nn.Module):
                 bound = 1.0 / math.sqrt(2 * self.config.hidden_size)
                 nn.init.uniform_(self.placeholders.weight, -bound, bound)
                 nn.init.uniform_(self.placeholders.bias, -bound, bound)
+        if self.interactive is not None and self.config.interactive_gate_bias == "uniform":
+            bound = 1.0 / math.sqrt(self.interactive.d)  # nn.Linear(d, E)'s default bias
+            nn.init.uniform_(self.interactive.gate_bias, -bound, bound)
         if self.temporal is not None:
             with torch.no_grad():
                 self.temporal.experts.normal_(0.0, 0.1)
-        with torch.no_grad():
-            self.item_embedding.weight[0].zero_()
+        if self.config.padding_row == "zero":
+            with torch.no_grad():
+                self.item_embedding.weight[0].zero_()
 
     def recompute_activations(self, on: bool = True) -> "HM4SR":
         """Keep only each Transformer layer's input (and its dropout masks) for the
@@ -610,7 +681,8 @@ class HM4SR(nn.Module):
         else:
             rec_query, rec_targets = seq, batch.targets
         if sample is None:
-            named["rec"] = rec_loss(rec_query, item_matrix, rec_targets)
+            named["rec"] = rec_loss(rec_query, item_matrix, rec_targets,
+                                    include_padding=cfg.padding_row == "trained")
         else:
             neg = sample.negatives
             named["rec"] = sampled_rec_loss(rec_query, item_matrix[rec_targets], item_matrix[neg], rec_targets,
@@ -695,7 +767,9 @@ def build_model(config: ModelConfig, dataset) -> HM4SR:
     feats = {m: torch.from_numpy(dataset.modalities[m].features) for m in names}
     avail = {m: torch.from_numpy(dataset.modalities[m].available) for m in names}
     return HM4SR(config, dataset.num_items, feats, avail, torch.from_numpy(dataset.categories),
-                 float(dataset.stats["first_timestamp"]))
+                 float(dataset.stats["first_timestamp"]),
+                 float(dataset.stats["last_timestamp"]) - float(dataset.stats["first_timestamp"])
+                 if "last_timestamp" in dataset.stats else None)
 
 
 # ----------------------------------------------------------------------------- losses
@@ -708,8 +782,13 @@ def score_all(sequence: torch.Tensor, item_matrix: torch.Tensor) -> torch.Tensor
     return s
 
 
-def rec_loss(sequence: torch.Tensor, item_matrix: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy of the full-catalogue scores against the next item (padding excluded)."""
+def rec_loss(sequence: torch.Tensor, item_matrix: torch.Tensor, targets: torch.Tensor,
+             include_padding: bool = False) -> torch.Tensor:
+    """Cross-entropy of the full-catalogue scores against the next item; padding excluded,
+    or with ``include_padding`` a column like any other (the released code's training loss;
+    evaluation always excludes it)."""
+    if include_padding:
+        return F.cross_entropy(sequence @ item_matrix.T, targets)
     return F.cross_entropy(score_all(sequence, item_matrix), targets)
 
 
