@@ -172,9 +172,10 @@ def build_parser() -> argparse.ArgumentParser:
     ta.add_argument("--data", required=True, help="prepared dataset name or folder")
     ta.add_argument("--out", required=True, help="folder for the runs and table.md")
     ta.add_argument("--seeds", default="2025,2026,2027", help="comma-separated seeds (default 2025,2026,2027)")
-    ta.add_argument("--models", help="comma-separated subset of: " + ", ".join(
+    ta.add_argument("--models", help="comma-separated models (default: the table's nine): " + ", ".join(
         ["hm4sr", "sasrec", "reference", "no_interactive_moe", "no_temporal_moe", "no_id_contrastive",
-         "no_category", "no_placeholder_contrastive", "id_only"]))
+         "no_category", "no_placeholder_contrastive", "id_only"])
+        + "; named only: hm4sr_centred, hm4sr_standardised (feature_transform=centre / standardise)")
     ta.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="training overrides for every run (TrainConfig keys), e.g. --set epochs=30")
     ta.add_argument("--jobs", type=int, default=1,
@@ -333,7 +334,7 @@ def cmd_compare(args) -> int:
 
 
 def cmd_table(args) -> int:
-    from .experiments import TABLE_MODELS, run_table
+    from .experiments import EXTRA_TABLE_MODELS, TABLE_MODELS, run_table
     model_over, train_over = parse_overrides(args.set)
     if model_over:
         raise ValueError(f"table: --set takes training keys only; {sorted(model_over)} are model keys "
@@ -344,9 +345,9 @@ def cmd_table(args) -> int:
     except ValueError:
         raise ValueError(f"--seeds expects comma-separated integers, got {args.seeds!r}") from None
     models = tuple(m.strip() for m in args.models.split(",")) if args.models else tuple(TABLE_MODELS)
-    unknown = [m for m in models if m not in TABLE_MODELS]
+    unknown = [m for m in models if m not in TABLE_MODELS and m not in EXTRA_TABLE_MODELS]
     if unknown:
-        raise ValueError(f"--models: unknown {unknown}; known: {', '.join(TABLE_MODELS)}")
+        raise ValueError(f"--models: unknown {unknown}; known: {', '.join([*TABLE_MODELS, *EXTRA_TABLE_MODELS])}")
     if args.jobs < 1:
         raise ValueError(f"--jobs must be >= 1, got {args.jobs}")
     path = run_table(args.data, args.out, seeds=seeds, models=models, train_overrides=train_over,

@@ -202,3 +202,22 @@ def test_switches_are_validated():
                      ("timestamps", "float16"), ("padding_row", "masked")):
         with pytest.raises(ValueError, match=key):
             ModelConfig(**{key: bad})
+
+
+def test_data_facts_counts_zero_gaps_and_the_mean_direction(tiny_ds):
+    from benchmarks.fidelity import data_facts
+    text = data_facts(tiny_ds)
+    inter = tiny_ds.interactions.sort_values(["user", "timestamp"], kind="stable")
+    gaps = inter.groupby("user")["timestamp"].diff().dropna()
+    assert f"zero gaps, exact seconds: {float((gaps == 0).mean()):.2%}" in text
+    for name in tiny_ds.modalities:
+        assert f"{name} features" in text and "of the energy in the mean direction" in text
+
+
+def test_table_rows_of_the_centring_question_are_named_only():
+    from hm4sr_core.experiments import TABLE_MODELS, table_model_config
+    centred = table_model_config("hm4sr_centred")
+    assert centred.feature_transform == "centre" and centred.name == "hm4sr_centred"
+    assert centred.replace(feature_transform="none", name="hm4sr") == table_model_config("hm4sr")
+    assert table_model_config("hm4sr_standardised").feature_transform == "standardise"
+    assert "hm4sr_centred" not in TABLE_MODELS  # the default table does not grow
