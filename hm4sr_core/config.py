@@ -253,7 +253,7 @@ class TrainConfig(_Config):
     eval_time: str = "real"  # timestamps at evaluation: "real" | "shuffled" (within each sequence) | "zeroed"
     threads: int = 0  # torch CPU threads, 0 = leave torch's default
     device: str = "cpu"  # "cpu", "cuda", "cuda:1", ...
-    amp: bool = False  # bf16 autocast on CUDA
+    amp: bool = False  # bf16 autocast of training steps (CUDA, or a CPU with bf16 units: AVX-512 BF16 / AMX); parameters, optimiser and evaluation stay float32
     bucket_by_length: bool = True  # batches of similar lengths (less padding work); False = uniformly random batches as the released code
     log_every: int = 1  # steps between history rows
     max_steps_per_epoch: int = 0  # 0 = full epochs; > 0 caps steps (smoke runs, benchmarks)

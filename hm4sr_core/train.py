@@ -80,7 +80,7 @@ def gate_statistics(gates: torch.Tensor, real: torch.Tensor) -> tuple[float, np.
     """Mean gate entropy (nats) and mean load per expert over real positions.
 
     gates (..., E) with the position axes matching ``real``'s leading axes."""
-    g = gates[real]  # (n, ..., E)
+    g = gates[real].float()  # (n, ..., E); bf16 under CPU autocast
     g = g.reshape(-1, g.shape[-1])
     entropy = float(-(g * torch.log(g.clamp_min(1e-12))).sum(-1).mean())
     return entropy, g.mean(0).cpu().numpy()
@@ -244,13 +244,13 @@ def train(dataset: Dataset, model_config: ModelConfig = ModelConfig(), config: T
             shard = distributed.shard_batch(batch, ranks) if ranks.active else None
             batch = (shard.batch if shard is not None else batch).to(device)
             introspect = step % config.log_every == 0
-            amp = config.amp and device.type == "cuda"
+            amp = config.amp  # bf16 autocast on CUDA, and on CPUs with bf16 units (AVX-512 BF16 / AMX)
             if config.micro_batches > 1:  # forward and backward in parts (autocast inside), gradients left in .grad
                 optimizer.zero_grad(set_to_none=True)
                 result = model.backward_in_parts(batch, min(config.micro_batches, batch.size), introspect=introspect,
                                                  generator=gen, autocast_dtype=torch.bfloat16 if amp else None)
             else:
-                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                     result = net(batch, losses=True, introspect=introspect, generator=draws)
                 optimizer.zero_grad(set_to_none=True)
                 if shard is None:

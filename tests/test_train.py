@@ -201,6 +201,24 @@ def test_prefix_mode_trains_too(tiny_ds, tiny_split, tiny_model_config, tiny_tra
     assert len(result.steps) == 2 and np.isfinite(result.steps["loss"]).all()
 
 
+def test_bf16_autocast_trains_on_the_cpu(tiny_ds, tiny_split, tiny_model_config, tiny_train_config, tiny_run):
+    """amp=true runs the training steps under CPU bf16 autocast: the first step's losses are
+    those of the float32 run up to bf16 rounding (not equal: autocast took effect), parameters
+    stay float32, the run is repeatable, and micro-batches take the same path."""
+    first, _ = tiny_run
+    amp = train(tiny_ds, tiny_model_config, tiny_train_config.replace(amp=True), progress=False, split=tiny_split)
+    step0, ref0 = amp.steps.iloc[0], first.steps.iloc[0]
+    assert step0["loss"] != ref0["loss"]
+    assert step0["loss"] == pytest.approx(ref0["loss"], rel=2e-2)
+    assert np.isfinite(amp.steps["loss"]).all()
+    assert all(p.dtype == torch.float32 for p in amp.model.parameters())
+    again = train(tiny_ds, tiny_model_config, tiny_train_config.replace(amp=True), progress=False, split=tiny_split)
+    pd.testing.assert_frame_equal(_untimed(again.steps), _untimed(amp.steps))
+    parts = train(tiny_ds, tiny_model_config, tiny_train_config.replace(amp=True, mode="prefix", epochs=1,
+                  batch_size=128, max_steps_per_epoch=2, micro_batches=2), progress=False, split=tiny_split)
+    assert np.isfinite(parts.steps["loss"]).all()
+
+
 def test_micro_batches_train_in_prefix_mode(tiny_ds, tiny_split, tiny_model_config, tiny_train_config):
     """TrainConfig.micro_batches runs each prefix batch in parts (gradient caching): the
     run trains, logs every loss and gate statistic, and differs from the one-part run only
