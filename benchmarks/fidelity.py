@@ -11,7 +11,11 @@ curve. Variants (each is `reference` plus the settings shown by ``--list``):
 - each auxiliary loss off;
 - the two released behaviours that keep no switch in our defaults: padding and first
   item sharing the zero-gap bucket (``gap_buckets=released``) and features fitted to
-  768 columns (``feature_width=768``), plus the 192 category columns.
+  768 columns (``feature_width=768``), plus the 192 category columns;
+- those found on a later read of the source: float32 and min-max timestamps, the
+  Interactive MoE's uniform gate biases, a trained padding row in the training softmax,
+  and two questions about the features (image centred, image rows L2-normalised).
+  ``--data-facts`` prints the data facts behind them (zero-gap shares, mean energy).
 
     python -m benchmarks.fidelity --device cuda --jobs 13 --threads 1   # one H100 (MPS): 134 s
     python -m benchmarks.fidelity --variants reference,gap_buckets_released --seeds 2025
@@ -21,7 +25,8 @@ Runs go to ``--out``/<variant>/seed-<S>/ (``hm4sr train`` run folders); a finish
 whose stored settings match the variant's is kept and not trained again, so an interrupted
 screen continues where it stopped. The table is printed and written to ``--table``
 (default ``--out``/screen.md; ``--summary-only`` writes it only when ``--table`` is given). On 2 CPU threads an epoch takes
-about 3 minutes, so the full screen (39 runs x 2 epochs) is a GPU job.
+about 3 minutes, so the full screen (57 runs x 2 epochs) is a GPU job; on the CPU here
+``--jobs 2 --threads 1`` trains two runs at once.
 """
 
 from __future__ import annotations
