@@ -22,8 +22,9 @@ curve. Variants (each is `reference` plus the settings shown by ``--list``):
     python -m benchmarks.fidelity --summary-only                  # re-tabulate finished runs
 
 Runs go to ``--out``/<variant>/seed-<S>/ (``hm4sr train`` run folders); a finished run
-whose stored settings match the variant's is kept and not trained again, so an interrupted
-screen continues where it stopped. The table is printed and written to ``--table``
+whose stored settings match the variant's is kept and not trained again, and one with a
+``last.pt`` of the same settings is resumed (``hm4sr train --resume``), so an interrupted
+screen continues where it stopped and ``--epochs 2`` extends a one-epoch screen's runs. The table is printed and written to ``--table``
 (default ``--out``/screen.md; ``--summary-only`` writes it only when ``--table`` is given). On 2 CPU threads an epoch takes
 about 3 minutes, so the full screen (57 runs x 2 epochs) is a GPU job; on the CPU here
 ``--jobs 2 --threads 1`` trains two runs at once.
@@ -75,12 +76,12 @@ VARIANTS: dict[str, tuple[str, dict[str, str]]] = {
 DEFAULT = [v for v in VARIANTS if v not in ("released_all", "lr_2e-3")]
 
 
-def command(variant: str, seed: int, args) -> list[str]:
+def command(variant: str, seed: int, args, resume: bool = False) -> list[str]:
     preset, sets = VARIANTS[variant]
     cmd = [sys.executable, "-m", "hm4sr_core.cli", "train", "--data", args.data, "--model", preset,
            "--mode", "prefix", "--epochs", str(args.epochs), "--seed", str(seed),
            "--set", "bucket_by_length=false", "--set", f"device={args.device}",
-           "--out", str(Path(args.out) / variant / f"seed-{seed}"), "--quiet"]
+           "--out", str(Path(args.out) / variant / f"seed-{seed}"), "--quiet"] + (["--resume"] if resume else [])
     if args.threads:
         cmd += ["--set", f"threads={args.threads}"]
     for key, value in sets.items():
@@ -89,6 +90,23 @@ def command(variant: str, seed: int, args) -> list[str]:
 
 
 SPEED_ONLY = ("epochs", "seed", "device", "threads", "eval_batch_size", "log_every", "recompute")
+
+
+def _matches(model: dict, train: dict, variant: str) -> bool:
+    """True when stored model and training configurations are ``variant``'s in every setting
+    that changes results (an older definition of the variant, or other code defaults, do not)."""
+    from hm4sr_core.cli import MODEL_PRESETS, parse_overrides
+    from hm4sr_core.config import ModelConfig, TrainConfig
+    preset, sets = VARIANTS[variant]
+    model_over, train_over = parse_overrides([f"{k}={v}" for k, v in sets.items()])
+    want_model = MODEL_PRESETS[preset](**model_over).to_dict()
+    want_train = TrainConfig(mode="prefix", bucket_by_length=False, **train_over).to_dict()
+    try:
+        got_model = ModelConfig.from_dict(model or {}).to_dict()
+        got_train = TrainConfig.from_dict(train or {}).to_dict()
+    except (TypeError, ValueError):
+        return False
+    return got_model == want_model and all(got_train[k] == want_train[k] for k in want_train if k not in SPEED_ONLY)
 
 
 def finished(folder: Path, epochs: int, variant: str | None = None) -> bool:
@@ -104,19 +122,23 @@ def finished(folder: Path, epochs: int, variant: str | None = None) -> bool:
         return False
     if variant is None:
         return True
-    from hm4sr_core.cli import MODEL_PRESETS, parse_overrides
-    from hm4sr_core.config import ModelConfig, TrainConfig
-    preset, sets = VARIANTS[variant]
-    model_over, train_over = parse_overrides([f"{k}={v}" for k, v in sets.items()])
-    want_model = MODEL_PRESETS[preset](**model_over).to_dict()
-    want_train = TrainConfig(mode="prefix", bucket_by_length=False, **train_over).to_dict()
     config = record.get("config", {})
-    try:
-        got_model = ModelConfig.from_dict(config.get("model", {})).to_dict()
-        got_train = TrainConfig.from_dict(config.get("train", {})).to_dict()
-    except (TypeError, ValueError):
+    return _matches(config.get("model", {}), config.get("train", {}), variant)
+
+
+def resumable(folder: Path, variant: str) -> bool:
+    """True when ``folder/last.pt`` is a checkpoint of this variant (same settings) that an
+    ``hm4sr train --resume`` can continue: a killed run, or a shorter screen's run extended to
+    more epochs (a resumed run ends as the uninterrupted one; tests/test_train.py)."""
+    path = folder / "last.pt"
+    if not path.exists():
         return False
-    return got_model == want_model and all(got_train[k] == want_train[k] for k in want_train if k not in SPEED_ONLY)
+    from hm4sr_core.train import load_checkpoint
+    try:
+        ck = load_checkpoint(path)
+    except Exception:  # a truncated or foreign file (pickle errors vary): train this run afresh
+        return False
+    return _matches(ck.get("model_config", {}), ck.get("train_config", {}), variant)
 
 
 def curve(folder: Path) -> list[float]:
@@ -239,8 +261,9 @@ def main(argv=None) -> int:
         def run(v: str, s: int) -> tuple[int, str]:
             folder = out / v / f"seed-{s}"
             folder.mkdir(parents=True, exist_ok=True)
-            with open(folder / "train.log", "w") as log:
-                return subprocess.run(command(v, s, args), cwd=ROOT, env=env, stdout=log,
+            resume = resumable(folder, v)  # a killed run, or a shorter screen's run: continued
+            with open(folder / "train.log", "a" if resume else "w") as log:
+                return subprocess.run(command(v, s, args, resume), cwd=ROOT, env=env, stdout=log,
                                       stderr=subprocess.STDOUT).returncode, str(folder / "train.log")
 
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:

@@ -233,3 +233,27 @@ def test_scale_results_never_mix_cases_of_two_commits(tmp_path):
     assert set(other["cases"]) == {"eval:100000"} and "another commit" in other["earlier_cases_dropped"]
     settings = run("bbb", {"eval:10000": {"users_per_second": 4.0}}, settings="t")
     assert set(settings["cases"]) == {"eval:10000"} and "other settings" in settings["earlier_cases_dropped"]
+
+
+def test_a_run_with_a_last_checkpoint_of_the_same_settings_is_resumed(tmp_path):
+    """A killed run, or a one-epoch screen's run asked for two epochs, continues from last.pt
+    (hm4sr train --resume) when its settings are the variant's; other settings start over."""
+    import torch
+
+    from hm4sr_core.cli import MODEL_PRESETS
+    from hm4sr_core.config import TrainConfig
+    from hm4sr_core.train import CHECKPOINT_VERSION
+    folder = tmp_path / "time_float32" / "seed-2025"
+    folder.mkdir(parents=True)
+    assert not fidelity.resumable(folder, "time_float32")  # nothing to resume
+    model = MODEL_PRESETS["reference"](timestamps="float32").to_dict()
+    train = TrainConfig(mode="prefix", bucket_by_length=False, epochs=1, seed=2025, threads=1).to_dict()
+    torch.save({"checkpoint_version": CHECKPOINT_VERSION, "model_config": model, "train_config": train},
+               folder / "last.pt")
+    assert fidelity.resumable(folder, "time_float32")
+    assert not fidelity.resumable(folder, "reference")  # its timestamps differ
+    (folder / "last.pt").write_bytes(b"not a checkpoint")
+    assert not fidelity.resumable(folder, "time_float32")
+    ns = type("A", (), dict(data="ml-100k", epochs=2, device="cpu", threads=1, out=str(tmp_path)))()
+    assert "--resume" in fidelity.command("time_float32", 2025, ns, resume=True)
+    assert "--resume" not in fidelity.command("time_float32", 2025, ns)
