@@ -26,7 +26,7 @@ whose stored settings match the variant's is kept and not trained again, and one
 ``last.pt`` of the same settings is resumed (``hm4sr train --resume``), so an interrupted
 screen continues where it stopped and ``--epochs 2`` extends a one-epoch screen's runs. The table is printed and written to ``--table``
 (default ``--out``/screen.md; ``--summary-only`` writes it only when ``--table`` is given). On 2 CPU threads an epoch takes
-about 3 minutes, so the full screen (57 runs x 2 epochs) is a GPU job; on the CPU here
+about 3 minutes, so the full screen (60 runs x 2 epochs) is a GPU job; on the CPU here
 ``--jobs 2 --threads 1`` trains two runs at once.
 """
 
@@ -63,6 +63,8 @@ VARIANTS: dict[str, tuple[str, dict[str, str]]] = {
     "rec_only": ("reference", {"w_id_contrastive": "0", "w_category": "0", "w_placeholder_contrastive": "0"}),
     # released behaviours found on a later read of the source (issue 15): features and init
     "image_centred": ("reference", {"feature_transform": "centre", "feature_transform_modalities": "image"}),
+    "image_centred_768": ("reference", {"feature_transform": "centre", "feature_transform_modalities": "image",
+                                        "feature_width": "768"}),  # centred, then the 768-column fit: a centred PCA
     "image_l2": ("reference", {"feature_transform": "l2", "feature_transform_modalities": "image"}),
     "gate_bias_uniform": ("reference", {"interactive_gate_bias": "uniform"}),
     "time_float32": ("reference", {"timestamps": "float32"}),
