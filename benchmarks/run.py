@@ -161,7 +161,8 @@ def part_peer(args) -> dict:
     return measure(ds, "ml-100k", threads=2, max_epochs=args.peer_max_epochs, max_seconds=args.peer_max_seconds)
 
 
-def _median_eval_seconds(model, part, cfg, repeats: int) -> list[float]:
+def _eval_seconds(model, part, cfg, repeats: int) -> list[float]:
+    """Seconds of ``repeats`` full rankings of ``part`` after one warm-up ranking."""
     from hm4sr_core.evaluate import evaluate
     evaluate(model, part, cfg)  # warm-up
     times = []
@@ -179,24 +180,18 @@ def part_eval(args) -> dict:
     time is measured on)."""
     from hm4sr_core.config import ModelConfig, SplitConfig, TrainConfig
     from hm4sr_core.data.splits import build_split
-    from hm4sr_core.evaluate import evaluate
     from hm4sr_core.model import build_model
     torch.set_num_threads(2)
     ds, _ = _dataset()
     split = build_split(ds, SplitConfig())
     model = build_model(ModelConfig(), ds)
     cfg = TrainConfig()
-    evaluate(model, split.test, cfg)  # warm-up
-    times = []
-    for _ in range(args.repeats):
-        t = time.perf_counter()
-        evaluate(model, split.test, cfg)
-        times.append(time.perf_counter() - t)
+    times = _eval_seconds(model, split.test, cfg, args.repeats)
     n = len(split.test)
     out = {"eval_users": n, "eval_seconds_median": float(np.median(times)),
            "eval_users_per_second": n / float(np.median(times)), "eval_seconds_all": times}
-    valid = _median_eval_seconds(model, split.valid, cfg, args.repeats)
-    sasrec = _median_eval_seconds(build_model(ModelConfig.sasrec(), ds), split.valid, cfg, args.repeats)
+    valid = _eval_seconds(model, split.valid, cfg, args.repeats)
+    sasrec = _eval_seconds(build_model(ModelConfig.sasrec(), ds), split.valid, cfg, args.repeats)
     out.update({"eval_valid_users": len(split.valid), "eval_valid_seconds_median": float(np.median(valid)),
                 "eval_valid_seconds_all": valid, "sasrec_eval_valid_seconds_median": float(np.median(sasrec)),
                 "sasrec_eval_valid_seconds_all": sasrec})
