@@ -12,7 +12,7 @@ This module is the workbench's side of it; RecBole itself is imported only by
    saying what failed; the bench records the reason and goes on without the peer.
 2. :func:`write_atomic_inter` converts the prepared dataset (already 5-core filtered) into
    RecBole's atomic ``<name>.inter`` (``user_id:token item_id:token timestamp:float``) under
-   ``.bench/recbole-data/<name>/``, rows in the workbench's order, so that RecBole's stable sort
+   ``.bench/recbole-data/hm4sr-<name>/`` (see :data:`ATOMIC_PREFIX`), rows in the workbench's order, so that RecBole's stable sort
    by time gives every user the same sequence, hence the same leave-one-out targets
    (checked on each run: :func:`compare_valid_targets`).
 3. :func:`run_peer` starts the runner with the peer's python and reads its JSON;
@@ -142,6 +142,9 @@ def ensure_env(env_dir: Path = ENV_DIR, pins: tuple[str, ...] = PINS, *, python:
 # ----------------------------------------------------------------------------- data
 
 INTER_HEADER = "user_id:token\titem_id:token\ttimestamp:float"
+# RecBole's Config replaces the data_path of a dataset named "ml-100k" by the copy of the raw
+# ml-100k shipped inside the package (recbole/dataset_example): our file gets a name of its own.
+ATOMIC_PREFIX = "hm4sr-"
 
 
 def write_atomic_inter(interactions, name: str, out_dir: Path = DATA_DIR) -> Path:
@@ -286,19 +289,29 @@ def measure(ds, name: str, *, threads: int, max_epochs: int, max_seconds: float,
             env_dir: Path = ENV_DIR, data_dir: Path = DATA_DIR, work_dir: Path = WORK_DIR) -> dict:
     """Install (once), convert ``ds``, train and time the peer: the ``recbole_sasrec_*`` figures,
     or ``{"recbole_sasrec_skipped": reason}`` when a step failed (the bench goes on)."""
+    atomic = ATOMIC_PREFIX + name
     try:
         py = ensure_env(env_dir)
-        path = write_atomic_inter(ds.interactions, name, data_dir)
+        path = write_atomic_inter(ds.interactions, atomic, data_dir)
         _log(f"wrote {path} ({len(ds.interactions)} interactions)")
-        record = run_peer(py, data_dir, name, threads=threads, max_epochs=max_epochs, max_seconds=max_seconds,
+        record = run_peer(py, data_dir, atomic, threads=threads, max_epochs=max_epochs, max_seconds=max_seconds,
                           eval_repeats=eval_repeats, work_dir=work_dir)
     except PeerUnavailable as e:
         _log(f"skipped: {e}")
         return {"recbole_sasrec_skipped": str(e)}
-    match = compare_valid_targets(our_valid_targets(ds), record["valid_targets"])
+    return checked_figures(record, our_valid_targets(ds))
+
+
+def checked_figures(record: dict, ours: dict[str, str]) -> dict:
+    """:func:`peer_figures` of the runner's ``record`` when RecBole's validation targets are
+    ``ours`` for every user; otherwise RecBole did not see our data, and the result holds the
+    counts and ``recbole_sasrec_skipped`` but no figure a ratio could divide by."""
+    match = compare_valid_targets(ours, record["valid_targets"])
     _log(f"validation targets: {match['valid_targets_matching']} of {match['valid_users_ours']} users the same")
-    if not match["valid_targets_identical"]:  # kept (the timings stand) but visible in results.json
-        _log("WARNING: RecBole's validation targets are not the workbench's: see recbole_sasrec_valid_*")
+    if not match["valid_targets_identical"]:
+        return {"recbole_sasrec_skipped": f"RecBole's validation targets are not ours ({match['valid_targets_matching']} "
+                                          f"of {match['valid_users_ours']} users the same): not the same data",
+                **{f"recbole_sasrec_{k}": v for k, v in match.items()}}
     return peer_figures(record, match)
 
 

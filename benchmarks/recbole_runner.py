@@ -28,6 +28,9 @@ here, in this process only, never by editing installed files:
   config: this runner never calls them. It calls ``_train_epoch`` and ``_valid_epoch`` itself
   (what ``fit`` does per epoch, without the checkpoint saving that would only add disk time)
   and ``evaluate(load_best_model=False)``.
+
+Under pandas 3 (copy on write) RecBole's ``fillna(inplace=True)`` on a column fills nothing;
+the converted file has no missing value, so nothing is lost.
 """
 
 from __future__ import annotations
@@ -123,7 +126,11 @@ def run(args: argparse.Namespace) -> dict:
     cfg = sasrec_config(args.dataset, args.data_path, str(work), threads=args.threads, seed=args.seed,
                         max_epochs=args.max_epochs)
     t_setup = time.perf_counter()
+    sys.argv = sys.argv[:1]  # RecBole's Config reads "--key=value" from the command line: ours are not for it
     config = Config(model="SASRec", dataset=args.dataset, config_dict=cfg)
+    expected = os.path.realpath(os.path.join(args.data_path, args.dataset))
+    if os.path.realpath(config["data_path"]) != expected:  # RecBole swaps in its own copy of "ml-100k"
+        raise SystemExit(f"RecBole reads {config['data_path']}, not {expected}: rename the dataset")
     init_seed(config["seed"], config["reproducibility"])
     dataset = create_dataset(config)
     train_data, valid_data, _test_data = data_preparation(config, dataset)

@@ -125,6 +125,31 @@ def test_bench_never_divides_figures_of_two_runs(tmp_path, monkeypatch):
     assert results["hm4sr_prefix_epoch_vs_recbole_sasrec"] == row["hm4sr_prefix_epoch_vs_recbole_sasrec"] == 1.5
 
 
+def _record(valid_targets, train_seconds=(30.0, 10.0, 20.0)):
+    """What the runner writes, for three epochs (the fields peer_figures reads)."""
+    epochs = [{"epoch": e + 1, "train_seconds": s, "valid_seconds": 0.2, "seconds_since_start": 40.0 * (e + 1),
+               "valid_ndcg@20": 0.03 * (e + 1)} for e, s in enumerate(train_seconds)]
+    return {"epochs": epochs, "reached_target": True, "seconds_to_target": 120.0, "epochs_to_target": 3,
+            "stopped_because": "target", "eval_seconds_median": 0.2, "eval_seconds_all": [0.2, 0.3, 0.1],
+            "eval_users": len(valid_targets), "setup_seconds": 1.0, "threads": 2, "recbole_version": "1.2.1",
+            "torch_version": "2.13.0+cpu", "numpy_version": "2.4.6", "valid_targets": valid_targets}
+
+
+def test_peer_figures_only_when_recbole_saw_our_data():
+    """Same validation targets: the figures (median epoch, time to target, eval); one user's
+    target differs: skipped with the counts and no figure, so every ratio is None."""
+    ours = {"0": "5", "1": "7"}
+    fig = peer.checked_figures(_record([["1", "7"], ["0", "5"]]), ours)
+    assert fig["recbole_sasrec_seconds_per_epoch"] == 20.0 and fig["recbole_sasrec_seconds_to_target"] == 120.0
+    assert fig["recbole_sasrec_valid_ndcg@20_by_epoch"] == pytest.approx([0.03, 0.06, 0.09])
+    assert fig["recbole_sasrec_eval_seconds"] == 0.2 and fig["recbole_sasrec_valid_targets_identical"]
+    bad = peer.checked_figures(_record([["0", "5"], ["1", "8"]]), ours)
+    assert "1 of 2 users" in bad["recbole_sasrec_skipped"] and bad["recbole_sasrec_valid_targets_matching"] == 1
+    assert "recbole_sasrec_seconds_per_epoch" not in bad
+    measured = {"hm4sr_prefix_seconds_per_epoch": 200.0, "eval_valid_seconds_median": 0.5, **bad}
+    assert set(peer.peer_ratios(measured).values()) == {None}
+
+
 def test_install_failure_is_a_skip_that_says_why(tiny_ds, tmp_path, monkeypatch):
     """pip pointed at an index with nothing in it fails for real: the peer is skipped with the
     step and pip's error, no stamp is written, and nothing is converted or trained."""
