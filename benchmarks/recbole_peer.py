@@ -122,16 +122,17 @@ def ensure_env(env_dir: Path = ENV_DIR, pins: tuple[str, ...] = PINS, *, python:
 
     if not py.exists():
         step("creating the venv", [python, "-m", "venv", str(env_dir)])
-    env = dict(os.environ)
+    env = {**os.environ, "PYTHONPATH": ""}  # the peer's python sees its own packages only
     extra: list[str] = []
     if index_url:
         env.pop("PIP_FIND_LINKS", None)
         env.pop("PIP_EXTRA_INDEX_URL", None)
         env["PIP_CONFIG_FILE"] = os.devnull  # pip reads no configuration file: this index only
         extra = ["--index-url", index_url]
-    step("pip install", [str(py), "-m", "pip", "install", "--no-deps", "--disable-pip-version-check",
-                         *extra, *pins], env)
-    version = step("import check", [str(py), "-c", IMPORT_CHECK]).strip()
+    pip_out = step("pip install", [str(py), "-m", "pip", "install", "--no-deps", "--disable-pip-version-check",
+                                   *extra, *pins], env)
+    _log("pip: " + (pip_out.strip().splitlines() or ["(no output)"])[-1])
+    version = step("import check", [str(py), "-c", IMPORT_CHECK], {**os.environ, "PYTHONPATH": ""}).strip()
     for old in env_dir.glob(".installed-*"):
         old.unlink()
     stamp.write_text("\n".join(pins) + "\n")
