@@ -38,6 +38,12 @@ def test_atomic_file_round_trip(tiny_ds, tmp_path):
     assert [(int(u), int(i), t) for u, i, t in rows] == list(zip(inter["user"], inter["item"],
                                                                  inter["timestamp"].astype(float)))
     assert [p.name for p in path.parent.iterdir()] == ["tiny.inter"]
+    # the workbench's own RecBole reader (hm4sr prepare recbole) reads it back the same
+    from hm4sr_core.data.readers.recbole import read_inter
+    back = read_inter(path)
+    assert back["user"].astype(int).tolist() == inter["user"].tolist()
+    assert back["item"].astype(int).tolist() == inter["item"].tolist()
+    assert back["timestamp"].tolist() == inter["timestamp"].tolist()
 
 
 def test_leave_one_out_targets_are_ours_with_same_second_ties(tiny_ds, tmp_path):
