@@ -268,6 +268,7 @@ def peer_figures(record: dict, match: dict | None = None) -> dict:
         "recbole_version": record["recbole_version"],
         "recbole_torch_version": record["torch_version"],
         "recbole_numpy_version": record["numpy_version"],
+        "recbole_sasrec_skipped": None,  # results.json merges runs: clears the reason of an older, skipped one
     }
     if match is not None:
         out.update({f"recbole_sasrec_{k}": v for k, v in match.items()})

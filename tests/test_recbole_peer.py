@@ -149,6 +149,7 @@ def test_peer_figures_only_when_recbole_saw_our_data():
     assert fig["recbole_sasrec_seconds_per_epoch"] == 20.0 and fig["recbole_sasrec_seconds_to_target"] == 120.0
     assert fig["recbole_sasrec_valid_ndcg@20_by_epoch"] == pytest.approx([0.03, 0.06, 0.09])
     assert fig["recbole_sasrec_eval_seconds"] == 0.2 and fig["recbole_sasrec_valid_targets_identical"]
+    assert fig["recbole_sasrec_skipped"] is None  # an older run's reason is cleared in results.json
     bad = peer.checked_figures(_record([["0", "5"], ["1", "8"]]), ours)
     assert "1 of 2 users" in bad["recbole_sasrec_skipped"] and bad["recbole_sasrec_valid_targets_matching"] == 1
     assert "recbole_sasrec_seconds_per_epoch" not in bad
