@@ -7,6 +7,11 @@ on first use); the allocator part times one multiply on 1 thread.
     python -m benchmarks.run                 # everything (ml-100k parts ~30 min in earlier sessions, + scale)
     python -m benchmarks.run --only eval_1m  # one part, printed as JSON
     python -m benchmarks.run --skip scale    # without the scale benchmark (benchmarks/scale.py: 6-8 minutes here, 8 more to write its 10^7 file once)
+    python -m benchmarks.run --skip peer     # without the RecBole peer (benchmarks/recbole_peer.py)
+
+The ``peer`` part trains RecBole 1.2.1's SASRec, installed into .bench/recbole-venv on first use,
+on the same data with the same threads; the ``*_vs_recbole_sasrec`` ratios divide this run's
+figures of ours by this run's figures of the peer (None when one side was not measured in it).
 """
 
 from __future__ import annotations
@@ -25,8 +30,18 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results.json"
 TARGET_NDCG20 = 0.0864  # the released code's validation NDCG@20 after 8 epochs (4,380 s) here
-PARTS = ("allocator", "epochs", "prefix_recompute", "prefix_parts", "to_target", "eval", "eval_1m", "scale")
+# The peer runs first: a missing or broken RecBole install shows (and is recorded as skipped)
+# minutes into the run rather than after half an hour, and it runs before the scale part fills
+# the page cache with gigabytes of its files.
+PARTS = ("peer", "allocator", "epochs", "prefix_recompute", "prefix_parts", "to_target", "sasrec_to_target",
+         "eval", "eval_1m", "scale")
 PREFIX_PARTS = 4  # TrainConfig.micro_batches of the prefix_parts part
+# The peer's caps: RecBole's SASRec took 139 s per epoch here and ~1,120 s to the target. The
+# other parts already take ~35 minutes, so two epochs (~5 minutes) is what the bench can give it;
+# its time to target (and the two time-to-target ratios) needs --peer-max-epochs 12
+# --peer-max-seconds 1300 (~15 minutes more).
+PEER_MAX_EPOCHS = 2
+PEER_MAX_SECONDS = 300.0
 
 
 def _peak_rss_mb() -> float:
@@ -43,14 +58,16 @@ def _dataset():
 
 
 def part_epochs(args) -> dict:
-    """Seconds per training epoch: HM4SR prefix, HM4SR dense, SASRec dense (same run)."""
+    """Seconds per training epoch: HM4SR prefix, HM4SR dense, SASRec dense, SASRec prefix (same
+    run; SASRec's prefix epoch last, so the three earlier ones run as they always did)."""
     from hm4sr_core.config import ModelConfig, TrainConfig
     from hm4sr_core.train import train
     ds, h = _dataset()
     out = {}
     cases = [("hm4sr_prefix", ModelConfig(), "prefix", args.prefix_epochs),
              ("hm4sr_dense", ModelConfig(), "dense", args.dense_epochs),
-             ("sasrec_dense", ModelConfig.sasrec(), "dense", args.dense_epochs)]
+             ("sasrec_dense", ModelConfig.sasrec(), "dense", args.dense_epochs),
+             ("sasrec_prefix", ModelConfig.sasrec(), "prefix", args.prefix_epochs)]
     for key, mc, mode, epochs in cases:
         cfg = TrainConfig(mode=mode, epochs=epochs, threads=2, patience=100)  # paper batch 1024 / dense 32 windows
         r = train(ds, mc, cfg, data_hash=h, progress=False)
@@ -90,9 +107,11 @@ def part_prefix_parts(args) -> dict:
     return {**_prefix_epochs(args, "parts", micro_batches=PREFIX_PARTS), "prefix_parts_micro_batches": PREFIX_PARTS}
 
 
-def part_to_target(args) -> dict:
-    """Wall time (training + validation) of HM4SR, default mode, seed 2025, to reach the target."""
-    from hm4sr_core.config import ModelConfig, TrainConfig
+def _to_target(args, model_config) -> tuple[dict, float, object]:
+    """Train ``model_config`` in the default mode, seed 2025, until the validation NDCG@20
+    first reaches the target: (epoch, seconds since the start of training incl. validation,
+    NDCG@20) or {} when capped before, the wall time incl. setup, and the TrainConfig."""
+    from hm4sr_core.config import TrainConfig
     from hm4sr_core.train import train
     ds, h = _dataset()
     cfg = TrainConfig(threads=2, seed=2025, epochs=args.max_epochs, patience=100)
@@ -108,10 +127,16 @@ def part_to_target(args) -> dict:
 
     t0 = time.perf_counter()
     try:
-        train(ds, ModelConfig(), cfg, data_hash=h, progress=False, on_epoch=on_epoch)
+        train(ds, model_config, cfg, data_hash=h, progress=False, on_epoch=on_epoch)
     except Reached:
         pass
-    wall = time.perf_counter() - t0
+    return reached, time.perf_counter() - t0, cfg
+
+
+def part_to_target(args) -> dict:
+    """Wall time (training + validation) of HM4SR, default mode, seed 2025, to reach the target."""
+    from hm4sr_core.config import ModelConfig
+    reached, wall, cfg = _to_target(args, ModelConfig())
     return {"seconds_to_target": reached.get("seconds"), "epochs_to_target": reached.get("epoch"),
             "valid_ndcg@20_at_target": reached.get("ndcg20"), "target_wall_seconds_incl_setup": wall,
             "target_mode": cfg.mode, "target_dense_batch_size": cfg.dense_batch_size, "target_ndcg@20": TARGET_NDCG20,
@@ -119,27 +144,59 @@ def part_to_target(args) -> dict:
             "peak_rss_mb": _peak_rss_mb()}  # training in the default mode (what `hm4sr train` does)
 
 
+def part_sasrec_to_target(args) -> dict:
+    """The same for our SASRec (dense, seed 2025, same target and cap): the ratio to RecBole's."""
+    from hm4sr_core.config import ModelConfig
+    reached, wall, cfg = _to_target(args, ModelConfig.sasrec())
+    return {"sasrec_seconds_to_target": reached.get("seconds"), "sasrec_epochs_to_target": reached.get("epoch"),
+            "sasrec_valid_ndcg@20_at_target": reached.get("ndcg20"), "sasrec_target_wall_seconds_incl_setup": wall,
+            "sasrec_target_mode": cfg.mode}
+
+
+def part_peer(args) -> dict:
+    """RecBole 1.2.1's SASRec on the same ml-100k with 2 threads (benchmarks/recbole_peer.py),
+    capped by --peer-max-epochs / --peer-max-seconds; ``recbole_sasrec_skipped`` says why
+    when it could not be installed or run (the bench goes on)."""
+    from benchmarks.recbole_peer import measure
+    ds, _ = _dataset()
+    return measure(ds, "ml-100k", threads=2, max_epochs=args.peer_max_epochs, max_seconds=args.peer_max_seconds)
+
+
+def _eval_seconds(model, part, cfg, repeats: int) -> list[float]:
+    """Seconds of ``repeats`` full rankings of ``part`` after one warm-up ranking."""
+    from hm4sr_core.evaluate import evaluate
+    evaluate(model, part, cfg)  # warm-up
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        evaluate(model, part, cfg)
+        times.append(time.perf_counter() - t)
+    return times
+
+
 def part_eval(args) -> dict:
     """Full ranking of ml-100k's test users (median of repeated runs, model untrained:
-    the cost does not depend on the weights)."""
+    the cost does not depend on the weights); then of the validation users, by HM4SR and by
+    our SASRec (``eval_valid_*``, ``sasrec_eval_valid_*``: what the RecBole peer's evaluation
+    time is measured on)."""
     from hm4sr_core.config import ModelConfig, SplitConfig, TrainConfig
     from hm4sr_core.data.splits import build_split
-    from hm4sr_core.evaluate import evaluate
     from hm4sr_core.model import build_model
     torch.set_num_threads(2)
     ds, _ = _dataset()
     split = build_split(ds, SplitConfig())
     model = build_model(ModelConfig(), ds)
     cfg = TrainConfig()
-    evaluate(model, split.test, cfg)  # warm-up
-    times = []
-    for _ in range(args.repeats):
-        t = time.perf_counter()
-        evaluate(model, split.test, cfg)
-        times.append(time.perf_counter() - t)
+    times = _eval_seconds(model, split.test, cfg, args.repeats)
     n = len(split.test)
-    return {"eval_users": n, "eval_seconds_median": float(np.median(times)),
-            "eval_users_per_second": n / float(np.median(times)), "eval_seconds_all": times}
+    out = {"eval_users": n, "eval_seconds_median": float(np.median(times)),
+           "eval_users_per_second": n / float(np.median(times)), "eval_seconds_all": times}
+    valid = _eval_seconds(model, split.valid, cfg, args.repeats)
+    sasrec = _eval_seconds(build_model(ModelConfig.sasrec(), ds), split.valid, cfg, args.repeats)
+    out.update({"eval_valid_users": len(split.valid), "eval_valid_seconds_median": float(np.median(valid)),
+                "eval_valid_seconds_all": valid, "sasrec_eval_valid_seconds_median": float(np.median(sasrec)),
+                "sasrec_eval_valid_seconds_all": sasrec})
+    return out
 
 
 def part_eval_1m(args) -> dict:
@@ -231,6 +288,12 @@ def main() -> None:
     p.add_argument("--dense-epochs", type=int, default=5, help="dense-mode epochs timed (default 5)")
     p.add_argument("--max-epochs", type=int, default=40, help="epoch cap for the time-to-target run (default 40, over twice the target time)")
     p.add_argument("--repeats", type=int, default=7, help="evaluation repeats (median)")
+    p.add_argument("--peer-max-epochs", type=int, default=PEER_MAX_EPOCHS,
+                   help=f"epoch cap of the RecBole peer (default {PEER_MAX_EPOCHS})")
+    p.add_argument("--peer-max-seconds", type=float, default=PEER_MAX_SECONDS,
+                   help=f"the peer stops after the epoch that passes this many seconds of training and validation "
+                        f"(default {PEER_MAX_SECONDS:.0f}; its time to target took ~1,120 s here: give 1300 and "
+                        f"--peer-max-epochs 12 to measure it)")
     p.add_argument("--skip", action="append", default=[], choices=PARTS, help="parts to leave out (repeatable)")
     p.add_argument("--scale-sizes", default="1e4,1e5,1e6", help="catalogue sizes of the scale part (default 1e4,1e5,1e6)")
     p.add_argument("--scale-args", default="", help="more options of the scale part, e.g. \"--skip prepare --steps 5\" "
@@ -246,21 +309,22 @@ def main() -> None:
         if args.only == "scale":
             raise SystemExit("the scale part runs as python -m benchmarks.scale (see its --help)")
         fn = {"allocator": part_allocator, "epochs": part_epochs, "prefix_recompute": part_prefix_recompute,
-              "prefix_parts": part_prefix_parts,
-              "to_target": part_to_target, "eval": part_eval, "eval_1m": part_eval_1m}
+              "prefix_parts": part_prefix_parts, "to_target": part_to_target,
+              "sasrec_to_target": part_sasrec_to_target, "peer": part_peer, "eval": part_eval,
+              "eval_1m": part_eval_1m}
         print(json.dumps(fn[args.only](args)))
         return
     from hm4sr_core.data.store import write_json_atomic
     from hm4sr_core.train import environment
     extra = [f"--prefix-epochs={args.prefix_epochs}", f"--dense-epochs={args.dense_epochs}",
-             f"--max-epochs={args.max_epochs}", f"--repeats={args.repeats}"]
+             f"--max-epochs={args.max_epochs}", f"--repeats={args.repeats}",
+             f"--peer-max-epochs={args.peer_max_epochs}", f"--peer-max-seconds={args.peer_max_seconds}"]
     measured: dict = {}  # this run's figures only: a skipped part keeps its old ones in results.json
     for part in PARTS:
         if part not in args.skip:
             measured.update(_run_scale(args) if part == "scale" else _run_part(part, extra))
     # Read after the parts: the scale part writes its "scale" key into the file itself.
-    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-    results.update(measured)
+    results = merge_results(json.loads(RESULTS.read_text()) if RESULTS.exists() else {}, measured)
     torch.set_num_threads(2)
     results["environment"] = environment()
     results["measured_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
@@ -268,6 +332,18 @@ def main() -> None:
     write_json_atomic(RESULTS, results)
     _append_history({**measured, "measured_at": results["measured_at"], "skipped_parts": ",".join(args.skip)})
     print(json.dumps({k: v for k, v in results.items() if not isinstance(v, (list, dict))}, indent=2))
+
+
+def merge_results(results: dict, measured: dict) -> dict:
+    """``results`` (results.json as it was) updated with this run's ``measured`` figures and the
+    ``*_vs_recbole_sasrec`` ratios, which are added to ``measured`` too (for the history line).
+
+    The ratios come from ``measured`` only, never from ``results``: a skipped part keeps its
+    figures of an older run there, and a ratio of figures of two runs would compare two states
+    of a shared machine. A ratio whose sides were not both measured in this run is None."""
+    from benchmarks.recbole_peer import peer_ratios
+    measured.update(peer_ratios(measured))
+    return {**results, **measured}
 
 
 HISTORY = ROOT / "benchmarks" / "history.jsonl"
@@ -321,6 +397,11 @@ def print_history(last: int = 0) -> None:
             label = {"peak_rss_mb": f"{key} (training, default mode)",
                      "prefix_parts_peak_rss_mb": f"{key} (training, prefix mode, micro_batches={PREFIX_PARTS})"}.get(key, key)
             print(f"{label}: median {med:.1f} over {len(values)} runs, target {op} {bound}: {'met' if ok else 'NOT met'}")
+    from benchmarks.recbole_peer import RATIOS
+    for key in RATIOS:  # each run's ratio is of that run's figures; the median is over runs
+        values = [r[key] for r in runs if isinstance(r.get(key), (int, float))]
+        print(f"{key}: " + (f"median {float(np.median(values)):.3f} over {len(values)} runs" if values
+                            else "no run has it"))
 
 
 if __name__ == "__main__":
