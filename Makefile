@@ -12,7 +12,7 @@ export TOKENIZERS_PARALLELISM := false
 # made small runs many times slower.
 export OMP_WAIT_POLICY := PASSIVE
 
-.PHONY: env system-packages demo test bench lab clean-env help
+.PHONY: env system-packages demo test bench bench-all lab clean-env help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' Makefile | sed 's/:.*##/\t/'
@@ -38,8 +38,11 @@ demo: $(STAMP) system-packages  ## prepare ml-100k (features, statistics), train
 test: $(STAMP) system-packages  ## run the test suite (about 5 minutes on 2 cores)
 	$(PY) -m pytest
 
-bench: $(STAMP)  ## run benchmarks/ and write benchmarks/results.json (SKIP="scale eval_1m" leaves parts out)
+bench: $(STAMP)  ## speed ratios against RecBole's SASRec + memory checks -> benchmarks/results.json (~40 min; SKIP="peer eval_1m" leaves parts out)
 	$(PY) -m benchmarks.run $(addprefix --skip ,$(SKIP))
+
+bench-all: $(STAMP)  ## make bench, plus the memory-saving modes and the scale benchmark (~20 min more)
+	$(PY) -m benchmarks.run --all $(addprefix --skip ,$(SKIP))
 
 lab: $(STAMP)  ## JupyterLab on localhost with token authentication and the project's kernel
 	$(VENV)/bin/jupyter lab --ip=127.0.0.1 --no-browser --notebook-dir=. $(if $(filter 0,$(shell id -u)),--allow-root)

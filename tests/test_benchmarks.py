@@ -102,6 +102,27 @@ def test_bench_history_records_only_what_this_run_measured(tmp_path, monkeypatch
     assert row["skipped_parts"] == ",".join(skip) and row["measured_at"] == results["measured_at"]
 
 
+def test_make_bench_leaves_the_memory_modes_and_scale_to_bench_all(tmp_path, monkeypatch):
+    """Without --all the bench runs every part but prefix_recompute, prefix_parts and scale (so
+    the peer has time to reach its target within the run); --all runs them too; --skip wins."""
+    import benchmarks.run as bench
+    monkeypatch.setattr(bench, "RESULTS", tmp_path / "results.json")
+    monkeypatch.setattr(bench, "HISTORY", tmp_path / "history.jsonl")
+    ran: list[str] = []
+    monkeypatch.setattr(bench, "_run_part", lambda name, extra: ran.append(name) or {})
+    monkeypatch.setattr(bench, "_run_scale", lambda args: ran.append("scale") or {})
+    for argv, want in ((["run"], [p for p in bench.PARTS if p not in bench.EXTRA_PARTS]),
+                       (["run", "--all"], list(bench.PARTS)),
+                       (["run", "--all", "--skip", "scale", "--skip", "peer"],
+                        [p for p in bench.PARTS if p not in ("scale", "peer")])):
+        ran.clear()
+        monkeypatch.setattr(sys, "argv", argv)
+        bench.main()
+        assert ran == want, argv
+        row = json.loads(bench.HISTORY.read_text().splitlines()[-1])
+        assert row["skipped_parts"] == ",".join(p for p in bench.PARTS if p not in want)
+
+
 def test_same_results_finds_every_kind_of_difference():
     """benchmarks.same_results: equal nested values pass (NaN included); a changed element,
     dtype or shape, a missing key and a changed metric are each reported by place."""
