@@ -14,10 +14,11 @@ curve. Variants (each is `reference` plus the settings shown by ``--list``):
   768 columns (``feature_width=768``), plus the 192 category columns;
 - those found on a later read of the source: float32 and min-max timestamps, the
   Interactive MoE's uniform gate biases, a trained padding row in the training softmax,
-  and two questions about the features (image centred, image rows L2-normalised).
+  and three questions about the features (image centred, centred then fitted to 768
+  columns, image rows L2-normalised).
   ``--data-facts`` prints the data facts behind them (zero-gap shares, mean energy).
 
-    python -m benchmarks.fidelity --device cuda --jobs 13 --threads 1   # one H100 (MPS): 134 s
+    python -m benchmarks.fidelity --device cuda --jobs 13 --threads 1   # one H100 (MPS): 134 s for the first 13 variants
     python -m benchmarks.fidelity --variants reference,gap_buckets_released --seeds 2025
     python -m benchmarks.fidelity --summary-only                  # re-tabulate finished runs
 
@@ -70,7 +71,7 @@ VARIANTS: dict[str, tuple[str, dict[str, str]]] = {
     "time_float32": ("reference", {"timestamps": "float32"}),
     "padding_row_trained": ("reference", {"padding_row": "trained"}),
     "time_minmax": ("reference", {"timestamps": "minmax"}),
-    # every released behaviour we know of at once
+    # the released behaviours the first screen knew of, at once
     "released_all": ("reference", {"gap_buckets": "released", "feature_width": "768", "category_columns": "192"}),
     # not a released behaviour: how much a larger step alone moves the first epoch
     "lr_2e-3": ("reference", {"lr": "2e-3"}),
@@ -128,17 +129,21 @@ def finished(folder: Path, epochs: int, variant: str | None = None) -> bool:
     return _matches(config.get("model", {}), config.get("train", {}), variant)
 
 
-def resumable(folder: Path, variant: str) -> bool:
-    """True when ``folder/last.pt`` is a checkpoint of this variant (same settings) that an
-    ``hm4sr train --resume`` can continue: a killed run, or a shorter screen's run extended to
-    more epochs (a resumed run ends as the uninterrupted one; tests/test_train.py)."""
+def resumable(folder: Path, variant: str, data_hash: str | None = None) -> bool:
+    """True when ``folder/last.pt`` is a checkpoint of this variant (same settings and, given
+    ``data_hash``, the same data) that an ``hm4sr train --resume`` can continue: a killed run,
+    or a shorter screen's run extended to more epochs (a resumed run ends as the uninterrupted
+    one; tests/test_train.py)."""
+    import pickle
     path = folder / "last.pt"
     if not path.exists():
         return False
     from hm4sr_core.train import load_checkpoint
     try:
         ck = load_checkpoint(path)
-    except Exception:  # a truncated or foreign file (pickle errors vary): train this run afresh
+    except (OSError, EOFError, RuntimeError, ValueError, KeyError, pickle.UnpicklingError):
+        return False  # a truncated or foreign file: this run is trained afresh
+    if data_hash is not None and ck.get("data_hash") != data_hash:
         return False
     return _matches(ck.get("model_config", {}), ck.get("train_config", {}), variant)
 
@@ -256,6 +261,8 @@ def main(argv=None) -> int:
     todo = [(v, s) for s in seeds for v in variants if not finished(out / v / f"seed-{s}", args.epochs, v)]
     if todo and not args.summary_only:
         env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+        from hm4sr_core.data.store import read_manifest
+        data_hash = read_manifest(args.data)["data_hash"]
         print(f"[fidelity] {len(todo)} runs of {args.epochs} epoch(s), {args.jobs} at a time, on {args.device}",
               flush=True)
         t0, failed = time.perf_counter(), []
@@ -263,7 +270,7 @@ def main(argv=None) -> int:
         def run(v: str, s: int) -> tuple[int, str]:
             folder = out / v / f"seed-{s}"
             folder.mkdir(parents=True, exist_ok=True)
-            resume = resumable(folder, v)  # a killed run, or a shorter screen's run: continued
+            resume = resumable(folder, v, data_hash)  # a killed run, or a shorter screen's run: continued
             with open(folder / "train.log", "a" if resume else "w") as log:
                 return subprocess.run(command(v, s, args, resume), cwd=ROOT, env=env, stdout=log,
                                       stderr=subprocess.STDOUT).returncode, str(folder / "train.log")

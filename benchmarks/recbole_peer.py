@@ -31,8 +31,10 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -222,6 +224,9 @@ def compare_valid_targets(ours: dict[str, str], theirs) -> dict:
 
 # ----------------------------------------------------------------------------- run and figures
 
+PEER_GRACE_SECONDS = 900  # beyond --max-seconds: data loading, the epoch that passes it, evaluation repeats
+
+
 def run_peer(py: Path, data_dir: Path, name: str, *, threads: int, max_epochs: int, max_seconds: float,
              target: float = TARGET_NDCG20, eval_repeats: int = 5, work_dir: Path = WORK_DIR) -> dict:
     """The runner's JSON after training RecBole's SASRec with the peer's python ``py``; its
@@ -234,12 +239,23 @@ def run_peer(py: Path, data_dir: Path, name: str, *, threads: int, max_epochs: i
     _log("training RecBole SASRec: " + " ".join(cmd))
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": ""}
     tail: collections.deque[str] = collections.deque(maxlen=40)  # for the error message
+    # A hung runner must not hang `make bench`: past its time budget plus room for loading the
+    # data, the last epoch and the evaluation repeats, it is killed and the peer is skipped.
+    deadline = max_seconds + PEER_GRACE_SECONDS
     with subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env) as proc:
-        for line in proc.stderr:  # the runner's epoch lines as they come; RecBole's warnings kept for errors
-            tail.append(line)
-            if line.startswith("[recbole]"):
-                print(line, end="", file=sys.stderr, flush=True)
-        code = proc.wait()
+        timer = threading.Timer(deadline, proc.kill)
+        timer.start()
+        try:
+            for line in proc.stderr:  # the runner's epoch lines as they come; RecBole's warnings kept for errors
+                tail.append(line)
+                if line.startswith("[recbole]"):
+                    print(line, end="", file=sys.stderr, flush=True)
+            code = proc.wait()
+        finally:
+            timer.cancel()
+    if code == -signal.SIGKILL:
+        raise PeerUnavailable(f"RecBole peer: the runner was still going after {deadline:.0f} s "
+                              f"(--max-seconds {max_seconds:.0f} + {PEER_GRACE_SECONDS} s) and was stopped")
     if code != 0 or not out.exists():
         raise PeerUnavailable(f"RecBole peer: the runner failed (exit {code}): {''.join(tail).strip()[-2000:]}")
     return json.loads(out.read_text())
@@ -275,6 +291,20 @@ def peer_figures(record: dict, match: dict | None = None) -> dict:
     return out
 
 
+# The figures of a measured run: a skipped run sets each to None, so that results.json (which
+# merges runs) never shows an older run's figures beside this run's reason for skipping.
+FIGURE_KEYS = ("recbole_sasrec_seconds_per_epoch", "recbole_sasrec_epoch_seconds_all", "recbole_sasrec_valid_seconds_all",
+               "recbole_sasrec_valid_ndcg@20_by_epoch", "recbole_sasrec_seconds_since_start_by_epoch",
+               "recbole_sasrec_reached_target", "recbole_sasrec_seconds_to_target", "recbole_sasrec_epochs_to_target",
+               "recbole_sasrec_stopped_because", "recbole_sasrec_eval_seconds", "recbole_sasrec_eval_seconds_all",
+               "recbole_sasrec_eval_users", "recbole_sasrec_setup_seconds", "recbole_sasrec_threads")
+
+
+def skipped(reason: str, **extra) -> dict:
+    """The peer's keys when it was not measured: the reason, and no figure of an older run."""
+    return {**{k: None for k in FIGURE_KEYS}, "recbole_sasrec_skipped": reason, **extra}
+
+
 def peer_ratios(measured: dict) -> dict:
     """The six ratios (ours / RecBole's) from ``measured``, which must hold this run's figures
     only (run.py's ``measured``, never results.json, which keeps figures of skipped parts from
@@ -300,7 +330,7 @@ def measure(ds, name: str, *, threads: int, max_epochs: int, max_seconds: float,
                           eval_repeats=eval_repeats, work_dir=work_dir)
     except PeerUnavailable as e:
         _log(f"skipped: {e}")
-        return {"recbole_sasrec_skipped": str(e)}
+        return skipped(str(e))
     return checked_figures(record, our_valid_targets(ds))
 
 
@@ -311,9 +341,9 @@ def checked_figures(record: dict, ours: dict[str, str]) -> dict:
     match = compare_valid_targets(ours, record["valid_targets"])
     _log(f"validation targets: {match['valid_targets_matching']} of {match['valid_users_ours']} users the same")
     if not match["valid_targets_identical"]:
-        return {"recbole_sasrec_skipped": f"RecBole's validation targets are not ours ({match['valid_targets_matching']} "
-                                          f"of {match['valid_users_ours']} users the same): not the same data",
-                **{f"recbole_sasrec_{k}": v for k, v in match.items()}}
+        return skipped(f"RecBole's validation targets are not ours ({match['valid_targets_matching']} "
+                       f"of {match['valid_users_ours']} users the same): not the same data",
+                       **{f"recbole_sasrec_{k}": v for k, v in match.items()})
     return peer_figures(record, match)
 
 

@@ -99,7 +99,7 @@ TABLE_MODELS: dict[str, tuple[str, dict]] = {
     "id_only": ("hm4sr", {"modalities": ("none",)}),
 }
 # Rows trained only when named in ``--models``: questions about our defaults, not part of the
-# results table (the centring question of the fidelity work: docs/results.md).
+# results table (whether centring the features helps: docs/guide.md, "Presets and --set").
 EXTRA_TABLE_MODELS: dict[str, tuple[str, dict]] = {
     "hm4sr_centred": ("hm4sr", {"feature_transform": "centre"}),
     "hm4sr_standardised": ("hm4sr", {"feature_transform": "standardise"}),

@@ -162,8 +162,9 @@ class TimeEmbedding(nn.Module):
         # rounded to float32 as RecBole stores them, or min-max scaled over the data set
         # (``time_span`` = last - first timestamp) as RecBole's normalize_all.
         if timestamps == "minmax" and not (time_span and time_span > 0):
-            raise ValueError(f"timestamps='minmax' needs the data set's time span (last - first "
-                             f"timestamp) > 0, got {time_span!r}")
+            raise ValueError(f"timestamps='minmax' needs the data set's time span (stats last_timestamp - "
+                             f"first_timestamp) > 0, got {time_span!r}; a dataset prepared before "
+                             f"last_timestamp was recorded needs preparing again")
         self.timestamps = timestamps
         self.time_span = float(time_span) if time_span else None
         self.interval_scale = interval_scale
@@ -200,7 +201,7 @@ class TimeEmbedding(nn.Module):
             first, padding = GAP_BUCKET_OFFSET, GAP_BUCKET_OFFSET
         else:
             first, padding = FIRST_BUCKET, PADDING_BUCKET
-        out = torch.cat([torch.full_like(b[:, :1], first), b], dim=1)
+        out = torch.cat([b.new_full((b.shape[0], 1), first), b], dim=1)  # (B, T), T = 1 included
         return torch.where(real, out, torch.full_like(out, padding))
 
     def time_values(self, timestamps: torch.Tensor) -> torch.Tensor:
@@ -422,9 +423,11 @@ class HM4SR(nn.Module):
     def _init_weights(self) -> None:
         """Normal(0, initializer_range) for every weight matrix and embedding, zeros for
         biases, ones for LayerNorm gains, lambda as configured; temporal experts
-        Normal(0, 0.1) as released. With ``reference_init`` the modules the released
-        code built after its init pass (category head, Interactive MoE, placeholders)
-        keep PyTorch's defaults instead."""
+        Normal(0, 0.1) as released; the ID padding row zero. With ``reference_init`` the
+        modules the released code built after its init pass (category head, Interactive
+        MoE, placeholders) keep PyTorch's defaults instead. ``interactive_gate_bias=uniform``
+        draws the Interactive-MoE gate biases as nn.Linear's default; ``padding_row=trained``
+        leaves the padding row at its normal draw."""
         std = self.config.initializer_range
         late = {id(sub) for m in (self.category_head, self.interactive, self.placeholders) if m is not None
                 for sub in m.modules()}  # the modules and everything inside them
@@ -766,10 +769,9 @@ def build_model(config: ModelConfig, dataset) -> HM4SR:
                          f"(has {list(dataset.modalities)})")
     feats = {m: torch.from_numpy(dataset.modalities[m].features) for m in names}
     avail = {m: torch.from_numpy(dataset.modalities[m].available) for m in names}
-    return HM4SR(config, dataset.num_items, feats, avail, torch.from_numpy(dataset.categories),
-                 float(dataset.stats["first_timestamp"]),
-                 float(dataset.stats["last_timestamp"]) - float(dataset.stats["first_timestamp"])
-                 if "last_timestamp" in dataset.stats else None)
+    first = float(dataset.stats["first_timestamp"])
+    span = float(dataset.stats["last_timestamp"]) - first if "last_timestamp" in dataset.stats else None
+    return HM4SR(config, dataset.num_items, feats, avail, torch.from_numpy(dataset.categories), first, span)
 
 
 # ----------------------------------------------------------------------------- losses

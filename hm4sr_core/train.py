@@ -157,6 +157,14 @@ def item_popularity(split: Split, num_items: int) -> np.ndarray:
     return counts.astype(np.float64)
 
 
+def _cpu_has_bf16() -> bool:
+    """Whether this CPU has bf16 units oneDNN uses (AVX-512 BF16 or AMX)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def train(dataset: Dataset, model_config: ModelConfig = ModelConfig(), config: TrainConfig = TrainConfig(), *,
           out_dir: str | Path | None = None, data_hash: str = "", resume: bool = False,
           progress: bool = True, split: Split | None = None,
@@ -177,6 +185,9 @@ def train(dataset: Dataset, model_config: ModelConfig = ModelConfig(), config: T
     if config.threads:
         torch.set_num_threads(config.threads)
     device = distributed.rank_device(config.device, ranks)
+    if config.amp and device.type == "cpu" and not _cpu_has_bf16():
+        warnings.warn("amp=true on a CPU without bf16 units (AVX-512 BF16 / AMX): autocast emulates bf16 "
+                      "there and is likely slower than float32", stacklevel=2)
     out = Path(out_dir) if out_dir is not None else None
     progress = progress and ranks.main
     split = split or build_split(dataset, SplitConfig(kind=config.split, max_length=model_config.max_length))

@@ -269,9 +269,10 @@ def test_a_run_with_a_last_checkpoint_of_the_same_settings_is_resumed(tmp_path):
     assert not fidelity.resumable(folder, "time_float32")  # nothing to resume
     model = MODEL_PRESETS["reference"](timestamps="float32").to_dict()
     train = TrainConfig(mode="prefix", bucket_by_length=False, epochs=1, seed=2025, threads=1).to_dict()
-    torch.save({"checkpoint_version": CHECKPOINT_VERSION, "model_config": model, "train_config": train},
-               folder / "last.pt")
-    assert fidelity.resumable(folder, "time_float32")
+    torch.save({"checkpoint_version": CHECKPOINT_VERSION, "model_config": model, "train_config": train,
+                "data_hash": "abc"}, folder / "last.pt")
+    assert fidelity.resumable(folder, "time_float32") and fidelity.resumable(folder, "time_float32", "abc")
+    assert not fidelity.resumable(folder, "time_float32", "other data")
     assert not fidelity.resumable(folder, "reference")  # its timestamps differ
     (folder / "last.pt").write_bytes(b"not a checkpoint")
     assert not fidelity.resumable(folder, "time_float32")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -152,7 +153,8 @@ def test_peer_figures_only_when_recbole_saw_our_data():
     assert fig["recbole_sasrec_skipped"] is None  # an older run's reason is cleared in results.json
     bad = peer.checked_figures(_record([["0", "5"], ["1", "8"]]), ours)
     assert "1 of 2 users" in bad["recbole_sasrec_skipped"] and bad["recbole_sasrec_valid_targets_matching"] == 1
-    assert "recbole_sasrec_seconds_per_epoch" not in bad
+    assert bad["recbole_sasrec_seconds_per_epoch"] is None  # results.json keeps no older run's figure beside it
+    assert set(peer.FIGURE_KEYS) <= set(fig) and all(bad[k] is None for k in peer.FIGURE_KEYS)
     measured = {"hm4sr_prefix_seconds_per_epoch": 200.0, "eval_valid_seconds_median": 0.5, **bad}
     assert set(peer.peer_ratios(measured).values()) == {None}
 
@@ -166,7 +168,8 @@ def test_install_failure_is_a_skip_that_says_why(tiny_ds, tmp_path, monkeypatch)
                        data_dir=tmp_path / "data", work_dir=tmp_path / "run")
     reason = out["recbole_sasrec_skipped"]
     assert "pip install failed" in reason and "recbole==1.2.1" in reason
-    assert set(out) == {"recbole_sasrec_skipped"}
+    assert set(out) == {"recbole_sasrec_skipped", *peer.FIGURE_KEYS}
+    assert all(out[k] is None for k in peer.FIGURE_KEYS)
     assert not list(env_dir.glob(".installed-*")) and not (tmp_path / "data").exists()
 
 
@@ -216,3 +219,14 @@ def test_runner_module_level_is_standard_library_only():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                           cwd=peer.ROOT, env={"PYTHONPATH": str(peer.ROOT)})
     assert proc.stdout.strip() == "[]"
+
+
+def test_a_hung_runner_is_stopped_and_the_peer_skipped(tmp_path, monkeypatch):
+    """The runner gets --max-seconds plus PEER_GRACE_SECONDS; one still running then is killed
+    and the peer is skipped with that reason (here a python that sleeps stands for it)."""
+    monkeypatch.setattr(peer, "PEER_GRACE_SECONDS", 1)
+    monkeypatch.setattr(peer, "RUNNER", tmp_path / "sleeper.py")
+    (tmp_path / "sleeper.py").write_text("import time\ntime.sleep(60)\n")
+    with pytest.raises(peer.PeerUnavailable, match="still going after 2 s"):
+        peer.run_peer(Path(sys.executable), tmp_path, "x", threads=1, max_epochs=1, max_seconds=1.0,
+                      work_dir=tmp_path)

@@ -210,6 +210,9 @@ def test_data_facts_counts_zero_gaps_and_the_mean_direction(tiny_ds):
     inter = tiny_ds.interactions.sort_values(["user", "timestamp"], kind="stable")
     gaps = inter.groupby("user")["timestamp"].diff().dropna()
     assert f"zero gaps, exact seconds: {float((gaps == 0).mean()):.2%}" in text
+    stored = inter["timestamp"].astype("float32").astype("float64")
+    gaps32 = stored.groupby(inter["user"]).diff().dropna()
+    assert f"zero gaps, float32 seconds: {float((gaps32 == 0).mean()):.2%}" in text
     for name in tiny_ds.modalities:
         assert f"{name} features" in text and "of the energy in the mean direction" in text
 
@@ -221,3 +224,26 @@ def test_table_rows_of_the_centring_question_are_named_only():
     assert centred.replace(feature_transform="none", name="hm4sr") == table_model_config("hm4sr")
     assert table_model_config("hm4sr_standardised").feature_transform == "standardise"
     assert "hm4sr_centred" not in TABLE_MODELS  # the default table does not grow
+
+
+def test_a_one_position_batch_gets_its_buckets(tiny_ds):
+    """A batch of length-1 prefixes (bucket_by_length puts them together) is (B, 1) wide:
+    the first-item bucket alone, in every timestamps mode."""
+    t = torch.tensor([[874724710], [874724800]])
+    real = torch.ones_like(t, dtype=torch.bool)
+    for mode, span in (("exact", None), ("float32", None), ("minmax", 1e6)):
+        emb = TimeEmbedding(8, 100.0, False, 874_000_000.0, timestamps=mode, time_span=span)
+        tau, buckets, _ = emb(t, real)
+        assert buckets.tolist() == [[1], [1]] and tau.shape == (2, 1, 16), mode
+
+
+def test_temporal_views_refuse_a_model_that_reads_time_otherwise():
+    from hm4sr_core.introspect.temporal import interval_table, temporal_gate_curve
+    model = _model(timestamps="float32")
+    with pytest.raises(ValueError, match="reads timestamps as 'float32'"):
+        temporal_gate_curve(model, [60.0, 86400.0], [1e9])
+    with pytest.raises(ValueError, match="reads timestamps as 'float32'"):
+        interval_table(model, [2, 3])
+    assert len(interval_table(_model(), [2, 3])) == 2
+    with pytest.raises(ValueError, match="feature_transform_modalities=\\('image',\\) needs a feature_transform"):
+        ModelConfig(feature_transform_modalities=("image",))

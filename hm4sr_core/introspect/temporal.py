@@ -86,6 +86,17 @@ def used_buckets(source, interval_scale: float = 100.0, *, return_counts: bool =
     return np.unique(buckets, return_counts=True) if return_counts else np.unique(buckets)
 
 
+def _exact_seconds(model: HM4SR, view: str) -> None:
+    """These views map gaps in seconds to buckets as ``timestamps="exact"`` does; refuse a
+    model that reads time otherwise (float32 or min-max: a fidelity switch), whose buckets
+    they would misplace."""
+    mode = getattr(model.time, "timestamps", "exact") if model.time is not None else "exact"
+    if mode != "exact":
+        raise ValueError(f"{view}: the model reads timestamps as {mode!r} (ModelConfig.timestamps); this view "
+                         f"maps seconds to buckets exactly and would show buckets the model never uses; "
+                         f"use a model with timestamps='exact'")
+
+
 def interval_table(model: HM4SR, buckets_used, *, reference_bucket: int | None = None) -> pd.DataFrame:
     """Rows of the learned interval table at the given buckets.
 
@@ -102,6 +113,7 @@ def interval_table(model: HM4SR, buckets_used, *, reference_bucket: int | None =
     """
     if model.time is None:
         raise ValueError("interval_table: the model has no time embedding (no Temporal MoE, no placeholders)")
+    _exact_seconds(model, "interval_table")
     s = model.time.interval_scale
     b = np.unique(np.asarray(buckets_used, dtype=np.int64))
     n_rows = model.time.num_buckets
@@ -201,6 +213,7 @@ def compare_absolute_time(model: HM4SR, days, other: HM4SR | None = None) -> pd.
 
 def _tau(model: HM4SR, gaps_seconds: np.ndarray, date_seconds: np.ndarray):
     """(G, D, 2d) tau on the grid of gaps x dates; and the (G,) buckets used."""
+    _exact_seconds(model, "temporal_gate_curve / time_embedding_at")
     time = model.time
     buckets = gap_bucket(gaps_seconds, time.interval_scale)
     interval = time.interval(torch.as_tensor(buckets, device=model_device(model))).cpu()  # (G, d)
