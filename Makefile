@@ -38,10 +38,10 @@ demo: $(STAMP) system-packages  ## prepare ml-100k (features, statistics), train
 test: $(STAMP) system-packages  ## run the test suite (about 5 minutes on 2 cores)
 	$(PY) -m pytest
 
-bench: $(STAMP)  ## speed ratios against RecBole's SASRec + memory checks -> benchmarks/results.json (~40 min; SKIP="peer eval_1m" leaves parts out)
+bench: $(STAMP)  ## speed ratios against RecBole's SASRec + memory checks -> benchmarks/results.json (SKIP="peer eval_1m" leaves parts out)
 	$(PY) -m benchmarks.run $(addprefix --skip ,$(SKIP))
 
-bench-all: $(STAMP)  ## make bench, plus the memory-saving modes and the scale benchmark (~20 min more)
+bench-all: $(STAMP)  ## make bench, plus the memory-saving modes and the scale benchmark
 	$(PY) -m benchmarks.run --all $(addprefix --skip ,$(SKIP))
 
 lab: $(STAMP)  ## JupyterLab on localhost with token authentication and the project's kernel
