@@ -14,8 +14,8 @@ curve. Variants (each is `reference` plus the settings shown by ``--list``):
   768 columns (``feature_width=768``), plus the 192 category columns;
 - those found on a later read of the source: float32 and min-max timestamps, the
   Interactive MoE's uniform gate biases, a trained padding row in the training softmax,
-  and three questions about the features (image centred, centred then fitted to 768
-  columns, image rows L2-normalised).
+  and four questions about the features (image centred, centred then fitted to 768
+  columns, centred and rotated onto its principal axes, image rows L2-normalised).
   ``--data-facts`` prints the data facts behind them (zero-gap shares, mean energy).
 
     python -m benchmarks.fidelity --device cuda --jobs 13 --threads 1   # one H100 (MPS): 134 s for the first 13 variants
@@ -27,7 +27,7 @@ whose stored settings match the variant's is kept and not trained again, and one
 ``last.pt`` of the same settings is resumed (``hm4sr train --resume``), so an interrupted
 screen continues where it stopped and ``--epochs 2`` extends a one-epoch screen's runs. The table is printed and written to ``--table``
 (default ``--out``/screen.md; ``--summary-only`` writes it only when ``--table`` is given). On 2 CPU threads an epoch takes
-about 3 minutes, so the full screen (60 runs x 2 epochs) is a GPU job; on the CPU here
+about 3 minutes, so the full screen (63 runs x 2 epochs) is a GPU job; on the CPU here
 ``--jobs 2 --threads 1`` trains two runs at once.
 """
 
@@ -66,6 +66,8 @@ VARIANTS: dict[str, tuple[str, dict[str, str]]] = {
     "image_centred": ("reference", {"feature_transform": "centre", "feature_transform_modalities": "image"}),
     "image_centred_768": ("reference", {"feature_transform": "centre", "feature_transform_modalities": "image",
                                         "feature_width": "768"}),  # centred, then the 768-column fit: a centred PCA
+    # centred and rotated onto the principal axes, nothing dropped: the 768 fit without its cut
+    "image_pca": ("reference", {"feature_transform": "pca", "feature_transform_modalities": "image"}),
     "image_l2": ("reference", {"feature_transform": "l2", "feature_transform_modalities": "image"}),
     "gate_bias_uniform": ("reference", {"interactive_gate_bias": "uniform"}),
     "time_float32": ("reference", {"timestamps": "float32"}),

@@ -175,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     ta.add_argument("--models", help="comma-separated models (default: the table's nine): " + ", ".join(
         ["hm4sr", "sasrec", "reference", "no_interactive_moe", "no_temporal_moe", "no_id_contrastive",
          "no_category", "no_placeholder_contrastive", "id_only"])
-        + "; named only: hm4sr_centred, hm4sr_standardised (feature_transform=centre / standardise)")
+        + "; named only: hm4sr_centred, hm4sr_standardised, hm4sr_pca (feature_transform=centre / standardise / pca)")
     ta.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="training overrides for every run (TrainConfig keys), e.g. --set epochs=30")
     ta.add_argument("--jobs", type=int, default=1,

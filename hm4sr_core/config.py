@@ -157,7 +157,7 @@ class ModelConfig(_Config):
     num_negatives: int = 1024  # sampled: K negatives drawn per step with replacement, shared by every example of the batch
     negative_proposal: str = "uniform"  # sampled: Q, "uniform" over items 1..N | "popularity" (training counts, smoothed by popularity_exponent)
     popularity_exponent: float = 0.75  # popularity proposal: Q(i) proportional to (count_i + 1) ** this (1 = raw counts + 1, 0 = uniform); +1 keeps unseen items drawable
-    feature_transform: str = "none"  # feature tables before use: "none" (as given, released code) | "centre" (mean over items removed) | "standardise" (centred, every column to unit variance) | "l2" (every item's row to unit length); statistics over the items that have the modality
+    feature_transform: str = "none"  # feature tables before use: "none" (as given, released code) | "centre" (mean over items removed) | "standardise" (centred, every column to unit variance) | "pca" (centred, rotated onto its principal axes, nothing dropped) | "l2" (every item's row to unit length); statistics over the items that have the modality
     feature_transform_modalities: tuple = ()  # modalities feature_transform applies to; () = every modality
     interactive_gate_bias: str = "zero"  # Interactive-MoE gate biases at init: "zero" | "uniform" (nn.Linear's default U(-1/sqrt(d), 1/sqrt(d)), as the released code's gates)
     timestamps: str = "exact"  # how the model reads time: "exact" integer seconds | "float32" (rounded as RecBole stores them: 64 s steps at ml-100k's 1997-98 seconds, 128 s at today's) | "minmax" (scaled to [0, 1] over the data set: RecBole's normalize_all; needs normalise_time=false)
@@ -194,11 +194,11 @@ class ModelConfig(_Config):
                f"negative_proposal must be 'uniform' or 'popularity', got {self.negative_proposal!r}")
         _check(0.0 <= self.popularity_exponent <= 1.0,
                f"popularity_exponent must be in [0, 1], got {self.popularity_exponent}")
-        _check(self.feature_transform in ("none", "centre", "standardise", "l2"),
-               f"feature_transform must be 'none', 'centre', 'standardise' or 'l2', got {self.feature_transform!r}")
+        _check(self.feature_transform in ("none", "centre", "standardise", "pca", "l2"),
+               f"feature_transform must be 'none', 'centre', 'standardise', 'pca' or 'l2', got {self.feature_transform!r}")
         _check(not self.feature_transform_modalities or self.feature_transform != "none",
                f"feature_transform_modalities={self.feature_transform_modalities} needs a feature_transform "
-               f"('centre', 'standardise' or 'l2'), got 'none'")
+               f"('centre', 'standardise', 'pca' or 'l2'), got 'none'")
         _check(self.interactive_gate_bias in ("zero", "uniform"),
                f"interactive_gate_bias must be 'zero' or 'uniform', got {self.interactive_gate_bias!r}")
         _check(self.timestamps in ("exact", "float32", "minmax"),

@@ -103,6 +103,7 @@ TABLE_MODELS: dict[str, tuple[str, dict]] = {
 EXTRA_TABLE_MODELS: dict[str, tuple[str, dict]] = {
     "hm4sr_centred": ("hm4sr", {"feature_transform": "centre"}),
     "hm4sr_standardised": ("hm4sr", {"feature_transform": "standardise"}),
+    "hm4sr_pca": ("hm4sr", {"feature_transform": "pca"}),
 }
 TIME_CONTROLS = ("shuffled", "zeroed")
 

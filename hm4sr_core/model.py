@@ -93,8 +93,11 @@ def transform_features(table: torch.Tensor, available: torch.Tensor, how: str) -
     transformed, every other row left at zero. "centre" removes the mean row: features whose
     energy sits in one shared direction (the MobileNetV2 vectors of the poster cards put about
     92% there) otherwise reach the model nearly constant across items. "standardise" also
-    scales every column to unit variance (a constant column stays zero); "l2" scales every
-    row to unit length. Computed in float64, returned in the table's dtype."""
+    scales every column to unit variance (a constant column stays zero); "pca" centres and
+    rotates onto the principal axes, keeping every direction (columns past the table's rank
+    are zero; each axis's sign fixed by its largest entry): the values of a centred PCA
+    without its truncation; "l2" scales every row to unit length. Computed in float64,
+    returned in the table's dtype."""
     if how == "none":
         return table
     rows = available.bool().clone()
@@ -109,6 +112,11 @@ def transform_features(table: torch.Tensor, available: torch.Tensor, how: str) -
         real = torch.where(norms > 0, real / norms.clamp(min=1e-300), real)
     else:
         real = real - real.mean(dim=0, keepdim=True)
+        if how == "pca":
+            _, _, vh = torch.linalg.svd(real, full_matrices=False)  # (min(n, D), D)
+            top = vh.abs().argmax(dim=1, keepdim=True)
+            vh = vh * torch.sign(vh.gather(1, top))
+            real = F.pad(real @ vh.T, (0, x.shape[1] - vh.shape[0]))
         if how == "standardise":
             sd = real.std(dim=0, unbiased=False, keepdim=True)
             real = torch.where(sd > 0, real / sd.clamp(min=1e-300), torch.zeros_like(real))

@@ -78,6 +78,14 @@ def test_standardise_and_l2():
     assert torch.allclose(l2[have].norm(dim=1), torch.ones(int(have.sum())), atol=1e-6)
     assert torch.equal(l2[0], torch.zeros(D))
     assert transform_features(feats["image"], avail["image"], "none") is feats["image"]
+    pca = transform_features(feats["image"], avail["image"], "pca")
+    centred = transform_features(feats["image"], avail["image"], "centre")
+    # a rotation of the centred rows: same distances, decorrelated columns of falling variance
+    p64, c64 = pca[have].double(), centred[have].double()
+    assert torch.allclose(torch.cdist(p64, p64), torch.cdist(c64, c64), atol=1e-5)
+    cov = pca[have].double().T @ pca[have].double()
+    assert torch.allclose(cov - torch.diag(torch.diag(cov)), torch.zeros(D, D, dtype=torch.float64), atol=1e-4)
+    assert bool((torch.diag(cov)[:-1] >= torch.diag(cov)[1:]).all()) and torch.equal(pca[0], torch.zeros(D))
 
 
 def test_feature_transform_reaches_only_the_named_modalities():
