@@ -243,7 +243,10 @@ class TrainConfig(_Config):
     batch_size: int = 1024  # prefix mode: prefix examples per step (paper: 1024)
     dense_batch_size: int = 32  # dense mode: windows per step; 32 windows ~ 1,300 positions ~ the paper's 1,024 examples
     eval_batch_size: int = 2048  # users per evaluation batch
-    lr: float = 1e-3  # Adam learning rate
+    lr: float = 1e-3  # Adam learning rate (the peak when a schedule is set)
+    lr_schedule: str = "constant"  # "constant" | "cosine": after the warm-up, lr decays as a half cosine to 0 at the end of lr_decay_epochs
+    warmup_epochs: float = 0.0  # linear warm-up of the learning rate from lr / (warm-up steps) to lr over this many epochs (0 = none)
+    lr_decay_epochs: int = 0  # cosine schedule's length in epochs, counted from the start (0 = epochs)
     weight_decay: float = 0.0  # Adam L2 (paper: 0)
     grad_clip: float = 0.0  # max gradient norm, 0 = no clipping (paper: none)
     patience: int = 10  # epochs without validation improvement before stopping
@@ -270,6 +273,14 @@ class TrainConfig(_Config):
         _check(self.dense_batch_size >= 1, f"dense_batch_size must be >= 1, got {self.dense_batch_size}")
         _check(self.eval_batch_size >= 1, f"eval_batch_size must be >= 1, got {self.eval_batch_size}")
         _check(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        _check(self.lr_schedule in ("constant", "cosine"), f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
+        _check(self.warmup_epochs >= 0, f"warmup_epochs must be >= 0, got {self.warmup_epochs}")
+        _check(self.lr_decay_epochs >= 0, f"lr_decay_epochs must be >= 0, got {self.lr_decay_epochs}")
+        _check(self.lr_schedule == "cosine" or self.lr_decay_epochs == 0,
+               f"lr_decay_epochs={self.lr_decay_epochs} needs lr_schedule 'cosine'")
+        _check(self.lr_schedule == "constant" or self.warmup_epochs < (self.lr_decay_epochs or self.epochs),
+               f"warmup_epochs={self.warmup_epochs} must be shorter than the cosine schedule "
+               f"({self.lr_decay_epochs or self.epochs} epochs)")
         _check(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
         _check(self.grad_clip >= 0, f"grad_clip must be >= 0, got {self.grad_clip}")
         _check(self.patience >= 1, f"patience must be >= 1, got {self.patience}")

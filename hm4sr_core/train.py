@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import os
 import platform
 import tempfile
@@ -219,6 +220,11 @@ def train(dataset: Dataset, model_config: ModelConfig = ModelConfig(), config: T
         if ModelConfig.from_dict(ck["model_config"]) != model_config or saved != _resumable(config):
             raise ValueError(f"resume: {out / 'last.pt'} has a different configuration; "
                              f"use a new --out folder or the same settings")
+        saved_epochs = TrainConfig.from_dict(ck["train_config"]).epochs
+        if config.lr_schedule == "cosine" and not config.lr_decay_epochs and saved_epochs != config.epochs:
+            raise ValueError(f"resume: {out / 'last.pt'} follows a cosine schedule over its {saved_epochs} epochs; "
+                             f"epochs={config.epochs} would change the schedule mid-run (keep epochs={saved_epochs}, "
+                             f"or start a new run with lr_decay_epochs set)")
         model.load_state_dict(ck["model_state"])
         optimizer.load_state_dict(ck["optimizer_state"])
         _restore_rng(ck, config.seed, ranks)
@@ -240,6 +246,7 @@ def train(dataset: Dataset, model_config: ModelConfig = ModelConfig(), config: T
     n_batches = (len(train_part) + batch_size - 1) // batch_size
     if config.max_steps_per_epoch:
         n_batches = min(n_batches, config.max_steps_per_epoch)
+    scheduled = config.lr_schedule != "constant" or config.warmup_epochs > 0
     for epoch in range(start_epoch, config.epochs + 1):
         model.train()
         gen = _epoch_generator(config.seed, epoch)
@@ -270,6 +277,9 @@ def train(dataset: Dataset, model_config: ModelConfig = ModelConfig(), config: T
                     (result.loss * shard.weight).backward()
             if config.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+            if scheduled:
+                for group in optimizer.param_groups:
+                    group["lr"] = learning_rate(config, step, n_batches)
             optimizer.step()
             if shard is not None:  # the history shows the global batch's losses
                 losses, total = distributed.weighted_losses(result.losses, result.loss, shard)
@@ -354,6 +364,21 @@ def train(dataset: Dataset, model_config: ModelConfig = ModelConfig(), config: T
     if out is not None and ranks.main:
         write_run(result, out)
     return result
+
+
+def learning_rate(config: TrainConfig, step: int, steps_per_epoch: int) -> float:
+    """The learning rate of optimiser step ``step`` (0-based, counted over the whole run):
+    a linear warm-up over ``warmup_epochs`` (step s of W gets lr * (s + 1) / W), then
+    ``lr`` (constant) or a half cosine from ``lr`` to 0 at the end of ``lr_decay_epochs``
+    (0 = ``epochs``) epochs, and 0 after it."""
+    warm = round(config.warmup_epochs * steps_per_epoch)
+    if step < warm:
+        return config.lr * (step + 1) / warm
+    if config.lr_schedule == "constant":
+        return config.lr
+    total = (config.lr_decay_epochs or config.epochs) * steps_per_epoch
+    progress = min((step - warm) / max(total - warm, 1), 1.0)
+    return config.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 # Settings a resumed run may change: how long to go on and how to run, not what is learnt.

@@ -272,3 +272,57 @@ def test_resuming_a_checkpoint_of_another_process_count_warns_and_says_so(tiny_d
     plain = train(tiny_ds, tiny_model_config, config, out_dir=tmp_path / "plain", data_hash="h", progress=False,
                   split=tiny_split)
     assert "resumed_from_world_size" not in plain.record
+
+
+def test_learning_rate_schedules():
+    from hm4sr_core.config import TrainConfig
+    from hm4sr_core.train import learning_rate
+
+    flat = TrainConfig(lr=2e-3)
+    assert [learning_rate(flat, s, 10) for s in (0, 5, 500)] == [2e-3] * 3
+    warm = TrainConfig(lr=2e-3, warmup_epochs=0.5)  # 5 warm-up steps of 10 per epoch
+    assert [learning_rate(warm, s, 10) for s in range(6)] == pytest.approx([4e-4, 8e-4, 1.2e-3, 1.6e-3, 2e-3, 2e-3])
+    cos = TrainConfig(lr=1e-3, epochs=10, lr_schedule="cosine", warmup_epochs=1)  # 10 warm-up, 90 decay steps
+    assert learning_rate(cos, 9, 10) == pytest.approx(1e-3)
+    assert learning_rate(cos, 10 + 45, 10) == pytest.approx(5e-4)
+    assert learning_rate(cos, 100, 10) == pytest.approx(0.0, abs=1e-12)
+    assert learning_rate(cos.replace(lr_decay_epochs=20), 10 + 95, 10) == pytest.approx(5e-4)
+    steps = [learning_rate(cos, s, 10) for s in range(10, 100)]
+    assert all(a > b for a, b in zip(steps, steps[1:]))
+    with pytest.raises(ValueError, match="lr_schedule"):
+        TrainConfig(lr_schedule="step")
+    with pytest.raises(ValueError, match="needs lr_schedule 'cosine'"):
+        TrainConfig(lr_decay_epochs=5)
+    with pytest.raises(ValueError, match="shorter than the cosine schedule"):
+        TrainConfig(lr_schedule="cosine", epochs=3, warmup_epochs=3)
+
+
+def test_a_schedule_sets_each_steps_learning_rate_and_resumes(tiny_ds, tiny_split, tiny_model_config,
+                                                              tiny_train_config, tmp_path):
+    from hm4sr_core.train import learning_rate
+
+    config = tiny_train_config.replace(epochs=3, patience=10, lr=4e-3, lr_schedule="cosine", warmup_epochs=1)
+    whole = train(tiny_ds, tiny_model_config, config, out_dir=tmp_path / "whole", data_hash="h", progress=False,
+                  split=tiny_split)
+    per_epoch = len(whole.steps) // 3
+    expected = [learning_rate(config, s, per_epoch) for s in whole.steps["step"]]
+    np.testing.assert_allclose(whole.steps["lr"], expected)
+    assert whole.steps["lr"].iloc[0] < whole.steps["lr"].max() == pytest.approx(4e-3)
+    constant = train(tiny_ds, tiny_model_config, config.replace(lr_schedule="constant", warmup_epochs=0),
+                     progress=False, split=tiny_split)
+    assert (constant.steps["lr"] == 4e-3).all() and constant.record["test"] != whole.record["test"]
+
+    def kill_in_epoch_2(row):
+        if row["epoch"] == 2:
+            raise _Kill
+
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_ds, tiny_model_config, config, out_dir=tmp_path / "killed", data_hash="h", progress=False,
+              split=tiny_split, on_epoch=kill_in_epoch_2)
+    with pytest.raises(ValueError, match="cosine schedule over its 3 epochs"):
+        train(tiny_ds, tiny_model_config, config.replace(epochs=4), out_dir=tmp_path / "killed", data_hash="h",
+              progress=False, split=tiny_split, resume=True)
+    resumed = train(tiny_ds, tiny_model_config, config, out_dir=tmp_path / "killed", data_hash="h",
+                    progress=False, split=tiny_split, resume=True)
+    assert resumed.record["test"] == whole.record["test"]
+    pd.testing.assert_frame_equal(_untimed(resumed.steps), _untimed(whole.steps))
