@@ -5,11 +5,13 @@ judged by a ratio measured in one process: both models get the same weights and 
 same batches, and their runs alternate (ABBA order). Two parts:
 
 - ``step``: prefix-mode training steps (forward, backward, Adam) on ml-100k batches of
-  1024 prefixes, length-bucketed as in training;
+  1024 prefixes, length-bucketed as in training (``--mode dense``: dense-mode steps of 32
+  windows, the default training layout);
 - ``eval``: full ranking of ml-100k's 943 test users.
 
     python -m benchmarks.ab --rev 6723202             # both parts, 2 threads
     python -m benchmarks.ab --rev HEAD~3 --part eval --repeats 15
+    python -m benchmarks.ab --rev HEAD~1 --part step --mode dense --batches 12
 
 Only model.py and kernels.py (the execution paths, where the revision has the file) are
 swapped: the data, split, evaluation and training code are this checkout's, so the old
@@ -88,7 +90,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rev", required=True, help="git revision whose model.py is the baseline (e.g. 6723202)")
     p.add_argument("--part", choices=("step", "eval", "both"), default="both", help="what to time (default both)")
-    p.add_argument("--batches", type=int, default=10, help="prefix batches per step round (default 10)")
+    p.add_argument("--batches", type=int, default=10, help="batches per step round (default 10)")
+    p.add_argument("--mode", choices=("prefix", "dense"), default="prefix",
+                   help="layout of the timed training steps (default prefix: 1024 prefixes; dense: 32 windows)")
     p.add_argument("--repeats", type=int, default=9, help="evaluation repeats per model (default 9)")
     p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     args = p.parse_args()
@@ -126,7 +130,8 @@ def main() -> None:
     if args.part in ("step", "both"):
         gen = torch.Generator().manual_seed(1)
         batches = []
-        for batch in iterate_batches(split.train("prefix"), 1024, shuffle=True, generator=gen, bucket=True):
+        size = 1024 if args.mode == "prefix" else TrainConfig().dense_batch_size
+        for batch in iterate_batches(split.train(args.mode), size, shuffle=True, generator=gen, bucket=True):
             batches.append(batch)
             if len(batches) == args.batches:
                 break
@@ -142,7 +147,7 @@ def main() -> None:
 
         step(old, 0), step(new, 0)  # warm-up (first-touch memory)
         o, n = _pairs(2 * len(batches), lambda i: step(old, i), lambda i: step(new, i))
-        _report(f"prefix training step (batch 1024, widths {[b.items.shape[1] for b in batches]})", o, n)
+        _report(f"{args.mode} training step (batch {size}, widths {[b.items.shape[1] for b in batches]})", o, n)
 
 
 if __name__ == "__main__":
