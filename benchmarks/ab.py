@@ -130,7 +130,7 @@ def main() -> None:
     if args.part in ("step", "both"):
         gen = torch.Generator().manual_seed(1)
         batches = []
-        size = 1024 if args.mode == "prefix" else TrainConfig().dense_batch_size
+        size = TrainConfig().batch_size if args.mode == "prefix" else TrainConfig().dense_batch_size
         for batch in iterate_batches(split.train(args.mode), size, shuffle=True, generator=gen, bucket=True):
             batches.append(batch)
             if len(batches) == args.batches:

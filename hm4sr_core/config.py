@@ -244,9 +244,9 @@ class TrainConfig(_Config):
     dense_batch_size: int = 32  # dense mode: windows per step; 32 windows ~ 1,300 positions ~ the paper's 1,024 examples
     eval_batch_size: int = 2048  # users per evaluation batch
     lr: float = 1e-3  # Adam learning rate (the peak when a schedule is set)
-    lr_schedule: str = "constant"  # "constant" | "cosine": after the warm-up, lr decays as a half cosine to 0 at the end of lr_decay_epochs
+    lr_schedule: str = "constant"  # "constant" | "cosine": after the warm-up, lr decays as a half cosine to 0 at the end of lr_decay_epochs, where training ends
     warmup_epochs: float = 0.0  # linear warm-up of the learning rate from lr / (warm-up steps) to lr over this many epochs (0 = none)
-    lr_decay_epochs: int = 0  # cosine schedule's length in epochs, counted from the start (0 = epochs)
+    lr_decay_epochs: int = 0  # cosine schedule's length in epochs, counted from the start (0 = epochs); training stops at its end
     weight_decay: float = 0.0  # Adam L2 (paper: 0)
     grad_clip: float = 0.0  # max gradient norm, 0 = no clipping (paper: none)
     patience: int = 10  # epochs without validation improvement before stopping
@@ -278,9 +278,10 @@ class TrainConfig(_Config):
         _check(self.lr_decay_epochs >= 0, f"lr_decay_epochs must be >= 0, got {self.lr_decay_epochs}")
         _check(self.lr_schedule == "cosine" or self.lr_decay_epochs == 0,
                f"lr_decay_epochs={self.lr_decay_epochs} needs lr_schedule 'cosine'")
-        _check(self.lr_schedule == "constant" or self.warmup_epochs < (self.lr_decay_epochs or self.epochs),
-               f"warmup_epochs={self.warmup_epochs} must be shorter than the cosine schedule "
-               f"({self.lr_decay_epochs or self.epochs} epochs)")
+        horizon = min(self.lr_decay_epochs or self.epochs, self.epochs) if self.lr_schedule == "cosine" else self.epochs
+        _check(self.warmup_epochs < horizon,
+               f"warmup_epochs={self.warmup_epochs} must be shorter than the run ({horizon} epochs"
+               f"{', the cosine schedule' if self.lr_schedule == 'cosine' else ''}): the rate would never reach lr")
         _check(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
         _check(self.grad_clip >= 0, f"grad_clip must be >= 0, got {self.grad_clip}")
         _check(self.patience >= 1, f"patience must be >= 1, got {self.patience}")

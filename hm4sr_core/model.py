@@ -832,16 +832,16 @@ def contrastive_loss(a: torch.Tensor, b: torch.Tensor, targets: torch.Tensor, te
     denominator (default), or given logit 0 as the released code did. Off-diagonal
     pairs that share a ``groups`` value (positions of one dense window) are left out
     of the denominator too."""
+    # in place: mm saves its inputs for the backward, not its output
     logits = (F.normalize(a, dim=-1) @ F.normalize(b, dim=-1).T).div_(temperature)
     same = targets.view(-1, 1) == targets.view(1, -1)
-    if groups is not None and mask_same_target:  # one mask, one fill: both leave the denominator
-        same |= groups.view(-1, 1) == groups.view(1, -1)
-        groups = None
-    same.fill_diagonal_(False)
-    logits = logits.masked_fill_(same, float("-inf") if mask_same_target else 0.0)
-    if groups is not None:
-        in_window = groups.view(-1, 1) == groups.view(1, -1)
-        logits = logits.masked_fill_(in_window.fill_diagonal_(False), float("-inf"))
+    in_window = groups.view(-1, 1) == groups.view(1, -1) if groups is not None else None
+    if in_window is not None and mask_same_target:  # both leave the denominator: one mask, one fill
+        same |= in_window
+        in_window = None
+    logits.masked_fill_(same.fill_diagonal_(False), float("-inf") if mask_same_target else 0.0)
+    if in_window is not None:  # released behaviour: same-target pairs at logit 0, in-window pairs out
+        logits.masked_fill_(in_window.fill_diagonal_(False), float("-inf"))
     return F.cross_entropy(logits, torch.arange(len(targets), device=logits.device))
 
 

@@ -216,11 +216,11 @@ def train(dataset: Dataset, model_config: ModelConfig = ModelConfig(), config: T
         if ck["data_hash"] != data_hash:
             raise ValueError(f"resume: {out / 'last.pt'} was trained on data {ck['data_hash'][:12]}, "
                              f"this dataset is {data_hash[:12]}")
-        saved = _resumable(TrainConfig.from_dict(ck["train_config"]))
-        if ModelConfig.from_dict(ck["model_config"]) != model_config or saved != _resumable(config):
+        saved_config = TrainConfig.from_dict(ck["train_config"])
+        if ModelConfig.from_dict(ck["model_config"]) != model_config or _resumable(saved_config) != _resumable(config):
             raise ValueError(f"resume: {out / 'last.pt'} has a different configuration; "
                              f"use a new --out folder or the same settings")
-        saved_epochs = TrainConfig.from_dict(ck["train_config"]).epochs
+        saved_epochs = saved_config.epochs
         if config.lr_schedule == "cosine" and not config.lr_decay_epochs and saved_epochs != config.epochs:
             raise ValueError(f"resume: {out / 'last.pt'} follows a cosine schedule over its {saved_epochs} epochs; "
                              f"epochs={config.epochs} would change the schedule mid-run (keep epochs={saved_epochs}, "
@@ -247,7 +247,10 @@ def train(dataset: Dataset, model_config: ModelConfig = ModelConfig(), config: T
     if config.max_steps_per_epoch:
         n_batches = min(n_batches, config.max_steps_per_epoch)
     scheduled = config.lr_schedule != "constant" or config.warmup_epochs > 0
-    for epoch in range(start_epoch, config.epochs + 1):
+    last_epoch = config.epochs
+    if config.lr_schedule == "cosine" and config.lr_decay_epochs:
+        last_epoch = min(last_epoch, config.lr_decay_epochs)  # the rate is 0 after the cosine: nothing left to learn
+    for epoch in range(start_epoch, last_epoch + 1):
         model.train()
         gen = _epoch_generator(config.seed, epoch)
         draws = gen if not ranks.active else \
@@ -297,7 +300,7 @@ def train(dataset: Dataset, model_config: ModelConfig = ModelConfig(), config: T
         train_seconds = time.perf_counter() - t0
         row = {"epoch": epoch, "train_seconds": train_seconds}
         row.update({f"loss_{k}": v / max(n_batches, 1) for k, v in sums.items()})
-        if epoch % config.eval_every == 0 or epoch == config.epochs:
+        if epoch % config.eval_every == 0 or epoch == last_epoch:
             valid = evaluate(model, split.valid, config, history=history, device=device, time_origin=origin,
                              ranks=ranks)
             row.update({f"valid_{k}": v for k, v in valid.metrics.items()})
@@ -370,8 +373,8 @@ def learning_rate(config: TrainConfig, step: int, steps_per_epoch: int) -> float
     """The learning rate of optimiser step ``step`` (0-based, counted over the whole run):
     a linear warm-up over ``warmup_epochs`` (step s of W gets lr * (s + 1) / W), then
     ``lr`` (constant) or a half cosine from ``lr`` to 0 at the end of ``lr_decay_epochs``
-    (0 = ``epochs``) epochs, and 0 after it."""
-    warm = round(config.warmup_epochs * steps_per_epoch)
+    (0 = ``epochs``) epochs (``train`` stops there)."""
+    warm = max(1, round(config.warmup_epochs * steps_per_epoch)) if config.warmup_epochs > 0 else 0
     if step < warm:
         return config.lr * (step + 1) / warm
     if config.lr_schedule == "constant":

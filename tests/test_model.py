@@ -488,3 +488,37 @@ def test_feature_width_sets_every_projection_width(tiny_ds, tiny_split, tiny_mod
         torch.testing.assert_close(again(batch, scores=True).scores, model(batch, scores=True).scores)
     with pytest.raises(ValueError, match="feature_width"):
         tiny_model_config.replace(feature_width=-1)
+
+
+@pytest.mark.parametrize("mask_same_target", [True, False])
+@pytest.mark.parametrize("with_groups", [True, False])
+def test_contrastive_loss_equals_the_written_out_infonce(mask_same_target, with_groups):
+    # InfoNCE written out row by row: the diagonal is the positive; off-diagonal pairs with the
+    # same target are out of the denominator (default) or at logit 0 (released); pairs of one
+    # window (groups) are out of it in both cases
+    from hm4sr_core.model import contrastive_loss
+
+    g = torch.Generator().manual_seed(3)
+    n, temperature = 12, 0.2
+    a = torch.randn(n, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(n, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    targets = torch.tensor([1, 2, 1, 1, 4, 5, 2, 6, 7, 8, 1, 9])  # items 0 and 2: same target, one window
+    groups = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 3, 3, 4, 4]) if with_groups else None
+    sim = F.cosine_similarity(a[:, None], b[None], dim=-1) / temperature
+    rows = []
+    for i in range(n):
+        terms = [sim[i, i]]
+        for j in range(n):
+            if j == i or (groups is not None and groups[i] == groups[j]):
+                continue
+            if targets[i] == targets[j]:
+                if not mask_same_target:
+                    terms.append(sim[i, i] * 0)  # logit 0
+                continue
+            terms.append(sim[i, j])
+        rows.append(torch.logsumexp(torch.stack(terms), 0) - sim[i, i])
+    expected = torch.stack(rows).mean()
+    got = contrastive_loss(a, b, targets, temperature, mask_same_target, groups)
+    torch.testing.assert_close(got, expected)
+    grads = torch.autograd.grad(got, (a, b))
+    torch.testing.assert_close(grads, torch.autograd.grad(expected, (a, b)))

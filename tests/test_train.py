@@ -293,8 +293,13 @@ def test_learning_rate_schedules():
         TrainConfig(lr_schedule="step")
     with pytest.raises(ValueError, match="needs lr_schedule 'cosine'"):
         TrainConfig(lr_decay_epochs=5)
-    with pytest.raises(ValueError, match="shorter than the cosine schedule"):
+    with pytest.raises(ValueError, match="shorter than the run"):
         TrainConfig(lr_schedule="cosine", epochs=3, warmup_epochs=3)
+    with pytest.raises(ValueError, match="shorter than the run"):
+        TrainConfig(epochs=3, warmup_epochs=5)  # constant: never at lr either
+    with pytest.raises(ValueError, match="shorter than the run"):
+        TrainConfig(lr_schedule="cosine", epochs=3, lr_decay_epochs=10, warmup_epochs=4)
+    assert learning_rate(TrainConfig(warmup_epochs=0.01), 0, 10) == pytest.approx(1e-3)  # rounds to 1 step, not 0
 
 
 def test_a_schedule_sets_each_steps_learning_rate_and_resumes(tiny_ds, tiny_split, tiny_model_config,
@@ -305,8 +310,16 @@ def test_a_schedule_sets_each_steps_learning_rate_and_resumes(tiny_ds, tiny_spli
     whole = train(tiny_ds, tiny_model_config, config, out_dir=tmp_path / "whole", data_hash="h", progress=False,
                   split=tiny_split)
     per_epoch = len(whole.steps) // 3
+    assert per_epoch >= 2
     expected = [learning_rate(config, s, per_epoch) for s in whole.steps["step"]]
     np.testing.assert_allclose(whole.steps["lr"], expected)
+    # the schedule counts the steps an epoch really takes (here capped to one), and training
+    # ends with the cosine: 3 epochs of lr_decay_epochs=3, not the 4 of epochs
+    capped = config.replace(epochs=4, max_steps_per_epoch=1, lr_decay_epochs=3, warmup_epochs=0.5)
+    short = train(tiny_ds, tiny_model_config, capped, progress=False, split=tiny_split)
+    assert short.epochs_run == 3 and len(short.steps) == 3
+    # 1 warm-up step (0.5 rounds up to one), then the cosine over the 2 steps left: lr, lr / 2
+    np.testing.assert_allclose(short.steps["lr"], [4e-3, 4e-3, 2e-3])
     assert whole.steps["lr"].iloc[0] < whole.steps["lr"].max() == pytest.approx(4e-3)
     constant = train(tiny_ds, tiny_model_config, config.replace(lr_schedule="constant", warmup_epochs=0),
                      progress=False, split=tiny_split)
