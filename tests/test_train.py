@@ -55,6 +55,17 @@ class _Kill(KeyboardInterrupt):
     """What Ctrl-C (or a SIGINT from a scheduler) raises in the middle of a run."""
 
 
+def _killed_in_epoch_2(ds, split, model_config, config, out) -> None:
+    """Train ``config`` into ``out`` and interrupt it as epoch 2 ends (after its checkpoint)."""
+    def kill_in_epoch_2(row):
+        if row["epoch"] == 2:
+            raise _Kill
+
+    with pytest.raises(KeyboardInterrupt):
+        train(ds, model_config, config, out_dir=out, data_hash="h", progress=False, split=split,
+              on_epoch=kill_in_epoch_2)
+
+
 def test_killed_run_resumes_to_the_same_result(tiny_ds, tiny_split, tiny_model_config, tiny_train_config,
                                                tmp_path):
     # three steps per epoch and a history row every second step: the killed run has done
@@ -64,13 +75,7 @@ def test_killed_run_resumes_to_the_same_result(tiny_ds, tiny_split, tiny_model_c
                   split=tiny_split)
     assert len(whole.steps) == 6  # 12 steps, every second one logged
 
-    def kill_in_epoch_2(row):
-        if row["epoch"] == 2:
-            raise _Kill
-
-    with pytest.raises(KeyboardInterrupt):
-        train(tiny_ds, tiny_model_config, config, out_dir=tmp_path / "killed", data_hash="h", progress=False,
-              split=tiny_split, on_epoch=kill_in_epoch_2)
+    _killed_in_epoch_2(tiny_ds, tiny_split, tiny_model_config, config, tmp_path / "killed")
     # on_epoch runs after the checkpoint: epoch 2 is saved (6 steps done, 3 logged)
     assert load_checkpoint(tmp_path / "killed" / "last.pt")["epoch"] == 2
     assert not (tmp_path / "killed" / "results.json").exists()
@@ -325,13 +330,7 @@ def test_a_schedule_sets_each_steps_learning_rate_and_resumes(tiny_ds, tiny_spli
                      progress=False, split=tiny_split)
     assert (constant.steps["lr"] == 4e-3).all() and constant.record["test"] != whole.record["test"]
 
-    def kill_in_epoch_2(row):
-        if row["epoch"] == 2:
-            raise _Kill
-
-    with pytest.raises(KeyboardInterrupt):
-        train(tiny_ds, tiny_model_config, config, out_dir=tmp_path / "killed", data_hash="h", progress=False,
-              split=tiny_split, on_epoch=kill_in_epoch_2)
+    _killed_in_epoch_2(tiny_ds, tiny_split, tiny_model_config, config, tmp_path / "killed")
     with pytest.raises(ValueError, match="cosine schedule over its 3 epochs"):
         train(tiny_ds, tiny_model_config, config.replace(epochs=4), out_dir=tmp_path / "killed", data_hash="h",
               progress=False, split=tiny_split, resume=True)
