@@ -45,7 +45,7 @@ def main(argv=None) -> int:
     model = build_model(ModelConfig(), ds)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     gen = torch.Generator().manual_seed(0)
-    size, bucket = (1024, False) if args.mode == "prefix" else (TrainConfig().dense_batch_size, True)
+    size, bucket = (TrainConfig().batch_size, False) if args.mode == "prefix" else (TrainConfig().dense_batch_size, True)
     batches = [b for _, b in zip(range(args.steps), iterate_batches(split.train(args.mode), size, shuffle=True,
                                                                      generator=gen, bucket=bucket))]
     step = {False: [], True: []}
