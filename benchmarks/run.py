@@ -18,10 +18,12 @@ figures of ours by this run's figures of the peer (None when one side was not me
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -81,7 +83,7 @@ def part_epochs(args) -> dict:
         out[f"{key}_seconds_per_epoch"] = float(np.median(secs))
         out[f"{key}_epoch_seconds_all"] = secs
         out[f"{key}_valid_ndcg@20_by_epoch"] = r.epochs["valid_ndcg@20"].tolist()
-        print(f"{key}: {secs}", file=sys.stderr)
+        print(f"[bench] {key}: {', '.join(f'{x:.1f}' for x in secs)} s per epoch", file=sys.stderr, flush=True)
     out["prefix_peak_rss_mb"] = _peak_rss_mb()  # this process's peak: the prefix epoch's
     return out
 
@@ -127,6 +129,8 @@ def _to_target(args, model_config) -> tuple[dict, float, object]:
         pass
 
     def on_epoch(row):
+        print(f"[bench] epoch {row['epoch']}: valid NDCG@20 {row.get('valid_ndcg@20', float('nan')):.4f} "
+              f"(target {TARGET_NDCG20}), {row['seconds_since_start']:.1f} s", file=sys.stderr, flush=True)
         if row.get("valid_ndcg@20", 0.0) >= TARGET_NDCG20 and not reached:
             reached.update(epoch=row["epoch"], seconds=row["seconds_since_start"], ndcg20=row["valid_ndcg@20"])
             raise Reached
@@ -271,17 +275,34 @@ def _cpu_ticks() -> tuple[int, int] | None:
     return (fields[7] if len(fields) > 7 else 0), sum(fields[:8])
 
 
+def _stream(cmd: list[str]) -> tuple[int, str, str]:
+    """Run ``cmd`` in the repository: its stderr (the part's epoch lines; the peer's run alone
+    takes over 20 minutes) is passed on indented as it comes, its stdout goes to a file.
+    Returns (exit code, stdout, the last 200 lines of stderr)."""
+    tail: collections.deque[str] = collections.deque(maxlen=200)
+    with tempfile.TemporaryFile("w+") as stdout, \
+            subprocess.Popen(cmd, cwd=ROOT, stdout=stdout, stderr=subprocess.PIPE, text=True) as proc:
+        for line in proc.stderr:
+            tail.append(line)
+            print("  " + line, end="", file=sys.stderr, flush=True)
+        code = proc.wait()
+        stdout.seek(0)
+        return code, stdout.read(), "".join(tail)
+
+
 def _run_part(name: str, extra: list[str]) -> dict:
     """One part in its own process; adds ``<part>_cpu_steal_percent``: the share of CPU time
     the hypervisor gave to other machines while it ran (a shared host's noise, made visible)."""
     cmd = [sys.executable, "-m", "benchmarks.run", "--only", name, *extra]
     print(f"[bench] {name} ...", file=sys.stderr, flush=True)
     before = _cpu_ticks()
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    code, printed, tail = _stream(cmd)
     after = _cpu_ticks()
-    if proc.returncode != 0:
-        raise SystemExit(f"benchmark part {name} failed:\n{proc.stderr[-4000:]}")
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    if code != 0:
+        raise SystemExit(f"benchmark part {name} failed (exit {code}):\n{tail[-4000:]}")
+    if not printed.strip():
+        raise SystemExit(f"benchmark part {name} printed no result:\n{tail[-4000:]}")
+    out = json.loads(printed.strip().splitlines()[-1])
     if before and after and after[1] > before[1]:
         out[f"{name}_cpu_steal_percent"] = round(100.0 * (after[0] - before[0]) / (after[1] - before[1]), 2)
     return out

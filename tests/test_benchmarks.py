@@ -7,6 +7,7 @@ import math
 import statistics
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -279,3 +280,41 @@ def test_a_run_with_a_last_checkpoint_of_the_same_settings_is_resumed(tmp_path):
     ns = type("A", (), dict(data="ml-100k", epochs=2, device="cpu", threads=1, out=str(tmp_path)))()
     assert "--resume" in fidelity.command("time_float32", 2025, ns, resume=True)
     assert "--resume" not in fidelity.command("time_float32", 2025, ns)
+
+
+def test_a_parts_lines_are_passed_on_as_they_come(monkeypatch):
+    """make bench shows each part's progress while it runs (the peer alone takes 20+ minutes):
+    a line the part writes to stderr reaches ours before the part ends; its stdout comes back."""
+    import benchmarks.run as bench
+
+    class Clock:
+        def __init__(self):
+            self.lines: list[tuple[float, str]] = []
+
+        def write(self, s):
+            if s:  # print(..., end="") writes its empty end separately
+                self.lines.append((time.monotonic(), s))
+
+        def flush(self):
+            pass
+
+    clock = Clock()
+    monkeypatch.setattr(sys, "stderr", clock)
+    child = ("import sys, time; print('[bench] epoch 1', file=sys.stderr, flush=True); time.sleep(1.5); "
+             "print('[bench] epoch 2', file=sys.stderr, flush=True); print('{\"a\": 1}')")
+    code, printed, tail = bench._stream([sys.executable, "-c", child])
+    done = time.monotonic()
+    assert code == 0 and json.loads(printed) == {"a": 1}
+    assert [s for _, s in clock.lines] == ["  [bench] epoch 1\n", "  [bench] epoch 2\n"]
+    assert done - clock.lines[0][0] >= 1.0  # the first line came before the part slept, not at its end
+    assert tail == "[bench] epoch 1\n[bench] epoch 2\n"
+
+
+def test_a_failed_part_names_itself_and_shows_its_last_lines(monkeypatch):
+    import benchmarks.run as bench
+    monkeypatch.setattr(bench, "_stream", lambda cmd: (3, "", "Traceback ...\nValueError: no data\n"))
+    with pytest.raises(SystemExit, match=r"part eval failed \(exit 3\):\nTraceback ...\nValueError: no data"):
+        bench._run_part("eval", [])
+    monkeypatch.setattr(bench, "_stream", lambda cmd: (0, "\n", "warning only\n"))
+    with pytest.raises(SystemExit, match="part eval printed no result:\nwarning only"):
+        bench._run_part("eval", [])
