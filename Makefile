@@ -8,9 +8,11 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha256sum | cut -c1-16)
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
-# Idle OpenMP threads sleep instead of spinning: on a shared 2-core machine spinning threads
-# made small runs many times slower.
-export OMP_WAIT_POLICY := PASSIVE
+# OpenMP: demo, bench and lab use the spin count importing hm4sr_core sets (hm4sr_core/openmp.py;
+# dense training 0.59x the time of PASSIVE on 2 idle cores). The tests run many processes at
+# once on 2 cores, where spinning threads made small runs many times slower: they sleep at once.
+test: export OMP_WAIT_POLICY := PASSIVE
+test: export GOMP_SPINCOUNT := 0
 
 .PHONY: env system-packages demo test bench bench-all lab clean-env help
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -31,6 +32,7 @@ import numpy as np
 import torch
 
 from benchmarks import recbole_peer
+from hm4sr_core import openmp
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results.json"
@@ -281,7 +283,8 @@ def _stream(cmd: list[str]) -> tuple[int, str, str]:
     Returns (exit code, stdout, the last 200 lines of stderr)."""
     tail: collections.deque[str] = collections.deque(maxlen=200)
     with tempfile.TemporaryFile("w+") as stdout, \
-            subprocess.Popen(cmd, cwd=ROOT, stdout=stdout, stderr=subprocess.PIPE, text=True) as proc:
+            subprocess.Popen(cmd, cwd=ROOT, stdout=stdout, stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, **openmp.defaults()}) as proc:
         for line in proc.stderr:
             tail.append(line)
             print("  " + line, end="", file=sys.stderr, flush=True)

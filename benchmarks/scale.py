@@ -349,8 +349,9 @@ def measure(spec: str, child_args: list[str], limit_s: float) -> dict:
     cmd = [sys.executable, "-m", "benchmarks.scale", "--case", spec, *child_args]
     load_before = os.getloadavg()[0]  # a shared machine's noise, made visible (2 cores: above 2 = contention)
     t0 = time.perf_counter()
-    # As `make bench`: idle OpenMP threads sleep instead of spinning (Makefile, OMP_WAIT_POLICY).
-    env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ}
+    # Idle OpenMP threads sleep at once, as when the scale figures were first measured: its DDP
+    # cases run several processes on 2 cores (docs/performance.md, "OpenMP wait policy").
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "0"}
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True, env=env)
     peak_tree = [0.0]

@@ -60,9 +60,10 @@ CELL_TIMEOUT = 1800
 # (jupyter_client swaps a spec's "python" for sys.executable), so notebooks see
 # exactly the packages of the process that runs them, whichever kernels are registered.
 KERNEL_NAME = "python3"
-# Inherited by every kernel: nothing tries the Hugging Face hub; OpenMP threads sleep
-# instead of spinning (on 2 shared cores spinning makes tiny models ~20x slower).
-KERNEL_ENVIRONMENT = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_WAIT_POLICY": "PASSIVE"}
+# Inherited by every kernel: nothing tries the Hugging Face hub. Kernels also inherit the
+# OpenMP spin count that importing hm4sr_core set (hm4sr_core.openmp), or the runner's own
+# wait policy where it has one (make test: PASSIVE).
+KERNEL_ENVIRONMENT = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 VERSIONED_PACKAGES = ("torch", "numpy", "pandas", "scipy", "plotly", "ipywidgets", "papermill", "nbconvert",
                       "nbformat", "ipykernel", "umap-learn", "kaleido", "sentence-transformers")
 
