@@ -391,6 +391,7 @@ def _append_history(results: dict) -> None:
     """One line per `make bench` run in benchmarks/history.jsonl (scalars, the time, the
     commit): timings on a shared host drift, so a figure is read as the median of runs."""
     row = {k: v for k, v in results.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)}
+    row["openmp"] = _openmp_label(openmp.settings())  # this process's setting, which the parts inherit
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
         dirty = subprocess.run(["git", "status", "--porcelain", "--", "hm4sr_core", "benchmarks/run.py"],
@@ -403,12 +404,21 @@ def _append_history(results: dict) -> None:
         f.write(json.dumps(row, sort_keys=True) + "\n")
 
 
+def _openmp_label(settings: dict) -> str:
+    """``spin=N``, the wait policy, or ``default`` (libgomp's own: a long spin)."""
+    if settings.get("GOMP_SPINCOUNT") is not None:
+        return f"spin={settings['GOMP_SPINCOUNT']}"
+    return settings.get("OMP_WAIT_POLICY") or "default"
+
+
 COLUMNS = {"hm4sr_prefix_seconds_per_epoch": "prefix_s/ep", "seconds_to_target": "to_target_s",
            "eval_users_per_second": "eval_users/s", "eval_1m_peak_rss_mb": "eval1m_rss_MB",
            "peak_rss_mb": "train_rss_MB", "prefix_peak_rss_mb": "prefix_rss_MB",
            "hm4sr_prefix_recompute_seconds_per_epoch": "recomp_s/ep", "prefix_recompute_peak_rss_mb": "recomp_rss_MB",
            "hm4sr_prefix_parts_seconds_per_epoch": "parts_s/ep", "prefix_parts_peak_rss_mb": "parts_rss_MB",
-           "to_target_cpu_steal_percent": "steal_%"}
+           "to_target_cpu_steal_percent": "steal_%", "hm4sr_prefix_epoch_vs_recbole_sasrec": "prefix/peer",
+           "hm4sr_time_to_target_vs_recbole_sasrec": "target/peer", "sasrec_time_to_target_vs_recbole_sasrec": "sas_tgt/peer",
+           "hm4sr_eval_vs_recbole_sasrec": "eval/peer"}
 
 
 def print_history(last: int = 0) -> None:
@@ -419,11 +429,16 @@ def print_history(last: int = 0) -> None:
         raise SystemExit(f"no runs recorded yet ({HISTORY}); run make bench")
     runs = [json.loads(line) for line in HISTORY.read_text().splitlines() if line.strip()]
     runs = runs[-last:] if last > 0 else runs
-    print("finished at (UTC)".ljust(22) + "commit   " + " ".join(c.rjust(13) for c in COLUMNS.values()))
+    # openmp: the OpenMP setting of the run (docs/performance.md, "OpenMP wait policy"); "-" for
+    # runs recorded before it was (the Makefile then exported PASSIVE to make bench)
+    print("finished at (UTC)".ljust(22) + "commit   " + "openmp      "
+          + " ".join(c.rjust(13) for c in COLUMNS.values()))
     for r in runs:
-        cells = [f"{r[k]:13.1f}" if isinstance(r.get(k), (int, float)) else "-".rjust(13) for k in COLUMNS]
+        cells = [(f"{r[k]:13.3f}" if "/peer" in c else f"{r[k]:13.1f}") if isinstance(r.get(k), (int, float))
+                 else "-".rjust(13) for k, c in COLUMNS.items()]
         commit = str(r.get("commit")) + ("+" if r.get("uncommitted_changes") else "")
-        print(str(r.get("measured_at", "?")).ljust(22) + commit.ljust(9) + " ".join(cells))
+        print(str(r.get("measured_at", "?")).ljust(22) + commit.ljust(9) + str(r.get("openmp", "-")).ljust(12)
+              + " ".join(cells))
     for key, (op, bound) in TARGETS.items():
         values = [r[key] for r in runs if isinstance(r.get(key), (int, float))]
         if values:

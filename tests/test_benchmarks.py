@@ -318,3 +318,30 @@ def test_a_failed_part_names_itself_and_shows_its_last_lines(monkeypatch):
     monkeypatch.setattr(bench, "_stream", lambda cmd: (0, "\n", "warning only\n"))
     with pytest.raises(SystemExit, match="part eval printed no result:\nwarning only"):
         bench._run_part("eval", [])
+
+
+def test_history_records_the_openmp_setting_and_shows_the_ratios(tmp_path, monkeypatch, capsys):
+    """Runs under another OpenMP wait policy are not comparable (dense epochs 1.65x under
+    PASSIVE): each history line says which it ran under, and --history shows it with the ratios."""
+    import benchmarks.run as bench
+    monkeypatch.setattr(bench, "RESULTS", tmp_path / "results.json")
+    monkeypatch.setattr(bench, "HISTORY", tmp_path / "history.jsonl")
+    monkeypatch.setenv("GOMP_SPINCOUNT", "10000")
+    monkeypatch.setattr(bench, "_run_part", lambda name, extra: {})
+    monkeypatch.setattr(sys, "argv", ["run"] + [a for p in bench.PARTS if p != "eval" for a in ("--skip", p)])
+    bench.main()
+    monkeypatch.delenv("GOMP_SPINCOUNT")
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    bench.main()
+    rows = [json.loads(line) for line in bench.HISTORY.read_text().splitlines()]
+    assert [r["openmp"] for r in rows] == ["spin=10000", "PASSIVE"]
+    for r in rows:  # the ratios of a run with the peer
+        r["hm4sr_time_to_target_vs_recbole_sasrec"] = 0.1234
+    bench.HISTORY.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    capsys.readouterr()
+    bench.print_history()
+    out = capsys.readouterr().out
+    assert "target/peer" in out and out.count("0.123 ") == 3  # two rows and the median
+    assert " spin=10000 " in out and " PASSIVE " in out
+    assert "hm4sr_time_to_target_vs_recbole_sasrec: median 0.123 over 2 runs, target <= 0.2: met" in out
+    assert bench._openmp_label({"OMP_WAIT_POLICY": None, "GOMP_SPINCOUNT": None}) == "default"
