@@ -5,9 +5,9 @@ default spins for a long time first (``GOMP_SPINCOUNT`` 300,000), which wastes t
 other processes need it; ``OMP_WAIT_POLICY=PASSIVE`` sleeps at once, and then every region
 pays a wake-up. Dense-mode training runs many small operations per step: on 2 idle cores
 its epochs took 1.65 times as long under PASSIVE as with the default, while 10,000 spins
-were as fast as the default, and on a machine loaded with four busy loops they took 1.3
-times PASSIVE's time where the default did not finish in 6 minutes
-(``python -m benchmarks.omp_wait``; docs/performance.md, "OpenMP wait policy").
+were as fast as the default; on a machine loaded with four busy loops they took 1.3 times
+PASSIVE's time, while the default had not finished after about 3 minutes where PASSIVE took
+67 s (``python -m benchmarks.omp_wait``; docs/performance.md, "OpenMP wait policy").
 
 libgomp reads these variables once, when torch is first imported, so ``apply`` runs on
 ``import hm4sr_core`` (before torch if nothing imported torch earlier) and child processes
