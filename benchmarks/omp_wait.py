@@ -26,12 +26,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+from hm4sr_core import openmp
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def policy_env(policy: str) -> dict[str, str]:
     """The environment of a child for ``policy`` (the wait-policy variables of ours replaced)."""
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    env = {k: v for k, v in os.environ.items() if k not in openmp.VARIABLES}
     if policy in ("PASSIVE", "ACTIVE"):
         env["OMP_WAIT_POLICY"] = policy
     elif policy.startswith("spin="):

@@ -283,8 +283,8 @@ def _stream(cmd: list[str]) -> tuple[int, str, str]:
     Returns (exit code, stdout, the last 200 lines of stderr)."""
     tail: collections.deque[str] = collections.deque(maxlen=200)
     with tempfile.TemporaryFile("w+") as stdout, \
-            subprocess.Popen(cmd, cwd=ROOT, stdout=stdout, stderr=subprocess.PIPE, text=True,
-                             env={**os.environ, **openmp.defaults()}) as proc:
+            subprocess.Popen(cmd, cwd=ROOT, stdout=stdout, stderr=subprocess.PIPE, text=True) as proc:
+        # the part inherits the OpenMP setting importing hm4sr_core (above) put in os.environ
         for line in proc.stderr:
             tail.append(line)
             print("  " + line, end="", file=sys.stderr, flush=True)
@@ -430,7 +430,8 @@ def print_history(last: int = 0) -> None:
     runs = [json.loads(line) for line in HISTORY.read_text().splitlines() if line.strip()]
     runs = runs[-last:] if last > 0 else runs
     # openmp: the OpenMP setting of the run (docs/performance.md, "OpenMP wait policy"); "-" for
-    # runs recorded before it was (the Makefile then exported PASSIVE to make bench)
+    # runs recorded before it was: make bench ran under PASSIVE before commit 3665dd3 and with
+    # spin=10000 from it (each run's results.json `environment` in git says which)
     print("finished at (UTC)".ljust(22) + "commit   " + "openmp      "
           + " ".join(c.rjust(13) for c in COLUMNS.values()))
     for r in runs:
