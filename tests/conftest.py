@@ -28,6 +28,48 @@ from hm4sr_core.train import train  # noqa: E402
 
 torch.set_num_threads(2)
 
+FLOAT32_EPS = float(np.finfo(np.float32).eps)  # 2**-23 ~ 1.19e-7: the gap between 1.0 and the next float32
+FLOAT64_EPS = float(np.finfo(np.float64).eps)  # 2**-52 ~ 2.2e-16
+
+
+def float_tol(magnitude: float, terms: int = 1, eps: float = FLOAT32_EPS) -> float:
+    """Absolute tolerance between two results of the same arithmetic rounded in different orders.
+
+    Two runs of one float computation differ whenever something changes the order of its
+    operations: the thread count, the CPU's vector width (AVX2, AVX-512, NEON) and the
+    library kernels picked for it, a sum split over ranks, batches or chunks. Each rounding
+    errs by at most eps/2 of the value it produces, and a sum of n terms whose absolute
+    values add up to S is within (n - 1) * eps/2 * S of the exact sum (Higham, *Accuracy and
+    Stability of Numerical Algorithms*, 2nd ed., section 4.2); so two orders of the same sum
+    are within n * eps * S of each other. This returns that bound, ``terms * eps * magnitude``.
+
+    magnitude: S, the size of the numbers summed. For a tensor result use its largest
+    absolute value, for every element: an element near zero after cancellation still carries
+    the rounding of the large terms that cancelled (issue 25: a gradient element 2.7e-7 off,
+    one ulp of the tensor's scale of 3, failed an rtol meant for its own small size).
+    terms: rounding steps on the longest path to one output: the length of each reduction it
+    passes through (a dot product of width d, a sum over examples or positions), added over
+    the layers, plus a few per elementwise function (exp, log, tanh, erf, rsqrt are vectorised
+    to within a few ulp, with different code per instruction set).
+    eps: FLOAT64_EPS for a computation done in float64.
+
+    This is a worst-case bound: rounding errors mostly cancel, and the gaps measured on any
+    one CPU sit well below it. Each test that uses it keeps its signal (the change a real bug
+    would make) far above it.
+    """
+    return terms * eps * magnitude
+
+
+def assert_float_close(got, want, terms: int, *, magnitude: float | None = None, eps: float = FLOAT32_EPS,
+                       msg: str | None = None) -> None:
+    """``got`` equals ``want`` up to :func:`float_tol`; tensors or arrays of any float dtype.
+    ``magnitude`` defaults to the largest absolute value of ``want``."""
+    got = torch.as_tensor(np.asarray(got) if not isinstance(got, torch.Tensor) else got).double()
+    want = torch.as_tensor(np.asarray(want) if not isinstance(want, torch.Tensor) else want).double()
+    if magnitude is None:
+        magnitude = float(want.abs().max()) if want.numel() else 0.0
+    torch.testing.assert_close(got, want, rtol=0, atol=float_tol(magnitude, terms, eps), msg=msg)
+
 TINY_T = 10  # sequence length of every tiny split and model
 TINY_WORLD = dict(seed=3, n_users=60, n_items=40, mean_length=12, text_dim=8, image_dim=8)
 
