@@ -26,14 +26,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-from hm4sr_core import openmp
+from hm4sr_core import runtime
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def policy_env(policy: str) -> dict[str, str]:
     """The environment of a child for ``policy`` (the wait-policy variables of ours replaced)."""
-    env = {k: v for k, v in os.environ.items() if k not in openmp.VARIABLES}
+    env = {k: v for k, v in os.environ.items() if k not in runtime.OPENMP_VARIABLES}
+    env["HM4SR_BENCH_OPENMP"] = "untouched"  # "unset" stays libgomp's default in the child
     if policy in ("PASSIVE", "ACTIVE"):
         env["OMP_WAIT_POLICY"] = policy
     elif policy.startswith("spin="):

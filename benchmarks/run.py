@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from benchmarks import recbole_peer
-from hm4sr_core import openmp
+from hm4sr_core import runtime
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results.json"
@@ -242,9 +242,10 @@ def part_eval_1m(args) -> dict:
 
 def part_allocator(args) -> dict:
     """A 15M-element float multiply with glibc's default allocator and with freed memory
-    kept (hm4sr_core.allocator), each in a fresh process; median of 21."""
+    kept (hm4sr_core.runtime), each in a fresh process; median of 21."""
     import os
-    code = "import json, hm4sr_core.allocator as a; print(json.dumps(a._measure()))"
+    code = ("import json, hm4sr_core.runtime as r; r.keep_freed_memory(); "
+            "print(json.dumps(r._measure_multiply()))")
     out = {}
     for label, env in (("glibc_default", {"HM4SR_SYSTEM_MALLOC": "1"}), ("kept", {})):
         proc = subprocess.run([sys.executable, "-c", code], env={**os.environ, **env}, cwd=ROOT,
@@ -391,7 +392,7 @@ def _append_history(results: dict) -> None:
     """One line per `make bench` run in benchmarks/history.jsonl (scalars, the time, the
     commit): timings on a shared host drift, so a figure is read as the median of runs."""
     row = {k: v for k, v in results.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)}
-    row["openmp"] = _openmp_label(openmp.settings())  # this process's setting, which the parts inherit
+    row["openmp"] = _openmp_label(runtime.openmp_settings())  # this process's setting, which the parts inherit
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
         dirty = subprocess.run(["git", "status", "--porcelain", "--", "hm4sr_core", "benchmarks/run.py"],

@@ -6,6 +6,10 @@ error on stderr and writes nothing.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # `python -m hm4sr_core.cli`: the settings go before torch loads
+    from hm4sr_core import runtime as _runtime
+    _runtime.configure_process()
+
 import argparse
 import json
 import os

@@ -38,6 +38,7 @@ import time
 from importlib import metadata
 from pathlib import Path
 
+from . import runtime
 from .data.prepare import SOURCES, check_source, existing_manifest, prepare, source_of
 from .data.schema import DataError, Dataset
 from .data.store import (PROCESSED_ROOT, REPO_ROOT, load_dataset, read_manifest, write_bytes_atomic,
@@ -61,8 +62,9 @@ CELL_TIMEOUT = 1800
 # exactly the packages of the process that runs them, whichever kernels are registered.
 KERNEL_NAME = "python3"
 # Inherited by every kernel: nothing tries the Hugging Face hub. Kernels also inherit the
-# OpenMP spin count that importing hm4sr_core set (hm4sr_core.openmp), or the runner's own
-# wait policy where it has one (make test: PASSIVE).
+# Kernels inherit the runner's environment: the OpenMP setting of hm4sr_core.runtime is added
+# to it (unless the runner has its own wait policy, as make test's PASSIVE); each notebook's
+# first cell applies the rest (runtime.configure_process).
 KERNEL_ENVIRONMENT = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 VERSIONED_PACKAGES = ("torch", "numpy", "pandas", "scipy", "plotly", "ipywidgets", "papermill", "nbconvert",
                       "nbformat", "ipykernel", "umap-learn", "kaleido", "sentence-transformers")
@@ -181,7 +183,7 @@ def run_notebooks(smoke: bool = False, data: str | None = None, out: str | Path 
         if nb not in plan:
             raise ValueError(f"overrides for unknown notebook {nb!r}")
         plan[nb].update(extra)
-    for key, value in KERNEL_ENVIRONMENT.items():
+    for key, value in {**KERNEL_ENVIRONMENT, **runtime.openmp_defaults()}.items():
         os.environ.setdefault(key, value)
 
     manifest = {

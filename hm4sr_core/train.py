@@ -34,7 +34,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import __version__, distributed, openmp
+from . import __version__, distributed, runtime
 from .config import LOSS_NAMES, ModelConfig, SplitConfig, TrainConfig
 from .data.schema import Dataset
 from .data.splits import Split, build_split, iterate_batches
@@ -142,7 +142,8 @@ def environment() -> dict:
     return {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
             "pandas": pd.__version__, "scipy": scipy.__version__, "hm4sr_core": __version__,
             "machine": platform.machine(), "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), **openmp.settings()}
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), **runtime.openmp_settings(),
+            "allocator_kept": runtime.allocator_kept()}
 
 
 def item_popularity(split: Split, num_items: int) -> np.ndarray:

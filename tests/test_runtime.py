@@ -1,0 +1,95 @@
+"""hm4sr_core.runtime: importing the package changes nothing process-wide; one explicit call
+(made by the ``hm4sr`` command, the notebook runner and kernels, ``make lab``, the benchmarks)
+applies the OpenMP spin count and the glibc allocator thresholds, and leaves a user's choice."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hm4sr_core import runtime
+
+ROOT = Path(__file__).resolve().parents[1]
+GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+
+
+@pytest.mark.parametrize("env, want", [
+    ({}, {"GOMP_SPINCOUNT": runtime.SPIN_COUNT}),
+    ({"OMP_WAIT_POLICY": "PASSIVE"}, {}),
+    ({"GOMP_SPINCOUNT": "0"}, {}),
+    ({"PATH": "/usr/bin"}, {"GOMP_SPINCOUNT": runtime.SPIN_COUNT}),
+])
+def test_openmp_defaults_add_a_spin_count_only_where_nothing_is_chosen(env, want):
+    assert runtime.openmp_defaults(env) == want
+
+
+def _child(code: str, **set_vars) -> list[str]:
+    env = {k: v for k, v in os.environ.items()
+           if k not in (*runtime.OPENMP_VARIABLES, "HM4SR_SYSTEM_MALLOC", "HM4SR_MMAP_THRESHOLD_MB")}
+    env.update(set_vars, PYTHONPATH=str(ROOT))
+    done = subprocess.run([sys.executable, "-W", "always", "-c", code], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout.split() + ([done.stderr] if "HM4SR_MMAP_THRESHOLD_MB" in done.stderr else [])
+
+
+REPORT = ("from hm4sr_core.train import environment; e = environment(); "
+          "print(os.environ.get('GOMP_SPINCOUNT'), e['GOMP_SPINCOUNT'], e['OMP_WAIT_POLICY'], e['allocator_kept'])")
+
+
+def test_importing_the_package_and_its_modules_changes_nothing():
+    code = "import os, hm4sr_core, hm4sr_core.cli, hm4sr_core.notebooks, widgets.explorers, torch; " + REPORT
+    assert _child(code) == ["None", "None", "None", "False"]
+
+
+def test_configure_process_sets_the_spin_count_before_torch_and_records_it():
+    code = ("import os; from hm4sr_core import runtime; r = runtime.configure_process(); "
+            "assert r['openmp_in_effect'], r; import torch; " + REPORT)
+    assert _child(code) == [runtime.SPIN_COUNT, runtime.SPIN_COUNT, "None", str(GLIBC)]
+
+
+def test_the_command_line_applies_the_settings_and_keeps_a_users_wait_policy():
+    code = ("import os; from hm4sr_core.__main__ import main\n"
+            "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n" + REPORT.replace("; ", "\n"))
+    out = _child(code)
+    assert out[-4:] == [runtime.SPIN_COUNT, runtime.SPIN_COUNT, "None", str(GLIBC)]
+    out = _child(code, OMP_WAIT_POLICY="PASSIVE")
+    assert out[-4:] == ["None", "None", "PASSIVE", str(GLIBC)]
+
+
+def test_a_late_call_says_the_openmp_part_reaches_children_only():
+    code = ("import os, torch; from hm4sr_core import runtime; r = runtime.configure_process(); "
+            "print(r['openmp_in_effect'], os.environ.get('GOMP_SPINCOUNT'))")
+    assert _child(code) == ["False", runtime.SPIN_COUNT]
+
+
+def test_the_runtime_launcher_runs_a_command_with_the_setting():
+    env = {k: v for k, v in os.environ.items() if k not in runtime.OPENMP_VARIABLES}
+    done = subprocess.run([sys.executable, "-m", "hm4sr_core.runtime", sys.executable, "-c",
+                           "import os; print(os.environ.get('GOMP_SPINCOUNT'))"], env={**env, "PYTHONPATH": str(ROOT)},
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.strip() == runtime.SPIN_COUNT
+    missing = subprocess.run([sys.executable, "-m", "hm4sr_core.runtime", "no-such-command-hm4sr"],
+                             env={**env, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=60)
+    assert missing.returncode == 2 and "no-such-command-hm4sr" in missing.stderr
+
+
+ALLOCATOR = "from hm4sr_core import runtime; print(runtime.configure_process(openmp=False)['allocator_kept'])"
+
+
+@pytest.mark.skipif(not GLIBC, reason="glibc only")
+def test_allocator_thresholds_are_raised_and_the_opt_out_is_honoured():
+    assert _child(ALLOCATOR) == ["True"]
+    assert _child(ALLOCATOR, HM4SR_SYSTEM_MALLOC="1") == ["False"]
+
+
+@pytest.mark.skipif(not GLIBC, reason="glibc only")
+@pytest.mark.parametrize("value", ["lots", "4096", "0"])
+def test_a_bad_threshold_warns_and_falls_back_to_the_default(value):
+    out = _child(ALLOCATOR, HM4SR_MMAP_THRESHOLD_MB=value)
+    assert out[0] == "True" and "(0, 2048)" in out[-1]
