@@ -34,6 +34,32 @@ An existing data/processed/<name> made from the same source and inputs (file has
 options) is reused; one made from anything else is never replaced unless --overwrite.
 """
 
+TUNE_EPILOG = """\
+DIR after a tune:
+  study.db            the Optuna study (SQLite; not with --storage)
+  trials.csv          one row per trial: state, validation NDCG@20, epochs, seconds, parameters
+  best_config.yaml    the best trial's configuration: hm4sr train --config DIR/best_config.yaml ...
+  <model>_tuned/      seed-<S>/ run folders of the final runs: hm4sr compare DIR1/hm4sr_tuned DIR2/sasrec_tuned
+  tune.json           counts, trials per hour, the best trial and the final test metrics
+
+Killed (even kill -9)? Run the same command: finished trials are kept, the trial that was
+running is marked failed and never reported, and the search goes on to --trials.
+More machines: start the same command with --storage postgresql://... --final-seeds none
+on each (docs/guide.md, 'Tuning').
+"""
+
+RECOMMEND_EPILOG = """\
+examples:
+  hm4sr recommend runs/x/train/hm4sr --users 1,2 --k 10            lists of two users, printed
+  hm4sr recommend runs/x/train/hm4sr --users 1 --explain            why: occlusion and gates
+  hm4sr recommend runs/x/train/hm4sr --all --out recs.parquet       every user, to a file
+  hm4sr recommend RUN --history me.csv --last-gap-days 60           a new user; what if the last visit came 60 days later
+
+HM4SR reads the times of the history only (the gaps between interactions and their dates), never the
+moment of the request: the same history gives the same list today and next year. To ask "what if",
+move the last interaction with --last-gap-days or --last-time.
+"""
+
 MODEL_PRESETS = {"hm4sr": ModelConfig, "sasrec": ModelConfig.sasrec, "reference": ModelConfig.reference}
 
 
@@ -120,8 +146,13 @@ def build_parser() -> argparse.ArgumentParser:
                                     "the best checkpoint, and write into --out: results.json, per_user_test.parquet, "
                                     "per_user_valid.parquet, steps.csv, epochs.csv, best.pt, last.pt.")
     tr.add_argument("--data", required=True, help="prepared dataset name (data/processed/<name>) or folder")
-    tr.add_argument("--model", default="hm4sr", choices=sorted(MODEL_PRESETS),
-                    help="hm4sr (our defaults), reference (released code's behaviour), sasrec (ID-only, CE)")
+    tr.add_argument("--model", choices=sorted(MODEL_PRESETS),
+                    help="hm4sr (our defaults; the default), reference (released code's behaviour), sasrec "
+                         "(ID-only, CE)")
+    tr.add_argument("--config", metavar="FILE",
+                    help="start from this configuration file instead of a preset: YAML or JSON with 'model' and "
+                         "'train' mappings of config fields (the best_config.yaml `hm4sr tune` writes, or a "
+                         "results.json); --seed, --epochs, --mode and --set still override it")
     tr.add_argument("--seed", type=int, help="random seed (default 2025)")
     tr.add_argument("--seeds", help="comma-separated seeds: one run per seed into --out/seed-<S>/")
     tr.add_argument("--epochs", type=int, help="maximum epochs (default 100)")
@@ -189,6 +220,84 @@ def build_parser() -> argparse.ArgumentParser:
                          "better (docs/guide.md, 'On a GPU'). Ctrl-C cancels the queue and ends the workers")
     ta.add_argument("--quiet", action="store_true", help="no progress bars")
 
+    tu = sub.add_parser("tune", help="hyper-parameter search on validation (Optuna), then the best "
+                                     "configuration over 3 seeds, scored on test once",
+                        formatter_class=argparse.RawDescriptionHelpFormatter,
+                        description="Search a model's hyper-parameters with Optuna: a seeded TPE sampler proposes a "
+                                    "configuration,\neach trial trains it (the test split sealed: any read of it "
+                                    "raises) and reports its best\nvalidation NDCG@20 after every epoch; a median "
+                                    "pruner stops trials that are behind. Then the\nbest configuration is trained "
+                                    "with each --final-seeds seed and scored on test once.",
+                        epilog=TUNE_EPILOG)
+    tu.add_argument("--data", required=True, help="prepared dataset name (data/processed/<name>) or folder")
+    tu.add_argument("--model", default="hm4sr",
+                    help="hm4sr, sasrec, reference or an ablation of `hm4sr table` (no_interactive_moe, "
+                         "no_temporal_moe, no_id_contrastive, no_category, no_placeholder_contrastive, id_only); "
+                         "each has its default space (docs/guide.md, 'Tuning')")
+    tu.add_argument("--trials", type=int, required=True, metavar="N",
+                    help="finished (completed or pruned) trials the study should hold, over every worker and "
+                         "restart: the same command after a kill goes on to N")
+    tu.add_argument("--out", required=True, metavar="DIR", help="folder for study.db, trials.csv, best_config.yaml, "
+                                                                "tune.json and the final run folders")
+    tu.add_argument("--timeout", type=float, metavar="S",
+                    help="start no new trial after S seconds (the running one finishes)")
+    tu.add_argument("--space", metavar="FILE.yaml",
+                    help="search space replacing the model's default: KEY: {low: A, high: B[, log: true]} or "
+                         "KEY: {choices: [..]}, KEY a ModelConfig/TrainConfig field")
+    tu.add_argument("--study", help="study name (default <model>-<data>)")
+    tu.add_argument("--storage", metavar="URL",
+                    help="Optuna RDB storage (default sqlite:///DIR/study.db); postgresql://USER:PASS@HOST/DB lets "
+                         "workers on several machines join one study")
+    tu.add_argument("--jobs", type=int, default=1, metavar="K",
+                    help="worker processes on this machine, each cores // K torch threads (default 1)")
+    tu.add_argument("--seed", type=int, default=2025, help="TPE sampler seed (default 2025)")
+    tu.add_argument("--epochs", type=int, default=20,
+                    help="epoch cap of every trial and of the final runs (default 20)")
+    tu.add_argument("--pruner", default="median", choices=("median", "none"),
+                    help="median (default): stop a trial whose best validation NDCG@20 so far is below the median "
+                         "of earlier trials at the same epoch; none: every trial runs to the cap or early stopping")
+    tu.add_argument("--warmup-epochs", type=int, default=5, metavar="E",
+                    help="epochs before the pruner may stop a trial (default 5)")
+    tu.add_argument("--startup-trials", type=int, default=5, metavar="N",
+                    help="trials that finish before the pruner stops any (default 5)")
+    tu.add_argument("--final-seeds", default="2025,2026,2027",
+                    help="seeds of the final runs of the best configuration (default 2025,2026,2027); "
+                         "'none' for a worker that only searches")
+    tu.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="fixed settings of every trial (not searched), e.g. --set threads=1 --set patience=5")
+    tu.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    rc = sub.add_parser("recommend", help="each user's top-k from a trained run, with every score split by stream",
+                        formatter_class=argparse.RawDescriptionHelpFormatter,
+                        description="Rank the whole catalogue for users of the dataset (--users, --all) or for a "
+                                    "history given as (item, timestamp) rows (--history), with the best checkpoint "
+                                    "of RUN. Each row: rank, item, title, category, score and the score's exact "
+                                    "part per stream (id, text, image; they sum to the score). A few users print as "
+                                    "a table; --out writes parquet, csv or jsonl (atomically).",
+                        epilog=RECOMMEND_EPILOG)
+    rc.add_argument("run", metavar="RUN_OR_CHECKPOINT", help="a run folder of `hm4sr train` (its best.pt) or a .pt file")
+    who = rc.add_mutually_exclusive_group(required=True)
+    who.add_argument("--users", metavar="TOKEN,...", help="comma-separated user tokens of the dataset")
+    who.add_argument("--all", action="store_true", help="every user (needs --out; a progress bar on stderr)")
+    who.add_argument("--history", metavar="FILE",
+                     help="a user the model never saw: .csv/.parquet with columns item,timestamp or .jsonl of "
+                          "{\"item\": ..., \"timestamp\": ...}; item tokens of the dataset, Unix seconds, oldest first")
+    rc.add_argument("--k", type=int, default=10, help="list length, 1 .. the catalogue size (default 10)")
+    rc.add_argument("--exclude-seen", action="store_true", help="leave the items of the history read out of the list")
+    rc.add_argument("--at", default="end", choices=("end", "test", "valid"),
+                    help="whose history: end = every interaction (what comes next, default); test / valid = the "
+                         "history evaluation ranks that split part with (its own target left out)")
+    rc.add_argument("--out", metavar="FILE", help="write the table to FILE (.parquet, .csv or .jsonl)")
+    rc.add_argument("--explain", action="store_true",
+                    help="also say why (up to 10 users): the history items whose removal changes each score most "
+                         "(occlusion) and the gates at the last history position")
+    rc.add_argument("--last-gap-days", type=float, metavar="DAYS",
+                    help="what if: the last interaction moved to DAYS after the one before it; prints both lists")
+    rc.add_argument("--last-time", metavar="WHEN",
+                    help="what if: the last interaction moved to WHEN (Unix seconds or a date, 2024-03-01)")
+    rc.add_argument("--data", help="dataset name or folder (default: the one the checkpoint was trained on)")
+    rc.add_argument("--quiet", action="store_true", help="no progress bar")
+
     rn = sub.add_parser("run-notebooks", help="execute the notebooks with papermill into runs/<run-id>/")
     rn.add_argument("--smoke", action="store_true", help="tiny fast run (synthetic world, few epochs)")
     rn.add_argument("--data", help="dataset name for the notebooks (default ml-100k; synthetic with --smoke)")
@@ -233,7 +342,13 @@ def _train_configs(args) -> tuple[ModelConfig, TrainConfig]:
         value = getattr(args, key)
         if value is not None:
             train_over[key] = value
-    return MODEL_PRESETS[args.model](**model_over), TrainConfig(**train_over)
+    if getattr(args, "config", None):
+        if args.model:
+            raise ValueError("--config FILE holds the whole model configuration; leave out --model")
+        from .tune import read_config
+        model_cfg, train_cfg = read_config(args.config)
+        return model_cfg.replace(**model_over), train_cfg.replace(**train_over)
+    return MODEL_PRESETS[args.model or "hm4sr"](**model_over), TrainConfig(**train_over)
 
 
 def cmd_train(args) -> int:
@@ -360,6 +475,33 @@ def cmd_table(args) -> int:
     return 0
 
 
+def cmd_tune(args) -> int:
+    from .data.store import read_manifest
+    from .tune import TuneSettings, default_space, format_summary, read_space, tune
+    model_over, train_over = parse_overrides(args.set)
+    train_over["epochs"] = args.epochs
+    train_cfg = TrainConfig(**train_over)
+    space = read_space(args.space) if args.space else default_space(args.model)
+    if args.space:
+        default_space(args.model)  # an unknown --model is refused with a space file too
+    if args.final_seeds.strip().lower() == "none":
+        seeds: tuple = ()
+    else:
+        try:
+            seeds = tuple(int(s) for s in args.final_seeds.split(",") if s.strip())
+        except ValueError:
+            raise ValueError(f"--final-seeds expects comma-separated integers or 'none', got {args.final_seeds!r}") from None
+    settings = TuneSettings(data=args.data, model=args.model, trials=args.trials, out=Path(args.out), space=space,
+                            train=train_cfg, study=args.study or "", storage=args.storage or "", jobs=args.jobs,
+                            seed=args.seed, timeout=args.timeout, pruner=args.pruner, warmup=args.warmup_epochs,
+                            startup=args.startup_trials, final_seeds=seeds, progress=not args.quiet,
+                            model_overrides=model_over)
+    settings.base_model()
+    read_manifest(args.data)  # a missing dataset fails here, before a study is created
+    print(format_summary(tune(settings)))
+    return 0
+
+
 def cmd_run_notebooks(args) -> int:
     from .notebooks import run_notebooks
     folder = run_notebooks(smoke=args.smoke, data=args.data, out=args.out, full=args.full)
@@ -387,7 +529,7 @@ def cmd_demo(args) -> int:
 
 
 COMMANDS = {"prepare": cmd_prepare, "train": cmd_train, "evaluate": cmd_evaluate, "compare": cmd_compare,
-            "table": cmd_table,
+            "table": cmd_table, "tune": cmd_tune,
             "run-notebooks": cmd_run_notebooks, "demo": cmd_demo}
 
 

@@ -51,7 +51,7 @@ class TrainResult:
 
     model: HM4SR
     valid: EvalResult  # best checkpoint on validation
-    test: EvalResult  # best checkpoint on test, scored once
+    test: EvalResult | None  # best checkpoint on test, scored once; None when trained with test=False (a search)
     steps: pd.DataFrame  # one row per logged step
     epochs: pd.DataFrame  # one row per epoch
     best_epoch: int
@@ -170,17 +170,22 @@ def _cpu_has_bf16() -> bool:
 def train(dataset: Dataset, model_config: ModelConfig = ModelConfig(), config: TrainConfig = TrainConfig(), *,
           out_dir: str | Path | None = None, data_hash: str = "", resume: bool = False,
           progress: bool = True, split: Split | None = None,
-          on_epoch: Callable[[dict], None] | None = None) -> TrainResult:
+          on_epoch: Callable[[dict], None] | None = None, test: bool = True) -> TrainResult:
     """Train ``model_config`` on ``dataset`` with early stopping on validation; test once.
 
     With ``out_dir`` every epoch writes ``last.pt`` (for ``resume``) and improvements
     write ``best.pt``; at the end ``results.json``, ``per_user_test.parquet``,
     ``per_user_valid.parquet``, ``steps.csv`` and ``epochs.csv`` are written.
     ``on_epoch`` receives each epoch row (for live plots in notebooks).
+    ``test=False`` (a hyper-parameter search, :mod:`hm4sr_core.tune`) never touches
+    ``split.test``: no test scores, no split hash, ``result.test`` is None, and no run
+    folder may be written (``out_dir`` must be None).
     """
     from tqdm.auto import tqdm
 
     ranks = distributed.current()
+    if not test and out_dir is not None:
+        raise ValueError("train(test=False) writes no run folder: a run folder holds test scores")
     if ranks.active and config.micro_batches > 1:
         raise ValueError(f"micro_batches={config.micro_batches} is for one process; with {ranks.world} ranks each "
                          f"already holds 1/{ranks.world} of a batch (set micro_batches=1)")
@@ -338,16 +343,16 @@ def train(dataset: Dataset, model_config: ModelConfig = ModelConfig(), config: T
         model.load_state_dict(best_state)
     valid = evaluate(model, split.valid, config, history=history, popularity=popularity, device=device,
                      time_origin=origin, ranks=ranks)
-    test = evaluate(model, split.test, config, history=history, popularity=popularity, device=device,
-                    time_origin=origin, ranks=ranks)
+    scored = evaluate(model, split.test, config, history=history, popularity=popularity, device=device,
+                      time_origin=origin, ranks=ranks) if test else None
     epochs_df = pd.DataFrame(epoch_rows)
     seconds = float(np.median(epochs_df["train_seconds"])) if len(epochs_df) else float("nan")
     record = {
         "valid": valid.metrics,
-        "test": test.metrics,
+        "test": scored.metrics if scored is not None else None,
         "config": {"model": model_config.to_dict(), "train": config.to_dict()},
         "data_hash": data_hash,
-        "split_hash": split.hash(),
+        "split_hash": split.hash() if test else None,  # the hash digests the test part too
         "dataset": {"name": dataset.name, "stats": dataset.stats, "preprocessing": dataset.preprocessing},
         "protocol": {"split": config.split, "ranking": "full catalogue", "tie_policy": config.tie_policy,
                      "history_masked": config.mask_history, "eval_time": config.eval_time,
@@ -363,7 +368,7 @@ def train(dataset: Dataset, model_config: ModelConfig = ModelConfig(), config: T
                                  "contrastive_negatives": "within each rank's shard"}
     if resumed_world is not None:
         record["resumed_from_world_size"] = resumed_world
-    result = TrainResult(model, valid, test, pd.DataFrame(steps_rows), epochs_df, best_epoch,
+    result = TrainResult(model, valid, scored, pd.DataFrame(steps_rows), epochs_df, best_epoch,
                          len(epoch_rows), seconds, record)
     if out is not None and ranks.main:
         write_run(result, out)
