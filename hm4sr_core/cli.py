@@ -60,6 +60,18 @@ moment of the request: the same history gives the same list today and next year.
 move the last interaction with --last-gap-days or --last-time.
 """
 
+RECOMMEND_EPILOG = """\
+examples:
+  hm4sr recommend runs/x/train/hm4sr --users 1,2 --k 10            lists of two users, printed
+  hm4sr recommend runs/x/train/hm4sr --users 1 --explain            why: occlusion and gates
+  hm4sr recommend runs/x/train/hm4sr --all --out recs.parquet       every user, to a file
+  hm4sr recommend RUN --history me.csv --last-gap-days 60           a new user; what if the last visit came 60 days later
+
+HM4SR reads the times of the history only (the gaps between interactions and their dates), never the
+moment of the request: the same history gives the same list today and next year. To ask "what if",
+move the last interaction with --last-gap-days or --last-time.
+"""
+
 MODEL_PRESETS = {"hm4sr": ModelConfig, "sasrec": ModelConfig.sasrec, "reference": ModelConfig.reference}
 
 
@@ -266,6 +278,37 @@ def build_parser() -> argparse.ArgumentParser:
     tu.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="fixed settings of every trial (not searched), e.g. --set threads=1 --set patience=5")
     tu.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    rc = sub.add_parser("recommend", help="each user's top-k from a trained run, with every score split by stream",
+                        formatter_class=argparse.RawDescriptionHelpFormatter,
+                        description="Rank the whole catalogue for users of the dataset (--users, --all) or for a "
+                                    "history given as (item, timestamp) rows (--history), with the best checkpoint "
+                                    "of RUN. Each row: rank, item, title, category, score and the score's exact "
+                                    "part per stream (id, text, image; they sum to the score). A few users print as "
+                                    "a table; --out writes parquet, csv or jsonl (atomically).",
+                        epilog=RECOMMEND_EPILOG)
+    rc.add_argument("run", metavar="RUN_OR_CHECKPOINT", help="a run folder of `hm4sr train` (its best.pt) or a .pt file")
+    who = rc.add_mutually_exclusive_group(required=True)
+    who.add_argument("--users", metavar="TOKEN,...", help="comma-separated user tokens of the dataset")
+    who.add_argument("--all", action="store_true", help="every user (needs --out; a progress bar on stderr)")
+    who.add_argument("--history", metavar="FILE",
+                     help="a user the model never saw: .csv/.parquet with columns item,timestamp or .jsonl of "
+                          "{\"item\": ..., \"timestamp\": ...}; item tokens of the dataset, Unix seconds, oldest first")
+    rc.add_argument("--k", type=int, default=10, help="list length, 1 .. the catalogue size (default 10)")
+    rc.add_argument("--exclude-seen", action="store_true", help="leave the items of the history read out of the list")
+    rc.add_argument("--at", default="end", choices=("end", "test", "valid"),
+                    help="whose history: end = every interaction (what comes next, default); test / valid = the "
+                         "history evaluation ranks that split part with (its own target left out)")
+    rc.add_argument("--out", metavar="FILE", help="write the table to FILE (.parquet, .csv or .jsonl)")
+    rc.add_argument("--explain", action="store_true",
+                    help="also say why (up to 10 users): the history items whose removal changes each score most "
+                         "(occlusion) and the gates at the last history position")
+    rc.add_argument("--last-gap-days", type=float, metavar="DAYS",
+                    help="what if: the last interaction moved to DAYS after the one before it; prints both lists")
+    rc.add_argument("--last-time", metavar="WHEN",
+                    help="what if: the last interaction moved to WHEN (Unix seconds or a date, 2024-03-01)")
+    rc.add_argument("--data", help="dataset name or folder (default: the one the checkpoint was trained on)")
+    rc.add_argument("--quiet", action="store_true", help="no progress bar")
 
     rc = sub.add_parser("recommend", help="each user's top-k from a trained run, with every score split by stream",
                         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -528,8 +571,100 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def _when(text: str) -> int:
+    """--last-time: Unix seconds or a date/time (UTC) -> seconds."""
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    import pandas as pd
+    try:
+        return int(pd.Timestamp(text, tz="UTC").timestamp()) if pd.Timestamp(text).tzinfo is None \
+            else int(pd.Timestamp(text).timestamp())
+    except (ValueError, TypeError):
+        raise ValueError(f"--last-time {text!r}: expected Unix seconds or a date such as 2024-03-01") from None
+
+
+def cmd_recommend(args) -> int:
+    from . import recommend as rec
+    if args.k < 1:
+        raise ValueError(f"--k must be >= 1, got {args.k}")
+    out = rec.check_output_path(args.out) if args.out else None
+    what_if = args.last_gap_days is not None or args.last_time is not None
+    if args.last_gap_days is not None and args.last_time is not None:
+        raise ValueError("--last-gap-days and --last-time both move the last interaction: give one")
+    if args.last_gap_days is not None and not args.last_gap_days >= 0:
+        raise ValueError(f"--last-gap-days must be >= 0, got {args.last_gap_days}")
+    at_time = _when(args.last_time) if args.last_time is not None else None
+    users = [u.strip() for u in args.users.split(",") if u.strip()] if args.users else None
+    if args.users is not None and not users:
+        raise ValueError("--users: no user token given")
+    if args.all and out is None:
+        raise ValueError("--all writes every user's list: give --out FILE (.parquet, .csv or .jsonl)")
+    if args.all and (args.explain or what_if):
+        raise ValueError("--explain and --last-gap-days/--last-time are for a few users (--users or --history)")
+    if users and (args.explain or what_if) and len(users) > 10:
+        raise ValueError(f"--explain and what-if take up to 10 users, got {len(users)}")
+    if args.history and args.at != "end":
+        raise ValueError("--at applies to users of the dataset; a --history is read as it is")
+    if args.history and not Path(args.history).exists():
+        raise FileNotFoundError(f"--history {args.history}: no such file")
+    r = rec.load_recommender(args.run, args.data)
+    model, ds = r.model, r.dataset
+    if args.k > ds.num_items:
+        raise ValueError(f"--k {args.k}: larger than the catalogue of {ds.name!r} ({ds.num_items} items)")
+    if args.history:
+        histories = [rec.read_history(args.history, ds)]
+    elif users:
+        rec.user_ids(ds, users)  # names every unknown token before any work
+        histories = [rec.user_history(ds, u, args.at, r.split_config) for u in users] if (args.explain or what_if) \
+            else None
+    else:
+        histories = None
+    if histories is None:
+        frame = rec.recommend(model, ds, users, k=args.k, exclude_seen=args.exclude_seen, at=args.at,
+                              split_config=r.split_config, batch_size=r.train_config.eval_batch_size,
+                              progress=args.all and not args.quiet)
+        if not args.all:
+            print(rec.format_recommendations(frame))
+    else:
+        frames = []
+        for h in histories:
+            if what_if:
+                w = rec.what_if(model, ds, h, gap_days=args.last_gap_days, at_time=at_time, k=args.k,
+                                exclude_seen=args.exclude_seen)
+                before, after = w.before, w.after
+                moved = after.history.iloc[-1]
+                print(f"user {h.user}: the last interaction at {before.history.iloc[-1]['date']:%Y-%m-%d %H:%M} "
+                      f"(as given) and at {moved['date']:%Y-%m-%d %H:%M}, {moved['gap_days']:.2f} days after the "
+                      f"one before it (what if)")
+                print(w.changes.to_string(index=False))
+                shift = rec.temporal_shift(before.gates, after.gates)
+                if shift == shift:
+                    print(f"temporal gate at the last position moved by {shift:.3f} (total variation)")
+                frames += [before.recommendations.assign(variant="as given"),
+                           after.recommendations.assign(variant="what if")]
+                if args.explain:
+                    print(rec.format_explanation(after))
+            else:
+                e = rec.explain(model, ds, h, k=args.k, exclude_seen=args.exclude_seen) if args.explain else None
+                recs = e.recommendations if e else rec.recommend_histories(model, ds, [h], k=args.k,
+                                                                           exclude_seen=args.exclude_seen)
+                print(rec.format_recommendations(recs))
+                if e:
+                    print(rec.format_explanation(e))
+                frames.append(recs)
+            print()
+        import pandas as pd
+        frame = pd.concat(frames, ignore_index=True)
+    if out is not None:
+        rec.write_table(frame, out)
+        print(f"{len(frame)} rows for {frame['user'].nunique()} user(s) -> {out}")
+    return 0
+
+
 COMMANDS = {"prepare": cmd_prepare, "train": cmd_train, "evaluate": cmd_evaluate, "compare": cmd_compare,
-            "table": cmd_table, "tune": cmd_tune,
+            "table": cmd_table, "recommend": cmd_recommend, "tune": cmd_tune,
             "run-notebooks": cmd_run_notebooks, "demo": cmd_demo}
 
 

@@ -448,9 +448,15 @@ def _checkpoint(model, optimizer, model_config, config, data_name, data_hash, st
 
 
 def per_user_frame(result: EvalResult) -> pd.DataFrame:
+    """One row per evaluated user: every metric, then the user's top-k list as item ids
+    ``top_1`` (best) .. ``top_k``, ranked as ``hm4sr recommend --at <part>`` ranks it
+    (score descending, ties by the lower item id; 0 = no candidate left). Integer columns,
+    not one list column, so the seed-averaging of per-user frames keeps working."""
     frame = pd.DataFrame({"user": result.users})
     for k, v in result.per_user.items():
         frame[k] = v
+    for r in range(result.top_items.shape[1]):
+        frame[f"top_{r + 1}"] = result.top_items[:, r].astype(np.int64)
     return frame
 
 
