@@ -60,18 +60,6 @@ moment of the request: the same history gives the same list today and next year.
 move the last interaction with --last-gap-days or --last-time.
 """
 
-RECOMMEND_EPILOG = """\
-examples:
-  hm4sr recommend runs/x/train/hm4sr --users 1,2 --k 10            lists of two users, printed
-  hm4sr recommend runs/x/train/hm4sr --users 1 --explain            why: occlusion and gates
-  hm4sr recommend runs/x/train/hm4sr --all --out recs.parquet       every user, to a file
-  hm4sr recommend RUN --history me.csv --last-gap-days 60           a new user; what if the last visit came 60 days later
-
-HM4SR reads the times of the history only (the gaps between interactions and their dates), never the
-moment of the request: the same history gives the same list today and next year. To ask "what if",
-move the last interaction with --last-gap-days or --last-time.
-"""
-
 MODEL_PRESETS = {"hm4sr": ModelConfig, "sasrec": ModelConfig.sasrec, "reference": ModelConfig.reference}
 
 
@@ -278,37 +266,6 @@ def build_parser() -> argparse.ArgumentParser:
     tu.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="fixed settings of every trial (not searched), e.g. --set threads=1 --set patience=5")
     tu.add_argument("--quiet", action="store_true", help="no progress bars")
-
-    rc = sub.add_parser("recommend", help="each user's top-k from a trained run, with every score split by stream",
-                        formatter_class=argparse.RawDescriptionHelpFormatter,
-                        description="Rank the whole catalogue for users of the dataset (--users, --all) or for a "
-                                    "history given as (item, timestamp) rows (--history), with the best checkpoint "
-                                    "of RUN. Each row: rank, item, title, category, score and the score's exact "
-                                    "part per stream (id, text, image; they sum to the score). A few users print as "
-                                    "a table; --out writes parquet, csv or jsonl (atomically).",
-                        epilog=RECOMMEND_EPILOG)
-    rc.add_argument("run", metavar="RUN_OR_CHECKPOINT", help="a run folder of `hm4sr train` (its best.pt) or a .pt file")
-    who = rc.add_mutually_exclusive_group(required=True)
-    who.add_argument("--users", metavar="TOKEN,...", help="comma-separated user tokens of the dataset")
-    who.add_argument("--all", action="store_true", help="every user (needs --out; a progress bar on stderr)")
-    who.add_argument("--history", metavar="FILE",
-                     help="a user the model never saw: .csv/.parquet with columns item,timestamp or .jsonl of "
-                          "{\"item\": ..., \"timestamp\": ...}; item tokens of the dataset, Unix seconds, oldest first")
-    rc.add_argument("--k", type=int, default=10, help="list length, 1 .. the catalogue size (default 10)")
-    rc.add_argument("--exclude-seen", action="store_true", help="leave the items of the history read out of the list")
-    rc.add_argument("--at", default="end", choices=("end", "test", "valid"),
-                    help="whose history: end = every interaction (what comes next, default); test / valid = the "
-                         "history evaluation ranks that split part with (its own target left out)")
-    rc.add_argument("--out", metavar="FILE", help="write the table to FILE (.parquet, .csv or .jsonl)")
-    rc.add_argument("--explain", action="store_true",
-                    help="also say why (up to 10 users): the history items whose removal changes each score most "
-                         "(occlusion) and the gates at the last history position")
-    rc.add_argument("--last-gap-days", type=float, metavar="DAYS",
-                    help="what if: the last interaction moved to DAYS after the one before it; prints both lists")
-    rc.add_argument("--last-time", metavar="WHEN",
-                    help="what if: the last interaction moved to WHEN (Unix seconds or a date, 2024-03-01)")
-    rc.add_argument("--data", help="dataset name or folder (default: the one the checkpoint was trained on)")
-    rc.add_argument("--quiet", action="store_true", help="no progress bar")
 
     rc = sub.add_parser("recommend", help="each user's top-k from a trained run, with every score split by stream",
                         formatter_class=argparse.RawDescriptionHelpFormatter,
