@@ -16,6 +16,11 @@ own inputs with those of the folder it would write:
 
 With ``overwrite`` the old folder is replaced atomically (:func:`save_dataset`): a
 failure on the way, while reading, encoding or writing, leaves it as it was.
+
+The check and the write happen under a lock on the folder (:func:`hm4sr_core.atomic.target_lock`):
+a second prepare of the same name waits for the first, then checks again. Under the lock,
+what a killed prepare left is dealt with first: a folder half-way through replacement is
+restored from its ``.<name>.old-*`` copy, ``.<name>.tmp-*`` folders are removed.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Literal
 
+from ..atomic import check_name, recover_folder, target_lock
 from ..config import PreprocessConfig, SplitConfig
 from .preprocess import preprocess
 from .schema import DataError, Dataset, RawDataset
@@ -79,6 +85,7 @@ class Prepared:
     folder: Path
     action: Literal["written", "reused", "replaced"]  # reused: same inputs, nothing read or written
     previous: dict | None  # the manifest already in the folder (None when there was none)
+    recovered: list[str] = field(default_factory=list)  # what an interrupted earlier prepare left, restored or removed
 
 
 def _refuse_option(source: str, flag: str, value: object, sources: tuple[str, ...]) -> None:
@@ -158,9 +165,7 @@ def locate_inputs(source: str, path: str | Path | None = None, *, dataset: str |
 
 
 def _check_name(name: str) -> str:
-    if not name or name in (".", "..") or "/" in name or "\\" in name:
-        raise ValueError(f"--name {name!r}: expected a folder name (no '/' or '\\', not '.' or '..')")
-    return name
+    return check_name(name, "--name")
 
 
 def existing_manifest(folder: Path) -> dict | None:
@@ -273,6 +278,18 @@ def prepare_dataset(source: str, path: str | Path | None = None, *, name: str | 
     inputs = locate_inputs(source, path, **reader_options)
     name = _check_name(name or inputs.name)
     folder = (Path(out_root) if out_root is not None else PROCESSED_ROOT) / name
+    # One writer per folder: a second prepare of the same name waits, then decides on what
+    # the first one left (reuse it, or refuse to replace it), never on what it saw before.
+    with target_lock(folder, "hm4sr prepare", wait=True):
+        recovered = recover_folder(folder)
+        done = _prepare_locked(source, inputs, name, folder, config, overwrite)
+    done.recovered = recovered
+    return done
+
+
+def _prepare_locked(source: str, inputs: SourceInputs, name: str, folder: Path, config: PreprocessConfig,
+                    overwrite: bool) -> Prepared:
+    """:func:`prepare_dataset`'s check-then-write, under the folder's lock."""
     previous = existing_manifest(folder)
     if previous is not None and not overwrite:
         check_source(folder, previous, source, inputs)
@@ -317,6 +334,7 @@ def format_stats(ds: Dataset) -> str:
         f"{ds.preprocessing.get('item_core')}-core, dedup={ds.preprocessing.get('dedup')})",
         f"sparsity     {s['sparsity']:.4%}",
         f"time span    {s['first_date']} .. {s['last_date']}",
+        f"time unit    {ds.preprocessing.get('timestamp_unit', 'seconds')}",
         f"seq. length  min {q['min']:.0f}  median {q['p50']:.0f}  p90 {q['p90']:.0f}  max {q['max']:.0f}",
         f"zero gaps    {s['zero_gap_share']:.1%} of consecutive interactions share a second",
         f"categories   {len(ds.category_names)}",

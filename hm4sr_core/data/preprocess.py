@@ -19,6 +19,7 @@ import pandas as pd
 
 from ..config import PreprocessConfig
 from .schema import DataError, Dataset, ModalityFeatures, RawDataset, RawModality
+from .timeunits import detect_unit, to_seconds
 
 
 @dataclass
@@ -31,6 +32,7 @@ class CodedInteractions:
     timestamp: np.ndarray  # (n,) int64 seconds
     user_tokens: np.ndarray  # (U,) distinct user tokens (str, object array)
     item_tokens: np.ndarray  # (I,) distinct item tokens (str, object array)
+    time_unit: str = "seconds"  # the unit the file's timestamps were read in, and why (data.timeunits)
 
     def __len__(self) -> int:
         return len(self.timestamp)
@@ -38,7 +40,7 @@ class CodedInteractions:
     def take(self, keep: np.ndarray) -> "CodedInteractions":
         """The rows where ``keep`` (bool, (n,)) is True, in order; token tables unchanged."""
         return CodedInteractions(self.user[keep], self.item[keep], self.timestamp[keep],
-                                 self.user_tokens, self.item_tokens)
+                                 self.user_tokens, self.item_tokens, self.time_unit)
 
 
 def _codes(column: pd.Series, name: str, file: str) -> tuple[np.ndarray, np.ndarray]:
@@ -63,7 +65,9 @@ def _codes(column: pd.Series, name: str, file: str) -> tuple[np.ndarray, np.ndar
 
 def encode_interactions(frame: pd.DataFrame, file: str = "<interactions>") -> CodedInteractions:
     """Check columns and timestamps; return the rows with user/item coded to integers
-    (tokens as str) and timestamps floored to int64 seconds."""
+    (tokens as str) and timestamps floored to int64 seconds. Timestamps in milliseconds
+    are recognised and converted (:func:`hm4sr_core.data.timeunits.detect_unit`); values
+    that are neither seconds nor milliseconds of a date before 2100 raise DataError."""
     missing = [c for c in ("user", "item", "timestamp") if c not in frame.columns]
     if missing:
         raise DataError(f"{file}: missing column(s) {missing}; found {list(frame.columns)}")
@@ -77,12 +81,14 @@ def encode_interactions(frame: pd.DataFrame, file: str = "<interactions>") -> Co
         row = int(np.flatnonzero((ts < 0).to_numpy())[0])
         raise DataError(f"{file}: row {row + 1}, column 'timestamp': expected seconds >= 0, "
                         f"got {ts.iloc[row]!r}")
-    seconds = np.floor(ts.to_numpy(dtype=np.float64)).astype(np.int64)
+    values = ts.to_numpy()
+    unit = detect_unit(values, "seconds", file)  # seconds or milliseconds, by the rule of data.timeunits
+    seconds = to_seconds(values, unit.unit)
     user, user_tokens = _codes(frame["user"], "user", file)
     item, item_tokens = _codes(frame["item"], "item", file)
     if len(frame) == 0:
         raise DataError(f"{file}: no interactions")
-    return CodedInteractions(user, item, seconds, user_tokens, item_tokens)
+    return CodedInteractions(user, item, seconds, user_tokens, item_tokens, unit.note())
 
 
 def deduplicate(user: np.ndarray, item: np.ndarray, timestamp: np.ndarray, mode: str) -> np.ndarray:
@@ -222,7 +228,7 @@ def preprocess(raw: RawDataset, config: PreprocessConfig = PreprocessConfig()) -
         dup = items_table["item"][items_table["item"].duplicated()].iloc[0]
         raise DataError(f"{raw.name} item table: duplicate item id {dup!r}; expected unique ids")
 
-    n_raw = len(inter)
+    n_raw, time_unit = len(inter), inter.time_unit
     inter = inter.take(deduplicate(inter.user, inter.item, inter.timestamp, config.dedup))
     n_dedup = len(inter)
     inter = inter.take(k_core(inter.user, inter.item, config.user_core, config.item_core))
@@ -263,6 +269,7 @@ def preprocess(raw: RawDataset, config: PreprocessConfig = PreprocessConfig()) -
 
     prep = config.to_dict()
     prep.update({"rows_read": n_raw, "rows_after_dedup": n_dedup, "rows_after_kcore": len(frame),
+                 "timestamp_unit": raw.source.get("timestamp_unit", time_unit),
                  "tie_break": "same-second interactions ordered by item id (items numbered by token)"})
     return Dataset(name=raw.name, interactions=frame, items=items, user_tokens=user_tokens.astype(str),
                    category_names=category_names, categories=categories, modalities=modalities,

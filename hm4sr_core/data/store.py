@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from .. import atomic
 from .schema import DataError, Dataset, ModalityFeatures
 
 FORMAT_VERSION = 1
@@ -96,22 +95,14 @@ def write_json_atomic(path: Path, payload: dict) -> None:
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Write bytes through a temporary file in the same folder, then rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write bytes through a temporary file in the same folder, then rename
+    (:func:`hm4sr_core.atomic.write_bytes_atomic`)."""
+    atomic.write_bytes_atomic(path, data)
 
 
 def write_text_atomic(path: Path, text: str) -> None:
     """Write UTF-8 text atomically (see :func:`write_bytes_atomic`)."""
-    write_bytes_atomic(path, text.encode("utf-8"))
+    atomic.write_text_atomic(path, text)
 
 
 def resolve_dataset_path(name_or_path: str | Path) -> Path:
@@ -132,9 +123,7 @@ def save_dataset(ds: Dataset, folder: str | Path | None = None, *, extra: dict |
     ``extra`` is merged into the manifest (split hashes, for instance).
     """
     target = Path(folder) if folder is not None else PROCESSED_ROOT / ds.name
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    old = None
+    tmp = atomic.temp_folder_beside(target)
     try:
         ds.interactions.to_parquet(tmp / "interactions.parquet", index=False)
         items = ds.items.copy()
@@ -167,25 +156,27 @@ def save_dataset(ds: Dataset, folder: str | Path | None = None, *, extra: dict |
         }
         manifest.update(extra or {})
         write_json_atomic(tmp / "manifest.json", manifest)
-        if target.exists():
-            old = target.parent / f".{target.name}.old-{os.getpid()}"
-            os.replace(target, old)
-        os.replace(tmp, target)
+        atomic.replace_folder(tmp, target)  # a failure here puts the previous folder back
     except BaseException:
-        # The previous folder was moved aside but the new one never arrived: put it back.
-        if old is not None and old.exists() and not target.exists():
-            os.replace(old, target)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
     return target
 
 
 def read_manifest(name_or_path: str | Path) -> dict:
-    folder = resolve_dataset_path(name_or_path)
-    with open(folder / "manifest.json") as f:
-        return json.load(f)
+    """The manifest.json of a prepared dataset; DataError naming the file when it is damaged."""
+    path = resolve_dataset_path(name_or_path) / "manifest.json"
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        where = f" (line {error.lineno}, column {error.colno}: {error.msg})" if isinstance(
+            error, json.JSONDecodeError) else ""
+        raise DataError(f"{path}: damaged, not a JSON manifest{where}; expected the manifest `hm4sr prepare` "
+                        f"writes: prepare the dataset again with --overwrite") from None
+    if not isinstance(manifest, dict) or not {"files", "data_hash"} <= set(manifest):
+        raise DataError(f"{path}: not a manifest written by `hm4sr prepare` (expected a JSON object with "
+                        f"'files' and 'data_hash'); prepare the dataset again with --overwrite")
+    return manifest
 
 
 def load_dataset(name_or_path: str | Path, *, verify: bool = True) -> Dataset:

@@ -76,6 +76,7 @@ from hm4sr_core.data.features import (
 from hm4sr_core.data.readers.recbole import compose_item_text
 from hm4sr_core.data.store import cached_file_sha256
 from hm4sr_core.data.schema import DataError, RawDataset, RawModality
+from hm4sr_core.data.timeunits import detect_unit, to_seconds
 
 VERSIONS = ("2014", "2018", "2023")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")  # preference order when an asin has several
@@ -153,16 +154,19 @@ def iter_records(
     gzipped = _is_gzip(path)
     number = 0
     try:
-        handle = gzip.open(path, "rt", encoding="utf-8") if gzipped else open(path, encoding="utf-8")
+        # Bytes, decoded a line at a time: a text reader decodes ahead and names the wrong line.
+        handle = gzip.open(path, "rb") if gzipped else open(path, "rb")
         with handle:
-            for number, line in enumerate(handle, start=1):
+            for number, raw in enumerate(handle, start=1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as error:
+                    raise DataError(f"{path}: line {number}: not UTF-8 text ({error})") from None
                 if not line.strip() or (keep is not None and not keep(line)):
                     continue
                 record = _parse_line(line, number, path, python_literals)
                 if record is not None:
                     yield number, record
-    except UnicodeDecodeError as error:
-        raise DataError(f"{path}: line {number + 1}: not UTF-8 text ({error})") from None
     except (EOFError, gzip.BadGzipFile, zlib.error) as error:
         raise DataError(f"{path}: line {number + 1}: truncated or corrupt gzip data ({error})") from None
 
@@ -176,7 +180,9 @@ def _token(record: dict, field: str, path: Path, line: int) -> str:
     return str(value).strip()
 
 
-def _seconds(record: dict, field: str, per_second: int, path: Path, line: int) -> int:
+def _time_value(record: dict, field: str, per_second: int, path: Path, line: int) -> int | float:
+    """The record's timestamp as written (a number >= 0; int when it is one). The unit
+    is decided for the whole file later (:func:`hm4sr_core.data.timeunits.detect_unit`)."""
     value = record.get(field)
     if value is None:
         raise DataError(f"{path}: line {line}: missing field {field!r}; found fields {sorted(record)}")
@@ -193,7 +199,14 @@ def _seconds(record: dict, field: str, per_second: int, path: Path, line: int) -
         raise DataError(f"{path}: line {line}, field {field!r}: expected a finite number of {unit}, found {value!r}")
     if number < 0:
         raise DataError(f"{path}: line {line}, field {field!r}: expected {unit} >= 0, found {value!r}")
-    return int(number) // per_second if isinstance(number, int) else math.floor(number / per_second)
+    return number if isinstance(number, int) and number < 2**62 else float(number)
+
+
+def _seconds(record: dict, field: str, per_second: int, path: Path, line: int) -> int:
+    """One record's timestamp in seconds, read in the format's own unit (the reference
+    for a file whose unit is the format's)."""
+    number = _time_value(record, field, per_second, path, line)
+    return number // per_second if isinstance(number, int) else math.floor(number / per_second)
 
 
 def _clean(value) -> str:
@@ -311,7 +324,7 @@ class _TokenCodes:
 
 def _arrow_chunk(chunk: bytes, schema: _Schema, users: _TokenCodes, items: _TokenCodes
                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-    """(user codes, item codes, seconds) of a chunk read by pyarrow; None when the chunk holds
+    """(user codes, item codes, timestamps as written) of a chunk read by pyarrow; None when the chunk holds
     anything pyarrow might read otherwise than :func:`_parse_line` (a bad or blank line, a
     line not shaped "{...}", two objects on a line, a number as id, a float or string
     timestamp, a null, an empty id, a negative time, non-UTF-8 bytes): that chunk then goes
@@ -336,7 +349,7 @@ def _arrow_chunk(chunk: bytes, schema: _Schema, users: _TokenCodes, items: _Toke
     if not all(all(tokens) for tokens in distinct):
         return None  # an empty id: the line parser names its line
     return (users.encode(distinct[0])[encoded[0].indices.to_numpy()],
-            items.encode(distinct[1])[encoded[1].indices.to_numpy()], times // schema.time_per_second)
+            items.encode(distinct[1])[encoded[1].indices.to_numpy()], times)
 
 
 _ARROW_BLOCK = 4 * 2**20  # pyarrow's parse block: a longer line sends its chunk to the line parser
@@ -350,6 +363,8 @@ def _arrow_options(schema: _Schema) -> pa_json.ParseOptions:
 def read_reviews(path: str | Path, version: str, *, chunk_bytes: int = CHUNK_BYTES) -> pd.DataFrame:
     """Reviews file -> DataFrame user, item (categorical: codes into the id strings, which
     are in order of first appearance, all used), timestamp (int64 s); rows in file order.
+    The file's time unit is decided from its values (:mod:`hm4sr_core.data.timeunits`; row
+    numbers in its messages count reviews) and said in ``frame.attrs["timestamp_unit"]``.
 
     Streams the file ``chunk_bytes`` decompressed bytes at a time: pyarrow parses only the
     three fields, and ids are coded to integers chunk by chunk, so memory grows with the
@@ -371,14 +386,18 @@ def read_reviews(path: str | Path, version: str, *, chunk_bytes: int = CHUNK_BYT
         times.append(coded[2])
     if not users.codes:
         raise DataError(f"{path}: no reviews")
-    return pd.DataFrame({"user": users.categorical(user_codes), "item": items.categorical(item_codes),
-                         "timestamp": np.concatenate(times).astype(np.int64)})
+    values = np.concatenate(times)
+    unit = detect_unit(values, "milliseconds" if schema.time_per_second == 1000 else "seconds", str(path))
+    frame = pd.DataFrame({"user": users.categorical(user_codes), "item": items.categorical(item_codes),
+                          "timestamp": to_seconds(values, unit.unit)})
+    frame.attrs["timestamp_unit"] = unit.note()
+    return frame
 
 
 def _line_chunk(path: Path, chunk: bytes, first: int, schema: _Schema, users: _TokenCodes, items: _TokenCodes
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """:func:`_arrow_chunk`'s result, line by line with the reference parser."""
-    user, item, seconds = [], [], []
+    user, item, times = [], [], []
     for number, raw in enumerate(chunk.split(b"\n"), start=first):
         try:
             text = raw.decode("utf-8")
@@ -389,8 +408,9 @@ def _line_chunk(path: Path, chunk: bytes, first: int, schema: _Schema, users: _T
             continue
         user.append(_token(record, schema.user, path, number))
         item.append(_token(record, schema.item, path, number))
-        seconds.append(_seconds(record, schema.time, schema.time_per_second, path, number))
-    return users.encode(user), items.encode(item), np.asarray(seconds, dtype=np.int64)
+        times.append(_time_value(record, schema.time, schema.time_per_second, path, number))
+    values = np.asarray(times, dtype=np.int64 if all(isinstance(t, int) for t in times) else np.float64)
+    return users.encode(user), items.encode(item), values
 
 
 def read_meta(path: str | Path, version: str, wanted: set[str]) -> tuple[dict[str, dict], int]:
@@ -675,6 +695,7 @@ def read_amazon(
         "image_modality": (f"{image_encoder} on local files; items without a file are masked"
                            if image_dir is not None else "none: no image_dir given"),
         "items_with_image_file": int(sum(t in image_files for t in tokens)),
+        "timestamp_unit": interactions.attrs.get("timestamp_unit", "seconds"),
     }
     return RawDataset(name=name or default_name(reviews_path, version), source=source,
                       interactions=interactions, items=items, modalities=modalities,

@@ -95,6 +95,29 @@ def first_appearance_order(items: pd.Series | np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------- atomic files
 
 
+def not_utf8(path: Path) -> DataError:
+    """DataError naming the first line of ``path`` that is not UTF-8, the byte and its column.
+
+    Found by decoding line by line: decoders that read ahead in blocks (Python's text
+    files, pandas) report a position in their block, not a line."""
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                return DataError(f"{path}: line {number}, column {error.start + 1}: byte 0x{raw[error.start]:02x} is "
+                                 f"not UTF-8; expected UTF-8 text (convert the file, e.g. iconv -f latin1 -t utf-8)")
+    return DataError(f"{path}: not UTF-8 text; expected UTF-8")
+
+
+def read_utf8(path: Path) -> str:
+    """The text of ``path``; DataError naming the line when it is not UTF-8."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise not_utf8(path) from None
+
+
 def _read_atomic(path: Path) -> tuple[pd.DataFrame, dict[str, str]]:
     """Read one atomic file as strings.
 
@@ -103,11 +126,12 @@ def _read_atomic(path: Path) -> tuple[pd.DataFrame, dict[str, str]]:
     """
     if not path.is_file():
         raise DataError(f"{path}: file not found")
+    with open(path, "rb") as handle:  # bytes: a text reader decodes 8 KB ahead and would blame line 1
+        first = handle.readline()
     try:
-        with open(path, encoding="utf-8") as handle:
-            header = handle.readline().rstrip("\r\n")
-    except UnicodeDecodeError as error:
-        raise DataError(f"{path}: line 1: not UTF-8 text ({error})") from None
+        header = first.decode("utf-8").rstrip("\r\n")
+    except UnicodeDecodeError:
+        raise not_utf8(path) from None
     if not header.strip():
         raise DataError(f"{path}: line 1: expected a tab-separated header 'field:type ...', found an empty line")
     types: dict[str, str] = {}
@@ -130,8 +154,8 @@ def _read_atomic(path: Path) -> tuple[pd.DataFrame, dict[str, str]]:
     except pd.errors.ParserError as error:
         # pandas names the file line ("Expected 3 fields in line 7, saw 4").
         raise DataError(f"{path}: {error}; expected {len(types)} tab-separated fields per line") from None
-    except UnicodeDecodeError as error:
-        raise DataError(f"{path}: not UTF-8 text ({error})") from None
+    except UnicodeDecodeError:
+        raise not_utf8(path) from None
     frame["line"] = np.arange(2, len(frame) + 2)
     blank = (frame[list(types)] == "").all(axis=1)
     return frame.loc[~blank].reset_index(drop=True), types
@@ -278,7 +302,7 @@ def check_finite(features: np.ndarray, path: Path | str, row_label, columns: lis
 
 
 def _read_token_list(path: Path) -> np.ndarray:
-    tokens = [t.strip() for t in path.read_text(encoding="utf-8").splitlines()]
+    tokens = [t.strip() for t in read_utf8(path).splitlines()]
     while tokens and not tokens[-1]:
         tokens.pop()
     empty = [i for i, t in enumerate(tokens) if not t]
@@ -341,7 +365,7 @@ def _read_unisrec(path: Path, inter_items: np.ndarray) -> tuple[np.ndarray, np.n
         raise DataError(f"{path}: UniSRec-style raw float32 features need {index_path.name} beside them "
                         f"(token<TAB>index a line) to know the row count; not found")
     originals, indices = [], []
-    for number, line in enumerate(index_path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(read_utf8(index_path).splitlines(), start=1):
         if not line.strip():
             continue
         fields = line.split("\t")
