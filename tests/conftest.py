@@ -64,8 +64,8 @@ def assert_float_close(got, want, terms: int, *, magnitude: float | None = None,
                        msg: str | None = None) -> None:
     """``got`` equals ``want`` up to :func:`float_tol`; tensors or arrays of any float dtype.
     ``magnitude`` defaults to the largest absolute value of ``want``."""
-    got = torch.as_tensor(np.asarray(got) if not isinstance(got, torch.Tensor) else got).double()
-    want = torch.as_tensor(np.asarray(want) if not isinstance(want, torch.Tensor) else want).double()
+    got, want = (x.detach().cpu().double() if isinstance(x, torch.Tensor) else torch.from_numpy(np.array(x, np.float64))
+                 for x in (got, want))
     if magnitude is None:
         magnitude = float(want.abs().max()) if want.numel() else 0.0
     torch.testing.assert_close(got, want, rtol=0, atol=float_tol(magnitude, terms, eps), msg=msg)
