@@ -16,6 +16,7 @@ import os
 import sys
 from pathlib import Path
 
+from . import __version__
 from .config import ModelConfig, PreprocessConfig, TrainConfig
 from .data.prepare import SOURCES
 
@@ -99,6 +100,10 @@ def parse_overrides(pairs: list[str]) -> tuple[dict, dict]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hm4sr", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    p.add_argument("--data-root", metavar="DIR",
+                   help="where prepared datasets (DIR/processed/<name>), feature caches and downloads live; "
+                        "default $HM4SR_DATA, else ./data in the working folder; notebook kernels get it too")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     pr = sub.add_parser("prepare", help="read a data source, filter it, write data/processed/<name>/",
@@ -303,6 +308,16 @@ def build_parser() -> argparse.ArgumentParser:
     rn.add_argument("--data", help="dataset name for the notebooks (default ml-100k; synthetic with --smoke)")
     rn.add_argument("--out", help="run folder (default runs/<timestamp>)")
     rn.add_argument("--full", action="store_true", help="train to convergence (100 epochs, patience 10)")
+
+    cn = sub.add_parser("copy-notebooks", help="copy the workbench's notebooks into a folder, to open them in "
+                                               "JupyterLab where you work",
+                        description="Copy the notebooks the package carries into DEST (created if missing). "
+                                    "They read data from the data root (--data-root, $HM4SR_DATA, else ./data "
+                                    "where the kernel runs). `hm4sr run-notebooks` runs them headlessly without "
+                                    "copying.")
+    cn.add_argument("dest", help="folder to copy into")
+    cn.add_argument("--overwrite", action="store_true", help="replace notebooks of the same name in DEST "
+                                                             "(refused otherwise, naming them)")
 
     de = sub.add_parser("demo", help="what `make demo` runs: prepare ml-100k and print its statistics, "
                                      "then run the notebooks: the routing tour on a planted world first, "
@@ -509,11 +524,28 @@ def cmd_run_notebooks(args) -> int:
     return 0
 
 
+def cmd_copy_notebooks(args) -> int:
+    from .data.store import write_bytes_atomic
+    from .notebooks import NOTEBOOK_DIR, NOTEBOOKS
+    dest = Path(args.dest)
+    if dest.exists() and not dest.is_dir():
+        raise ValueError(f"{dest}: an existing file; expected a folder to copy the notebooks into")
+    sources = [NOTEBOOK_DIR / f"{name}.ipynb" for name in NOTEBOOKS]
+    clashes = [src.name for src in sources if (dest / src.name).exists()]
+    if clashes and not args.overwrite:
+        raise ValueError(f"{dest} already holds {', '.join(clashes)}; nothing copied (--overwrite replaces them)")
+    dest.mkdir(parents=True, exist_ok=True)
+    for src in sources:
+        write_bytes_atomic(dest / src.name, src.read_bytes())
+    print(f"copied {len(sources)} notebooks to {dest}: {', '.join(src.name for src in sources)}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .data.prepare import format_stats
-    from .data.store import PROCESSED_ROOT
+    from .paths import processed_root
     from .notebooks import prepared_dataset
-    existed = (PROCESSED_ROOT / "ml-100k" / "manifest.json").exists()
+    existed = (processed_root() / "ml-100k" / "manifest.json").exists()
     ds, _ = prepared_dataset("ml-100k", "ml-100k")  # refuses a data/processed/ml-100k from another source
     if existed:
         print("ml-100k already prepared (data/processed/ml-100k); `hm4sr prepare ml-100k --overwrite` rebuilds it")
@@ -622,13 +654,16 @@ def cmd_recommend(args) -> int:
 
 COMMANDS = {"prepare": cmd_prepare, "train": cmd_train, "evaluate": cmd_evaluate, "compare": cmd_compare,
             "table": cmd_table, "recommend": cmd_recommend, "tune": cmd_tune,
-            "run-notebooks": cmd_run_notebooks, "demo": cmd_demo}
+            "run-notebooks": cmd_run_notebooks, "copy-notebooks": cmd_copy_notebooks, "demo": cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:
     from .distributed import DistributedError
     from .experiments import RunsFailed
     args = build_parser().parse_args(argv)
+    if args.data_root:
+        from .paths import DATA_ENV
+        os.environ[DATA_ENV] = str(Path(args.data_root).expanduser().absolute())
     try:
         return COMMANDS[args.command](args)
     except (ValueError, FileNotFoundError, RunsFailed) as err:  # DataError is a ValueError

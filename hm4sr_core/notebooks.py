@@ -38,19 +38,30 @@ import time
 from importlib import metadata
 from pathlib import Path
 
-from . import runtime
+from . import paths, runtime
 from .data.prepare import SOURCES, check_source, existing_manifest, prepare, source_of
 from .data.schema import DataError, Dataset
-from .data.store import (PROCESSED_ROOT, REPO_ROOT, load_dataset, read_manifest, write_bytes_atomic,
+from .data.store import (load_dataset, read_manifest, write_bytes_atomic,
                          write_json_atomic, write_text_atomic)
 
-NOTEBOOK_DIR = REPO_ROOT / "notebooks"
+SOURCE_TREE = Path(__file__).resolve().parents[1]  # a clone or an editable install; site-packages otherwise
 # The routing tour comes first: it trains on its own planted world (whatever the run's data),
 # so the first gate picture of a run comes from a converged model on data whose truth is known.
 TOUR = "00_expert_routing_tour"
 NOTEBOOKS = (TOUR, "01_prepare_data", "02_train", "03_expert_gating", "04_temporal_embeddings",
              "05_loss_contributions", "06_embedding_atlas")
-RUNS_ROOT = REPO_ROOT / "runs"
+
+
+def _notebook_dir() -> Path:
+    """The source tree's ``notebooks/`` (a clone, an editable install), else the copy an
+    installed wheel carries as ``hm4sr_core/bundled_notebooks`` (pyproject.toml)."""
+    source = SOURCE_TREE / "notebooks"
+    if (source / f"{TOUR}.ipynb").is_file():
+        return source
+    return Path(__file__).resolve().parent / "bundled_notebooks"
+
+
+NOTEBOOK_DIR = _notebook_dir()
 SMOKE_DATASET = "synthetic-smoke"  # the run-local world a smoke run prepares
 FULL_TRAINING = {"epochs": 100, "patience": 10, "max_steps_per_epoch": 0}  # to convergence
 STATIC_FORMATS = ("png", "svg")
@@ -95,7 +106,7 @@ def prepared_dataset(source: str | None, name: str, *, path: str | Path | None =
     Otherwise (nothing there, or ``reuse`` False) the dataset is prepared by
     :func:`hm4sr_core.data.prepare.prepare`, which reuses a folder made from the same
     inputs and refuses to replace one made from others unless ``overwrite``."""
-    folder = Path(out_root) / name if out_root is not None else PROCESSED_ROOT / name
+    folder = Path(out_root) / name if out_root is not None else paths.processed_root() / name
     if reuse and (folder / "manifest.json").exists():
         manifest = existing_manifest(folder)
         if source is None or source_of(manifest) == source:
@@ -173,7 +184,7 @@ def run_notebooks(smoke: bool = False, data: str | None = None, out: str | Path 
     notebook_dir = Path(notebook_dir)
     started = time.time()
     run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{mode}-{data or ('synthetic' if smoke else 'ml-100k')}"
-    run_dir = Path(out) if out is not None else RUNS_ROOT / run_id
+    run_dir = Path(out) if out is not None else paths.runs_root() / run_id
     run_dir.mkdir(parents=True, exist_ok=True)
     run_dir = run_dir.resolve()
     plan = plan_parameters(mode, data, run_dir, seed)
@@ -183,7 +194,9 @@ def run_notebooks(smoke: bool = False, data: str | None = None, out: str | Path 
         if nb not in plan:
             raise ValueError(f"overrides for unknown notebook {nb!r}")
         plan[nb].update(extra)
-    for key, value in {**KERNEL_ENVIRONMENT, **runtime.openmp_defaults()}.items():
+    # The kernels run in the notebook folder: they find the data and runs through absolute roots.
+    for key, value in {**KERNEL_ENVIRONMENT, **runtime.openmp_defaults(), paths.DATA_ENV: str(paths.data_root()),
+                       paths.RUNS_ENV: str(paths.runs_root())}.items():
         os.environ.setdefault(key, value)
 
     manifest = {
@@ -392,8 +405,11 @@ def versions() -> dict[str, str]:
     return out
 
 
-def git_state(root: Path = REPO_ROOT) -> dict:
-    """The commit the code came from and whether the tree had uncommitted changes."""
+def git_state(root: Path = SOURCE_TREE) -> dict:
+    """The commit the code came from and whether the tree had uncommitted changes (None for
+    both where the code is not a git checkout: an installed wheel)."""
+    if not (root / ".git").exists():
+        return {"commit": None, "dirty": None}
     def git(*args: str) -> str | None:
         try:
             done = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=20)

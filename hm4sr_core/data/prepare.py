@@ -36,7 +36,8 @@ from ..config import PreprocessConfig, SplitConfig
 from .preprocess import preprocess
 from .schema import DataError, Dataset, RawDataset
 from .splits import build_split
-from .store import FORMAT_VERSION, PROCESSED_ROOT, cached_file_sha256, files_sha256, load_dataset, save_dataset
+from ..paths import processed_root
+from .store import FORMAT_VERSION, cached_file_sha256, files_sha256, load_dataset, save_dataset
 
 SOURCES = ("ml-100k", "recbole", "hm4sr-folder", "amazon2014", "amazon2018", "amazon2023", "synthetic")
 # Manifests from before ``inputs`` was recorded name their reader instead of the source.
@@ -277,7 +278,7 @@ def prepare_dataset(source: str, path: str | Path | None = None, *, name: str | 
     """
     inputs = locate_inputs(source, path, **reader_options)
     name = _check_name(name or inputs.name)
-    folder = (Path(out_root) if out_root is not None else PROCESSED_ROOT) / name
+    folder = (Path(out_root) if out_root is not None else processed_root()) / name
     # One writer per folder: a second prepare of the same name waits, then decides on what
     # the first one left (reuse it, or refuse to replace it), never on what it saw before.
     with target_lock(folder, "hm4sr prepare", wait=True):

