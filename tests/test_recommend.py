@@ -234,3 +234,31 @@ def test_cli_refuses_a_folder_without_checkpoint_and_other_data(cli_run, tmp_pat
     code, _, err = _run(capsys, "recommend", run, "--data", tmp_path / "other", "--users", "u1",
                         "--out", tmp_path / "never.csv")
     assert code == 2 and "was trained on data" in err and not (tmp_path / "never.csv").exists()
+
+
+# ----------------------------------------------------------------------------- the explorer
+
+
+def test_recommendation_explorer_follows_user_and_gap(model, tiny_ds):
+    from widgets import RecommendationExplorer, figures
+    ex = RecommendationExplorer.from_model(model, tiny_ds, ["u1", "u2"], k=4)
+    real = rec.explain(model, tiny_ds, rec.user_history(tiny_ds, "u1").last(TINY_T), k=4)
+    np.testing.assert_allclose(np.asarray(ex.parts.data[-1].x), real.recommendations["score"])
+    assert ex.gap.value == pytest.approx(real.history["gap_days"].iloc[-1], rel=0.03)  # slider steps of 10**0.01
+
+    ex.user.value = "u2"
+    other = rec.explain(model, tiny_ds, rec.user_history(tiny_ds, "u2").last(TINY_T), k=4)
+    assert list(ex.parts.data[0].y) == figures.score_parts_data(other.recommendations)["labels"]
+    np.testing.assert_allclose(np.asarray(ex.occlusion.data[0].z), figures.occlusion_data(other.occlusion)["z"])
+    real_gate = np.asarray(ex.gate.data[1].y)
+
+    ex.gap.value = 300.0
+    assert ex.last_error is None
+    assert np.asarray(ex.history.data[0].y)[-1] == pytest.approx(300.0, rel=1e-6)
+    np.testing.assert_allclose(np.asarray(ex.gate.data[0].y), real_gate)  # the grey bars keep the real gate
+    assert not np.allclose(np.asarray(ex.gate.data[1].y), real_gate)
+    assert "(moved)" in ex.status.value
+
+    ex.reset.click()
+    np.testing.assert_allclose(np.asarray(ex.gate.data[1].y), real_gate)
+    assert "(moved)" not in ex.status.value

@@ -4,11 +4,12 @@
 plus :func:`~widgets.figures.save_figure` (PNG/SVG via kaleido and a local Chromium).
 ``widgets.explorers``: ipywidgets + plotly explorers over those tables
 (:class:`GateExplorer`, :class:`TemporalExplorer`, :class:`LossExplorer`,
-:class:`EmbeddingExplorer`). Widgets take tables; they never train.
+:class:`EmbeddingExplorer`, :class:`RecommendationExplorer`). Widgets take tables; they never train.
 """
 
-from .explorers import EmbeddingExplorer, GateExplorer, LossExplorer, TemporalExplorer, figure_widgets_available
+from .explorers import (EmbeddingExplorer, GateExplorer, LossExplorer, RecommendationExplorer, TemporalExplorer,
+                        figure_widgets_available)
 from .figures import save_figure
 
-__all__ = ["EmbeddingExplorer", "GateExplorer", "LossExplorer", "TemporalExplorer", "figure_widgets_available",
+__all__ = ["EmbeddingExplorer", "GateExplorer", "LossExplorer", "RecommendationExplorer", "TemporalExplorer", "figure_widgets_available",
            "save_figure"]

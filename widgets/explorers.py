@@ -592,3 +592,161 @@ class EmbeddingExplorer(Explorer):
             trace.marker.update(d["marker"])
             self.scatter.layout.title.text = f"Item atlas ({self.space.value} embedding, UMAP)"
         self._scatter.refresh()
+
+
+# ----------------------------------------------------------------------------- recommendations
+
+
+class RecommendationExplorer(Explorer):
+    """Pick a user: the last items read, with their gaps; the top-k with each score split
+    by stream; the occlusion of the history (how much each history item raises each
+    score); and a slider that moves the last interaction's gap (days), redrawing the list,
+    the occlusion and the temporal gate at the last position (grey: the gate as given).
+
+    HM4SR reads only the times of the history, never the moment of the request, so "what
+    if" moves the last interaction: its gap and its date.
+
+    Args:
+        explain_fn: (user token, gap_days or None) -> :class:`hm4sr_core.recommend.Explanation`
+            (None: the history as it is).
+        users: the user tokens offered.
+
+    Controls: ``user`` (Dropdown), ``gap`` (FloatLogSlider, days), ``reset`` (Button: the
+    real gap). Figures: ``history``, ``gate``, ``parts``, ``occlusion``. Use :meth:`from_model`.
+    """
+
+    GAP_DAYS_RANGE = (1e-3, 1e3)  # 86 seconds to about 3 years
+
+    def __init__(self, explain_fn: Callable, users):
+        super().__init__()
+        users = [str(u) for u in users]
+        if not users:
+            raise ValueError("RecommendationExplorer: no users to offer")
+        self.explain_fn = explain_fn
+        lo, hi = self.GAP_DAYS_RANGE
+        self.user = widgets.Dropdown(options=users, value=users[0], description="user",
+                                     layout=widgets.Layout(width="220px"))
+        self.gap = widgets.FloatLogSlider(value=1.0, base=10, min=np.log10(lo), max=np.log10(hi), step=0.01,
+                                          description="last gap (days)", continuous_update=False,
+                                          readout_format=".3g", style={"description_width": "initial"})
+        self.reset = widgets.Button(description="real gap", icon="undo", tooltip="the history's own last gap")
+        self.status = widgets.Label(layout=compact())
+        self.note = widgets.HTML("<small>HM4SR reads the times of the history only (the gaps between "
+                                 "interactions and their dates), never the moment of the request: the slider moves "
+                                 "the <b>last interaction</b> (red bar) later or earlier.</small>")
+        self.real = self.explain_fn(users[0], None)
+        self.shown = self.real
+        self._history = FigureView(figures.history_gap_figure(self.real.history))
+        self._gate = FigureView(figures.last_gate_figure(self.real.gates, self.real.gates))
+        self._parts = FigureView(figures.score_parts_figure(self.real.recommendations))
+        self._occlusion = FigureView(figures.occlusion_figure(self.real.occlusion))
+        self._quiet = False
+        self._set_gap_from_history()
+        self._update_status()
+        self._observe(self.user, self._on_user)
+        self._observe(self.gap, self._on_gap)
+        self.reset.on_click(self._guard(self._on_reset))
+        self.widget = explorer_box([control_row([self.user, self.gap, self.reset, self.status]), self.note,
+                                    panel_grid([self._history.widget, self._gate.widget]),
+                                    panel_grid([self._parts.widget, self._occlusion.widget]), self.errors])
+
+    @classmethod
+    def from_model(cls, model, dataset, users=None, *, k: int = 10, exclude_seen: bool = False,
+                   at: str = "end", max_users: int = 50):
+        """Wire :func:`hm4sr_core.recommend.explain` and
+        :func:`~hm4sr_core.recommend.move_last_interaction` of ``model`` over the users'
+        histories (``at``: "end" every interaction, "test"/"valid" evaluation's); ``users``
+        default: the first ``max_users`` user tokens."""
+        from hm4sr_core import recommend as rec
+        from hm4sr_core.config import SplitConfig
+        users = [str(u) for u in (users if users is not None else dataset.user_tokens[:max_users])]
+        split = SplitConfig(max_length=model.config.max_length)
+        histories: dict = {}
+
+        def explain_fn(user: str, gap_days):
+            if user not in histories:
+                histories[user] = rec.user_history(dataset, user, at, split)
+            h = histories[user]
+            if gap_days is not None and len(h) > 1:
+                h = rec.move_last_interaction(h, gap_days=gap_days)
+            return rec.explain(model, dataset, h, k=k, exclude_seen=exclude_seen)
+
+        return cls(explain_fn, users)
+
+    @property
+    def history(self):
+        return self._history.figure
+
+    @property
+    def gate(self):
+        return self._gate.figure
+
+    @property
+    def parts(self):
+        return self._parts.figure
+
+    @property
+    def occlusion(self):
+        return self._occlusion.figure
+
+    def _real_gap(self) -> float | None:
+        gap = self.real.history["gap_days"].iloc[-1]
+        return None if pd.isna(gap) else float(gap)
+
+    def _set_gap_from_history(self) -> None:
+        gap = self._real_gap()
+        lo, hi = self.GAP_DAYS_RANGE
+        self._quiet = True
+        try:
+            self.gap.disabled = gap is None  # one interaction: no gap to move
+            self.gap.value = min(max(gap if gap is not None else 1.0, lo), hi)
+        finally:
+            self._quiet = False
+
+    def _update_status(self) -> None:
+        last = self.shown.history.iloc[-1]
+        moved = "" if self.shown is self.real else " (moved)"
+        self.status.value = f"last interaction {last['date']:%Y-%m-%d %H:%M}{moved}, {len(self.shown.history)} items read"
+
+    def _draw(self) -> None:
+        e = self.shown
+        d = figures.history_gap_data(e.history)
+        with self.history.batch_update():
+            bar = self.history.data[0]
+            bar.x, bar.y, bar.customdata = d["labels"], np.maximum(d["gaps"], 1e-4), d["text"]
+            bar.marker.color = ["#888888"] * (len(d["labels"]) - 1) + ["#d62728"]
+        self._history.refresh()
+        with self.gate.batch_update():
+            for trace, table in zip(self.gate.data, (self.real.gates, e.gates)):
+                trace.x, trace.y = figures.last_gate_data(table)
+        self._gate.refresh()
+        p = figures.score_parts_data(e.recommendations)
+        with self.parts.batch_update():
+            for trace, values in zip(self.parts.data, p["parts"].values()):
+                trace.y, trace.x = p["labels"], values
+            self.parts.data[-1].y, self.parts.data[-1].x = p["labels"], p["score"]
+        self._parts.refresh()
+        o = figures.occlusion_data(e.occlusion)
+        scale = float(np.abs(o["z"]).max()) if o["z"].size else 1.0
+        with self.occlusion.batch_update():
+            heat = self.occlusion.data[0]
+            heat.z, heat.x, heat.y, heat.zmin, heat.zmax = o["z"], o["x"], o["y"], -scale, scale
+        self._occlusion.refresh()
+        self._update_status()
+
+    def _on_user(self, change) -> None:
+        self.real = self.explain_fn(change["new"], None)
+        self.shown = self.real
+        self._set_gap_from_history()
+        self._draw()
+
+    def _on_gap(self, change) -> None:
+        if self._quiet or self._real_gap() is None:
+            return
+        self.shown = self.explain_fn(self.user.value, float(change["new"]))
+        self._draw()
+
+    def _on_reset(self, button=None) -> None:
+        self.shown = self.real
+        self._set_gap_from_history()
+        self._draw()

@@ -457,6 +457,125 @@ def embedding_scatter(atlas_df: pd.DataFrame, color: str = "category", space: st
     return fig
 
 
+# ----------------------------------------------------------------------------- recommendations
+
+
+STREAM_COLOURS = {"id": "#636EFA", "text": "#EF553B", "image": "#00CC96"}
+
+
+def _rank_labels(recs_df: pd.DataFrame, width: int = 28) -> list[str]:
+    return [f"{int(r)}. {str(t)[:width]}" for r, t in zip(recs_df["rank"], recs_df["title"])]
+
+
+def score_parts_data(recs_df: pd.DataFrame) -> dict:
+    """Rank labels (k,), and per stream the (k,) score parts of one user's list
+    (:func:`hm4sr_core.recommend.recommend` rows of one user)."""
+    streams = [c[len("score_"):] for c in recs_df.columns if c.startswith("score_")]
+    return {"labels": _rank_labels(recs_df), "score": recs_df["score"].to_numpy(),
+            "parts": {s: recs_df[f"score_{s}"].to_numpy() for s in streams}}
+
+
+def score_parts_figure(recs_df: pd.DataFrame) -> go.Figure:
+    """Stacked horizontal bars: each recommended item's score split into its part per stream
+    (negative parts to the left of 0), best first, with the score itself marked."""
+    d = score_parts_data(recs_df)
+    fig = go.Figure()
+    for i, (stream, values) in enumerate(d["parts"].items()):
+        fig.add_trace(go.Bar(y=d["labels"], x=values, orientation="h", name=stream,
+                             marker_color=STREAM_COLOURS.get(stream, PALETTE[i % len(PALETTE)]),
+                             hovertemplate=f"{stream}: %{{x:.3f}}<extra>%{{y}}</extra>"))
+    fig.add_trace(go.Scatter(y=d["labels"], x=d["score"], mode="markers", name="score",
+                             marker=dict(symbol="line-ns-open", size=16, color="black"),
+                             hovertemplate="score %{x:.3f}<extra>%{y}</extra>"))
+    fig.update_layout(barmode="relative", title="Top-k, each score split by stream",
+                      xaxis_title="score = sum of the stream parts", yaxis=dict(autorange="reversed"),
+                      height=max(320, 60 + 26 * len(d["labels"])), margin=MARGIN,
+                      legend=dict(orientation="h", y=-0.15))
+    return fig
+
+
+def history_gap_data(history_df: pd.DataFrame, last: int = 10) -> dict:
+    """The last ``last`` history items of :func:`hm4sr_core.recommend.history_table`: labels
+    (item and date), gap before each in days (first item: 0), hover text."""
+    h = history_df.tail(last)
+    labels = [f"{pos}: {item}" for pos, item in zip(h["position"], h["item"])]
+    dates = [f"{d:%Y-%m-%d %H:%M}" for d in h["date"]]
+    return {"labels": labels, "gaps": h["gap_days"].fillna(0.0).to_numpy(),
+            "text": [f"{t[:40]}<br>{d}" for t, d in zip(h["title"].astype(str), dates)]}
+
+
+def history_gap_figure(history_df: pd.DataFrame, last: int = 10) -> go.Figure:
+    """Bars: the gap (days, log axis) before each of the last history items, the last one
+    (the one a what-if moves) in red; hover gives title and date."""
+    d = history_gap_data(history_df, last)
+    colours = ["#888888"] * (len(d["labels"]) - 1) + ["#d62728"]
+    fig = go.Figure(go.Bar(x=d["labels"], y=np.maximum(d["gaps"], 1e-4), marker_color=colours,
+                           customdata=d["text"], hovertemplate="%{x}<br>%{customdata}<br>gap %{y:.3g} days<extra></extra>"))
+    fig.update_layout(title="The last items read, and the gap before each", yaxis_type="log",
+                      yaxis_title="gap before (days)", height=320, margin=MARGIN)
+    return fig
+
+
+def occlusion_data(occlusion_df: pd.DataFrame) -> dict:
+    """(k, n) score changes of :func:`hm4sr_core.recommend.explain`'s occlusion table:
+    rows the recommended items by rank, columns the history positions."""
+    if occlusion_df.empty:
+        return {"z": np.zeros((0, 0)), "x": [], "y": []}
+    table = occlusion_df.pivot_table(index=["rank", "title"], columns=["history_position", "history_item"],
+                                     values="score_change", observed=True).sort_index()
+    return {"z": table.to_numpy(), "x": [f"{p}: {i}" for p, i in table.columns],
+            "y": [f"{int(r)}. {str(t)[:28]}" for r, t in table.index]}
+
+
+def occlusion_figure(occlusion_df: pd.DataFrame) -> go.Figure:
+    """Heatmap: how much each history item (column) raises (red) or lowers (blue) the
+    score of each recommended item (row), by removing it from the history."""
+    d = occlusion_data(occlusion_df)
+    scale = float(np.abs(d["z"]).max()) if d["z"].size else 1.0
+    fig = go.Figure(go.Heatmap(z=d["z"], x=d["x"], y=d["y"], colorscale="RdBu_r", zmid=0.0,
+                               zmin=-scale, zmax=scale, colorbar=dict(title="change"),
+                               hovertemplate="%{y}<br>without %{x}: score %{z:+.3f} lower<extra></extra>"))
+    fig.update_layout(title="Occlusion: score change when one history item is removed",
+                      xaxis_title="history item (position: item)", yaxis=dict(autorange="reversed"),
+                      height=max(320, 80 + 24 * len(d["y"])), margin=MARGIN)
+    return fig
+
+
+def last_gate_data(gates_df: pd.DataFrame, level: str = "temporal", stream: str = "all"):
+    """(expert labels, gates) of one gate at the last history position
+    (:func:`hm4sr_core.recommend.last_position_gates`)."""
+    sub = gates_df[(gates_df["level"] == level) & (gates_df["stream"] == stream)].sort_values("expert")
+    return _expert_labels(sub["expert"].to_numpy()), sub["gate"].to_numpy()
+
+
+def last_gate_figure(gates_df: pd.DataFrame, real_df: pd.DataFrame | None = None) -> go.Figure:
+    """Bars of the Temporal-MoE gate at the last history position, beside the gate of the
+    history as it was (``real_df``) when the last interaction was moved."""
+    fig = go.Figure()
+    if real_df is not None:
+        x, y = last_gate_data(real_df)
+        fig.add_trace(go.Bar(x=x, y=y, name="as given", marker_color="#bbbbbb"))
+    x, y = last_gate_data(gates_df)
+    fig.add_trace(go.Bar(x=x, y=y, name="shown", marker_color="#d62728"))
+    fig.update_layout(title=_gate_title("Temporal gate at the last history position", max(len(x), 1)),
+                      yaxis_range=[0, 1], yaxis_title="gate", barmode="group", height=320, margin=MARGIN,
+                      legend=dict(orientation="h", y=-0.2))
+    return _uniform_line(fig, max(len(x), 1))
+
+
+def month_rule_figure(agreement_df: pd.DataFrame) -> go.Figure:
+    """Bars: share of list items in the category the month rule dictates, per condition
+    (real times, shuffled times, short gap), with the chance share as a dashed line."""
+    fig = go.Figure(go.Bar(x=agreement_df["condition"], y=agreement_df["rule_share"],
+                           marker_color=["#d62728", "#888888", "#bbbbbb"][:len(agreement_df)],
+                           hovertemplate="%{x}: %{y:.3f}<extra></extra>"))
+    if len(agreement_df):
+        fig.add_hline(y=float(agreement_df["chance"].iloc[0]), line_dash="dash", annotation_text="chance")
+    fig.update_layout(title="After a return: list items in the month rule's category", yaxis_range=[0, 1],
+                      yaxis_title="share of the top-k", height=340, margin=MARGIN)
+    return fig
+
+
 # ----------------------------------------------------------------------------- export
 
 # A browser that never answers must not hang a run: seconds for Chromium to start, and for
