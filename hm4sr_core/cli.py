@@ -308,6 +308,9 @@ def build_parser() -> argparse.ArgumentParser:
     rn.add_argument("--data", help="dataset name for the notebooks (default ml-100k; synthetic with --smoke)")
     rn.add_argument("--out", help="run folder (default runs/<timestamp>)")
     rn.add_argument("--full", action="store_true", help="train to convergence (100 epochs, patience 10)")
+    rn.add_argument("--notebooks", metavar="NAMES",
+                    help="comma-separated notebook names to run, in the order given (default: all; "
+                         "01_prepare_data prepares what the later ones read)")
 
     cn = sub.add_parser("copy-notebooks", help="copy the workbench's notebooks into a folder, to open them in "
                                                "JupyterLab where you work",
@@ -518,8 +521,10 @@ def cmd_tune(args) -> int:
 
 
 def cmd_run_notebooks(args) -> int:
-    from .notebooks import run_notebooks
-    folder = run_notebooks(smoke=args.smoke, data=args.data, out=args.out, full=args.full)
+    from .notebooks import NOTEBOOKS, run_notebooks
+    names = tuple(n.strip().removesuffix(".ipynb") for n in args.notebooks.split(",") if n.strip()) \
+        if args.notebooks else NOTEBOOKS
+    folder = run_notebooks(smoke=args.smoke, data=args.data, out=args.out, full=args.full, notebooks=names)
     print(f"notebooks executed: {folder / 'index.html'}")
     return 0
 
