@@ -364,13 +364,21 @@ def open_storage(url: str, *, heartbeat: bool = True):
     kwargs: dict = {"heartbeat_interval": 30, "grace_period": 120} if heartbeat else {}
     if url.startswith("sqlite"):
         kwargs["engine_kwargs"] = {"connect_args": {"timeout": 60}}  # workers wait on each other's writes
-    try:
-        return optuna.storages.RDBStorage(url, **kwargs)
-    except ImportError as error:  # a driver missing (psycopg2 for postgresql://)
-        raise ValueError(f"--storage {url.split('@')[-1]}: the database driver is missing ({error}); "
-                         f"{TUNE_EXTRA}") from None
-    except Exception as error:  # noqa: BLE001 - sqlalchemy's errors: one line naming the storage
-        raise ValueError(f"--storage: cannot open {_redact(url)}: {str(error).splitlines()[0]}") from None
+    for attempt in range(5):
+        try:
+            return optuna.storages.RDBStorage(url, **kwargs)
+        except ImportError as error:  # a driver missing (psycopg2 for postgresql://)
+            raise ValueError(f"--storage {_redact(url)}: the database driver is missing ({error}); "
+                             f"{TUNE_EXTRA}") from None
+        except Exception as error:  # noqa: BLE001 - sqlalchemy's errors: one line naming the storage
+            # Workers started together on a new database race to create Optuna's tables: the
+            # loser sees a duplicate key; the tables exist when it tries again.
+            text = str(error)
+            if attempt < 4 and ("duplicate key" in text or "already exists" in text or "locked" in text):
+                time.sleep(0.5 + attempt + (os.getpid() % 10) / 10)
+                continue
+            raise ValueError(f"--storage: cannot open {_redact(url)}: {text.splitlines()[0]}") from None
+    raise AssertionError("unreachable")
 
 
 def _redact(url: str) -> str:
@@ -379,7 +387,8 @@ def _redact(url: str) -> str:
     if not at:
         return url
     scheme, _, cred = head.partition("://")
-    return f"{scheme}://{cred.split(':')[0]}:***@{tail}"
+    user, colon, _ = cred.partition(":")
+    return f"{scheme}://{user}{':***' if colon else ''}@{tail}"
 
 
 def _process_start(pid: int) -> str:
@@ -429,6 +438,25 @@ def fail_dead_trials(study) -> list[int]:
                 continue
             failed.append(t.number)
     return failed
+
+
+def wait_for_running(study, poll: float = 2.0) -> None:
+    """Wait until no trial of the study runs: other workers' last trials decide the best.
+    Trials of dead workers are failed meanwhile (this host's at once, others' after the
+    heartbeat's grace period), so the wait ends."""
+    optuna = _optuna()
+    said = False
+    while True:
+        fail_dead_trials(study)
+        optuna.storages.fail_stale_trials(study)
+        running = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+        if not running:
+            return
+        if not said:
+            print(f"[tune] waiting for {len(running)} running trial(s) of other workers "
+                  f"({', '.join(str(t.number) for t in running)})", flush=True)
+            said = True
+        time.sleep(poll)
 
 
 def finished(study) -> int:
@@ -709,9 +737,14 @@ def summary(settings: TuneSettings, study, final: dict | None) -> dict:
                  "trial_seconds": busy, "trials_per_hour": 3600 * len(done) / busy if busy else None,
                  "pruner": settings.pruner, "warmup_epochs": settings.warmup, "epoch_cap": settings.train.epochs,
                  "pruner_note": PRUNER_NOTE}
+    complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    if complete:
+        best = best_trial(study)
+        out["best"] = {"trial": best.number, "value": best.value, "params": best.params,
+                       "epochs": best.user_attrs.get("epochs"), "best_epoch": best.user_attrs.get("best_epoch")}
     if final is not None:
-        out["best"] = final
         runs = Path(final["runs"])
+        out["runs"] = str(runs)
         seeds = []
         for seed in settings.final_seeds:
             path = runs / f"seed-{seed}" / "results.json"
@@ -730,7 +763,7 @@ def tune(settings: TuneSettings) -> dict:
     settings.out.mkdir(parents=True, exist_ok=True)
     run_search(settings)
     study = open_study(settings, read_manifest(settings.data)["data_hash"])
-    fail_dead_trials(study)
+    wait_for_running(study)
     write_trials_table(study, settings.out / "trials.csv")
     final = final_runs(settings, study) if settings.final_seeds else None
     payload = summary(settings, study, final)
@@ -747,11 +780,12 @@ def format_summary(payload: dict) -> str:
         b = payload["best"]
         lines.append(f"best trial {b['trial']}: valid {OBJECTIVE} {b['value']:.4f}  "
                      + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in b["params"].items()))
-        for s in payload.get("final", []):
-            m = s["test"]
-            lines.append(f"  seed {s['seed']}: test ndcg@10 {m['ndcg@10']:.4f} ndcg@20 {m['ndcg@20']:.4f} "
-                         f"hr@20 {m['hr@20']:.4f}")
-        lines.append(f"run folders: {payload['best']['runs']} (hm4sr compare reads them)")
+    for s in payload.get("final", []):
+        m = s["test"]
+        lines.append(f"  seed {s['seed']}: test ndcg@10 {m['ndcg@10']:.4f} ndcg@20 {m['ndcg@20']:.4f} "
+                     f"hr@20 {m['hr@20']:.4f}")
+    if "runs" in payload:
+        lines.append(f"run folders: {payload['runs']} (hm4sr compare reads them)")
     return "\n".join(lines)
 
 
