@@ -30,6 +30,7 @@ torch.set_num_threads(2)
 
 FLOAT32_EPS = float(np.finfo(np.float32).eps)  # 2**-23 ~ 1.19e-7: the gap between 1.0 and the next float32
 FLOAT64_EPS = float(np.finfo(np.float64).eps)  # 2**-52 ~ 2.2e-16
+BF16_EPS = 2.0 ** -7  # bfloat16 keeps 8 significant bits: 0.0078
 
 
 def float_tol(magnitude: float, terms: int = 1, eps: float = FLOAT32_EPS) -> float:
@@ -50,14 +51,29 @@ def float_tol(magnitude: float, terms: int = 1, eps: float = FLOAT32_EPS) -> flo
     terms: rounding steps on the longest path to one output: the length of each reduction it
     passes through (a dot product of width d, a sum over examples or positions), added over
     the layers, plus a few per elementwise function (exp, log, tanh, erf, rsqrt are vectorised
-    to within a few ulp, with different code per instruction set).
-    eps: FLOAT64_EPS for a computation done in float64.
+    to within a few ulp, with different code per instruction set). For a sum over n examples
+    of values computed through width-d layers (a gradient, a mean loss) use n * d, not n + d:
+    the contributions can cancel, so their absolute sum, which the bound is really about, may
+    exceed the result's scale by up to n.
+    eps: FLOAT64_EPS for a computation done in float64, BF16_EPS for bf16 autocast.
 
     This is a worst-case bound: rounding errors mostly cancel, and the gaps measured on any
     one CPU sit well below it. Each test that uses it keeps its signal (the change a real bug
     would make) far above it.
     """
     return terms * eps * magnitude
+
+
+def adam_param_tol(steps: int, lr: float, terms: int) -> float:
+    """Largest gap between the weights of two runs of ``steps`` Adam steps whose gradients
+    differ only by rounding (``terms`` as in :func:`float_tol`, per step's gradient).
+
+    Adam's update lr * m / (sqrt(v) + eps) does not depend on the gradient's scale, so a
+    relative gradient error r = float_tol(1, terms) moves each step by at most ~lr * r, and
+    ``steps`` steps by steps * lr * r. Elements whose gradient is itself rounding noise (the
+    attention key bias: ~1e-15, mathematically 0) stay far below Adam's eps of 1e-8 and do
+    not move in either run."""
+    return steps * lr * float_tol(1.0, terms)
 
 
 def assert_float_close(got, want, terms: int, *, magnitude: float | None = None, eps: float = FLOAT32_EPS,

@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from conftest import BF16_EPS, adam_param_tol, assert_float_close, float_tol
 
 from hm4sr_core.evaluate import evaluate
 from hm4sr_core.train import load_checkpoint, model_from_checkpoint, train
@@ -30,9 +31,13 @@ def test_training_on_cuda_learns_and_its_checkpoint_scores_the_same_on_cpu(tiny_
     origin = int(tiny_ds.stats["first_timestamp"])
     on_cpu = evaluate(model, tiny_split.valid, config.replace(device="cpu"), time_origin=origin)
     on_gpu = evaluate(model.to("cuda"), tiny_split.valid, config, device="cuda", time_origin=origin)
+    # CPU and GPU kernels round the scores differently; a user's metric (in [0, 1]) moves only
+    # where rounding reorders a near tie, which moves the mean by at most 1 / users: one allowed
+    one_user = 1 / len(on_cpu.users)
     for k in ("ndcg@10", "hr@10", "mrr@10"):
-        assert math.isclose(on_cpu.metrics[k], on_gpu.metrics[k], abs_tol=0.02), k
-    assert math.isclose(result.valid.metrics[config.valid_metric], on_gpu.metrics[config.valid_metric], abs_tol=0.02)
+        assert math.isclose(on_cpu.metrics[k], on_gpu.metrics[k], abs_tol=one_user), k
+    assert math.isclose(result.valid.metrics[config.valid_metric], on_gpu.metrics[config.valid_metric],
+                        abs_tol=one_user)
 
 
 def test_bf16_autocast_trains_with_finite_losses(tiny_ds, tiny_split, tiny_model_config, tiny_train_config):
@@ -52,7 +57,8 @@ def test_introspection_tensors_come_back_from_the_gpu(tiny_ds, tiny_split, tiny_
         out = model(batch, losses=True, scores=True, introspect=True)
     assert out.scores.device.type == "cuda" and out.scores.shape[0] == 16
     sums = out.interactive_gates.sum(-1)[batch.items > 0]  # (real positions, S); padding rows are 0
-    assert torch.allclose(sums, torch.ones_like(sums), atol=1e-5)
+    experts = out.interactive_gates.shape[-1]  # a softmax's E outputs (exp, sum of E, divide) summed again
+    assert_float_close(sums, torch.ones_like(sums), 2 * experts + 3, magnitude=1.0)
     assert set(out.losses) >= {"rec", "id_contrastive", "category", "placeholder_contrastive"}
 
 
@@ -72,10 +78,13 @@ def test_recompute_on_cuda_replays_dropout_and_gives_the_same_gradients(tiny_ds,
         out.loss.backward()
         runs.append((out.loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
     (loss0, grads0), (loss1, grads1) = runs
-    torch.testing.assert_close(loss1, loss0)
+    # recomputation reruns the forward inside backward, where kernels may sum in another
+    # order: 64 prefixes through layers of width <= 32 (a dropout mask not replayed would move
+    # the gradients by a sizeable fraction of their scale)
+    assert_float_close(loss1, loss0, 64 * 32)
     assert grads0.keys() == grads1.keys()
     for name in grads0:
-        torch.testing.assert_close(grads1[name], grads0[name], atol=1e-5, rtol=1e-4, msg=name)
+        assert_float_close(grads1[name], grads0[name], 64 * 32, msg=name)
 
 
 def test_backward_in_parts_on_cuda_replays_each_parts_dropout(tiny_ds, tiny_split, tiny_model_config):
@@ -106,8 +115,8 @@ def test_backward_in_parts_on_cuda_replays_each_parts_dropout(tiny_ds, tiny_spli
             model.total_loss(named).backward()
         grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
-    for name in grads[0]:
-        torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-5, rtol=1e-4, msg=name)
+    for name in grads[0]:  # 64 prefixes through layers of width <= 32, summed in parts or at once
+        assert_float_close(grads[0][name], grads[1][name], 64 * 32, msg=name)
 
 
 def test_backward_in_parts_under_bf16_autocast_reaches_every_weight(tiny_ds, tiny_split, tiny_model_config):
@@ -133,17 +142,23 @@ def test_backward_in_parts_under_bf16_autocast_reaches_every_weight(tiny_ds, tin
                                     autocast_dtype=torch.bfloat16)
         grads.append({n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None})
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
+    # bf16 keeps 8 significant bits; each of the ~6 matmuls on the forward and backward path
+    # rounds both operands to bf16: ~12 roundings of at most BF16_EPS / 2 each, relative to the
+    # gradient's norm; the one-pass and 4-part steps round differently, so twice that
+    # (0.094); the float32 accumulation adds float_tol at 64 prefixes x width 32 below it
     for name, want in grads[0].items():
         got = grads[1][name]
         assert float(got.norm()) > 0 or float(want.norm()) == 0, name
-        assert float((got - want).norm()) <= 0.1 * float(want.norm()) + 1e-4, name
+        scale = float(want.norm())
+        assert float((got - want).norm()) <= float_tol(scale, 12, BF16_EPS) + float_tol(scale, 64 * 32), name
 
 
 def test_ddp_over_nccl_trains_as_one_process_and_evaluates_to_the_bit(tiny_ds, tmp_path):
     """`hm4sr train --nproc N --set device=cuda`'s path: N nccl ranks (N = 2 where two GPUs
     are seen, else a process group of one, which still runs DDP, the shards and the
     gathers over nccl), rank r on cuda:r. Parameters as one CUDA process's within a bound
-    10x the CPU test's (other kernels); evaluation equal to the bit (same batches)."""
+    the CPU test's (a rounding bound holds for any kernel's order); evaluation equal to the
+    bit (same batches, same kernels, metrics from integer counts)."""
     import os
     import subprocess
     import sys
@@ -165,8 +180,10 @@ def test_ddp_over_nccl_trains_as_one_process_and_evaluates_to_the_bit(tiny_ds, t
     single = train(ds, model_cfg, train_cfg.replace(device="cuda"), out_dir=tmp_path / "single", data_hash="tiny",
                    progress=False, split=split)
     theirs = load_checkpoint(tmp_path / ddp_ranks.CUDA_CASE / "last.pt")["model_state"]
+    # 3 steps of 16 windows x 10 positions through layers of width <= 32
+    atol = adam_param_tol(train_cfg.max_steps_per_epoch, train_cfg.lr, 160 * 32)
     for name, want in load_checkpoint(tmp_path / "single" / "last.pt")["model_state"].items():
-        assert torch.allclose(theirs[name], want, rtol=0, atol=1e-5), (name, float((theirs[name] - want).abs().max()))
+        assert torch.allclose(theirs[name], want, rtol=0, atol=atol), (name, float((theirs[name] - want).abs().max()))
     got = torch.load(tmp_path / "eval.pt", weights_only=False)
     assert got["backend"] == "nccl"
     model = model_from_checkpoint(load_checkpoint(tmp_path / ddp_ranks.CUDA_CASE / "last.pt"), ds, best=False)
