@@ -47,6 +47,25 @@ def test_importing_the_package_and_its_modules_changes_nothing():
     assert _child(code) == ["None", "None", "None", "False"]
 
 
+def test_importing_every_module_leaves_the_environment_as_it_was():
+    code = ("import os, pkgutil, importlib, json; before = dict(os.environ); import hm4sr_core, widgets\n"
+            "for pkg in (hm4sr_core, widgets):\n"
+            "    for m in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + '.'):\n"
+            "        if not m.name.endswith('__main__'):\n"
+            "            importlib.import_module(m.name)\n"
+            "after = dict(os.environ)\n"
+            "print(json.dumps(sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))))")
+    assert _child(code) == ["[]"]
+
+
+def test_every_notebook_applies_the_settings_in_its_first_code_cell_before_torch():
+    import nbformat
+    for path in sorted((ROOT / "notebooks").glob("*.ipynb")):
+        first = next(c for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code").source
+        assert "runtime.configure_process()" in first, f"{path.name}: first code cell lacks runtime.configure_process()"
+        assert "import torch" not in first.split("runtime.configure_process()")[0], path.name
+
+
 def test_configure_process_sets_the_spin_count_before_torch_and_records_it():
     code = ("import os; from hm4sr_core import runtime; r = runtime.configure_process(); "
             "assert r['openmp_in_effect'], r; import torch; " + REPORT)
