@@ -64,6 +64,44 @@ def float_tol(magnitude: float, terms: int = 1, eps: float = FLOAT32_EPS) -> flo
     return terms * eps * magnitude
 
 
+# Rounding steps of one forward pass of the tiny models (T 10, d 16, inner 32, up to 4
+# streams of 16): about 8 reductions in a row (input projection, attention scores, attention
+# mix, output projection, two feed-forward layers, LayerNorm statistics, the score's dot
+# product over the streams), each of width <= 64, with a few ulp per exp / erf / rsqrt.
+TINY_FORWARD_TERMS = 8 * 64
+
+
+@torch.no_grad()
+def clear_of_ties(model, batches, terms: int = TINY_FORWARD_TERMS, history=None, top: int = 10) -> np.ndarray:
+    """(rows,) bool over the rows of ``batches``: rows whose ranking no rounding can change.
+
+    Evaluating in other batch shapes, thread counts or on another CPU rounds the scores in
+    another order, each by up to float_tol(scale, terms) (scale: the row's largest |score|).
+    A row is clear when its target's score, and each of its ``top`` + 1 best scores, differ
+    from every other candidate's by more than twice that: its rank counts, so every per-user
+    metric, and its top-``top`` list are then the same in any order, and comparing them
+    exactly is sound. ``history`` (per user id, item ids) leaves those items out of the
+    candidates, the target excepted, as ``mask_history`` does.
+    """
+    items = model.item_matrix()[1:]  # (N, K): real items only
+    clear = []
+    for batch in batches:
+        scores = model.query(batch) @ items.T  # (B, N)
+        rows, targets = torch.arange(batch.size), batch.targets - 1
+        tol = 2 * float_tol(scores.abs().amax(1), terms)  # (B,)
+        target = scores[rows, targets].clone()
+        if history is not None:
+            for row, user in enumerate(batch.users.tolist()):
+                scores[row, torch.as_tensor(history[user], dtype=torch.int64) - 1] = -torch.inf
+        scores[rows, targets] = torch.inf  # not its own competitor
+        target_clear = (scores - target[:, None]).abs().amin(1) > tol
+        scores[rows, targets] = target
+        best = scores.sort(1, descending=True).values[:, : top + 2]
+        order_clear = (best[:, :-1] - best[:, 1:]).amin(1) > tol  # the top + 1 best keep their places
+        clear.append((target_clear & order_clear).numpy())
+    return np.concatenate(clear)
+
+
 def adam_param_tol(steps: int, lr: float, terms: int) -> float:
     """Largest gap between the weights of two runs of ``steps`` Adam steps whose gradients
     differ only by rounding (``terms`` as in :func:`float_tol`, per step's gradient).

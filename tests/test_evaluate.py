@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import FLOAT64_EPS, TINY_FORWARD_TERMS, assert_float_close, clear_of_ties, float_tol
+
 from hm4sr_core.config import ModelConfig
 from hm4sr_core.data.splits import iterate_batches
 from hm4sr_core.evaluate import evaluate, perturb_timestamps
@@ -29,10 +31,13 @@ def constant_model(tiny_ds, tiny_model_config, monkeypatch):
 def test_constant_scores_give_the_random_baseline(tiny_ds, tiny_split, tiny_train_config, constant_model):
     n = tiny_ds.num_items
     res = evaluate(constant_model, tiny_split.test, tiny_train_config)
+    # exact: integer counts, one correctly rounded division (10 / 40 = 0.25, a mean of equal values)
     assert res.per_user["hr@10"].tolist() == [10 / n] * len(tiny_split.test)
     assert res.metrics["hr@10"] == 10 / n
-    assert res.metrics["mrr@10"] == pytest.approx(sum(1 / r for r in range(1, 11)) / n, abs=1e-15)
-    assert res.metrics["ndcg@10"] == pytest.approx(sum(1 / np.log2(r + 1) for r in range(1, 11)) / n, abs=1e-15)
+    # float64 sums of 10 rank terms (log2: a few ulp), then a mean over the users
+    tol = float_tol(1.0, 10 + 4 + len(tiny_split.test), FLOAT64_EPS)
+    assert res.metrics["mrr@10"] == pytest.approx(sum(1 / r for r in range(1, 11)) / n, abs=tol, rel=0)
+    assert res.metrics["ndcg@10"] == pytest.approx(sum(1 / np.log2(r + 1) for r in range(1, 11)) / n, abs=tol, rel=0)
     assert res.metrics["hr@50"] == 1.0  # 40 items: everything is in the top 50
     pessimistic = evaluate(constant_model, tiny_split.test, tiny_train_config.replace(tie_policy="pessimistic"))
     optimistic = evaluate(constant_model, tiny_split.test, tiny_train_config.replace(tie_policy="optimistic"))
@@ -44,11 +49,15 @@ def test_batched_evaluation_equals_one_batch(tiny_split, tiny_train_config, tiny
     model = tiny_run[0].model
     one = evaluate(model, tiny_split.test, tiny_train_config.replace(eval_batch_size=1000))
     sevens = evaluate(model, tiny_split.test, tiny_train_config.replace(eval_batch_size=7))
-    assert one.metrics == sevens.metrics
+    # Other batch shapes round the scores in another order (queries 6e-8 apart, measured):
+    # rows whose ranking that cannot change agree exactly, the rest within a near tie.
+    clear = clear_of_ties(model.eval(), iterate_batches(tiny_split.test, 1000))
+    assert clear.mean() > 0.8
     for k in one.per_user:
-        np.testing.assert_array_equal(one.per_user[k], sevens.per_user[k])
+        np.testing.assert_array_equal(one.per_user[k][clear], sevens.per_user[k][clear])
+        assert abs(one.metrics[k] - sevens.metrics[k]) <= (~clear).mean(), k  # a metric is in [0, 1]
     np.testing.assert_array_equal(one.users, sevens.users)
-    np.testing.assert_array_equal(one.top_items, sevens.top_items)
+    np.testing.assert_array_equal(one.top_items[clear], sevens.top_items[clear])
     assert one.top_items.shape == (len(tiny_split.test), 10)
 
 
@@ -62,7 +71,8 @@ def test_history_masking_never_hides_the_target(tiny_ds, tiny_split, tiny_train_
     masked = evaluate(constant_model, part, tiny_train_config.replace(mask_history=True), history=history)
     # the target competes with the items outside the history: a tie among n - (|history| - 1)
     candidates = np.array([n - (len(history[u]) - 1) for u in part.users])
-    np.testing.assert_allclose(masked.per_user["hr@10"], np.minimum(1.0, 10 / candidates), rtol=0, atol=1e-15)
+    np.testing.assert_allclose(masked.per_user["hr@10"], np.minimum(1.0, 10 / candidates), rtol=0,
+                               atol=float_tol(1.0, 4, FLOAT64_EPS))  # a few float64 operations on counts
     assert not np.isin(masked.top_items, [0]).any()
     for row, u in enumerate(part.users):  # no masked item in anyone's top 10 (other than the target)
         assert not (set(masked.top_items[row].tolist()) & (set(history[u].tolist()) - {int(part.targets[row])}))
@@ -107,7 +117,7 @@ def test_time_controls_change_hm4sr_but_not_sasrec(tiny_ds, tiny_split, tiny_tra
     # the shuffle is seeded: the same control twice gives the same numbers
     again = evaluate(model, part, tiny_train_config.replace(eval_time="shuffled"),
                      time_origin=int(tiny_ds.stats["first_timestamp"]))
-    assert again.metrics == results["shuffled"].metrics
+    assert again.metrics == results["shuffled"].metrics  # exact: same process, same ops
     # SASRec never sees time: the controls change nothing
     torch.manual_seed(0)
     sasrec = build_model(ModelConfig.sasrec(hidden_size=16, max_length=10, num_layers=1, inner_size=32), tiny_ds)
@@ -131,7 +141,7 @@ def test_length_sorted_query_chunks_return_rows_in_batch_order(tiny_split, tiny_
     with torch.no_grad():
         whole = model.query(batch)
         chunked = query_by_length(model, batch, chunk=3)
-    torch.testing.assert_close(chunked, whole, atol=1e-5, rtol=1e-5)
+    assert_float_close(chunked, whole, TINY_FORWARD_TERMS)  # other batch shapes: other kernel orders
     assert not torch.equal(whole, whole[torch.argsort(batch.lengths, stable=True)])
 
 
@@ -185,4 +195,7 @@ def test_evaluation_computes_the_item_tables_once_whatever_the_number_of_chunks(
     chunked = evaluate(model, tiny_split.test, config)
     assert len(tiny_split.test) > 10  # several evaluation batches, each its own query
     assert calls == [None]
-    assert chunked.metrics == expected.metrics
+    clear = clear_of_ties(model, iterate_batches(tiny_split.test, 1000))  # batches of 5: as in the test above
+    assert clear.mean() > 0.8
+    for k in expected.per_user:
+        np.testing.assert_array_equal(chunked.per_user[k][clear], expected.per_user[k][clear])
