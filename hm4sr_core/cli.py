@@ -11,6 +11,7 @@ if __name__ == "__main__":  # `python -m hm4sr_core.cli`: the settings go before
     _runtime.configure_process()
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -342,6 +343,8 @@ def cmd_prepare(args) -> int:
                            features=features, optional_modalities=tuple(args.optional_modality),
                            meta=args.meta, image_dir=args.image_dir, image_encoder=args.image_encoder,
                            seed=args.seed, synthetic=synthetic)
+    for line in done.recovered:
+        print(f"recovered    {line}")
     print(format_stats(done.dataset))
     if done.action == "reused":
         print(f"reused       {done.folder} (prepared before from the same source and inputs; "
@@ -370,8 +373,9 @@ def _train_configs(args) -> tuple[ModelConfig, TrainConfig]:
 
 
 def cmd_train(args) -> int:
-    from . import distributed
+    from .atomic import check_name, target_lock
     from .data.store import read_manifest
+    from .train import claim_run_folder
     model_cfg, train_cfg = _train_configs(args)  # validates before any work
     seeds = [train_cfg.seed]
     if args.seeds:
@@ -390,6 +394,26 @@ def cmd_train(args) -> int:
     if (args.nproc > 1 or launched) and train_cfg.micro_batches > 1:
         raise ValueError("micro_batches > 1 is for one process: each rank already holds 1/N of a batch")
     read_manifest(args.data)  # a missing dataset fails here, before any process starts
+    out = Path(args.out).resolve()
+    if out.name:
+        check_name(out.name, "--out")
+    # One writer per run folder; torchrun's other ranks write nothing, and the rank-0
+    # process (or the parent of --nproc's processes) holds the lock for them.
+    writer = os.environ.get("RANK", "0") == "0"
+    with target_lock(out, "hm4sr train", wait=False) if writer else contextlib.nullcontext():
+        if writer:
+            folders = [out / f"seed-{seed}" for seed in seeds] if args.seeds else [out]
+            if args.seeds and out.exists() and not out.is_dir():
+                raise ValueError(f"--out {args.out}: an existing file; expected a folder for the seed-<S> runs")
+            for line in (line for folder in folders for line in claim_run_folder(folder, args.resume)):
+                print(f"recovered    {line}", flush=True)
+        _train_processes(args, model_cfg, train_cfg, seeds, launched)
+    return 0
+
+
+def _train_processes(args, model_cfg: ModelConfig, train_cfg: TrainConfig, seeds: list[int], launched: bool) -> None:
+    """Train in this process, in --nproc spawned ones, or as one rank of a torchrun job."""
+    from . import distributed
     if args.nproc > 1:
         if train_cfg.threads == 0:
             train_cfg = train_cfg.replace(threads=max(1, (os.cpu_count() or 1) // args.nproc))
@@ -403,7 +427,6 @@ def cmd_train(args) -> int:
             distributed.teardown()
     else:
         _train_seeds(args, model_cfg, train_cfg, seeds)
-    return 0
 
 
 def _train_seeds(args, model_cfg: ModelConfig, train_cfg: TrainConfig, seeds: list[int]) -> None:
@@ -662,6 +685,14 @@ COMMANDS = {"prepare": cmd_prepare, "train": cmd_train, "evaluate": cmd_evaluate
             "run-notebooks": cmd_run_notebooks, "copy-notebooks": cmd_copy_notebooks, "demo": cmd_demo}
 
 
+def _one_line(err: BaseException) -> str:
+    """The error as one line: an OSError as "<file>: <reason>" (its strerror, not Python's
+    "[Errno N]" form); any other text with its line breaks joined."""
+    if isinstance(err, OSError) and err.strerror and err.filename is not None and type(err).__str__ is OSError.__str__:
+        return f"{err.filename}: {err.strerror}"
+    return "; ".join(part.strip() for part in str(err).splitlines() if part.strip()) or type(err).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
     from .distributed import DistributedError
     from .experiments import RunsFailed
@@ -671,8 +702,8 @@ def main(argv: list[str] | None = None) -> int:
         os.environ[DATA_ENV] = str(Path(args.data_root).expanduser().absolute())
     try:
         return COMMANDS[args.command](args)
-    except (ValueError, FileNotFoundError, RunsFailed) as err:  # DataError is a ValueError
-        print(f"hm4sr {args.command}: error: {err}", file=sys.stderr)
+    except (ValueError, OSError, RunsFailed) as err:  # DataError is a ValueError; a full disk, a lock held: OSError
+        print(f"hm4sr {args.command}: error: {_one_line(err)}", file=sys.stderr)
         return 2
     except DistributedError as err:
         print(f"hm4sr {args.command}: error: {err}", file=sys.stderr)

@@ -22,10 +22,12 @@ import copy
 import dataclasses
 import math
 import os
+import pickle
 import platform
-import tempfile
+import shutil
 import time
 import warnings
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -34,7 +36,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import __version__, distributed, runtime
+from . import __version__, atomic, distributed, runtime
 from .config import LOSS_NAMES, ModelConfig, SplitConfig, TrainConfig
 from .data.schema import Dataset
 from .data.splits import Split, build_split, iterate_batches
@@ -109,30 +111,72 @@ def _step_row(out, model: HM4SR, batch, lr: float) -> dict:
 
 
 def _atomic_torch_save(payload: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
+    """``torch.save`` through a temporary file (:func:`hm4sr_core.atomic.write_via_temp`).
+
+    torch reports a failed write (a full disk) as a RuntimeError from its C++ writer;
+    it is raised as an OSError naming the file and the space left."""
     try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        atomic.write_via_temp(path, lambda tmp: torch.save(payload, tmp))
+    except RuntimeError as error:
+        free = shutil.disk_usage(path.parent).free
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise OSError(f"{path}: the checkpoint could not be written ({first}); {free:,} bytes free on its "
+                      f"file system; the previous {path.name} is kept") from None
+
+
+CHECKPOINT_KEYS = ("checkpoint_version", "model_state", "best_state", "model_config", "train_config", "data_hash",
+                   "data_name", "epoch")
 
 
 def load_checkpoint(path: str | Path) -> dict:
-    """Read a checkpoint written by :func:`train` (``weights_only=True``: no code runs)."""
-    payload = torch.load(path, map_location="cpu", weights_only=True)
+    """Read a checkpoint written by :func:`train` (``weights_only=True``: no code runs).
+
+    ValueError naming the file when it is not one: garbage, truncated, holding objects
+    that are not tensors and plain values, not a dict, or missing a key."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path}: a folder; expected a checkpoint file (best.pt or last.pt of a run folder)")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such checkpoint file") from None
+    except pickle.UnpicklingError as error:
+        # torch's text suggests retrying with weights_only=False: never. Keep only its finding.
+        text = str(error)
+        detail = text.split("WeightsUnpickler error:", 1)[-1].strip().splitlines()[0] if text.strip() else ""
+        if "Unsupported global" in text:
+            detail = detail.split(" was not an allowed global")[0]  # "Unsupported global: GLOBAL <module>.<name>"
+            raise ValueError(f"{path}: holds objects other than tensors and plain values ({detail}), which are never "
+                             f"loaded (loading them could run code); expected a checkpoint written by "
+                             f"`hm4sr train`") from None
+        raise ValueError(f"{path}: not a readable checkpoint ({detail or type(error).__name__}); expected a "
+                         f"checkpoint written by `hm4sr train`") from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(f"{path}: not a readable checkpoint ({first}); expected a checkpoint written by "
+                         f"`hm4sr train` (a truncated or damaged file: use the run's other checkpoint or "
+                         f"train again)") from None
+    if not isinstance(payload, dict):
+        raise ValueError(f"{path}: holds a {type(payload).__name__}; expected a checkpoint dict written by "
+                         f"`hm4sr train`")
     if payload.get("checkpoint_version") != CHECKPOINT_VERSION:
         raise ValueError(f"{path}: checkpoint_version {payload.get('checkpoint_version')!r}, "
                          f"expected {CHECKPOINT_VERSION}")
+    missing = [key for key in CHECKPOINT_KEYS if key not in payload]
+    if missing:
+        raise ValueError(f"{path}: missing {', '.join(missing)}; expected a checkpoint written by `hm4sr train`")
     return payload
 
 
 def model_from_checkpoint(payload: dict, dataset: Dataset, *, best: bool = True) -> HM4SR:
     cfg = ModelConfig.from_dict(payload["model_config"])
     model = build_model(cfg, dataset)
-    model.load_state_dict(payload["best_state"] if best else payload["model_state"])
+    try:
+        model.load_state_dict(payload["best_state"] if best else payload["model_state"])
+    except (RuntimeError, TypeError, AttributeError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(f"checkpoint of {payload.get('data_name')!r}: its weights do not fit the model its "
+                         f"config builds on this dataset ({first})") from None
     return model
 
 
@@ -465,16 +509,62 @@ def write_run(result: TrainResult, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     for name, frame in (("per_user_test.parquet", per_user_frame(result.test)),
                         ("per_user_valid.parquet", per_user_frame(result.valid))):
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=out)
-        os.close(fd)
-        frame.to_parquet(tmp, index=False)
-        os.replace(tmp, out / name)
+        atomic.write_via_temp(out / name, lambda tmp, frame=frame: frame.to_parquet(tmp, index=False))
     for name, frame in (("steps.csv", result.steps), ("epochs.csv", result.epochs)):
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=out)
-        os.close(fd)
-        frame.to_csv(tmp, index=False)
-        os.replace(tmp, out / name)
+        atomic.write_via_temp(out / name, lambda tmp, frame=frame: frame.to_csv(tmp, index=False))
     write_json_atomic(out / "results.json", result.record)
+
+
+# What train writes into a run folder; only these names' temporary files are ever removed there.
+RUN_FILES = ("results.json", "per_user_test.parquet", "per_user_valid.parquet", "steps.csv", "epochs.csv",
+             "best.pt", "last.pt")
+
+
+def claim_run_folder(out: str | Path, resume: bool) -> list[str]:
+    """Check ``out`` before a run writes into it (call under its lock,
+    :func:`hm4sr_core.atomic.target_lock`); return what was recovered, one phrase each.
+
+    ``out`` must be a new or empty folder, or, with ``resume``, a run folder. A file, or a
+    non-empty folder without ``resume``, is refused (ValueError naming it and what is
+    there): a run never replaces files it did not write. Temporary files a killed run
+    left are removed first; with ``resume`` a complete temporary ``last.pt`` (killed
+    between writing and renaming it) newer than ``last.pt`` takes its place."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: an existing file; expected a folder for the run (new, empty, or with "
+                         f"--resume the run to continue)")
+    recovered = []
+    if resume:
+        recovered += _promote_checkpoint(out)
+    removed = atomic.remove_temp_files(out, RUN_FILES)
+    recovered += [f"removed {p.name} in {out}, left by an interrupted write" for p in removed]
+    if not resume and out.is_dir():
+        there = sorted(p.name for p in out.iterdir())
+        if there:
+            shown = ", ".join(there[:4]) + (f" and {len(there) - 4} more" if len(there) > 4 else "")
+            raise ValueError(f"--out {out}: the folder is not empty ({shown}); expected a new or empty folder, "
+                             f"or --resume to continue the run in it. Nothing was trained or written")
+    return recovered
+
+
+def _promote_checkpoint(out: Path) -> list[str]:
+    """A complete temporary last.pt newer than last.pt (or in its absence) becomes last.pt."""
+    current = out / "last.pt"
+    try:
+        epoch = load_checkpoint(current)["epoch"] if current.exists() else 0
+    except ValueError:
+        epoch = 0
+    for tmp in atomic.temp_files(out, ("last.pt",)).get("last.pt", []):
+        try:
+            candidate = load_checkpoint(tmp)
+        except (ValueError, OSError):
+            continue  # cut short: removed with the other temporary files
+        if candidate["epoch"] > epoch:
+            os.replace(tmp, current)
+            return [f"recovered {current} (epoch {candidate['epoch']}) from the complete copy an interrupted "
+                    f"write left"]
+        break
+    return []
 
 
 if __name__ == "__main__":  # `torchrun ... -m hm4sr_core.train --data D --out O`: the same as `hm4sr train`
