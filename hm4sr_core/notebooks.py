@@ -49,7 +49,7 @@ SOURCE_TREE = Path(__file__).resolve().parents[1]  # a clone or an editable inst
 # so the first gate picture of a run comes from a converged model on data whose truth is known.
 TOUR = "00_expert_routing_tour"
 NOTEBOOKS = (TOUR, "01_prepare_data", "02_train", "03_expert_gating", "04_temporal_embeddings",
-             "05_loss_contributions", "06_embedding_atlas")
+             "05_loss_contributions", "06_embedding_atlas", "08_tuning")
 
 
 def _notebook_dir() -> Path:
@@ -77,7 +77,7 @@ KERNEL_NAME = "python3"
 # to it (unless the runner has its own wait policy, as make test's PASSIVE); each notebook's
 # first cell applies the rest (runtime.configure_process).
 KERNEL_ENVIRONMENT = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-VERSIONED_PACKAGES = ("torch", "numpy", "pandas", "scipy", "plotly", "ipywidgets", "papermill", "nbconvert",
+VERSIONED_PACKAGES = ("torch", "numpy", "pandas", "scipy", "plotly", "optuna", "ipywidgets", "papermill", "nbconvert",
                       "nbformat", "ipykernel", "umap-learn", "kaleido", "sentence-transformers")
 
 

@@ -725,6 +725,25 @@ def final_runs(settings: TuneSettings, study) -> dict:
     return {"trial": trial.number, "value": trial.value, "params": trial.params, "runs": str(runs)}
 
 
+def default_runs(settings: TuneSettings) -> Path:
+    """The untuned configuration (the model's preset, ``--set`` overrides, the same epoch
+    cap) trained with each final seed into ``out/<model>_default/seed-S``: the baseline the
+    tuned runs are compared with (same seeds, same budget). Finished seeds are kept."""
+    from .data.store import load_dataset, read_manifest
+    from .experiments import _finished
+    from .train import train
+    manifest = read_manifest(settings.data)
+    runs = settings.out / f"{settings.model}_default"
+    model_cfg, dataset = settings.base_model(), None
+    for seed in settings.final_seeds:
+        folder, cfg = runs / f"seed-{seed}", settings.train.replace(seed=seed)
+        if _finished(folder, manifest["data_hash"], model_cfg, cfg):
+            continue
+        dataset = dataset if dataset is not None else load_dataset(settings.data)
+        train(dataset, model_cfg, cfg, out_dir=folder, data_hash=manifest["data_hash"], progress=settings.progress)
+    return runs
+
+
 def summary(settings: TuneSettings, study, final: dict | None) -> dict:
     optuna = _optuna()
     trials = study.get_trials(deepcopy=False)

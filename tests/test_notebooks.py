@@ -265,6 +265,24 @@ def test_atlas_record_recovers_the_planted_categories(records):
     assert sum(r["dominant_experts"].values()) == r["items"]
 
 
+def test_tuning_record(records):
+    r = records["08_tuning"]
+    states, params = r["states"], r["parameters"]
+    assert states["complete"] + states["pruned"] == params["trials"] and states["fail"] == states["running"] == 0
+    trials = r["trials"]
+    complete = [t for t in trials if t["state"] == "COMPLETE"]
+    assert r["best"]["value"] == max(t["valid_ndcg@20"] for t in complete)
+    # a pruned trial stopped before the epoch cap, after the warm-up; a completed one ran to the cap
+    assert all(params["warmup_epochs"] <= t["epochs"] < params["epochs"] for t in trials if t["state"] == "PRUNED")
+    assert all(t["epochs"] == params["epochs"] for t in complete)
+    assert [s["seed"] for s in r["final"]] == params["final_seeds"]
+    # the final run with the seed the trials used repeats the best trial's validation value
+    assert r["final"][0]["valid"]["ndcg@20"] == pytest.approx(r["best"]["value"], rel=1e-12)
+    rows = {row["model"]: row for row in r["comparison"]}
+    assert set(rows) == {"hm4sr_default", "hm4sr_tuned"} and 0.0 <= rows["hm4sr_tuned"]["ndcg@20 p"] <= 1.0
+    assert set(r["importances"]) == set(r["best"]["params"])
+
+
 def _comparable(records: dict) -> dict:
     """The values that must repeat exactly for the seed: metrics, not timings or paths."""
     train = records["02_train"]
@@ -275,6 +293,8 @@ def _comparable(records: dict) -> dict:
         "time_controls": {row["eval_time"]: row["ndcg@10"] for row in records["04_temporal_embeddings"]["time_controls"]},
         "ablation": {row["model"]: row["ndcg@10 mean"] for row in records["05_loss_contributions"]["ablation"]},
         "agreement": {row["space"]: row["agreement"] for row in records["06_embedding_atlas"]["agreement"]},
+        "tuning": {"best_value": records["08_tuning"]["best"]["value"], "states": records["08_tuning"]["states"],
+                   "test_ndcg@20": {row["model"]: row["ndcg@20 mean"] for row in records["08_tuning"]["comparison"]}},
         "tour": {"test_ndcg@10": records[TOUR]["training"]["test"]["ndcg@10"],
                  "measures": {f"{row['plant']} / {row['condition']}": row["value"] for row in records[TOUR]["measures"]}},
     }
