@@ -27,7 +27,7 @@ import torch
 
 from hm4sr_core import atomic
 from hm4sr_core.cli import main
-from hm4sr_core.data import timeunits
+from hm4sr_core.data import features, timeunits
 from hm4sr_core.config import PreprocessConfig
 from hm4sr_core.data.prepare import _prepare_locked, locate_inputs, prepare_dataset
 from hm4sr_core.data.readers import amazon
@@ -432,7 +432,9 @@ def test_files_and_folders_follow_the_umask(prepared, tmp_path, mask):
         assert main(["prepare", "synthetic", "--name", "d", "--out-root", str(root), *SMALL_WORLD]) == 0
         out = tmp_path / "run"
         assert main(["train", "--data", str(prepared), "--out", str(out), "--epochs", "1", *TINY_SETS]) == 0
+        features._save_atomic(tmp_path / "cache" / "f.npy", np.zeros(3, np.float32), "f")  # the feature cache
     assert stat.S_IMODE((root / "d").stat().st_mode) == 0o777 & ~mask
+    assert stat.S_IMODE((tmp_path / "cache" / "f.npy").stat().st_mode) == 0o666 & ~mask
     for folder in (root / "d", out):
         modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in folder.iterdir()}
         assert modes and set(modes.values()) == {0o666 & ~mask}, modes

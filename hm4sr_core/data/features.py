@@ -43,6 +43,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from tqdm.auto import tqdm
 
+from ..atomic import follow_umask
 from ..paths import data_root
 
 TEXT_DIM = 384
@@ -137,6 +138,7 @@ def _save_atomic(path: Path, array: np.ndarray, kind: str) -> None:
             np.save(tmp, array, allow_pickle=False)
             tmp.flush()
             os.fsync(tmp.fileno())
+        follow_umask(tmp_name)  # mkstemp makes it 0600; the cache is shared like any other file
         os.replace(tmp_name, path)
     finally:
         if os.path.exists(tmp_name):
