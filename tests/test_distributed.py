@@ -133,15 +133,26 @@ def test_two_ranks_reach_the_parameters_of_one_process(ddp_run, world, case, tmp
     assert record["distributed"]["world_size"] == 2 and record["distributed"]["backend"] == "gloo"
 
 
+def _one_thread(run):
+    """``run()`` with one torch thread, as each rank runs: a thread count can change the
+    order a kernel sums in, so only with the ranks' count is the arithmetic the same."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return run()
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_sharded_evaluation_equals_one_process_to_the_bit(ddp_run, world):
     ds, split = world
     model = model_from_checkpoint(load_checkpoint(ddp_run / "sasrec_prefix" / "last.pt"), ds, best=False)
-    want = evaluate(model, split.valid, ddp_ranks.EVAL_CONFIG, history=split.train_history(),
-                    time_origin=int(ds.stats["first_timestamp"]))
+    want = _one_thread(lambda: evaluate(model, split.valid, ddp_ranks.EVAL_CONFIG, history=split.train_history(),
+                                        time_origin=int(ds.stats["first_timestamp"])))
     got = torch.load(ddp_run / "eval.pt", weights_only=False)
     assert len(want.users) > 7 * 2  # more evaluation batches than ranks: both ranks ranked some
-    # Exact: each rank scores whole 7-row batches, the same ones through the same ops as one
-    # process, and the metrics are functions of integer counts (items scored above the target)
+    # Exact: each rank scores whole 7-row batches, the same ones through the same ops on one
+    # thread as this process, and the metrics are functions of integer counts
     assert np.array_equal(got["users"], want.users) and np.array_equal(got["top_items"], want.top_items)
     assert got["per_user"].keys() == want.per_user.keys()
     for k, v in want.per_user.items():
@@ -155,8 +166,8 @@ def test_training_results_rank_every_user_once_as_one_process(ddp_run, world):
     ds, split = world
     _, train_cfg = ddp_ranks.equality_cases(split)["hm4sr_dense"]
     model = model_from_checkpoint(load_checkpoint(ddp_run / "hm4sr_dense" / "best.pt"), ds)
-    want = evaluate(model, split.valid, train_cfg, history=split.train_history(),
-                    time_origin=int(ds.stats["first_timestamp"]))
+    want = _one_thread(lambda: evaluate(model, split.valid, train_cfg, history=split.train_history(),
+                                        time_origin=int(ds.stats["first_timestamp"])))
     got = pd.read_parquet(ddp_run / "hm4sr_dense" / "per_user_valid.parquet")  # exact, as above
     assert got["user"].is_unique and np.array_equal(got["user"].to_numpy(), want.users)
     for k, v in want.per_user.items():
