@@ -302,6 +302,9 @@ def test_a_prepare_killed_between_its_renames_is_restored_by_the_next(tmp_path, 
     assert killed.returncode == -signal.SIGKILL
     left = sorted(p.name for p in root.iterdir())
     assert "d" not in left and any(n.startswith(".d.old-") for n in left) and any(n.startswith(".d.tmp-") for n in left)
+    code, _, err = _run(capsys, "train", "--data", root / "d", "--out", tmp_path / "run", *TINY_SETS)
+    assert code == 2 and not (tmp_path / "run").exists()
+    _one_error_line(err, f"no prepared dataset at {root / 'd'}", ".d.old-*", "again to restore it")
     code, out, _ = _run(capsys, "prepare", "synthetic", "--name", "d", "--out-root", root, *SMALL_WORLD, "--seed", "1")
     assert code == 0
     assert "recovered    restored" in out and "recovered    removed .d.tmp-" in out and "reused" in out

@@ -112,6 +112,12 @@ def resolve_dataset_path(name_or_path: str | Path) -> Path:
     candidate = processed_root() / str(name_or_path)
     if (candidate / "manifest.json").exists():
         return candidate
+    for folder in (p, candidate):
+        if folder.name and folder.parent.is_dir() and any(
+                entry.name.startswith(f".{folder.name}.old-") for entry in folder.parent.iterdir()):
+            raise DataError(f"no prepared dataset at {folder}: a prepare was killed while replacing it and left "
+                            f"it in {folder.parent}/.{folder.name}.old-*; run the same `hm4sr prepare` "
+                            f"(--name {folder.name}) again to restore it")
     raise DataError(f"no prepared dataset at {p} or {candidate} (no manifest.json); "
                     f"run `hm4sr prepare` first")
 
