@@ -49,7 +49,7 @@ SOURCE_TREE = Path(__file__).resolve().parents[1]  # a clone or an editable inst
 # so the first gate picture of a run comes from a converged model on data whose truth is known.
 TOUR = "00_expert_routing_tour"
 NOTEBOOKS = (TOUR, "01_prepare_data", "02_train", "03_expert_gating", "04_temporal_embeddings",
-             "05_loss_contributions", "06_embedding_atlas", "08_tuning")
+             "05_loss_contributions", "06_embedding_atlas", "07_recommend_and_explain", "08_tuning")
 
 
 def _notebook_dir() -> Path:

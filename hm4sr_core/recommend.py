@@ -722,3 +722,16 @@ def format_explanation(explanation: Explanation, shown: int = OCCLUDED_SHOWN) ->
         for (level, stream), rows in g.groupby(["level", "stream"], sort=False):
             lines.append(f"  {level:11s} {stream:6s} " + " ".join(f"{x:.3f}" for x in rows["gate"]))
     return "\n".join(lines)
+
+
+def stream_summary(frame: pd.DataFrame) -> pd.DataFrame:
+    """Per stream, over every row of a :func:`recommend` table: the mean part, its share of
+    the mean score (parts can be negative, so shares can leave [0, 1]), and how often the
+    stream holds the largest part of a score."""
+    parts = [c for c in frame.columns if c.startswith("score_")]
+    values = frame[parts].to_numpy()
+    largest = np.bincount(values.argmax(axis=1), minlength=len(parts)) / max(len(frame), 1)
+    mean_score = float(frame["score"].mean())
+    return pd.DataFrame({"stream": [p[len("score_"):] for p in parts], "mean_part": values.mean(axis=0),
+                         "share_of_mean_score": values.mean(axis=0) / mean_score if mean_score else np.nan,
+                         "largest_part_share": largest})

@@ -283,6 +283,24 @@ def test_tuning_record(records):
     assert set(r["importances"]) == set(r["best"]["params"])
 
 
+def test_recommendation_record(records):
+    r = records["07_recommend_and_explain"]
+    assert r["parameters"]["smoke"] is True and r["planted_data_used"] is True  # the smoke run's data is planted
+    k = r["parameters"]["k"]
+    assert len(r["lists"]) == 3 and all(len(items) == len(set(items)) == k for items in r["lists"].values())
+    assert r["streams"] == ["id", "text", "image"]
+    # The parts sum to the score: their means sum to the mean score (up to its float32 rounding).
+    assert abs(sum(row["share_of_mean_score"] for row in r["stream_summary"]) - 1.0) < 1e-5
+    assert abs(r["largest_parts_sum"] - 1.0) < 1e-12
+    assert r["occlusion_rows"] > 0 and 0.0 <= r["what_if"]["temporal_shift"] <= 1.0
+    assert 0 <= r["what_if"]["entered"] <= k
+    rule = {row["condition"]: row for row in r["month_rule"]}
+    assert set(rule) == {"real", "shuffled", "short gap"} and len({row["users"] for row in rule.values()}) == 1
+    assert all(0.0 <= row["rule_share"] <= 1.0 and 0.0 < row["chance"] < 1.0 for row in rule.values())
+    assert r["follows_month_rule"] == (rule["real"]["rule_share"] > max(rule["shuffled"]["rule_share"],
+                                                                       rule["short gap"]["rule_share"]))
+
+
 def _comparable(records: dict) -> dict:
     """The values that must repeat exactly for the seed: metrics, not timings or paths."""
     train = records["02_train"]
@@ -293,6 +311,10 @@ def _comparable(records: dict) -> dict:
         "time_controls": {row["eval_time"]: row["ndcg@10"] for row in records["04_temporal_embeddings"]["time_controls"]},
         "ablation": {row["model"]: row["ndcg@10 mean"] for row in records["05_loss_contributions"]["ablation"]},
         "agreement": {row["space"]: row["agreement"] for row in records["06_embedding_atlas"]["agreement"]},
+        "recommend": {"stream_mean_part": {row["stream"]: row["mean_part"]
+                                           for row in records["07_recommend_and_explain"]["stream_summary"]},
+                      "month_rule": {row["condition"]: row["rule_share"]
+                                     for row in records["07_recommend_and_explain"]["month_rule"]}},
         "tuning": {"best_value": records["08_tuning"]["best"]["value"], "states": records["08_tuning"]["states"],
                    "test_ndcg@20": {row["model"]: row["ndcg@20 mean"] for row in records["08_tuning"]["comparison"]}},
         "tour": {"test_ndcg@10": records[TOUR]["training"]["test"]["ndcg@10"],
