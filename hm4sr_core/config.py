@@ -227,7 +227,7 @@ class ModelConfig(_Config):
 
     @classmethod
     def reference(cls, **changes) -> "ModelConfig":
-        """The authors' released behaviour for the defects that keep a switch (hm4sr_model.md, section 4)."""
+        """The authors' released behaviour for the defects that keep a switch (docs/model.md, section 4)."""
         base = dict(name="reference", train_temporal_experts=False, normalise_time=False,
                     mask_same_target=False, reference_init=True)
         base.update(changes)

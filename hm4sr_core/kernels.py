@@ -1,6 +1,6 @@
 """How the model of :mod:`hm4sr_core.model` is executed: CPU fast paths and memory savers.
 
-``model.py`` states what HM4SR computes (hm4sr_model.md section 2) with stock torch
+``model.py`` states what HM4SR computes (docs/model.md section 2) with stock torch
 operations, all streams of a layer in one batched kernel per operation: the form a GPU
 runs and a reader can check against the paper. This module computes the same thing
 faster on a CPU, or in less memory, and nothing here changes what is computed:

@@ -7,7 +7,7 @@ HR/NDCG/MRR arrays that feed the paired tests between models
 (:mod:`hm4sr_core.significance`).
 
 Conventions (shared by every model in the workbench). HM4SR scores an item as
-``sum over streams s of <s_s, v_s(i)>`` (``docs/hm4sr_model.md``, step 6), which is one
+``sum over streams s of <s_s, v_s(i)>`` (``docs/model.md``, section 2.6), which is one
 dot product ``<q_u, V_i>`` of the concatenated streams; SASRec's score is one too.
 
 * Items are numbered ``1..N``; column/row 0 is the padding item and is never a

@@ -1,4 +1,4 @@
-"""HM4SR and its SASRec baseline, in one file read top to bottom (hm4sr_model.md, sections 2-3).
+"""HM4SR and its SASRec baseline, in one file read top to bottom (docs/model.md, sections 2-3).
 
 Small modules first, in the order of the forward pass: the feature tables' width
 (section 1), the Interactive MoE (2.2), the time embedding (2.3), the Temporal MoE (2.4),
@@ -328,7 +328,7 @@ class StackedTransformerLayer(nn.Module):
 
 
 class StreamEncoders(nn.Module):
-    """Per stream: LayerNorm -> dropout -> causal Transformer (hm4sr_model.md 2.5)."""
+    """Per stream: LayerNorm -> dropout -> causal Transformer (docs/model.md 2.5)."""
 
     def __init__(self, S: int, config: ModelConfig):
         super().__init__()

@@ -1,5 +1,5 @@
 """Recommendations a person can read: each user's top-k over the whole catalogue, the
-exact per-stream parts of every score, and why (hm4sr_model.md 2.6; ``hm4sr recommend``).
+exact per-stream parts of every score, and why (docs/model.md 2.6; ``hm4sr recommend``).
 
 HM4SR scores an item by late fusion, score(i) = sum over streams s (ID, text, image) of
 <q_s, v_s(i)> (section 2.6), so every score splits exactly into one part per stream:

@@ -1,4 +1,4 @@
-"""Tests for hm4sr_core.model (hm4sr_model.md sections 2-4): every parameter registered
+"""Tests for hm4sr_core.model (docs/model.md sections 2-4): every parameter registered
 and trained, the temporal-expert switch, gates, padding invariance, dense = prefix,
 loss magnitudes, the loss functions on hand-made tensors, presets and ablations,
 config validation, and a checkpoint round trip."""
@@ -185,7 +185,7 @@ def test_dense_loss_at_each_position_equals_the_prefix_example(tiny_ds, tiny_spl
 
 
 def test_starting_losses_have_the_documented_magnitudes(tiny_ds, tiny_split, tiny_model_config):
-    # hm4sr_model.md section 3: rec ~ ln N, contrastive ~ ln B, category ~ ln 2
+    # docs/model.md section 3: rec ~ ln N, contrastive ~ ln B, category ~ ln 2
     model = _model(tiny_model_config, tiny_ds).train()
     batch = _dense_batch(tiny_split, 64)
     out = model(batch, losses=True, generator=torch.Generator().manual_seed(0))

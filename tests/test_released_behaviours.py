@@ -1,5 +1,5 @@
 """The released code's feature handling, initialisation and time storage as switches
-(hm4sr_model.md section 4, "Released behaviours that are not defects"): feature_transform,
+(docs/model.md section 4, "Released behaviours that are not defects"): feature_transform,
 interactive_gate_bias, timestamps=float32|minmax and padding_row=trained. Each test checks
 what the switch changes and that the default leaves it as it was."""
 

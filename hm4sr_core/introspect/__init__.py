@@ -1,6 +1,6 @@
 """Model outputs -> tidy pandas DataFrames, for the notebooks and the explorers in ``widgets``.
 
-What lives here (hm4sr_model.md section 6, "where to look"), one module per question:
+What lives here (docs/model.md section 6, "where to look"), one module per question:
 
 - :mod:`.gates`: Interactive-MoE gates g_s per stream and position (paper section 3.2):
   :func:`gate_table`, summarised by :func:`expert_usage`, :func:`gate_by_category`,

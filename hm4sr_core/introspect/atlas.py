@@ -1,4 +1,4 @@
-"""Item representations as the scores use them (hm4sr_model.md 2.6) and a seeded 2-D
+"""Item representations as the scores use them (docs/model.md 2.6) and a seeded 2-D
 atlas of them (UMAP), with each item's dominant Interactive-MoE expert."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Each named loss per step and its share of the weighted total (from a run's step log),
-and how hard each loss pulls on the weights the losses share (hm4sr_model.md section 3)."""
+and how hard each loss pulls on the weights the losses share (docs/model.md section 3)."""
 
 from __future__ import annotations
 

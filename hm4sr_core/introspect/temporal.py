@@ -1,4 +1,4 @@
-"""What the model does with time (paper section 3.3, hm4sr_model.md 2.3): the interval
+"""What the model does with time (paper section 3.3, docs/model.md 2.3): the interval
 buckets real gaps reach, the learned interval table there, the absolute-time embedding
 with and without normalised time (defect 2), the Temporal-MoE gate on a grid of (gap,
 date) with no data at all, and metrics with real, shuffled and zeroed timestamps."""
