@@ -2,6 +2,11 @@
 and one tiny trained run folder, built once per session so every test stays fast.
 
 Sizes: 60 users, 40 items, ~700 interactions, T = 10, d = 16, one Transformer layer.
+
+Also the tolerances every float comparison in tests/ is built from (issue 25): float_tol
+(a rounding bound scaled to the magnitude and the number of rounding steps), forward_terms
+(those steps for one model forward), adam_param_tol (weights after Adam steps) and
+clear_of_ties (the rows whose ranking no rounding can change, so their metrics compare exactly).
 """
 
 from __future__ import annotations
@@ -27,6 +32,10 @@ from hm4sr_core.data.synthetic import make_synthetic_world  # noqa: E402
 from hm4sr_core.train import train  # noqa: E402
 
 torch.set_num_threads(2)
+
+TINY_T = 10  # sequence length of every tiny split and model
+TINY_WORLD = dict(seed=3, n_users=60, n_items=40, mean_length=12, text_dim=8, image_dim=8)
+
 
 FLOAT32_EPS = float(np.finfo(np.float32).eps)  # 2**-23 ~ 1.19e-7: the gap between 1.0 and the next float32
 FLOAT64_EPS = float(np.finfo(np.float64).eps)  # 2**-52 ~ 2.2e-16
@@ -64,11 +73,20 @@ def float_tol(magnitude: float, terms: int = 1, eps: float = FLOAT32_EPS) -> flo
     return terms * eps * magnitude
 
 
-# Rounding steps of one forward pass of the tiny models (T 10, d 16, inner 32, up to 4
-# streams of 16): about 8 reductions in a row (input projection, attention scores, attention
-# mix, output projection, two feed-forward layers, LayerNorm statistics, the score's dot
-# product over the streams), each of width <= 64, with a few ulp per exp / erf / rsqrt.
-TINY_FORWARD_TERMS = 8 * 64
+def forward_terms(config: ModelConfig) -> int:
+    """Rounding steps (:func:`float_tol`'s ``terms``) of one forward pass of a model built from
+    ``config``, up to its scores: per Transformer layer about 6 reductions in a row (attention
+    scores, attention mix, output projection, two feed-forward layers, LayerNorm statistics),
+    plus about 4 outside the layers (input projections, the MoE mixes, the score's dot product
+    over the streams), each of width at most max(4 streams x d, feed-forward width, T); a few
+    ulp per exp / erf / rsqrt stay within that."""
+    width = max(4 * config.hidden_size, config.inner_size, config.max_length)
+    return (4 + 6 * config.num_layers) * width
+
+
+TINY_MODEL = ModelConfig(hidden_size=16, max_length=TINY_T, num_layers=1, num_heads=2, inner_size=32,
+                         hidden_dropout=0.1, attention_dropout=0.1)
+TINY_FORWARD_TERMS = forward_terms(TINY_MODEL)  # 640
 
 
 @torch.no_grad()
@@ -124,9 +142,6 @@ def assert_float_close(got, want, terms: int, *, magnitude: float | None = None,
         magnitude = float(want.abs().max()) if want.numel() else 0.0
     torch.testing.assert_close(got, want, rtol=0, atol=float_tol(magnitude, terms, eps), msg=msg)
 
-TINY_T = 10  # sequence length of every tiny split and model
-TINY_WORLD = dict(seed=3, n_users=60, n_items=40, mean_length=12, text_dim=8, image_dim=8)
-
 
 @pytest.fixture(scope="session")
 def tiny_raw() -> RawDataset:
@@ -152,8 +167,7 @@ def tiny_temporal_split(tiny_ds):
 @pytest.fixture(scope="session")
 def tiny_model_config() -> ModelConfig:
     """HM4SR with every part on, shrunk: d 16, 1 layer, T 10, light dropout."""
-    return ModelConfig(hidden_size=16, max_length=TINY_T, num_layers=1, num_heads=2, inner_size=32,
-                       hidden_dropout=0.1, attention_dropout=0.1)
+    return TINY_MODEL
 
 
 @pytest.fixture(scope="session")
