@@ -461,7 +461,9 @@ def cmd_evaluate(args) -> int:
         over[key] = TrainConfig.parse_value(key, text)
     payload = load_checkpoint(args.checkpoint)
     train_cfg = TrainConfig.from_dict(payload["train_config"]).replace(**over)
-    data = args.data or payload["data_name"]
+    data = args.data or payload.get("data_name")
+    if not data:
+        raise ValueError(f"{args.checkpoint}: records no dataset name; give --data")
     manifest = read_manifest(data)
     if manifest["data_hash"] != payload["data_hash"]:
         raise ValueError(f"{args.checkpoint} was trained on data {payload['data_hash'][:12]}, "

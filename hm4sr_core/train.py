@@ -124,8 +124,17 @@ def _atomic_torch_save(payload: dict, path: Path) -> None:
                       f"file system; the previous {path.name} is kept") from None
 
 
-CHECKPOINT_KEYS = ("checkpoint_version", "model_state", "best_state", "model_config", "train_config", "data_hash",
-                   "data_name", "epoch")
+CHECKPOINT_KEYS = ("checkpoint_version", "model_config", "train_config", "data_hash")  # what every reader needs
+RESUME_KEYS = ("model_state", "optimizer_state", "best_state", "rng_state", "steps", "epochs", "epoch", "best_metric",
+               "best_epoch", "bad_epochs")  # what --resume needs besides
+
+
+def require_keys(payload: dict, keys: tuple[str, ...], path: str | Path) -> dict:
+    """``payload``, or ValueError naming ``path`` and the keys it lacks."""
+    missing = [key for key in keys if key not in payload]
+    if missing:
+        raise ValueError(f"{path}: missing {', '.join(missing)}; expected a checkpoint written by `hm4sr train`")
+    return payload
 
 
 def load_checkpoint(path: str | Path) -> dict:
@@ -162,17 +171,18 @@ def load_checkpoint(path: str | Path) -> dict:
     if payload.get("checkpoint_version") != CHECKPOINT_VERSION:
         raise ValueError(f"{path}: checkpoint_version {payload.get('checkpoint_version')!r}, "
                          f"expected {CHECKPOINT_VERSION}")
-    missing = [key for key in CHECKPOINT_KEYS if key not in payload]
-    if missing:
-        raise ValueError(f"{path}: missing {', '.join(missing)}; expected a checkpoint written by `hm4sr train`")
-    return payload
+    return require_keys(payload, CHECKPOINT_KEYS, path)
 
 
 def model_from_checkpoint(payload: dict, dataset: Dataset, *, best: bool = True) -> HM4SR:
     cfg = ModelConfig.from_dict(payload["model_config"])
     model = build_model(cfg, dataset)
+    key = "best_state" if best else "model_state"
+    if key not in payload:
+        raise ValueError(f"checkpoint of {payload.get('data_name')!r}: missing {key}; expected a checkpoint "
+                         f"written by `hm4sr train`")
     try:
-        model.load_state_dict(payload["best_state"] if best else payload["model_state"])
+        model.load_state_dict(payload[key])
     except (RuntimeError, TypeError, AttributeError) as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ValueError(f"checkpoint of {payload.get('data_name')!r}: its weights do not fit the model its "
@@ -262,7 +272,7 @@ def train(dataset: Dataset, model_config: ModelConfig = ModelConfig(), config: T
     if resume:
         if out is None or not (out / "last.pt").exists():
             raise FileNotFoundError(f"resume: no last.pt in {out}")
-        ck = load_checkpoint(out / "last.pt")
+        ck = require_keys(load_checkpoint(out / "last.pt"), RESUME_KEYS, out / "last.pt")
         if ck["data_hash"] != data_hash:
             raise ValueError(f"resume: {out / 'last.pt'} was trained on data {ck['data_hash'][:12]}, "
                              f"this dataset is {data_hash[:12]}")
@@ -551,12 +561,12 @@ def _promote_checkpoint(out: Path) -> list[str]:
     """A complete temporary last.pt newer than last.pt (or in its absence) becomes last.pt."""
     current = out / "last.pt"
     try:
-        epoch = load_checkpoint(current)["epoch"] if current.exists() else 0
+        epoch = require_keys(load_checkpoint(current), RESUME_KEYS, current)["epoch"] if current.exists() else 0
     except ValueError:
         epoch = 0
     for tmp in atomic.temp_files(out, ("last.pt",)).get("last.pt", []):
         try:
-            candidate = load_checkpoint(tmp)
+            candidate = require_keys(load_checkpoint(tmp), RESUME_KEYS, tmp)
         except (ValueError, OSError):
             continue  # cut short: removed with the other temporary files
         if candidate["epoch"] > epoch:

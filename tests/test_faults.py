@@ -361,7 +361,7 @@ def _checkpoints(run_folder: Path, folder: Path) -> dict[str, Path]:
 @pytest.mark.parametrize("kind, expected", [
     ("pickled", "holds objects other than tensors and plain values"),
     ("list", "holds a list; expected a checkpoint dict"),
-    ("keys", "missing model_state"),
+    ("keys", "missing model_config, train_config, data_hash"),
     ("garbage", "not a readable checkpoint"),
     ("truncated", "not a readable checkpoint"),
     ("empty", "not a readable checkpoint"),
@@ -385,13 +385,14 @@ def test_a_truncated_manifest_is_named(prepared, tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
-def test_an_over_long_name_is_refused(tmp_path, capsys):
+def test_an_over_long_name_is_refused(prepared, tmp_path, capsys):
     code, _, err = _run(capsys, "prepare", "synthetic", "--name", "n" * 300, "--out-root", tmp_path)
     assert code == 2
     _one_error_line(err, "--name", "300 bytes", "at most 200 bytes")
     assert list(tmp_path.iterdir()) == []
-    code, _, err = _run(capsys, "train", "--data", "x", "--out", tmp_path / ("r" * 300))
-    assert code == 2  # no such dataset named first; the name is checked before anything is written
+    code, _, err = _run(capsys, "train", "--data", prepared, "--out", tmp_path / ("r" * 300), *TINY_SETS)
+    assert code == 2
+    _one_error_line(err, "--out", "300 bytes", "at most 200 bytes")
     assert list(tmp_path.iterdir()) == []
 
 
