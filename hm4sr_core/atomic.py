@@ -13,10 +13,11 @@ The one place that writes atomically (data/store.py, train.py and the notebooks 
 * :func:`follow_umask`: temporary files and folders are created 0600/0700 by
   ``tempfile``; what takes a target's place gets the modes the user's umask gives.
 
-Fault injection: with ``HM4SR_FAULT=<point>`` in the environment the process kills
-itself (SIGKILL) at that point, so tests reproduce a kill at the worst moment without
-luck. Points: ``between-renames`` (old folder moved aside, new one not yet in place)
-and ``before-file-rename`` (a file's temporary copy complete, not yet renamed).
+Fault injection: with ``HM4SR_FAULT=<point>`` or ``<point>:<target name>`` in the
+environment the process kills itself (SIGKILL) at that point, so tests reproduce a kill at
+the worst moment without luck. Points: ``between-renames`` (old folder moved aside, new
+one not yet in place) and ``before-file-rename`` (a file's temporary copy complete, not
+yet renamed), e.g. ``HM4SR_FAULT=before-file-rename:last.pt``.
 """
 
 from __future__ import annotations
