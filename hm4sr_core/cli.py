@@ -304,6 +304,21 @@ def build_parser() -> argparse.ArgumentParser:
     rc.add_argument("--data", help="dataset name or folder (default: the one the checkpoint was trained on)")
     rc.add_argument("--quiet", action="store_true", help="no progress bar")
 
+    ex = sub.add_parser("export", help="write a trained model for serving (ONNX)",
+                        description="Export the best checkpoint of RUN as an ONNX model from (item ids, timestamps, "
+                                    "lengths) to full-catalogue scores, or to query vectors plus an item table "
+                                    "(item_table.npy); dynamic batch and history length. Writes OUT/model.onnx, "
+                                    "OUT/items.json and OUT/export.json. Needs the onnx extra: "
+                                    "pip install \"hm4sr-workbench[onnx]\".")
+    ex.add_argument("run", metavar="RUN_OR_CHECKPOINT", help="a run folder of `hm4sr train` (its best.pt) or a .pt file")
+    ex.add_argument("--format", default="onnx", choices=("onnx",), help="serving format (default onnx)")
+    ex.add_argument("--out", required=True, help="folder to write (refused when it exists and is not empty)")
+    ex.add_argument("--output", default="scores", choices=("scores", "query"),
+                    help="scores: (batch, N+1) catalogue scores (default); query: (batch, S*d) query vectors, "
+                         "score = query @ item_table.T")
+    ex.add_argument("--data", help="dataset name or folder (default: the one the checkpoint was trained on)")
+    ex.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
+
     rn = sub.add_parser("run-notebooks", help="execute the notebooks with papermill into runs/<run-id>/")
     rn.add_argument("--smoke", action="store_true", help="tiny fast run (synthetic world, few epochs)")
     rn.add_argument("--data", help="dataset name for the notebooks (default ml-100k; synthetic with --smoke)")
@@ -682,8 +697,21 @@ def cmd_recommend(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from .export import _require_onnx, export_onnx
+    from .recommend import load_recommender
+    _require_onnx()  # a missing extra is named before any work
+    r = load_recommender(args.run, args.data)
+    folder = export_onnx(r.model, r.dataset, args.out, output=args.output, overwrite=args.overwrite,
+                         metadata={"checkpoint": str(r.checkpoint), "data_hash": r.data_hash,
+                                   "dataset": r.dataset.name})
+    print(f"{args.output} model for {r.dataset.num_items} items, streams {', '.join(r.model.stream_names)} -> "
+          f"{folder / 'model.onnx'}")
+    return 0
+
+
 COMMANDS = {"prepare": cmd_prepare, "train": cmd_train, "evaluate": cmd_evaluate, "compare": cmd_compare,
-            "table": cmd_table, "recommend": cmd_recommend, "tune": cmd_tune,
+            "table": cmd_table, "recommend": cmd_recommend, "export": cmd_export, "tune": cmd_tune,
             "run-notebooks": cmd_run_notebooks, "copy-notebooks": cmd_copy_notebooks, "demo": cmd_demo}
 
 
