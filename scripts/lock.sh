@@ -17,7 +17,7 @@ PYTHON=${PYTHON:-python3.11}
 upgrade=()
 [ "${UPGRADE:-0}" = "1" ] && upgrade=(--upgrade)
 CUSTOM_COMPILE_COMMAND="bash scripts/lock.sh" "$TOOLS/bin/pip-compile" --quiet --strip-extras "${upgrade[@]}" \
-  --no-emit-index-url --no-emit-find-links --extra encoders --extra workbench --extra tune --extra test \
+  --no-emit-index-url --no-emit-find-links --extra encoders --extra workbench --extra tune --extra onnx --extra test \
   --unsafe-package opencv-python --unsafe-package opencv-python-headless \
   -c scripts/lock-constraints.txt -o requirements.lock pyproject.toml
 echo "requirements.lock: $(grep -cE '^[A-Za-z0-9_.-]+==' requirements.lock) packages"
