@@ -60,10 +60,8 @@ def float_tol(magnitude: float, terms: int = 1, eps: float = FLOAT32_EPS) -> flo
     terms: rounding steps on the longest path to one output: the length of each reduction it
     passes through (a dot product of width d, a sum over examples or positions), added over
     the layers, plus a few per elementwise function (exp, log, tanh, erf, rsqrt are vectorised
-    to within a few ulp, with different code per instruction set). For a sum over n examples
-    of values computed through width-d layers (a gradient, a mean loss) use n * d, not n + d:
-    the contributions can cancel, so their absolute sum, which the bound is really about, may
-    exceed the result's scale by up to n.
+    to within a few ulp, with different code per instruction set). :func:`forward_terms`
+    counts them for a model's forward pass, :func:`batch_terms` for a sum over a batch.
     eps: FLOAT64_EPS for a computation done in float64, BF16_EPS for bf16 autocast.
 
     This is a worst-case bound: rounding errors mostly cancel, and the gaps measured on any
@@ -73,15 +71,29 @@ def float_tol(magnitude: float, terms: int = 1, eps: float = FLOAT32_EPS) -> flo
     return terms * eps * magnitude
 
 
+def widest_reduction(config: ModelConfig) -> int:
+    """The longest sum in a model built from ``config``: max(4 streams x d, feed-forward
+    width, T)."""
+    return max(4 * config.hidden_size, config.inner_size, config.max_length)
+
+
 def forward_terms(config: ModelConfig) -> int:
     """Rounding steps (:func:`float_tol`'s ``terms``) of one forward pass of a model built from
     ``config``, up to its scores: per Transformer layer about 6 reductions in a row (attention
     scores, attention mix, output projection, two feed-forward layers, LayerNorm statistics),
     plus about 4 outside the layers (input projections, the MoE mixes, the score's dot product
-    over the streams), each of width at most max(4 streams x d, feed-forward width, T); a few
-    ulp per exp / erf / rsqrt stay within that."""
-    width = max(4 * config.hidden_size, config.inner_size, config.max_length)
-    return (4 + 6 * config.num_layers) * width
+    over the streams), each at most :func:`widest_reduction` long; a few ulp per exp / erf /
+    rsqrt stay within that."""
+    return (4 + 6 * config.num_layers) * widest_reduction(config)
+
+
+def batch_terms(examples: int, config: ModelConfig) -> int:
+    """Rounding steps of a sum over ``examples`` of values each computed by a forward (and
+    backward) pass: a loss averaged over a batch, a parameter's gradient. The pass's own
+    steps, plus the sum's: ``examples`` additions, each on the absolute sum of the
+    contributions, which exceeds the result's scale where they cancel; the test cannot see
+    that sum, so each addition is counted :func:`widest_reduction` times as a margin."""
+    return forward_terms(config) + examples * widest_reduction(config)
 
 
 TINY_MODEL = ModelConfig(hidden_size=16, max_length=TINY_T, num_layers=1, num_heads=2, inner_size=32,

@@ -28,14 +28,14 @@ from hm4sr_core.train import initial_model, load_checkpoint, model_from_checkpoi
 
 sys.path.insert(0, str(Path(__file__).parent))
 import ddp_ranks  # noqa: E402
-from conftest import FLOAT64_EPS, adam_param_tol, assert_float_close, float_tol  # noqa: E402
+from conftest import FLOAT64_EPS, adam_param_tol, assert_float_close, batch_terms, float_tol  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 # DDP sums two ranks' gradients where one process sums all examples at once: float32
 # rounding in another order. A step's gradient element sums at most 528 examples (the
-# prefix-tail case's batch of every prefix but one) through layers of width <= 32.
-STEP_TERMS = 528 * 32
-PARAM_ATOL = adam_param_tol(3, ddp_ranks.BASE.lr, STEP_TERMS)  # 6.0e-6 (3 steps, lr 1e-3); measured <= 6.5e-8
+# prefix-tail case's batch of every prefix but one).
+STEP_TERMS = batch_terms(528, ddp_ranks.HM4SR_FULL)
+PARAM_ATOL = adam_param_tol(3, ddp_ranks.BASE.lr, STEP_TERMS)  # 1.2e-5 (3 steps, lr 1e-3); measured <= 6.5e-8
 
 
 def _env() -> dict:
@@ -126,9 +126,9 @@ def test_two_ranks_reach_the_parameters_of_one_process(ddp_run, world, case, tmp
         for moment, terms in (("exp_avg", STEP_TERMS), ("exp_avg_sq", 2 * STEP_TERMS)):
             assert_float_close(got[moment], want[moment], terms, msg=f"{index} {moment}")
     # the logged loss is the global batch's (count-weighted over ranks), as one process logs it:
-    # a mean over <= 528 examples of a softmax over 41 items of width-16 scores
+    # a mean over <= 528 examples
     logged = pd.read_csv(ddp_run / case / "steps.csv")["loss_rec"]
-    assert_float_close(logged, single.steps["loss_rec"], 528 + 41 + 16)
+    assert_float_close(logged, single.steps["loss_rec"], STEP_TERMS)
     record = json.loads((ddp_run / case / "results.json").read_text())
     assert record["distributed"]["world_size"] == 2 and record["distributed"]["backend"] == "gloo"
 
@@ -193,9 +193,8 @@ def test_contrastive_negatives_stay_within_each_ranks_shard(ddp_run, world):
     per_shard = [grads(s.batch, 100 + r) for r, s in enumerate(shards)]
     whole = grads(batch, 100)
     assert got.keys() == per_shard[0].keys() and len(got) > 10
-    # Each element sums up to 45 rows x 10 positions of products through width-16 layers: a
-    # float64 rounding bound over 45 * 10 * 16 terms, ~1e-11 at the gradients' scale of ~5
-    terms = 45 * 10 * 16
+    # a float64 rounding bound over a batch of 45 prefixes, ~4e-12 at the gradients' scale of ~5
+    terms = batch_terms(45, ddp_ranks.HM4SR_FULL)
     for name in got:
         assert got[name].dtype == torch.float64, name
         want = sum(s.examples / s.total * g[name] for s, g in zip(shards, per_shard))
