@@ -422,21 +422,37 @@ def _alive(worker: str) -> bool | None:
     return not start or _process_start(pid) == start
 
 
-def fail_dead_trials(study) -> list[int]:
-    """Mark FAIL every RUNNING trial whose worker process on this host is gone (killed);
-    returns their numbers. Trials of other hosts are left to the heartbeat."""
+UNCLAIMED_S = 30.0  # a live worker names itself on its new trial within milliseconds
+
+
+def fail_dead_trials(study, *, report: bool = True) -> list[int]:
+    """Mark FAIL every RUNNING trial whose worker is dead: one whose worker process on this
+    host is gone (killed), and one no worker ever claimed (its process died between
+    creating the trial and naming itself on it) once it is ``UNCLAIMED_S`` old. Trials of
+    other hosts' workers are left to the heartbeat. Returns the numbers of the trials failed."""
+    import datetime
     optuna = _optuna()
     failed = []
+    now = datetime.datetime.now()  # Optuna stamps datetime_start with the local naive time
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         worker = t.user_attrs.get("worker", "")
-        if worker and _alive(worker) is False:
-            try:
-                study._storage.set_trial_user_attr(t._trial_id, "fail_reason",
-                                                   f"its worker {worker} died (killed) while it ran")
-                study._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
-            except RuntimeError:  # it finished meanwhile
+        if worker:
+            if _alive(worker) is not False:
                 continue
-            failed.append(t.number)
+            reason = f"its worker {worker} died (killed) while it ran"
+        else:
+            if t.datetime_start is None or (now - t.datetime_start).total_seconds() < UNCLAIMED_S:
+                continue
+            reason = f"no worker claimed it within {UNCLAIMED_S:g} s of its start: its process died before it began"
+        try:
+            study._storage.set_trial_user_attr(t._trial_id, "fail_reason", reason)
+            study._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
+        except RuntimeError:  # it finished meanwhile
+            continue
+        failed.append(t.number)
+    if failed and report:
+        print(f"[tune] trial(s) {', '.join(map(str, failed))} of a killed run marked failed (never reported)",
+              flush=True)
     return failed
 
 
@@ -545,10 +561,7 @@ def search(settings: TuneSettings, *, worker: int = 0, dataset=None) -> None:
     if settings.train.threads:
         torch.set_num_threads(settings.train.threads)
     study = open_study(settings, manifest["data_hash"], worker=worker)
-    dead = fail_dead_trials(study)
-    if dead:
-        print(f"[tune] trial(s) {', '.join(map(str, dead))} of a killed run marked failed (never reported)",
-              flush=True)
+    fail_dead_trials(study)
     split = sealed_split(dataset, settings.base_model().max_length, settings.train.split)
     bar = None
     if settings.progress and settings.jobs == 1:

@@ -23,6 +23,7 @@ import pytest
 
 optuna = pytest.importorskip("optuna", reason="Optuna is not installed (pip install \"hm4sr-workbench[tune]\")")
 
+from hm4sr_core import tune  # noqa: E402
 from hm4sr_core.cli import main  # noqa: E402
 from hm4sr_core.data.store import save_dataset  # noqa: E402
 from hm4sr_core.train import train  # noqa: E402
@@ -161,17 +162,35 @@ def test_study_then_final_seeds_then_best_config_round_trip(tiny_folder, tmp_pat
 
 
 def _states(db: Path) -> dict[int, str]:
+    """Trial number -> state; a RUNNING trial its worker has claimed reads 'RUNNING+'."""
     try:
         with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as con:
-            return dict(con.execute("select number, state from trials").fetchall())
+            states = dict(con.execute("select number, state from trials").fetchall())
+            claimed = {n for (n,) in con.execute(
+                "select t.number from trials t join trial_user_attributes a on a.trial_id = t.trial_id "
+                "where t.state = 'RUNNING' and a.key = 'worker'")}
     except sqlite3.Error:
         return {}
+    return {n: s + ("+" if n in claimed else "") for n, s in states.items()}
+
+
+def test_dead_and_unclaimed_trials_are_failed_live_ones_kept(tmp_path, monkeypatch):
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'study.db'}")
+    dead, live, young, remote = (study.ask() for _ in range(4))
+    dead.set_user_attr("worker", f"{socket.gethostname()}:{2**22 + 12345}:")  # above Linux's largest pid
+    live.set_user_attr("worker", tune.worker_id())  # this process
+    remote.set_user_attr("worker", "another-host:1:")  # left to the heartbeat
+    assert tune.fail_dead_trials(study) == [dead.number]  # young: no worker yet, but just created
+    monkeypatch.setattr(tune, "UNCLAIMED_S", 0.0)
+    assert tune.fail_dead_trials(study) == [young.number]
+    states = {t.number: t.state.name for t in study.get_trials()}
+    assert states == {dead.number: "FAIL", live.number: "RUNNING", young.number: "FAIL", remote.number: "RUNNING"}
 
 
 def test_kill_9_then_the_same_command_goes_on(tiny_folder, tmp_path):
     out = tmp_path / "tune"
     cmd = [sys.executable, "-m", "hm4sr_core.cli", "tune", "--data", str(tiny_folder), "--model", "sasrec",
-           "--trials", "5", "--epochs", "6", "--warmup-epochs", "1", "--startup-trials", "2", "--out", str(out),
+           "--trials", "4", "--epochs", "4", "--warmup-epochs", "1", "--startup-trials", "2", "--out", str(out),
            "--final-seeds", "none", "--quiet", *TINY_MODEL, "--set", "threads=1"]
     env = dict(os.environ, PYTHONPATH=str(REPO))
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -180,13 +199,13 @@ def test_kill_9_then_the_same_command_goes_on(tiny_folder, tmp_path):
     while time.monotonic() < deadline and proc.poll() is None:
         states = _states(out / "study.db")
         done = [n for n, s in states.items() if s in ("COMPLETE", "PRUNED")]
-        if done and "RUNNING" in states.values():
+        if done and "RUNNING+" in states.values():  # killed mid-training
             os.kill(proc.pid, signal.SIGKILL)
             break
         time.sleep(0.02)
     proc.wait(10)
     assert proc.returncode == -signal.SIGKILL, f"not killed mid-trial: {states}, {proc.stderr.read()[-500:]!r}"
-    killed = [n for n, s in _states(out / "study.db").items() if s == "RUNNING"]
+    killed = [n for n, s in _states(out / "study.db").items() if s.startswith("RUNNING")]
     before = {t.number: (t.state, t.value) for t in _trials(out, "sasrec-tiny") if t.state.is_finished()}
     assert len(killed) == 1 and before
     run = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
@@ -196,7 +215,7 @@ def test_kill_9_then_the_same_command_goes_on(tiny_folder, tmp_path):
     assert {n: (after[n].state, after[n].value) for n in before} == before  # finished trials kept as they were
     lost = after[killed[0]]
     assert lost.state.name == "FAIL" and "died" in lost.user_attrs["fail_reason"]
-    assert sum(t.state.name in ("COMPLETE", "PRUNED") for t in after.values()) == 5
+    assert sum(t.state.name in ("COMPLETE", "PRUNED") for t in after.values()) == 4
     summary = json.loads((out / "tune.json").read_text())
     assert summary["trials"]["fail"] == 1 and "final" not in summary  # --final-seeds none: search only
     assert summary["best"]["trial"] != killed[0]
