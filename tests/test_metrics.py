@@ -10,6 +10,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import FLOAT64_EPS, assert_float_close, float_tol
 
 from hm4sr_core.metrics import (
     TIE_POLICIES,
@@ -93,8 +94,12 @@ def test_expected_metrics_equal_average_over_tie_breaks():
     got = metrics_from_counts(greater, equal, ks)
     for user, (g, e) in enumerate(zip(greater, equal)):
         possible = metrics_from_ranks(np.arange(g + 1, g + e + 2), ks)
+        # float64 sums of terms <= 1: prefix sums up to the largest cut-off on one side, the
+        # e + 1 tied ranks on the other
+        terms = max(ks) + e + 1
         for name, values in possible.items():
-            assert got[name][user] == pytest.approx(values.mean(), abs=1e-15), (name, g, e)
+            assert got[name][user] == pytest.approx(values.mean(), rel=0, abs=float_tol(terms, terms, FLOAT64_EPS)), \
+                (name, g, e)
 
 
 def test_metrics_from_ranks_refuses_fractional_rank():
@@ -211,12 +216,18 @@ def test_duplicated_item_rows_tie_exactly_with_the_target():
         table[spots] = table[targets[user]].clone()
     full = queries @ table.T
     reference = count_greater_equal(full, targets)
+    # The chunks' products may round other than the full matrix's (random floats, not the
+    # integer problem): an item within rounding of the target's score may change sides.
+    target_score = full.gather(1, targets.view(-1, 1))
+    near = ((full - target_score).abs() <= 2 * float_tol(full.abs().amax(1, keepdim=True), dim)) \
+        & (full != target_score)
+    slack = near[:, 1:].sum(1)
     # Straight from a model's embedding, which requires grad.
     table = torch.nn.Parameter(table)
     for chunk_items in (97, 1000, 3001, 65536):
         counts, _ = count_dot_product(queries, table, targets, chunk_items=chunk_items)
-        assert torch.equal(counts.equal, reference.equal)
-        assert torch.equal(counts.greater, reference.greater)
+        assert torch.equal(counts.equal, reference.equal)  # the copies: the same row, the same bits
+        assert bool(((counts.greater - reference.greater).abs() <= slack).all())
         # Copies of another user's target may land on this user's target too.
         assert bool((counts.equal >= 1).all())
 
@@ -252,7 +263,10 @@ def test_top_k_matches_torch_topk_on_the_full_matrix():
     for chunk_items in (97, 700, 2501):
         _, top = count_dot_product(queries, table, targets, chunk_items=chunk_items,
                                    exclude_items=history, top_k=50)
-        assert torch.equal(top, expected)
+        # Random floats: the chunks' products may round other than the full matrix's, so two
+        # items within rounding of each other may swap; the lists hold the same scores.
+        assert bool((top > 0).all()) and all(len(set(row)) == 50 for row in top.tolist())
+        assert_float_close(full.gather(1, top), full.gather(1, expected), 16)
 
 
 def test_padding_is_never_a_candidate_even_when_it_scores_highest():
