@@ -38,7 +38,7 @@ import torch
 
 from .config import SplitConfig, TrainConfig
 from .data.schema import DataError, Dataset
-from .data.splits import SequenceBatch, SplitPart, build_split, iterate_batches
+from .data.splits import SequenceBatch, Split, SplitPart, build_split, iterate_batches
 from .evaluate import query_by_length
 from .metrics import _COUNT_COLUMNS, _chunk_layout, _chunk_top_k, _merge_top_k
 
@@ -145,18 +145,20 @@ def _user_rows(dataset: Dataset) -> tuple[np.ndarray, np.ndarray]:
     return np.searchsorted(users, ids, "left"), np.searchsorted(users, ids, "right")
 
 
-def history_part(dataset: Dataset, users: np.ndarray, at: str, split_config: SplitConfig) -> SplitPart:
+def history_part(dataset: Dataset, users: np.ndarray, at: str, split_config: SplitConfig,
+                 split: Split | None = None) -> SplitPart:
     """The query histories of ``users`` (ids, in that order) as a SplitPart.
 
     ``at="end"``: every interaction of the user (the last ``max_length``): what to
-    recommend next. ``"test"`` / ``"valid"``: the rows of that part of the split, the
-    histories evaluation ranks (their targets kept); a user absent from it is named."""
+    recommend next. ``"test"`` / ``"valid"``: the rows of that part of the split (``split``,
+    or built from ``split_config``), the histories evaluation ranks (their targets kept); a
+    user absent from it is named."""
     if at not in AT_CHOICES:
         raise ValueError(f"at must be one of {AT_CHOICES}, got {at!r}")
     users = np.asarray(users, dtype=np.int64)
     T = split_config.max_length
     if at != "end":
-        part = getattr(build_split(dataset, split_config), at)
+        part = getattr(split if split is not None else build_split(dataset, split_config), at)
         row_of = {int(u): r for r, u in enumerate(part.users)}
         missing = [str(dataset.user_tokens[u]) for u in users if int(u) not in row_of]
         if missing:
@@ -431,12 +433,12 @@ def recommend(model, dataset: Dataset, users=None, *, k: int = 10, exclude_seen:
     split_config = split_config or SplitConfig(max_length=model.config.max_length)
     if not 1 <= k <= dataset.num_items:
         raise ValueError(f"k must be in 1..{dataset.num_items} (the catalogue of {dataset.name!r}), got {k}")
-    if users is None:
-        ids = getattr(build_split(dataset, split_config), at).users if at != "end" \
-            else np.arange(dataset.num_users, dtype=np.int64)
+    split = build_split(dataset, split_config) if at != "end" else None
+    if users is None and split is not None:
+        part = getattr(split, at)  # every user of that part, in its order
     else:
-        ids = user_ids(dataset, users)
-    part = history_part(dataset, ids, at, split_config)
+        ids = np.arange(dataset.num_users, dtype=np.int64) if users is None else user_ids(dataset, users)
+        part = history_part(dataset, ids, at, split_config, split)
     got_users, scores, items, parts = _rank_part(model, part, k, exclude_seen, batch_size, progress)
     tokens = [str(dataset.user_tokens[u]) for u in got_users]
     return _frame(dataset, model.stream_names, tokens, scores, items, parts)

@@ -487,7 +487,7 @@ def score_parts_figure(recs_df: pd.DataFrame) -> go.Figure:
     fig.add_trace(go.Scatter(y=d["labels"], x=d["score"], mode="markers", name="score",
                              marker=dict(symbol="line-ns-open", size=16, color="black"),
                              hovertemplate="score %{x:.3f}<extra>%{y}</extra>"))
-    fig.update_layout(barmode="relative", title="Top-k, each score split by stream",
+    fig.update_layout(barmode="relative", title="Top-k scores by stream",
                       xaxis_title="score = sum of the stream parts", yaxis=dict(autorange="reversed"),
                       height=max(320, 60 + 26 * len(d["labels"])), margin=MARGIN,
                       legend=dict(orientation="h", y=-0.15))
@@ -511,7 +511,7 @@ def history_gap_figure(history_df: pd.DataFrame, last: int = 10) -> go.Figure:
     colours = ["#888888"] * (len(d["labels"]) - 1) + ["#d62728"]
     fig = go.Figure(go.Bar(x=d["labels"], y=np.maximum(d["gaps"], 1e-4), marker_color=colours,
                            customdata=d["text"], hovertemplate="%{x}<br>%{customdata}<br>gap %{y:.3g} days<extra></extra>"))
-    fig.update_layout(title="The last items read, and the gap before each", yaxis_type="log",
+    fig.update_layout(title="Gap before each last item", yaxis_type="log",
                       yaxis_title="gap before (days)", height=320, margin=MARGIN)
     return fig
 
@@ -535,7 +535,7 @@ def occlusion_figure(occlusion_df: pd.DataFrame) -> go.Figure:
     fig = go.Figure(go.Heatmap(z=d["z"], x=d["x"], y=d["y"], colorscale="RdBu_r", zmid=0.0,
                                zmin=-scale, zmax=scale, colorbar=dict(title="change"),
                                hovertemplate="%{y}<br>without %{x}: score %{z:+.3f} lower<extra></extra>"))
-    fig.update_layout(title="Occlusion: score change when one history item is removed",
+    fig.update_layout(title="Occlusion: score change",
                       xaxis_title="history item (position: item)", yaxis=dict(autorange="reversed"),
                       height=max(320, 80 + 24 * len(d["y"])), margin=MARGIN)
     return fig
@@ -557,7 +557,7 @@ def last_gate_figure(gates_df: pd.DataFrame, real_df: pd.DataFrame | None = None
         fig.add_trace(go.Bar(x=x, y=y, name="as given", marker_color="#bbbbbb"))
     x, y = last_gate_data(gates_df)
     fig.add_trace(go.Bar(x=x, y=y, name="shown", marker_color="#d62728"))
-    fig.update_layout(title=_gate_title("Temporal gate at the last history position", max(len(x), 1)),
+    fig.update_layout(title=_gate_title("Temporal gate, last item", max(len(x), 1)),
                       yaxis_range=[0, 1], yaxis_title="gate", barmode="group", height=320, margin=MARGIN,
                       legend=dict(orientation="h", y=-0.2))
     return _uniform_line(fig, max(len(x), 1))
@@ -571,7 +571,7 @@ def month_rule_figure(agreement_df: pd.DataFrame) -> go.Figure:
                            hovertemplate="%{x}: %{y:.3f}<extra></extra>"))
     if len(agreement_df):
         fig.add_hline(y=float(agreement_df["chance"].iloc[0]), line_dash="dash", annotation_text="chance")
-    fig.update_layout(title="After a return: list items in the month rule's category", yaxis_range=[0, 1],
+    fig.update_layout(title="Lists in the month rule's category", yaxis_range=[0, 1],
                       yaxis_title="share of the top-k", height=340, margin=MARGIN)
     return fig
 
