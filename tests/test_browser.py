@@ -3,8 +3,8 @@ projector's and a desktop's size, and its figure reacts to a control.
 
 JupyterLab starts once for the module on 127.0.0.1 at a free port with token
 authentication on; headless Chromium (the one static export uses, Debian's /usr/bin/chromium
-here; never a browser downloaded by playwright) opens one notebook holding the four explorers (Gate, Temporal, Loss,
-Embedding) over a tiny planted world and a one-epoch model, in the default Lab layout with
+here; never a browser downloaded by playwright) opens one notebook holding the five explorers (Gate, Temporal, Loss,
+Embedding, Recommendation) over a tiny planted world and a one-epoch model, in the default Lab layout with
 the file browser open, at 1280 x 800 and at 1920 x 1080. For each explorer and size: every
 plotly figure (its SVG, title and colour bar included) lies inside its own plot box, the
 plot boxes inside the cell's output area and apart from each other, the output area has no
@@ -56,7 +56,7 @@ NOTEBOOK_CELLS = [
     "from hm4sr_core.data.preprocess import preprocess\n"
     "from hm4sr_core.data.synthetic import make_synthetic_world\n"
     "from hm4sr_core.train import train\n"
-    "from widgets import EmbeddingExplorer, GateExplorer, LossExplorer, TemporalExplorer",
+    "from widgets import EmbeddingExplorer, GateExplorer, LossExplorer, RecommendationExplorer, TemporalExplorer",
     # w_category 0.5: the weighted loss view differs from the unweighted one
     "data = preprocess(make_synthetic_world(3, n_users=30, n_items=24, mean_length=10, text_dim=8, image_dim=8),\n"
     "                  PreprocessConfig(max_length=10))\n"
@@ -75,6 +75,7 @@ NOTEBOOK_CELLS = [
     "TemporalExplorer.from_model(model, data, grid=12)",
     "LossExplorer(result.steps)",
     "EmbeddingExplorer(atlas)",
+    "RecommendationExplorer.from_model(model, data, ['u0', 'u1', 'u2'], k=5)",
 ]
 # In page order: name, plots, (control kind, its label, the value to pick), the plot it moves, the trace field.
 EXPLORERS = [
@@ -82,6 +83,7 @@ EXPLORERS = [
     ("temporal", 3, ("select", "grid expert", "2"), 2, "z"),
     ("loss", 2, ("button", "weighted", None), 0, "y"),
     ("embedding", 1, ("select", "colour", "popularity"), 0, "marker"),
+    ("recommendation", 4, ("select", "user", "u1"), 2, "x"),
 ]
 
 # Geometry of explorer ``i`` in the page: boxes of the output area, of every plot and of
