@@ -9,8 +9,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import BF16_EPS, FLOAT64_EPS, assert_float_close, batch_terms, clear_of_ties, float_tol
 
-from hm4sr_core.train import initial_model, load_checkpoint, train
+from hm4sr_core.data.splits import iterate_batches
+from hm4sr_core.train import initial_model, item_popularity, load_checkpoint, train
 
 TIMING = ("train_seconds", "seconds_since_start", "seconds")
 
@@ -26,6 +28,29 @@ def _same_state(a: torch.nn.Module, b: torch.nn.Module) -> bool:
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
+def _assert_runs_agree(got, want, terms: int, split, ds) -> None:
+    """Two runs of one computation whose sums go in other orders (micro-batches, recomputed
+    activations): every logged step value within float_tol(its column's scale, terms), and
+    the validation and test metrics equal up to the users whose ranking that rounding can
+    change (conftest.clear_of_ties at the same ``terms``)."""
+    a, b = _untimed(got.steps), _untimed(want.steps)
+    assert list(a.columns) == list(b.columns)
+    for column in b.columns:
+        assert_float_close(a[column], b[column], terms, msg=column)
+    popularity = item_popularity(split, ds.num_items)
+    for part, which in (("valid", split.valid), ("test", split.test)):
+        clear = clear_of_ties(want.model.eval(), iterate_batches(which, 1000), terms)
+        unclear, n = int((~clear).sum()), len(clear)
+        for k, value in want.record[part].items():
+            if k.startswith("coverage"):  # each unclear user can swap one item in or out of the top 10
+                bound = 2 * unclear / ds.num_items
+            elif k.startswith("popularity"):  # ... or change all of its 10 slots
+                bound = unclear * float(popularity.max()) / n
+            else:  # a per-user metric in [0, 1], averaged
+                bound = unclear / n
+            assert abs(got.record[part][k] - value) <= bound, (part, k, got.record[part][k], value, unclear)
+
+
 def test_loss_falls_over_a_few_epochs(tiny_ds, tiny_split, tiny_model_config, tiny_train_config):
     result = train(tiny_ds, tiny_model_config, tiny_train_config.replace(epochs=5, lr=5e-3), progress=False,
                    split=tiny_split)
@@ -36,7 +61,8 @@ def test_loss_falls_over_a_few_epochs(tiny_ds, tiny_split, tiny_model_config, ti
     for name in ("rec", "id_contrastive", "category", "placeholder_contrastive"):
         assert f"loss_{name}" in result.steps and f"weighted_{name}" in result.steps
     total = result.steps[[c for c in result.steps if c.startswith("weighted_")]].sum(axis=1)
-    np.testing.assert_allclose(total, result.steps["loss"], rtol=1e-5)
+    # the model's float32 sum of 4 weighted positive losses: 4 products and 3 additions
+    np.testing.assert_allclose(total, result.steps["loss"], rtol=float_tol(1.0, 8), atol=0)
     assert {"lambda_id", "lambda_text", "lambda_image", "temporal_entropy"} <= set(result.steps)
 
 
@@ -167,7 +193,9 @@ def test_run_folder_contents(tiny_ds, tiny_split, tiny_run):
     assert record["dataset"]["stats"]["users"] == 60
     per_user = pd.read_parquet(out / "per_user_test.parquet")
     assert len(per_user) == len(tiny_split.test) and per_user["user"].is_unique
-    assert per_user["ndcg@10"].mean() == pytest.approx(record["test"]["ndcg@10"], abs=1e-12)
+    n = len(per_user)  # float64 means of n values in [0, 1], summed in other orders
+    assert per_user["ndcg@10"].mean() == pytest.approx(record["test"]["ndcg@10"], rel=0,
+                                                       abs=float_tol(1.0, n, FLOAT64_EPS))
     epochs = pd.read_csv(out / "epochs.csv")
     assert epochs["epoch"].tolist() == [1, 2] and "valid_ndcg@20" in epochs
     assert len(pd.read_csv(out / "steps.csv")) == len(result.steps)
@@ -196,7 +224,8 @@ def test_early_stopping_after_patience_epochs(tiny_ds, tiny_split, tiny_model_co
     assert result.epochs_run < 12
     assert result.epochs_run == _stop_epoch(seen, 2) == len(seen)
     assert result.best_epoch == int(np.argmax(seen)) + 1
-    assert result.record["valid"]["ndcg@10"] == pytest.approx(max(seen), abs=1e-12)
+    assert result.record["valid"]["ndcg@10"] == pytest.approx(max(seen), rel=0,
+                                                              abs=float_tol(1.0, len(tiny_split.valid), FLOAT64_EPS))
 
 
 def test_prefix_mode_trains_too(tiny_ds, tiny_split, tiny_model_config, tiny_train_config):
@@ -214,11 +243,13 @@ def test_bf16_autocast_trains_on_the_cpu(tiny_ds, tiny_split, tiny_model_config,
     amp = train(tiny_ds, tiny_model_config, tiny_train_config.replace(amp=True), progress=False, split=tiny_split)
     step0, ref0 = amp.steps.iloc[0], first.steps.iloc[0]
     assert step0["loss"] != ref0["loss"]
-    assert step0["loss"] == pytest.approx(ref0["loss"], rel=2e-2)
+    # bf16 keeps 8 significant bits: the ~8 matmuls on the tiny model's path (projections,
+    # attention's four, feed-forward's two, the scores) each round both operands (eps / 2 each)
+    assert step0["loss"] == pytest.approx(ref0["loss"], rel=float_tol(1.0, 8, BF16_EPS))
     assert np.isfinite(amp.steps["loss"]).all()
     assert all(p.dtype == torch.float32 for p in amp.model.parameters())
     again = train(tiny_ds, tiny_model_config, tiny_train_config.replace(amp=True), progress=False, split=tiny_split)
-    pd.testing.assert_frame_equal(_untimed(again.steps), _untimed(amp.steps))
+    pd.testing.assert_frame_equal(_untimed(again.steps), _untimed(amp.steps))  # exact: the same ops again
     parts = train(tiny_ds, tiny_model_config, tiny_train_config.replace(amp=True, mode="prefix", epochs=1,
                   batch_size=128, max_steps_per_epoch=2, micro_batches=2), progress=False, split=tiny_split)
     assert np.isfinite(parts.steps["loss"]).all()
@@ -233,9 +264,7 @@ def test_micro_batches_train_in_prefix_mode(tiny_ds, tiny_split, tiny_model_conf
     one = train(tiny_ds, no_dropout, config, progress=False, split=tiny_split)
     parts = train(tiny_ds, no_dropout, config.replace(micro_batches=4), progress=False, split=tiny_split)
     assert len(parts.steps) == 3 and {"loss_placeholder_contrastive", "interactive_entropy"} <= set(parts.steps)
-    pd.testing.assert_frame_equal(_untimed(parts.steps), _untimed(one.steps), check_exact=False, rtol=1e-4, atol=1e-5)
-    for k in one.record["valid"]:
-        assert parts.record["valid"][k] == pytest.approx(one.record["valid"][k], abs=1e-4), k
+    _assert_runs_agree(parts, one, batch_terms(128, no_dropout), tiny_split, tiny_ds)  # batches of 128 prefixes
     with_dropout = train(tiny_ds, tiny_model_config, config.replace(micro_batches=4), progress=False, split=tiny_split)
     assert np.isfinite(with_dropout.steps["loss"]).all()
     with pytest.raises(ValueError, match="micro_batches > 1 needs mode 'prefix'"):
@@ -250,8 +279,9 @@ def test_recompute_trains_to_the_same_run(tiny_ds, tiny_split, tiny_model_config
     again = train(tiny_ds, tiny_model_config, tiny_train_config.replace(recompute=True), progress=False,
                   split=tiny_split)
     assert all(layer.recompute for layer in again.model.encoders.layers)
-    assert again.record["valid"] == first.record["valid"] and again.record["test"] == first.record["test"]
-    pd.testing.assert_frame_equal(_untimed(again.steps), _untimed(first.steps), check_exact=False, rtol=1e-5)
+    # the backward's graph differs (recomputed pieces), so its sums' order: 32 windows x T positions
+    _assert_runs_agree(again, first, batch_terms(32 * tiny_model_config.max_length, tiny_model_config), tiny_split,
+                       tiny_ds)
 
 
 def test_initial_model_is_where_training_starts(tiny_ds, tiny_split, tiny_model_config, tiny_train_config,
@@ -290,7 +320,7 @@ def test_learning_rate_schedules():
     cos = TrainConfig(lr=1e-3, epochs=10, lr_schedule="cosine", warmup_epochs=1)  # 10 warm-up, 90 decay steps
     assert learning_rate(cos, 9, 10) == pytest.approx(1e-3)
     assert learning_rate(cos, 10 + 45, 10) == pytest.approx(5e-4)
-    assert learning_rate(cos, 100, 10) == pytest.approx(0.0, abs=1e-12)
+    assert learning_rate(cos, 100, 10) == pytest.approx(0.0, abs=float_tol(1e-3, 8, FLOAT64_EPS))  # lr (1 + cos pi) / 2
     assert learning_rate(cos.replace(lr_decay_epochs=20), 10 + 95, 10) == pytest.approx(5e-4)
     steps = [learning_rate(cos, s, 10) for s in range(10, 100)]
     assert all(a > b for a, b in zip(steps, steps[1:]))
