@@ -10,6 +10,8 @@ import pandas as pd
 import pytest
 import torch
 
+from conftest import TINY_FORWARD_TERMS, assert_float_close
+
 from hm4sr_core.config import PreprocessConfig, SplitConfig
 from hm4sr_core.data.preprocess import preprocess
 from hm4sr_core.data.schema import Dataset
@@ -210,11 +212,10 @@ def test_trimming_keeps_what_matters_and_changes_no_output(tiny_ds, tiny_split, 
     assert any(b.items.shape[1] < part.items.shape[1] for b in trimmed)  # trimming happened
     for a, b in zip(trimmed, full):
         assert a.items.shape[1] == int(a.lengths.max())
-        torch.testing.assert_close(b.items[:, : a.items.shape[1]], a.items)
+        assert torch.equal(b.items[:, : a.items.shape[1]], a.items)
         assert (b.items[:, a.items.shape[1]:] == 0).all()
-        with torch.no_grad():
-            torch.testing.assert_close(model.full_sort_predict(a), model.full_sort_predict(b),
-                                       rtol=1e-5, atol=1e-6)
+        with torch.no_grad():  # other widths, other kernel shapes: a forward's rounding apart
+            assert_float_close(model.full_sort_predict(a), model.full_sort_predict(b), TINY_FORWARD_TERMS)
 
 
 def test_dense_batches_carry_position_targets(tiny_split):

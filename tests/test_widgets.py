@@ -92,14 +92,14 @@ def test_temporal_explorer_point_and_grid(world):
     ex.day.value = 50
     date = ds.stats["first_timestamp"] + 50 * 86_400
     expected = I.temporal_gate_curve(model, [30.0 * 86_400], [date]).sort_values("expert")["gate"].to_numpy()
-    np.testing.assert_allclose(np.asarray(ex.bars.data[0].y), expected, atol=1e-7)
+    np.testing.assert_array_equal(np.asarray(ex.bars.data[0].y), expected)  # exact: the same call, the same inputs
     emb = I.time_embedding_at(model, 30.0 * 86_400, date)
     np.testing.assert_allclose(np.asarray(ex.embedding.data[1].y), emb.loc[emb["part"] == "absolute", "value"])
     assert ex.grid.data[1].x == (30.0,)
 
     ex.first_item.value = True  # the first item of a sequence: bucket 1, no gap
     first = I.temporal_gate_curve(model, [np.nan], [date]).sort_values("expert")["gate"].to_numpy()
-    np.testing.assert_allclose(np.asarray(ex.bars.data[0].y), first, atol=1e-7)
+    np.testing.assert_array_equal(np.asarray(ex.bars.data[0].y), first)
     assert ex.grid.data[1].visible is False
 
     z_expert0 = np.asarray(ex.grid.data[0].z)
@@ -109,10 +109,9 @@ def test_temporal_explorer_point_and_grid(world):
     curve = I.temporal_gate_curve(model, np.logspace(np.log10(1 / 1440), np.log10(365), 12) * 86_400,
                                   np.linspace(ds.stats["first_timestamp"],
                                               ds.stats["first_timestamp"] + ex.day.max * 86_400, 12))
-    np.testing.assert_allclose(z_expert2, figures.temporal_gate_grid_data(curve, 2)[0], atol=1e-7)
+    np.testing.assert_array_equal(z_expert2, figures.temporal_gate_grid_data(curve, 2)[0])
     ex.recompute.click()
-    np.testing.assert_allclose(np.asarray(ex.grid.data[0].z), figures.temporal_gate_grid_data(curve, 2)[0],
-                               atol=1e-7)
+    np.testing.assert_array_equal(np.asarray(ex.grid.data[0].z), figures.temporal_gate_grid_data(curve, 2)[0])
     assert ex.errors.outputs == ()
 
 
