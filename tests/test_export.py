@@ -51,7 +51,7 @@ def test_onnxruntime_ranks_every_test_user_as_pytorch(exported, tiny_ds):
     want = rec.recommend(model, tiny_ds, at="test", k=10, split_config=SplitConfig(max_length=TINY_T))
     want = want["item_id"].to_numpy().reshape(-1, 10)
     item_matrix = model.item_matrix().detach().double()
-    got_lists, n_seen = [], 0
+    got_lists, exacts, bounds, n_seen = [], [], [], 0
     # Dynamic batch and length: batches of 7 users, each trimmed to its own longest history.
     for batch in iterate_batches(test, 7):
         scores = session.run(None, {"items": batch.items.numpy(), "timestamps": batch.timestamps.numpy(),
@@ -64,12 +64,18 @@ def test_onnxruntime_ranks_every_test_user_as_pytorch(exported, tiny_ds):
         bound = q.shape[1] * EPS32 * q.norm(dim=1, keepdim=True).numpy() * item_matrix.norm(dim=1).numpy()[None, :]
         assert np.all(np.abs(scores[:, 1:] - exact[:, 1:]) <= 2 * bound[:, 1:])
         got_lists.append(_top10(scores))
+        exacts.append(exact)
+        bounds.append(bound)
         n_seen += batch.size
     got = np.concatenate(got_lists)
     assert n_seen == len(test) == len(want)
-    # The same top-10 for every test user; a swap would only be allowed between two items whose
-    # exact scores lie within the rounding bound of each other (none on this world).
-    assert np.array_equal(got, want)
+    # The same top-10 for every test user, but for swaps between two items whose exact scores lie
+    # within the rounding bound of each other (none on this world, on the CPUs seen so far)
+    exact, bound, rows = np.concatenate(exacts), np.concatenate(bounds), np.arange(len(got))[:, None]
+    swapped = got != want
+    assert np.all(np.abs(exact[rows, got] - exact[rows, want])[swapped]
+                  <= 2 * (bound[rows, got] + bound[rows, want])[swapped])
+    assert swapped.any(axis=1).mean() <= 0.1
 
 
 def test_query_output_with_its_item_table(exported, tiny_ds, tmp_path):
