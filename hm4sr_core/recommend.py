@@ -364,8 +364,7 @@ def _rank_part(model, part: SplitPart, k: int, exclude_seen: bool, batch_size: i
         tables = model.item_tables()
         item_matrix = model.item_matrix(tables)
         out_users, out_scores, out_items, out_parts = [], [], [], []
-        n_batches = (len(part) + batch_size - 1) // batch_size
-        with tqdm(total=len(part), desc="recommend", unit="user", disable=not progress or n_batches < 2) as bar:
+        with tqdm(total=len(part), desc="recommend", unit="user", disable=not progress) as bar:
             for batch in iterate_batches(part, batch_size):
                 device = item_matrix.device
                 batch = batch.to(device)

@@ -488,9 +488,8 @@ def score_parts_figure(recs_df: pd.DataFrame) -> go.Figure:
                              marker=dict(symbol="line-ns-open", size=16, color="black"),
                              hovertemplate="score %{x:.3f}<extra>%{y}</extra>"))
     fig.update_layout(barmode="relative", title="Top-k scores by stream",
-                      xaxis_title="score = sum of the stream parts", yaxis=dict(autorange="reversed"),
-                      height=max(320, 60 + 26 * len(d["labels"])), margin=MARGIN,
-                      legend=dict(orientation="h", y=-0.15))
+                      yaxis=dict(autorange="reversed"), height=max(320, 90 + 26 * len(d["labels"])),
+                      margin=dict(MARGIN, b=70), legend=dict(orientation="h", y=-0.12, yanchor="top"))
     return fig
 
 
