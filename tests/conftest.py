@@ -5,8 +5,9 @@ Sizes: 60 users, 40 items, ~700 interactions, T = 10, d = 16, one Transformer la
 
 Also the tolerances every float comparison in tests/ is built from (issue 25): float_tol
 (a rounding bound scaled to the magnitude and the number of rounding steps), forward_terms
-(those steps for one model forward), adam_param_tol (weights after Adam steps) and
-clear_of_ties (the rows whose ranking no rounding can change, so their metrics compare exactly).
+and batch_terms (those steps for one model forward, and for a sum over a batch),
+adam_param_tol (weights after Adam steps), assert_float_close, and clear_of_ties (the rows
+whose ranking no rounding can change, so their metrics compare exactly).
 """
 
 from __future__ import annotations
@@ -102,7 +103,7 @@ TINY_FORWARD_TERMS = forward_terms(TINY_MODEL)  # 640
 
 
 @torch.no_grad()
-def clear_of_ties(model, batches, terms: int = TINY_FORWARD_TERMS, history=None, top: int = 10) -> np.ndarray:
+def clear_of_ties(model, batches, terms: int = TINY_FORWARD_TERMS, top: int = 10) -> np.ndarray:
     """(rows,) bool over the rows of ``batches``: rows whose ranking no rounding can change.
 
     Evaluating in other batch shapes, thread counts or on another CPU rounds the scores in
@@ -110,8 +111,7 @@ def clear_of_ties(model, batches, terms: int = TINY_FORWARD_TERMS, history=None,
     A row is clear when its target's score, and each of its ``top`` + 1 best scores, differ
     from every other candidate's by more than twice that: its rank counts, so every per-user
     metric, and its top-``top`` list are then the same in any order, and comparing them
-    exactly is sound. ``history`` (per user id, item ids) leaves those items out of the
-    candidates, the target excepted, as ``mask_history`` does.
+    exactly is sound. (Every real item is a candidate: evaluation without ``mask_history``.)
     """
     items = model.item_matrix()[1:]  # (N, K): real items only
     clear = []
@@ -120,9 +120,6 @@ def clear_of_ties(model, batches, terms: int = TINY_FORWARD_TERMS, history=None,
         rows, targets = torch.arange(batch.size), batch.targets - 1
         tol = 2 * float_tol(scores.abs().amax(1), terms)  # (B,)
         target = scores[rows, targets].clone()
-        if history is not None:
-            for row, user in enumerate(batch.users.tolist()):
-                scores[row, torch.as_tensor(history[user], dtype=torch.int64) - 1] = -torch.inf
         scores[rows, targets] = torch.inf  # not its own competitor
         target_clear = (scores - target[:, None]).abs().amin(1) > tol
         scores[rows, targets] = target
