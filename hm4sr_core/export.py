@@ -1,6 +1,6 @@
 """Serving export: a trained HM4SR (or SASRec) as an ONNX model (``hm4sr export``).
 
-The exported graph takes a batch of histories as the model reads them (hm4sr_model.md
+The exported graph takes a batch of histories as the model reads them (docs/model.md
 section 1: item ids left-aligned with 0 as padding, timestamps in seconds, 0 at padding,
 and each history's length) and returns either
 
