@@ -77,7 +77,7 @@ def test_notebook_follows_the_house_layout(name):
     tagged = [c for c in cells if "parameters" in c.metadata.get("tags", [])]
     assert len(tagged) == 1, "exactly one cell tagged 'parameters'"
     code = [c for c in cells if c.cell_type == "code"]
-    assert code[0].source.lstrip().startswith("import"), "a setup cell with the imports comes first"
+    assert code[0].source.lstrip().startswith(("import", "from")), "a setup cell with the imports comes first"
     assert all(not c.outputs and c.execution_count is None for c in code), "outputs must be cleared"
     for c in code:
         assert not re.search(r"^\s*(def|class|lambda)\b|\blambda\b", c.source, re.M), f"no functions:\n{c.source}"
