@@ -322,7 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
     rn = sub.add_parser("run-notebooks", help="execute the notebooks with papermill into runs/<run-id>/")
     rn.add_argument("--smoke", action="store_true", help="tiny fast run (synthetic world, few epochs)")
     rn.add_argument("--data", help="dataset name for the notebooks (default ml-100k; synthetic with --smoke)")
-    rn.add_argument("--out", help="run folder (default runs/<timestamp>)")
+    rn.add_argument("--out", help="run folder, new or empty (one holding anything is refused: nothing in it is "
+                                  "replaced); default <$HM4SR_RUNS or ./runs>/<time>-<mode>-<data>")
     rn.add_argument("--full", action="store_true", help="train to convergence (100 epochs, patience 10)")
     rn.add_argument("--notebooks", metavar="NAMES",
                     help="comma-separated notebook names to run, in the order given (default: all; "
@@ -564,6 +565,15 @@ def cmd_run_notebooks(args) -> int:
     from .notebooks import NOTEBOOKS, run_notebooks
     names = tuple(n.strip().removesuffix(".ipynb") for n in args.notebooks.split(",") if n.strip()) \
         if args.notebooks else NOTEBOOKS
+    if args.out is not None:  # the run writes <notebook>.ipynb, index.html, manifest.json, ...: never over a user's files
+        out = Path(args.out)
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"--out {out}: an existing file; expected a new or empty folder for the run")
+        there = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+        if there:
+            shown = ", ".join(there[:4]) + (f" and {len(there) - 4} more" if len(there) > 4 else "")
+            raise ValueError(f"--out {out}: the folder is not empty ({shown}); expected a new or empty folder for the "
+                             f"run. Nothing was run or written")
     folder = run_notebooks(smoke=args.smoke, data=args.data, out=args.out, full=args.full, notebooks=names)
     print(f"notebooks executed: {folder / 'index.html'}")
     return 0

@@ -130,6 +130,24 @@ def test_train_into_a_finished_run_needs_resume(prepared, run_folder, capsys):
     assert _snapshot(run_folder) == before
 
 
+def test_run_notebooks_refuses_a_folder_of_user_files_before_running(tmp_path, capsys):
+    user = tmp_path / "mine"  # e.g. where copy-notebooks put the notebooks, one of them edited
+    user.mkdir()
+    (user / "00_expert_routing_tour.ipynb").write_text('{"my": "edits"}\n')
+    (user / "index.html").write_text("<p>my page</p>\n")
+    before = _snapshot(user)
+    code, out, err = _run(capsys, "run-notebooks", "--smoke", "--notebooks", "00_expert_routing_tour", "--out", user)
+    assert code == 2 and out == ""
+    _one_error_line(err, str(user), "not empty", "00_expert_routing_tour.ipynb", "Nothing was run")
+    assert _snapshot(user) == before
+    target = tmp_path / "notes.txt"
+    target.write_text("keep me\n")
+    code, out, err = _run(capsys, "run-notebooks", "--smoke", "--out", target)
+    assert code == 2 and out == ""
+    _one_error_line(err, "notes.txt", "an existing file")
+    assert target.read_text() == "keep me\n"
+
+
 # --------------------------------------------------------------------------- 2. one writer per target
 
 
