@@ -565,7 +565,18 @@ def cmd_run_notebooks(args) -> int:
     from .notebooks import NOTEBOOKS, run_notebooks
     names = tuple(n.strip().removesuffix(".ipynb") for n in args.notebooks.split(",") if n.strip()) \
         if args.notebooks else NOTEBOOKS
-    if args.out is not None:  # the run writes <notebook>.ipynb, index.html, manifest.json, ...: never over a user's files
+    from importlib.util import find_spec
+    needs = {"workbench": ("papermill", "nbformat", "nbconvert", "ipykernel", "plotly", "ipywidgets", "umap"),
+             "tune": ("optuna",) if "08_tuning" in names else ()}
+    for extra, modules in needs.items():  # before any notebook runs, not as a failing cell minutes later
+        missing = [m for m in modules if find_spec(m) is None]
+        if missing:
+            who = "the notebooks need" if extra == "workbench" else "08_tuning needs"
+            rest = ",".join(n for n in names if n != "08_tuning")
+            other = f", or leave it out: --notebooks {rest}" if extra == "tune" and rest else ""
+            raise ValueError(f"{who} the {extra} extra ({', '.join(missing)} not installed here): "
+                             f"pip install \"hm4sr-workbench[{extra}]\"{other}")
+    if args.out is not None:  # it writes <notebook>.ipynb, index.html, manifest.json...: never over a user's files
         out = Path(args.out)
         if out.exists() and not out.is_dir():
             raise ValueError(f"--out {out}: an existing file; expected a new or empty folder for the run")

