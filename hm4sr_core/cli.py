@@ -604,6 +604,10 @@ def cmd_copy_notebooks(args) -> int:
     for src in sources:
         write_bytes_atomic(dest / src.name, src.read_bytes())
     print(f"copied {len(sources)} notebooks to {dest}: {', '.join(src.name for src in sources)}")
+    from .paths import DATA_ENV, data_root
+    if DATA_ENV not in os.environ:  # a Jupyter kernel runs in the notebook's folder: ./data would be DEST/data
+        print(f"their kernels run in {dest}, so they keep data in {dest / 'data'}; to share {data_root()} "
+              f"(where `hm4sr prepare` run from here keeps it), start JupyterLab with {DATA_ENV}={data_root()}")
     return 0
 
 

@@ -351,3 +351,18 @@ def test_demo_runs_the_routing_tour_first(monkeypatch, tmp_path, capsys):
     assert calls == [{"smoke": False, "data": "ml-100k"}]  # every notebook, in NOTEBOOKS order
     assert runner.NOTEBOOKS[0] == runner.TOUR and "planted world" in text
     assert text.index(runner.TOUR) < text.index("01_prepare_data")
+
+
+def test_copy_notebooks_says_where_their_kernels_keep_data(monkeypatch, tmp_path, capsys):
+    """A Jupyter kernel runs in the notebook's folder, so ./data there is not the data root
+    `hm4sr prepare` used here: the copy says so and how to share it."""
+    from hm4sr_core.notebooks import NOTEBOOKS
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("HM4SR_DATA", raising=False)
+    code, text, err = _run(capsys, "copy-notebooks", "nb")
+    assert code == 0, err
+    assert sorted(p.stem for p in (tmp_path / "nb").glob("*.ipynb")) == sorted(NOTEBOOKS)
+    assert f"keep data in {Path('nb') / 'data'}" in text and f"HM4SR_DATA={tmp_path / 'data'}" in text
+    monkeypatch.setenv("HM4SR_DATA", str(tmp_path / "shared"))  # set: the kernels inherit it, nothing to say
+    code, text, err = _run(capsys, "copy-notebooks", "nb2")
+    assert code == 0 and "HM4SR_DATA" not in text
