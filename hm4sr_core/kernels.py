@@ -21,27 +21,22 @@ Entry points, each called from one place (the lines of model.py that say ``kerne
 the first MoE level is :func:`interactive_moe_factored`; ``StreamEncoders.forward`` hands
 its input to :func:`encode_per_stream` when :func:`cpu_kernels` says so, and otherwise
 runs its layers through :func:`recomputed` when recomputation is on and through
-:func:`attention`; the trainer reaches :func:`backward_in_parts` through
-``HM4SR.backward_in_parts``. model.py imports this module, so this one names the model's
-classes for annotations only (and :func:`backward_in_parts` imports its output type when
-called). Streams are stacked on one axis as in the model: weights ``(S, ...)``, inputs
+:func:`attention`; the trainer's step in parts lives in :mod:`hm4sr_core.steps`. These paths take the
+model's modules and tensors and import no model class (model.py imports this module). Streams are stacked on one axis as in the model: weights ``(S, ...)``, inputs
 ``(S, B, T, d)``.
 """
 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .data.splits import SequenceBatch
 
-if TYPE_CHECKING:  # model.py imports this module; the names are for annotations only
-    from .model import HM4SR, HM4SROutput, InteractiveMoE, StackedLayerNorm, StackedLinear, \
-        StackedTransformerLayer, StreamEncoders
 
 
 def cpu_kernels(t: torch.Tensor) -> bool:
@@ -128,7 +123,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.
 # ----------------------------------------------------------------------------- the factored expert mix
 
 
-def interactive_moe_factored(moe: InteractiveMoE, rows: torch.Tensor, position: torch.Tensor,
+def interactive_moe_factored(moe: nn.Module, rows: torch.Tensor, position: torch.Tensor,
                              index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``moe(z)`` on z = rows[index] + position (position added to every stream), computed
     once per distinct item and once per position: (output (B, T, S, d), gates (B, T, S, E)).
@@ -217,7 +212,7 @@ class FactoredMix(torch.autograd.Function):
 # ----------------------------------------------------------------------------- the per-stream encoder
 
 
-def encode_per_stream(encoders: StreamEncoders, x: torch.Tensor, lengths: torch.Tensor, streams: list[int],
+def encode_per_stream(encoders: nn.Module, x: torch.Tensor, lengths: torch.Tensor, streams: list[int],
                       last_only: bool) -> torch.Tensor:
     """``encoders(x, lengths, streams=streams, last_only=last_only)`` computed stream by
     stream on (B*T, d) matrices: x (S', B, T, d) -> (S', B, d), or (S', B, T, d) at every
@@ -242,17 +237,17 @@ def encode_per_stream(encoders: StreamEncoders, x: torch.Tensor, lengths: torch.
     return torch.stack(hs) if last_only else torch.stack(hs).view(S, B, T, d)
 
 
-def _linear(layer: StackedLinear, x: torch.Tensor, s: int, columns: slice = slice(None)) -> torch.Tensor:
+def _linear(layer: nn.Module, x: torch.Tensor, s: int, columns: slice = slice(None)) -> torch.Tensor:
     """(n, in) -> (n, out) with stream ``s``'s layer; ``columns`` computes only those outputs."""
     return torch.addmm(layer.bias[s, 0, columns], x, layer.weight[s, :, columns])
 
 
-def _layer_norm(norm: StackedLayerNorm, x: torch.Tensor, s: int) -> torch.Tensor:
+def _layer_norm(norm: nn.Module, x: torch.Tensor, s: int) -> torch.Tensor:
     """(n, d) normalised with stream ``s``'s gain and bias (one fused kernel)."""
     return F.layer_norm(x, x.shape[-1:], norm.weight[s, 0], norm.bias[s, 0], norm.eps)
 
 
-def _layer_per_stream(layer: StackedTransformerLayer, xs: list[torch.Tensor], streams: list[int], batch: int,
+def _layer_per_stream(layer: nn.Module, xs: list[torch.Tensor], streams: list[int], batch: int,
                       last: torch.Tensor | None) -> list[torch.Tensor]:
     """One Transformer layer on xs: per stream (B*T, d), B = ``batch``; ``streams`` picks
     whose weights each uses. With ``last`` ((B,) index of each sequence's last real item)
@@ -286,7 +281,7 @@ def _layer_per_stream(layer: StackedTransformerLayer, xs: list[torch.Tensor], st
     return outs
 
 
-def _stream(layer: StackedTransformerLayer, x: torch.Tensor, s: int, B: int, pick: torch.Tensor | None,
+def _stream(layer: nn.Module, x: torch.Tensor, s: int, B: int, pick: torch.Tensor | None,
             allowed: torch.Tensor | None, bias: torch.Tensor | None, drop_a: bool, mask_a: torch.Tensor | None,
             mask_out: torch.Tensor | None, mask_ff: torch.Tensor | None) -> torch.Tensor:
     """The layer for one stream's (B*T, d) input (see :func:`_layer_per_stream`)."""
@@ -310,107 +305,10 @@ def _stream(layer: StackedTransformerLayer, x: torch.Tensor, s: int, B: int, pic
 # ----------------------------------------------------------------------------- memory: recomputation, gradient caching
 
 
-def recomputed(layer: StackedTransformerLayer, *inputs):
+def recomputed(layer: nn.Module, *inputs):
     """``layer(*inputs)`` keeping only its inputs for the backward, which recomputes the
     rest (``TrainConfig.recompute``); F.dropout's random state is replayed there, so the
     values and gradients are the plain call's. Without a graph being built, a plain call."""
     if not torch.is_grad_enabled():
         return layer(*inputs)
     return checkpoint(layer, *inputs, use_reentrant=False)
-
-
-def backward_in_parts(model: HM4SR, batch: SequenceBatch, parts: int, *, introspect: bool = False,
-                      generator: torch.Generator | None = None,
-                      autocast_dtype: torch.dtype | None = None) -> HM4SROutput:
-    """A prefix-mode training step's forward and backward with the sequence side run on
-    ``parts`` slices of the batch at a time (``TrainConfig.micro_batches``): about
-    1/``parts`` of its activation memory, for one more forward pass of the sequence side
-    (and the item side's projection once more per part: the catalogue's, or with
-    ``rec_loss="sampled"`` the step's rows only, negatives drawn once per batch).
-
-    The losses still see the whole batch (the contrastive ones take in-batch
-    negatives): the sequence vectors are first computed part by part without a graph,
-    the losses and their gradients with respect to those vectors are formed once, and
-    each part is then run again with a graph and back-propagated from its slice of
-    those gradients (gradient caching). The random state is rewound before each rerun,
-    so the rerun draws the same dropout masks: the parameter gradients are those of
-    the whole batch's loss under these masks. The masks differ from a one-part step's
-    (they are drawn per part), so a run is not bit-identical to ``parts=1``.
-    Leaves the gradients in ``.grad`` (accumulated, as ``loss.backward()`` would) and
-    returns the output with detached losses. ``autocast_dtype`` (e.g. bf16 on CUDA) runs
-    each forward piece under autocast, each in an autocast region of its own (so no
-    weight cast made without a graph is reused) and every backward outside one; call
-    this function outside autocast."""
-    from .model import HM4SROutput  # here, not at the top: model.py imports this module
-
-    if batch.position_targets is not None:
-        raise ValueError("backward_in_parts takes a prefix-mode batch (one target per sequence); "
-                         "this one has position targets (dense mode)")
-    B = batch.items.shape[0]
-    if not 1 <= parts <= B:
-        raise ValueError(f"parts must be between 1 and the batch size {B}, got {parts}")
-    place = model._placeholder_draw(batch, generator)
-    sample, ids = None, None
-    if model.config.rec_loss == "sampled":  # one draw of negatives for the whole batch; local row ids
-        sample = model.sample_candidates(batch, generator)
-        batch, ids = sample.batch, sample.ids
-    slices = [slice(int(c[0]), int(c[-1]) + 1) for c in torch.arange(B).tensor_split(parts)]
-    device = batch.items.device
-
-    def part(sl: slice) -> tuple[SequenceBatch, torch.Tensor | None]:
-        sub = SequenceBatch(batch.items[sl], batch.timestamps[sl], batch.lengths[sl], batch.targets[sl],
-                            batch.users[sl])
-        return sub, (place[sl] if place is not None else None)
-
-    def rng_state():
-        return torch.get_rng_state(), (torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
-
-    def set_rng_state(state) -> None:
-        torch.set_rng_state(state[0])
-        if state[1] is not None:
-            torch.cuda.set_rng_state(state[1], device)
-
-    def amp():
-        return torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16,
-                              enabled=autocast_dtype is not None)
-
-    states, hs, augs, extras = [], [], [], []
-    with torch.no_grad():  # 1: the sequence vectors, part by part, no graph kept
-        with amp():
-            tables = model.item_tables(ids)
-        for sl in slices:
-            states.append(rng_state())
-            sub, sub_place = part(sl)
-            with amp():
-                h, h_aug, ex = model._encode(sub, tables, sub_place, introspect)
-            hs.append(h)
-            augs.append(h_aug)
-            extras.append(ex)
-        del tables
-    after = rng_state()
-    h = torch.cat(hs, dim=1).requires_grad_()  # (S, B, d), a leaf
-    h_aug = None
-    if place is not None:  # every part is augmented (a part without placeholders too, as in one pass)
-        h_aug = torch.cat(augs, dim=1).requires_grad_()
-    # 2: every loss on the whole batch; gradients to the item side and to the vectors
-    with amp():
-        item_matrix = model.item_matrix(model.item_tables(ids))
-        named = model._losses(batch, h, None, h_aug, item_matrix, place, False, sample)
-        total = model.total_loss(named)
-    total.backward()
-    # 3: each part again, with a graph and the same dropout masks, fed its slice of the gradients
-    for state, sl in zip(states, slices):
-        set_rng_state(state)
-        sub, sub_place = part(sl)
-        with amp():  # the item side's projection again: the part's graph must reach its weights
-            h_part, aug_part, _ = model._encode(sub, model.item_tables(ids), sub_place, False)
-        outputs, grads = [h_part], [h.grad[:, sl]]
-        if aug_part is not None:
-            outputs.append(aug_part)
-            grads.append(h_aug.grad[:, sl])
-        torch.autograd.backward(outputs, grads)
-    set_rng_state(after)
-    merged = {k: torch.cat([e[k] for e in extras]) if k != "lambdas" else extras[0][k] for k in extras[0]}
-    seq = h.detach().permute(1, 0, 2).reshape(B, -1)
-    return HM4SROutput(sequence=seq, losses={k: v.detach() for k, v in named.items()}, loss=total.detach(),
-                       stream_names=model.stream_names, **merged)

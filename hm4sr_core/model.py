@@ -735,15 +735,6 @@ class HM4SR(nn.Module):
             named["placeholder_contrastive"] = torch.stack(terms).mean() if terms else seq.new_zeros(())
         return named
 
-    def backward_in_parts(self, batch: SequenceBatch, parts: int, *, introspect: bool = False,
-                          generator: torch.Generator | None = None,
-                          autocast_dtype: torch.dtype | None = None) -> HM4SROutput:
-        """A prefix-mode training step, forward and backward, with the sequence side run on
-        ``parts`` slices of the batch (``TrainConfig.micro_batches``; gradient caching):
-        see :func:`hm4sr_core.kernels.backward_in_parts`. Leaves the gradients in ``.grad``."""
-        return kernels.backward_in_parts(self, batch, parts, introspect=introspect, generator=generator,
-                                         autocast_dtype=autocast_dtype)
-
     def total_loss(self, named: dict[str, torch.Tensor]) -> torch.Tensor:
         """The one place the weighted total is formed."""
         weights = self.config.loss_weights

@@ -36,7 +36,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import __version__, atomic, distributed, runtime
+from . import __version__, atomic, distributed, runtime, steps
 from .config import LOSS_NAMES, ModelConfig, SplitConfig, TrainConfig
 from .data.schema import Dataset
 from .data.splits import Split, build_split, iterate_batches
@@ -328,8 +328,9 @@ def train(dataset: Dataset, model_config: ModelConfig = ModelConfig(), config: T
             amp = config.amp  # bf16 autocast on CUDA, and on CPUs with bf16 units (AVX-512 BF16 / AMX)
             if config.micro_batches > 1:  # forward and backward in parts (autocast inside), gradients left in .grad
                 optimizer.zero_grad(set_to_none=True)
-                result = model.backward_in_parts(batch, min(config.micro_batches, batch.size), introspect=introspect,
-                                                 generator=gen, autocast_dtype=torch.bfloat16 if amp else None)
+                result = steps.backward_in_parts(model, batch, min(config.micro_batches, batch.size),
+                                                 introspect=introspect, generator=gen,
+                                                 autocast_dtype=torch.bfloat16 if amp else None)
             else:
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                     result = net(batch, losses=True, introspect=introspect, generator=draws)
@@ -575,10 +576,3 @@ def _promote_checkpoint(out: Path) -> list[str]:
                     f"write left"]
         break
     return []
-
-
-if __name__ == "__main__":  # `torchrun ... -m hm4sr_core.train --data D --out O`: the same as `hm4sr train`
-    import sys
-
-    from .cli import main
-    sys.exit(main(["train", *sys.argv[1:]]))

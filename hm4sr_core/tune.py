@@ -34,7 +34,6 @@ import json
 import math
 import os
 import socket
-import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -819,8 +818,3 @@ def format_summary(payload: dict) -> str:
     if "runs" in payload:
         lines.append(f"run folders: {payload['runs']} (hm4sr compare reads them)")
     return "\n".join(lines)
-
-
-if __name__ == "__main__":
-    from .cli import main
-    sys.exit(main(["tune", *sys.argv[1:]]))

@@ -10,6 +10,7 @@ import pytest
 import torch
 from conftest import BF16_EPS, adam_param_tol, assert_float_close, batch_terms, float_tol
 
+from hm4sr_core import steps as training_steps
 from hm4sr_core.evaluate import evaluate
 from hm4sr_core.train import load_checkpoint, model_from_checkpoint, train
 
@@ -102,7 +103,7 @@ def test_backward_in_parts_on_cuda_replays_each_parts_dropout(tiny_ds, tiny_spli
         model = build_model(tiny_model_config, tiny_ds).to("cuda").train()
         torch.manual_seed(7)
         if not direct:
-            model.backward_in_parts(batch, 2, generator=torch.Generator().manual_seed(3))
+            training_steps.backward_in_parts(model, batch, 2, generator=torch.Generator().manual_seed(3))
         else:
             place = model._placeholder_draw(batch, torch.Generator().manual_seed(3))
             hs, augs = [], []
@@ -139,7 +140,7 @@ def test_backward_in_parts_under_bf16_autocast_reaches_every_weight(tiny_ds, tin
                 out = model(batch, losses=True, generator=torch.Generator().manual_seed(3))
             out.loss.backward()
         else:
-            model.backward_in_parts(batch, parts, generator=torch.Generator().manual_seed(3),
+            training_steps.backward_in_parts(model, batch, parts, generator=torch.Generator().manual_seed(3),
                                     autocast_dtype=torch.bfloat16)
         grads.append({n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None})
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10

@@ -248,7 +248,7 @@ def test_nproc_and_torchrun_train_the_same_run_and_only_rank_0_writes(prepared, 
     assert spawned.stdout.count("sasrec seed 2025") == 1  # printed by rank 0 only
     port = distributed.free_port()
     launched = _cli([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr",
-                     "127.0.0.1", "--master-port", str(port), "-m", "hm4sr_core.train", *common[1:],
+                     "127.0.0.1", "--master-port", str(port), "-m", "hm4sr_core", *common,
                      "--out", str(tmp_path / "b")])
     assert launched.returncode == 0, launched.stderr[-3000:]
     a, b = (json.loads((tmp_path / x / "results.json").read_text()) for x in "ab")

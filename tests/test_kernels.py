@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hm4sr_core import kernels
+from hm4sr_core import kernels, steps
 from hm4sr_core.config import ModelConfig
 from hm4sr_core.data.splits import SequenceBatch, iterate_batches
 
@@ -216,7 +216,7 @@ def test_backward_in_parts_equals_one_pass_without_dropout(tiny_ds, tiny_split, 
     out1 = one(batch, losses=True, introspect=True, generator=torch.Generator().manual_seed(3))
     out1.loss.backward()
     parts = _model(config, tiny_ds).train()
-    out3 = parts.backward_in_parts(batch, 3, introspect=True, generator=torch.Generator().manual_seed(3))
+    out3 = steps.backward_in_parts(parts, batch, 3, introspect=True, generator=torch.Generator().manual_seed(3))
     assert out3.losses.keys() == out1.losses.keys() == LOSSES
     assert float(out1.losses["placeholder_contrastive"].detach()) > 0
     terms = batch_terms(40, config)  # the batch in 3 parts or at once: other shapes, other orders
@@ -240,7 +240,7 @@ def test_backward_in_parts_replays_each_parts_dropout(tiny_ds, tiny_split, tiny_
     batch = next(iterate_batches(tiny_split.train_prefix, 40, shuffle=True, generator=torch.Generator().manual_seed(2)))
     model = _model(tiny_model_config, tiny_ds).train()
     torch.manual_seed(5)
-    out = model.backward_in_parts(batch, 2, generator=torch.Generator().manual_seed(3))
+    out = steps.backward_in_parts(model, batch, 2, generator=torch.Generator().manual_seed(3))
     after = torch.get_rng_state()
     got = _grads(model)
 
@@ -263,9 +263,9 @@ def test_backward_in_parts_replays_each_parts_dropout(tiny_ds, tiny_split, tiny_
         assert_float_close(got[name], want[name], terms, msg=name)
     assert_float_close(out.losses["rec"], named["rec"].detach(), terms)
     with pytest.raises(ValueError, match="between 1 and the batch size 40"):
-        model.backward_in_parts(batch, 41)
+        steps.backward_in_parts(model, batch, 41)
     with pytest.raises(ValueError, match="prefix-mode batch"):
-        model.backward_in_parts(_dense_batch(tiny_split), 2)
+        steps.backward_in_parts(model, _dense_batch(tiny_split), 2)
 
 
 def test_chunked_expert_mix_gradients(monkeypatch):

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from conftest import FLOAT64_EPS, TINY_FORWARD_TERMS, assert_float_close, batch_terms, float_tol
 
+from hm4sr_core import steps
 from hm4sr_core.cli import parse_overrides
 from hm4sr_core.config import ModelConfig, TrainConfig
 from hm4sr_core.data.splits import SequenceBatch, iterate_batches
@@ -244,7 +245,7 @@ def test_sampled_backward_in_parts_equals_one_pass_without_dropout(tiny_ds, tiny
     out1 = one(batch, losses=True, generator=torch.Generator().manual_seed(3))
     out1.loss.backward()
     parts = _model(config, tiny_ds).train()
-    out3 = parts.backward_in_parts(batch, 3, generator=torch.Generator().manual_seed(3))
+    out3 = steps.backward_in_parts(parts, batch, 3, generator=torch.Generator().manual_seed(3))
     terms = batch_terms(40, config)  # the batch in 3 parts or at once: other shapes, other orders
     for k in LOSSES:
         assert_float_close(out3.losses[k], out1.losses[k].detach(), terms, msg=k)

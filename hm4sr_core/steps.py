@@ -1,0 +1,110 @@
+"""The forms of one training step that are more than ``loss.backward()``.
+
+:func:`backward_in_parts` (``TrainConfig.micro_batches``): a prefix-mode step whose sequence
+side runs on a few slices of the batch at a time, with gradient caching, so activation
+memory falls with the number of parts while every loss still sees the whole batch. It
+drives the model's pieces (its placeholder draw, stream encoding and named losses) in an
+order of its own, so it lives beside the trainer, above the model.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .data.splits import SequenceBatch
+from .model import HM4SR, HM4SROutput
+
+
+def backward_in_parts(model: HM4SR, batch: SequenceBatch, parts: int, *, introspect: bool = False,
+                      generator: torch.Generator | None = None,
+                      autocast_dtype: torch.dtype | None = None) -> HM4SROutput:
+    """A prefix-mode training step's forward and backward with the sequence side run on
+    ``parts`` slices of the batch at a time (``TrainConfig.micro_batches``): about
+    1/``parts`` of its activation memory, for one more forward pass of the sequence side
+    (and the item side's projection once more per part: the catalogue's, or with
+    ``rec_loss="sampled"`` the step's rows only, negatives drawn once per batch).
+
+    The losses still see the whole batch (the contrastive ones take in-batch
+    negatives): the sequence vectors are first computed part by part without a graph,
+    the losses and their gradients with respect to those vectors are formed once, and
+    each part is then run again with a graph and back-propagated from its slice of
+    those gradients (gradient caching). The random state is rewound before each rerun,
+    so the rerun draws the same dropout masks: the parameter gradients are those of
+    the whole batch's loss under these masks. The masks differ from a one-part step's
+    (they are drawn per part), so a run is not bit-identical to ``parts=1``.
+    Leaves the gradients in ``.grad`` (accumulated, as ``loss.backward()`` would) and
+    returns the output with detached losses. ``autocast_dtype`` (e.g. bf16 on CUDA) runs
+    each forward piece under autocast, each in an autocast region of its own (so no
+    weight cast made without a graph is reused) and every backward outside one; call
+    this function outside autocast."""
+    if batch.position_targets is not None:
+        raise ValueError("backward_in_parts takes a prefix-mode batch (one target per sequence); "
+                         "this one has position targets (dense mode)")
+    B = batch.items.shape[0]
+    if not 1 <= parts <= B:
+        raise ValueError(f"parts must be between 1 and the batch size {B}, got {parts}")
+    place = model._placeholder_draw(batch, generator)
+    sample, ids = None, None
+    if model.config.rec_loss == "sampled":  # one draw of negatives for the whole batch; local row ids
+        sample = model.sample_candidates(batch, generator)
+        batch, ids = sample.batch, sample.ids
+    slices = [slice(int(c[0]), int(c[-1]) + 1) for c in torch.arange(B).tensor_split(parts)]
+    device = batch.items.device
+
+    def part(sl: slice) -> tuple[SequenceBatch, torch.Tensor | None]:
+        sub = SequenceBatch(batch.items[sl], batch.timestamps[sl], batch.lengths[sl], batch.targets[sl],
+                            batch.users[sl])
+        return sub, (place[sl] if place is not None else None)
+
+    def rng_state():
+        return torch.get_rng_state(), (torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+
+    def set_rng_state(state) -> None:
+        torch.set_rng_state(state[0])
+        if state[1] is not None:
+            torch.cuda.set_rng_state(state[1], device)
+
+    def amp():
+        return torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16,
+                              enabled=autocast_dtype is not None)
+
+    states, hs, augs, extras = [], [], [], []
+    with torch.no_grad():  # 1: the sequence vectors, part by part, no graph kept
+        with amp():
+            tables = model.item_tables(ids)
+        for sl in slices:
+            states.append(rng_state())
+            sub, sub_place = part(sl)
+            with amp():
+                h, h_aug, ex = model._encode(sub, tables, sub_place, introspect)
+            hs.append(h)
+            augs.append(h_aug)
+            extras.append(ex)
+        del tables
+    after = rng_state()
+    h = torch.cat(hs, dim=1).requires_grad_()  # (S, B, d), a leaf
+    h_aug = None
+    if place is not None:  # every part is augmented (a part without placeholders too, as in one pass)
+        h_aug = torch.cat(augs, dim=1).requires_grad_()
+    # 2: every loss on the whole batch; gradients to the item side and to the vectors
+    with amp():
+        item_matrix = model.item_matrix(model.item_tables(ids))
+        named = model._losses(batch, h, None, h_aug, item_matrix, place, False, sample)
+        total = model.total_loss(named)
+    total.backward()
+    # 3: each part again, with a graph and the same dropout masks, fed its slice of the gradients
+    for state, sl in zip(states, slices):
+        set_rng_state(state)
+        sub, sub_place = part(sl)
+        with amp():  # the item side's projection again: the part's graph must reach its weights
+            h_part, aug_part, _ = model._encode(sub, model.item_tables(ids), sub_place, False)
+        outputs, grads = [h_part], [h.grad[:, sl]]
+        if aug_part is not None:
+            outputs.append(aug_part)
+            grads.append(h_aug.grad[:, sl])
+        torch.autograd.backward(outputs, grads)
+    set_rng_state(after)
+    merged = {k: torch.cat([e[k] for e in extras]) if k != "lambdas" else extras[0][k] for k in extras[0]}
+    seq = h.detach().permute(1, 0, 2).reshape(B, -1)
+    return HM4SROutput(sequence=seq, losses={k: v.detach() for k, v in named.items()}, loss=total.detach(),
+                       stream_names=model.stream_names, **merged)
