@@ -39,7 +39,7 @@ system-packages:  ## Debian's chromium + DejaVu fonts for PNG/SVG export and bro
 demo: $(STAMP) system-packages  ## prepare ml-100k (features, statistics), train and run the notebooks
 	$(PY) -m hm4sr_core demo
 
-test: $(STAMP) system-packages  ## run the test suite (about 7 minutes on 2 cores)
+test: $(STAMP) system-packages  ## run the test suite (about 9 minutes on 2 cores)
 	$(PY) -m pytest
 
 bench: $(STAMP)  ## speed ratios against RecBole's SASRec + memory checks -> benchmarks/results.json (SKIP="peer eval_1m" leaves parts out)
@@ -49,7 +49,8 @@ bench-all: $(STAMP)  ## make bench, plus the memory-saving modes and the scale b
 	$(PY) -m benchmarks.run --all $(addprefix --skip ,$(SKIP))
 
 lab: $(STAMP)  ## JupyterLab on localhost with token authentication and the project's kernel
-	$(PY) -m hm4sr_core.runtime $(VENV)/bin/jupyter lab --ip=127.0.0.1 --no-browser --notebook-dir=. $(if $(filter 0,$(shell id -u)),--allow-root)
+	@# Kernels run in each notebook's folder: the clone's data/ and runs/ are given as absolute roots.
+	HM4SR_DATA=$${HM4SR_DATA:-$(CURDIR)/data} HM4SR_RUNS=$${HM4SR_RUNS:-$(CURDIR)/runs} $(PY) -m hm4sr_core.runtime $(VENV)/bin/jupyter lab --ip=127.0.0.1 --no-browser --notebook-dir=. $(if $(filter 0,$(shell id -u)),--allow-root)
 
 clean-env:  ## remove .venv
 	rm -rf $(VENV)

@@ -28,6 +28,7 @@ the manifest (status "failed") are still written.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import html
 import json
 import os
@@ -195,10 +196,8 @@ def run_notebooks(smoke: bool = False, data: str | None = None, out: str | Path 
             raise ValueError(f"overrides for unknown notebook {nb!r}")
         plan[nb].update(extra)
     # The kernels run in the notebook folder: they find the data and runs through absolute roots.
-    for key, value in {**KERNEL_ENVIRONMENT, **runtime.openmp_defaults(), paths.DATA_ENV: str(paths.data_root()),
-                       paths.RUNS_ENV: str(paths.runs_root())}.items():
-        os.environ.setdefault(key, value)
-
+    kernel_env = {**KERNEL_ENVIRONMENT, **runtime.openmp_defaults(), paths.DATA_ENV: str(paths.data_root()),
+                  paths.RUNS_ENV: str(paths.runs_root())}
     manifest = {
         "run_id": run_dir.name, "mode": mode, "status": "running",
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
@@ -208,7 +207,7 @@ def run_notebooks(smoke: bool = False, data: str | None = None, out: str | Path 
     # HTML renderings are made in the background while the next notebook runs (its kernel
     # does the work; this process mostly waits).
     html_jobs: dict[str, concurrent.futures.Future] = {}
-    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as renderer:
+    with _environment_added(kernel_env), concurrent.futures.ThreadPoolExecutor(max_workers=1) as renderer:
         try:
             for i, nb in enumerate(notebooks, 1):
                 if progress:
@@ -247,6 +246,19 @@ def run_notebooks(smoke: bool = False, data: str | None = None, out: str | Path 
             write_json_atomic(run_dir / "manifest.json", manifest)
             write_text_atomic(run_dir / "index.html", index_page(manifest))
     return run_dir
+
+
+@contextlib.contextmanager
+def _environment_added(values: dict[str, str]):
+    """``values`` in os.environ where not already set (the kernels started inside inherit
+    them), and the caller's environment as it was afterwards."""
+    added = {k: v for k, v in values.items() if k not in os.environ}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for key in added:
+            os.environ.pop(key, None)
 
 
 def _execute(nb: str, notebook_dir: Path, run_dir: Path, planned: dict, manifest: dict,

@@ -120,3 +120,20 @@ def test_allocator_thresholds_are_raised_and_the_opt_out_is_honoured():
 def test_a_bad_threshold_warns_and_falls_back_to_the_default(value):
     out = _child(ALLOCATOR, HM4SR_MMAP_THRESHOLD_MB=value)
     assert out[0] == "True" and "(0, 2048)" in out[-1]
+
+
+def test_the_notebook_runner_leaves_the_callers_environment_as_it_was(tmp_path, monkeypatch):
+    """The runner hands its kernels the data and runs roots and the OpenMP setting through the
+    environment; a researcher calling it from their own Python keeps theirs afterwards."""
+    pytest.importorskip("papermill", reason="papermill (workbench extra) is not installed")
+    from hm4sr_core import paths
+    from hm4sr_core.notebooks import NotebookError, run_notebooks
+    for key in (paths.DATA_ENV, paths.RUNS_ENV, "GOMP_SPINCOUNT", "TOKENIZERS_PARALLELISM"):
+        monkeypatch.delenv(key, raising=False)
+    before = dict(os.environ)
+    with pytest.raises(NotebookError, match="01_prepare_data"):
+        run_notebooks(data="no-such-dataset", notebooks=("01_prepare_data",), out=tmp_path / "run", progress=False,
+                      cell_timeout=120)
+    assert dict(os.environ) == before
+    kernel_log = (tmp_path / "run" / "manifest.json").read_text()
+    assert "no-such-dataset" in kernel_log
