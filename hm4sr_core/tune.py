@@ -760,8 +760,8 @@ def summary(settings: TuneSettings, study, final: dict | None) -> dict:
     optuna = _optuna()
     trials = study.get_trials(deepcopy=False)
     counts = {s.name.lower(): sum(t.state == s for t in trials) for s in optuna.trial.TrialState}
-    done = [t for t in trials if t.state.is_finished() and t.datetime_complete and t.datetime_start]
-    busy = sum((t.datetime_complete - t.datetime_start).total_seconds() for t in done)
+    done = [t for t in trials if t.state.name in ("COMPLETE", "PRUNED") and t.datetime_complete and t.datetime_start]
+    busy = sum((t.datetime_complete - t.datetime_start).total_seconds() for t in done)  # one worker's hours
     out: dict = {"study": settings.study, "storage": _redact(settings.storage), "model": settings.model,
                  "data": settings.data, "objective": f"valid {OBJECTIVE} (best epoch)", "trials": counts,
                  "epochs_trained": int(sum(t.user_attrs.get("epochs", 0) for t in done)),
