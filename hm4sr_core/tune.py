@@ -534,7 +534,7 @@ def _objective(settings: TuneSettings, dataset, split, on_trial=None):
             best = max(best, float(value))
             trial.report(best, int(row["epoch"]))
             trial.set_user_attr("epochs", int(row["epoch"]))
-            if trial.should_prune():
+            if int(row["epoch"]) < train_cfg.epochs and trial.should_prune():  # at the cap it has run anyway
                 raise optuna.TrialPruned(f"pruned after epoch {row['epoch']} (best {best:.4f})")
 
         t0 = time.perf_counter()
