@@ -39,7 +39,7 @@ system-packages:  ## Debian's chromium + DejaVu fonts for PNG/SVG export and bro
 demo: $(STAMP) system-packages  ## prepare ml-100k (features, statistics), train and run the notebooks
 	$(PY) -m hm4sr_core demo
 
-test: $(STAMP) system-packages  ## run the test suite (about 9 minutes on 2 cores)
+test: $(STAMP) system-packages  ## run the test suite (about 8 minutes on 2 cores)
 	$(PY) -m pytest
 
 bench: $(STAMP)  ## speed ratios against RecBole's SASRec + memory checks -> benchmarks/results.json (SKIP="peer eval_1m" leaves parts out)
