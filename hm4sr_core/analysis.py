@@ -30,9 +30,8 @@ import torch
 
 from .data.schema import Dataset
 from .data.synthetic import planted_truth, seasonal_category
+from .data.timeunits import SECONDS_PER_DAY
 from .model import HM4SR
-
-SECONDS_PER_DAY = 86_400.0
 
 
 # ----------------------------------------------------------------------------- data

@@ -39,12 +39,12 @@ import torch
 from .config import SplitConfig, TrainConfig
 from .data.schema import DataError, Dataset
 from .data.splits import SequenceBatch, Split, SplitPart, build_split, iterate_batches
+from .data.timeunits import SECONDS_PER_DAY
 from .evaluate import query_by_length
 from .metrics import _COUNT_COLUMNS, _chunk_layout, _chunk_top_k, _merge_top_k
 
 AT_CHOICES = ("end", "test", "valid")  # whose history: everything, or what evaluation's test / valid query sees
 OUTPUT_SUFFIXES = (".parquet", ".csv", ".jsonl")
-SECONDS_PER_DAY = 86_400
 CHUNK_ITEMS = 65_536  # items scored per matmul, as evaluation (one (B, chunk) score matrix at a time)
 OCCLUDED_SHOWN = 3  # history items named per recommendation in the readable explanation
 

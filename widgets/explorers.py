@@ -29,11 +29,11 @@ import plotly.graph_objects as go
 import ipywidgets as widgets
 
 from hm4sr_core import introspect
+from hm4sr_core.data.timeunits import SECONDS_PER_DAY
 
 from . import figures
 
 _log = logging.getLogger(__name__)
-SECONDS_PER_DAY = 86_400.0
 # Side-by-side panels share a row down to this width each, then stack one below the other
 # (a 1280-pixel screen with JupyterLab's file browser open leaves an output area of ~900 px).
 PANEL_MIN_WIDTH = "380px"

@@ -61,10 +61,10 @@ import numpy as np
 import pandas as pd
 
 from hm4sr_core.data.schema import DataError, RawDataset, RawModality
+from hm4sr_core.data.timeunits import SECONDS_PER_DAY
 
 # Timestamps count seconds from here (2020-01-01T00:00:00Z), so dates are readable.
 EPOCH_SECONDS = 1_577_836_800
-SECONDS_PER_DAY = 86_400
 # Users start at a uniformly random moment in these first two years, so every
 # calendar month is visited and a month cannot be guessed from the position alone.
 START_SPAN_DAYS = 730

@@ -28,6 +28,7 @@ from .schema import DataError
 
 WINDOW = (631_152_000, 4_102_444_800)  # 1990-01-01 and 2100-01-01 00:00 UTC, in seconds
 PER_SECOND = {"seconds": 1, "milliseconds": 1000}
+SECONDS_PER_DAY = 86_400  # the one definition: data, analysis, introspection, recommend and widgets read it here
 
 
 def _date(seconds: float) -> str:

@@ -12,8 +12,8 @@ import torch
 from ..config import SplitConfig
 from ..data.schema import Dataset
 from ..data.splits import SplitPart, build_split
+from ..data.timeunits import SECONDS_PER_DAY
 
-SECONDS_PER_DAY = 86_400.0
 PART_NAMES = ("test", "valid", "train")
 TIME_MODES = ("real", "shuffled", "zeroed")
 
