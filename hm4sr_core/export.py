@@ -17,7 +17,7 @@ is padded with zeros after its last item; ``lengths`` gives its real count) to t
 only the times of the history, never the moment of the request.
 
 The graph is obtained with ``torch.onnx.export(dynamo=True)`` on the model's stock
-kernels (:func:`hm4sr_core.kernels.cpu_kernels` off: the batched form the GPU runs, equal
+kernels (``HM4SR.use_cpu_kernels(False)``: the batched form the GPU runs, equal
 to the CPU's stream-by-stream one up to float rounding, tests/test_kernels.py). onnx,
 onnxscript and onnxruntime are an optional extra: ``pip install "hm4sr-workbench[onnx]"``.
 """
@@ -35,7 +35,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import kernels
 from .data.splits import SequenceBatch
 
 OUTPUTS = ("scores", "query")
@@ -100,14 +99,15 @@ def _quiet_exporter():
 
 
 @contextmanager
-def stock_kernels():
-    """The model's stock (batched) kernels for the block, whatever the device."""
-    saved = kernels.cpu_kernels
-    kernels.cpu_kernels = lambda t: False
+def stock_kernels(model: nn.Module):
+    """The model's batched forms (model.py) for the block, whatever the device; its own
+    setting (``HM4SR.use_cpu_kernels``, kept alike in both modules) restored after."""
+    saved = model.encoders.cpu_kernels
+    model.use_cpu_kernels(False)
     try:
         yield
     finally:
-        kernels.cpu_kernels = saved
+        model.use_cpu_kernels(saved)
 
 
 def export_onnx(model: nn.Module, dataset, out_dir: str | Path, *, output: str = "scores",
@@ -138,7 +138,7 @@ def export_onnx(model: nn.Module, dataset, out_dir: str | Path, *, output: str =
     os.umask(umask)
     tmp.chmod(0o777 & ~umask)  # mkdtemp's 0700 would outlive the rename
     try:
-        with stock_kernels(), _quiet_exporter(), torch.no_grad():
+        with stock_kernels(model), _quiet_exporter(), torch.no_grad():
             # Strict tracing straight away: the non-strict mode torch.onnx tries first stops at the
             # Interactive MoE's torch.unique (a data-dependent size) and prints the graph it got.
             program = torch.export.export(serving, sample, strict=True, dynamic_shapes={

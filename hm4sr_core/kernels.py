@@ -5,25 +5,24 @@ operations, all streams of a layer in one batched kernel per operation: the form
 runs and a reader can check against the paper. This module computes the same thing
 faster on a CPU, or in less memory, and nothing here changes what is computed:
 
-- :func:`cpu_kernels`: the one switch between the two forms (tests flip it to run the
-  stock form on the CPU, where it must agree with the fast one);
 - dropout masks drawn as floats from random words (:func:`dropout_mask`), and attention
   with the scale and the mask folded into one ``baddbmm`` (:func:`attention`);
 - the per-stream encoder (:func:`encode_per_stream`): each stream's Transformer layers on
   (B*T, d) matrices, with the masks drawn before the stream loop;
-- the factored Interactive-MoE mix (:func:`interactive_moe_factored`, :class:`FactoredMix`):
-  experts applied once per distinct item and once per position, mixed a few sequences at a
-  time;
-- recomputation (:func:`recomputed`, ``TrainConfig.recompute``) and gradient caching over
-  parts of a batch (:func:`backward_in_parts`, ``TrainConfig.micro_batches``).
+- the Interactive MoE's mix a few sequences at a time (:func:`factored_mix`, the custom
+  autograd :class:`FactoredMix`), from the expert outputs the module computes once per
+  distinct item and once per position;
+- recomputation (:func:`recomputed`, ``TrainConfig.recompute``).
 
-Entry points, each called from one place (the lines of model.py that say ``kernels.``):
-the first MoE level is :func:`interactive_moe_factored`; ``StreamEncoders.forward`` hands
-its input to :func:`encode_per_stream` when :func:`cpu_kernels` says so, and otherwise
-runs its layers through :func:`recomputed` when recomputation is on and through
-:func:`attention`; the trainer's step in parts lives in :mod:`hm4sr_core.steps`. These paths take the
-model's modules and tensors and import no model class (model.py imports this module). Streams are stacked on one axis as in the model: weights ``(S, ...)``, inputs
-``(S, B, T, d)``.
+Which form runs is chosen in model.py, where each call into this module is a line that
+says ``kernels.``: ``StreamEncoders.forward`` hands its input to :func:`encode_per_stream`
+and ``InteractiveMoE.forward`` its expert outputs to :func:`factored_mix` when
+``runs_cpu_kernels`` says so (by default on a CPU; ``HM4SR.use_cpu_kernels`` sets it for
+every device); otherwise the encoders run their layers through :func:`recomputed` when
+recomputation is on, and through :func:`attention`. These paths take modules and tensors
+and import no model class (model.py imports this module); the training step that
+caches gradients over parts of a batch lives in :mod:`hm4sr_core.steps`. Streams are
+stacked on one axis as in the model: weights ``(S, ...)``, inputs ``(S, B, T, d)``.
 """
 
 from __future__ import annotations
@@ -34,17 +33,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-
-from .data.splits import SequenceBatch
-
-
-
-def cpu_kernels(t: torch.Tensor) -> bool:
-    """Whether ``t`` takes the CPU-tuned paths (drawn dropout masks, the per-stream
-    encoder, the chunked expert mix); elsewhere the stock ones run (F.dropout, one
-    batched kernel for all streams, the direct mix), which suit a GPU. Tests switch it
-    off to run those paths on the CPU."""
-    return t.device.type == "cpu"
 
 
 # ----------------------------------------------------------------------------- dropout and attention
@@ -123,27 +111,13 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.
 # ----------------------------------------------------------------------------- the factored expert mix
 
 
-def interactive_moe_factored(moe: nn.Module, rows: torch.Tensor, position: torch.Tensor,
-                             index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``moe(z)`` on z = rows[index] + position (position added to every stream), computed
-    once per distinct item and once per position: (output (B, T, S, d), gates (B, T, S, E)).
-
-    Experts and gate logits are affine in z, so Expert(rows[i] + p) = Expert(rows[i])
-    + W p: the (tokens x Sd x ESd) product shrinks to (distinct items + T) rows.
-    rows (U, S, d), position (T, d), index (B, T) into rows."""
-    U, S, d = rows.shape
-    item_logits = torch.einsum("usd,sde->use", rows, moe.gate_weight) + moe.gate_bias  # (U, S, E)
-    pos_logits = torch.einsum("td,sde->tse", position, moe.gate_weight)  # (T, S, E)
-    # F.embedding for the row gathers: its CPU backward sums in a fixed order (determinism).
-    gates = torch.softmax(F.embedding(index, item_logits.reshape(U, -1)).view(*index.shape, S, -1)
-                          + pos_logits, dim=-1)  # (B, T, S, E)
-    item_out = moe.experts(rows.reshape(U, S * d))  # (U, E*S*d), bias included
-    pos_out = F.linear(position.repeat(1, S), moe.experts.weight)  # (T, E*S*d)
-    if cpu_kernels(rows):  # no (B, T, E, S, d) tensor: see FactoredMix
-        mixed = FactoredMix.apply(gates, item_out, pos_out, index, moe.E)
-        return mixed * moe.lambdas.view(1, 1, S, 1), gates
-    expert_out = (F.embedding(index, item_out) + pos_out).view(*index.shape, moe.E, S, d)
-    return moe.mix(expert_out, gates), gates
+def factored_mix(gates: torch.Tensor, item_out: torch.Tensor, pos_out: torch.Tensor, index: torch.Tensor,
+                 E: int) -> torch.Tensor:
+    """The Interactive MoE's unscaled mix from its factored expert outputs (model.py,
+    ``InteractiveMoE.forward``): mixed[b, t, s] = sum_e gates[b, t, s, e] *
+    (item_out[index[b, t], e, s] + pos_out[t, e, s]), computed by :class:`FactoredMix`.
+    gates (B, T, S, E), item_out (U, E*S*d), pos_out (T, E*S*d), index (B, T) -> (B, T, S, d)."""
+    return FactoredMix.apply(gates, item_out, pos_out, index, E)
 
 
 class FactoredMix(torch.autograd.Function):

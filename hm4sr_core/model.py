@@ -124,35 +124,61 @@ def transform_features(table: torch.Tensor, available: torch.Tensor, how: str) -
     return out.to(table.dtype)
 
 
+def runs_cpu_kernels(setting: bool | None, x: torch.Tensor) -> bool:
+    """Which of its two forms a module runs on ``x``: the CPU-tuned one of
+    :mod:`hm4sr_core.kernels` when ``setting`` is True, the batched one written in this
+    file when it is False, and, left at None (the default), the CPU-tuned one for tensors
+    on a CPU. ``setting`` is the module's ``cpu_kernels``, set for the whole model by
+    :meth:`HM4SR.use_cpu_kernels`. Both forms compute the same values up to float
+    rounding; in training their dropout masks come from different draws."""
+    return x.device.type == "cpu" if setting is None else bool(setting)
+
+
 class InteractiveMoE(nn.Module):
-    """First level: E experts Linear(Sd -> Sd) over all streams; one softmax gate per stream
-    from its own slice; o_s = lambda_s * sum_k g_s[k] * slice_s(Expert_k(z))."""
+    """First level (docs/model.md 2.2): E experts Linear(Sd -> Sd) over all streams; one
+    softmax gate per stream from its own slice, g_s = softmax(W_s z_s + b_s);
+    o_s = lambda_s * sum_k g_s[k] * slice_s(Expert_k(z)).
+
+    Each token's input is z = e(item) + p(position), p added to every stream. Experts and
+    gate logits are affine in z, so Expert_k(e + p) = Expert_k(e) + W_k p and
+    W_s (e_s + p) + b_s = (W_s e_s + b_s) + W_s p: both are computed once per distinct
+    item and once per position, and the (tokens x Sd x ESd) product shrinks to
+    (distinct items + T) rows. Only the gate softmax and the mix are per token."""
 
     def __init__(self, num_streams: int, d: int, num_experts: int, lambda_init: tuple):
         super().__init__()
         self.S, self.d, self.E = num_streams, d, num_experts
         self.experts = nn.Linear(num_streams * d, num_experts * num_streams * d)  # E experts side by side
-        self.gate_weight = nn.Parameter(torch.empty(num_streams, d, num_experts))
-        self.gate_bias = nn.Parameter(torch.zeros(num_streams, num_experts))
+        self.gate_weight = nn.Parameter(torch.empty(num_streams, d, num_experts))  # W_s
+        self.gate_bias = nn.Parameter(torch.zeros(num_streams, num_experts))  # b_s
         lam = [lambda_init[min(s, len(lambda_init) - 1)] for s in range(num_streams)]
         self.lambdas = nn.Parameter(torch.tensor(lam, dtype=torch.float32))
+        self.cpu_kernels: bool | None = None  # which form of the mix runs: see runs_cpu_kernels
 
-    def forward(self, z: torch.Tensor):
-        """Per token: z (B, T, S, d) -> (output (B, T, S, d), gates (B, T, S, E))."""
-        B, T, S, d = z.shape
-        gates = torch.softmax(torch.einsum("btsd,sde->btse", z, self.gate_weight) + self.gate_bias, dim=-1)
-        expert_out = self.experts(z.reshape(B, T, S * d)).view(B, T, self.E, S, d)
-        return self.mix(expert_out, gates), gates
-
-    def mix(self, expert_out: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
-        """sum_k g_s[k] * expert_out[k, s], scaled by lambda_s: expert_out (B, T, E, S, d),
-        gates (B, T, S, E) -> (B, T, S, d)."""
-        S = self.S
-        # An elementwise mix: einsum lowers this to B*T*S tiny matmuls, far slower on CPU.
-        # Contiguous (B, T, E, S) gates keep the backward's (B, T, E, S, d) gradient contiguous:
-        # with the transposed view it came out strided and was copied (about a quarter slower).
-        mixed = (expert_out * gates.transpose(2, 3).contiguous().unsqueeze(-1)).sum(2)
-        return mixed * self.lambdas.view(1, 1, S, 1)  # (B, T, S, d)
+    def forward(self, rows: torch.Tensor, position: torch.Tensor, index: torch.Tensor):
+        """rows (U, S, d): the distinct items' embeddings per stream; position (T, d);
+        index (B, T) into rows -> (o (B, T, S, d), gates (B, T, S, E)) for the tokens
+        z = rows[index] + position."""
+        U, S, d = rows.shape
+        B, T = index.shape
+        E = self.E
+        item_logits = torch.einsum("usd,sde->use", rows, self.gate_weight) + self.gate_bias  # (U, S, E)
+        pos_logits = torch.einsum("td,sde->tse", position, self.gate_weight)  # (T, S, E)
+        # F.embedding for the row gathers: its CPU backward sums in a fixed order (determinism).
+        gates = torch.softmax(F.embedding(index, item_logits.reshape(U, -1)).view(B, T, S, E) + pos_logits,
+                              dim=-1)  # (B, T, S, E): g_s per token
+        item_out = self.experts(rows.reshape(U, S * d))  # (U, E*S*d): Expert_k(e), bias included
+        pos_out = F.linear(position.repeat(1, S), self.experts.weight)  # (T, E*S*d): W_k p
+        if runs_cpu_kernels(self.cpu_kernels, rows):
+            # The same sum a few sequences at a time, never holding (B, T, E, S, d).
+            mixed = kernels.factored_mix(gates, item_out, pos_out, index, E)
+        else:
+            expert_out = (F.embedding(index, item_out) + pos_out).view(B, T, E, S, d)  # Expert_k(z) per token
+            # An elementwise mix: einsum lowers this to B*T*S tiny matmuls, far slower on CPU.
+            # Contiguous (B, T, E, S) gates keep the backward's (B, T, E, S, d) gradient contiguous:
+            # with the transposed view it came out strided and was copied (about a quarter slower).
+            mixed = (expert_out * gates.transpose(2, 3).contiguous().unsqueeze(-1)).sum(2)  # (B, T, S, d)
+        return mixed * self.lambdas.view(1, 1, S, 1), gates
 
 
 class TimeEmbedding(nn.Module):
@@ -338,6 +364,7 @@ class StreamEncoders(nn.Module):
             StackedTransformerLayer(S, config.hidden_size, config.num_heads, config.inner_size,
                                     config.hidden_dropout, config.attention_dropout, config.layer_norm_eps)
             for _ in range(config.num_layers)])
+        self.cpu_kernels: bool | None = None  # which form runs: see runs_cpu_kernels
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor, *, streams: list[int] | None = None,
                 last_only: bool = True) -> torch.Tensor:
@@ -347,7 +374,8 @@ class StreamEncoders(nn.Module):
         ids = list(range(S)) if streams is None else [int(s) for s in streams]
         if len(ids) != S:
             raise ValueError(f"{len(ids)} stream ids for {S} streams of input")
-        if kernels.cpu_kernels(x):  # the same computation, stream by stream (kernels.py)
+        if runs_cpu_kernels(self.cpu_kernels, x):
+            # The same layers stream by stream on (B*T, d) matrices, dropout masks drawn first.
             return kernels.encode_per_stream(self, x, lengths, ids, last_only)
         drop = self.training and self.dropout > 0
         last = lengths - 1
@@ -478,6 +506,19 @@ class HM4SR(nn.Module):
             layer.recompute = bool(on)
         return self
 
+    def use_cpu_kernels(self, on: bool | None = True) -> "HM4SR":
+        """Choose which form the stream encoders and the Interactive MoE run: True, the
+        CPU-tuned forms of :mod:`hm4sr_core.kernels` (the encoders stream by stream with
+        dropout masks drawn from random words, the expert mix a few sequences at a time
+        with its own backward); False, the batched forms written in this file (one kernel
+        for all streams, F.dropout, the direct mix: what a GPU wants, and what an ONNX
+        export traces); None (the default), the CPU-tuned forms for tensors on a CPU
+        (:func:`runs_cpu_kernels`). Returns the model."""
+        for module in (self.encoders, self.interactive):
+            if module is not None:
+                module.cpu_kernels = on
+        return self
+
     # -- sampled softmax: the proposal and each step's candidates
     def set_item_popularity(self, counts) -> "HM4SR":
         """Give the model the training interaction count of each item ((N+1,), index 0 the
@@ -589,7 +630,7 @@ class HM4SR(nn.Module):
             rows = tables[uniq]
             z = F.embedding(index, rows.view(len(uniq), -1)).view(B, T, *rows.shape[1:]) \
                 + position.view(1, T, 1, -1)  # (B, T, S, d)
-            o, g = kernels.interactive_moe_factored(self.interactive, rows, position, index)  # = self.interactive(z), once per distinct item
+            o, g = self.interactive(rows, position, index)  # o = the MoE's output for z, per token
             z = z + o
             if want:
                 extras["interactive_gates"] = g * real.view(B, T, 1, 1)

@@ -24,25 +24,33 @@ from test_model import LOSSES, _dense_batch, _model  # the same seeded model and
 ENCODER_TERMS = forward_terms(ModelConfig(hidden_size=16, num_heads=2, inner_size=32, num_layers=2))
 
 
-def test_factored_interactive_moe_equals_the_per_token_computation():
-    """Experts and gate logits applied once per distinct item and once per position give
-    the per-token result (the model uses the factored form)."""
+@pytest.mark.parametrize("cpu", [True, False], ids=["chunked mix (CPU)", "direct mix (GPU)"])
+def test_interactive_moe_computes_the_papers_per_token_experts_and_gates(cpu):
+    """The module's factored form (experts and gate logits once per distinct item and once
+    per position) in either mix gives the paper's per-token computation, written here
+    from the module's weights in float64: g_s = softmax(W_s z_s + b_s) and
+    o_s = lambda_s * sum_k g_s[k] * slice_s(Expert_k(z)) for z = e(item) + p(position)."""
     from hm4sr_core.model import InteractiveMoE
     torch.manual_seed(0)
-    moe = InteractiveMoE(3, 8, 4, (0.3, 1.0, 1.0))
+    B, T, S, d, E = 5, 7, 3, 8, 4
+    moe = InteractiveMoE(S, d, E, (0.3, 1.0, 1.0))
+    moe.cpu_kernels = cpu
     torch.nn.init.normal_(moe.gate_weight)
     torch.nn.init.normal_(moe.gate_bias)
-    items = torch.randint(0, 20, (5, 7))
-    table, position = torch.randn(20, 3, 8), torch.randn(7, 8)
-    out, gates = moe(table[items] + position.view(1, 7, 1, 8))
+    items = torch.randint(0, 20, (B, T))
+    table, position = torch.randn(20, S, d), torch.randn(T, d)
     uniq, index = torch.unique(items, return_inverse=True)
-    out_f, gates_f = kernels.interactive_moe_factored(moe, table[uniq], position, index)
-    # gate logits (width 3 streams x 8), a softmax over 4, experts (width 8), the mix of 4: <= 4 x 24 steps
-    assert_float_close(out_f, out, 4 * 24)
-    assert_float_close(gates_f, gates, 4 * 24, magnitude=1.0)
+    out, gates = moe(table[uniq], position, index)
+
+    z = (table[items] + position.view(1, T, 1, d)).double()  # (B, T, S, d), every token
+    w, b = moe.gate_weight.double(), moe.gate_bias.double()
+    want_gates = torch.softmax(torch.einsum("btsd,sde->btse", z, w) + b, dim=-1)  # (B, T, S, E)
+    experts = (z.reshape(B, T, S * d) @ moe.experts.weight.double().T + moe.experts.bias.double()).view(B, T, E, S, d)
+    want = torch.einsum("btse,btesd->btsd", want_gates, experts) * moe.lambdas.double().view(1, 1, S, 1)
+    # gate logits (width 3 streams x 8), a softmax over 4, experts (width 24), the mix of 4: <= 4 x 24 steps
+    assert_float_close(out, want, 4 * 24)
+    assert_float_close(gates, want_gates, 4 * 24, magnitude=1.0)
     assert gates.std() > 0.05  # the gates are not trivially uniform
-
-
 
 
 @pytest.mark.parametrize("p", [0.5, 0.25, 0.2])  # one-bit, 8-bit and 16-bit lanes
@@ -128,13 +136,13 @@ def _encoder_and_reference(d=16, H=2, S=3, B=5, T=7):
 
 
 @pytest.mark.parametrize("cpu_paths", [True, False], ids=["per-stream (CPU)", "stacked (GPU)"])
-def test_stream_encoders_equal_a_plain_post_ln_transformer_per_stream(cpu_paths, monkeypatch):
+def test_stream_encoders_equal_a_plain_post_ln_transformer_per_stream(cpu_paths):
     """The encoder against a direct transcription of RecBole's post-LN layer, stream by
     stream with each stream's own weights: every position, the last position only, and
     a subset of streams (as the placeholder pass uses); both the CPU's per-stream path
     and the stacked path a GPU takes."""
-    monkeypatch.setattr(kernels, "cpu_kernels", lambda t: cpu_paths)
     enc, x, lengths, reference = _encoder_and_reference()
+    enc.cpu_kernels = cpu_paths
     S, B = x.shape[:2]
     with torch.no_grad():
         want = torch.stack([reference(s, x[s]) for s in range(S)])  # (S, B, T, d)
@@ -174,15 +182,14 @@ def test_stream_encoders_apply_each_drawn_dropout_mask_where_it_belongs(monkeypa
 
 
 @pytest.mark.parametrize("cpu", [True, False], ids=["per-stream", "stacked"])
-def test_recompute_gives_the_same_loss_and_gradients(tiny_ds, tiny_split, tiny_model_config, monkeypatch, cpu):
+def test_recompute_gives_the_same_loss_and_gradients(tiny_ds, tiny_split, tiny_model_config, cpu):
     """recompute_activations keeps less for the backward and recomputes the rest; with
     dropout on (masks drawn once, or F.dropout's RNG replayed) the loss and every gradient
     equal the plain run's, in both encoder paths, and the encoder keeps fewer tensors."""
-    monkeypatch.setattr(kernels, "cpu_kernels", lambda t: cpu)
     batch = next(iterate_batches(tiny_split.train_prefix, 32, shuffle=True, generator=torch.Generator().manual_seed(2)))
     runs = []
     for on in (False, True):
-        model = _model(tiny_model_config, tiny_ds).train().recompute_activations(on)
+        model = _model(tiny_model_config, tiny_ds).train().recompute_activations(on).use_cpu_kernels(cpu)
         saved = []
         torch.manual_seed(7)
         with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
@@ -205,17 +212,16 @@ def _grads(model) -> dict:
 
 
 @pytest.mark.parametrize("cpu", [True, False], ids=["per-stream", "stacked"])
-def test_backward_in_parts_equals_one_pass_without_dropout(tiny_ds, tiny_split, tiny_model_config, monkeypatch, cpu):
+def test_backward_in_parts_equals_one_pass_without_dropout(tiny_ds, tiny_split, tiny_model_config, cpu):
     """Gradient caching is exact: with dropout off, three parts give the one-pass losses and
     every gradient (the in-batch contrastive losses still see the whole batch), and the
     introspection tensors come back whole."""
-    monkeypatch.setattr(kernels, "cpu_kernels", lambda t: cpu)
     config = tiny_model_config.replace(hidden_dropout=0.0, attention_dropout=0.0)
     batch = next(iterate_batches(tiny_split.train_prefix, 40, shuffle=True, generator=torch.Generator().manual_seed(2)))
-    one = _model(config, tiny_ds).train()
+    one = _model(config, tiny_ds).train().use_cpu_kernels(cpu)
     out1 = one(batch, losses=True, introspect=True, generator=torch.Generator().manual_seed(3))
     out1.loss.backward()
-    parts = _model(config, tiny_ds).train()
+    parts = _model(config, tiny_ds).train().use_cpu_kernels(cpu)
     out3 = steps.backward_in_parts(parts, batch, 3, introspect=True, generator=torch.Generator().manual_seed(3))
     assert out3.losses.keys() == out1.losses.keys() == LOSSES
     assert float(out1.losses["placeholder_contrastive"].detach()) > 0
@@ -232,19 +238,18 @@ def test_backward_in_parts_equals_one_pass_without_dropout(tiny_ds, tiny_split, 
 
 
 @pytest.mark.parametrize("cpu", [True, False], ids=["per-stream", "stacked"])
-def test_backward_in_parts_replays_each_parts_dropout(tiny_ds, tiny_split, tiny_model_config, monkeypatch, cpu):
+def test_backward_in_parts_replays_each_parts_dropout(tiny_ds, tiny_split, tiny_model_config, cpu):
     """With dropout on, the parameter gradients are those of the whole batch's loss with
     each part encoded under the random state the part started from (the rerun draws the
     same masks), and the global random state ends where the first pass left it."""
-    monkeypatch.setattr(kernels, "cpu_kernels", lambda t: cpu)
     batch = next(iterate_batches(tiny_split.train_prefix, 40, shuffle=True, generator=torch.Generator().manual_seed(2)))
-    model = _model(tiny_model_config, tiny_ds).train()
+    model = _model(tiny_model_config, tiny_ds).train().use_cpu_kernels(cpu)
     torch.manual_seed(5)
     out = steps.backward_in_parts(model, batch, 2, generator=torch.Generator().manual_seed(3))
     after = torch.get_rng_state()
     got = _grads(model)
 
-    direct = _model(tiny_model_config, tiny_ds).train()
+    direct = _model(tiny_model_config, tiny_ds).train().use_cpu_kernels(cpu)
     place = direct._placeholder_draw(batch, torch.Generator().manual_seed(3))
     torch.manual_seed(5)
     hs, augs = [], []
@@ -291,8 +296,7 @@ def test_chunked_expert_mix_gradients(monkeypatch):
     assert (g32.grad.dtype, i16.grad.dtype, p16.grad.dtype) == (torch.float32, torch.bfloat16, torch.bfloat16)
 
 
-def test_the_stock_kernel_paths_used_off_the_cpu_agree_with_the_cpu_paths(tiny_ds, tiny_split, tiny_model_config,
-                                                                          monkeypatch):
+def test_the_stock_kernel_paths_used_off_the_cpu_agree_with_the_cpu_paths(tiny_ds, tiny_split, tiny_model_config):
     """Off the CPU (a GPU) dropout is F.dropout and the expert mix is the direct form.
     Run those paths here: without dropout they give the CPU paths' result, and with it
     every parameter still gets a gradient."""
@@ -301,7 +305,7 @@ def test_the_stock_kernel_paths_used_off_the_cpu_agree_with_the_cpu_paths(tiny_d
     model.eval()
     with torch.no_grad():
         cpu = model(batch, losses=True, scores=True, generator=torch.Generator().manual_seed(0))
-        monkeypatch.setattr(kernels, "cpu_kernels", lambda t: False)
+        model.use_cpu_kernels(False)
         stock = model(batch, losses=True, scores=True, generator=torch.Generator().manual_seed(0))
     assert_float_close(stock.scores, cpu.scores, TINY_FORWARD_TERMS)
     for name in cpu.losses:  # means over 8 windows x 10 positions
@@ -316,9 +320,9 @@ def test_the_stock_kernel_paths_used_off_the_cpu_agree_with_the_cpu_paths(tiny_d
 @pytest.mark.parametrize("mode", ["dense", "prefix"])
 @pytest.mark.parametrize("preset", ["hm4sr", "sasrec"])
 def test_the_fast_paths_give_the_plain_forms_losses_and_gradients(tiny_ds, tiny_split, tiny_model_config,
-                                                                  monkeypatch, preset, mode):
+                                                                  preset, mode):
     """The whole model with the CPU paths (per-stream encoder, factored and chunked
-    expert mix) and with the plain form model.py states (``cpu_kernels`` off), dropout
+    expert mix) and with the batched form model.py states (``use_cpu_kernels(False)``), dropout
     off so both see the same function: the same scores, every named loss and every
     parameter's gradient, in dense and prefix mode, for HM4SR and SASRec."""
     config = tiny_model_config.replace(hidden_dropout=0.0, attention_dropout=0.0)
@@ -330,8 +334,7 @@ def test_the_fast_paths_give_the_plain_forms_losses_and_gradients(tiny_ds, tiny_
     batch = next(iterate_batches(part, 24, shuffle=True, generator=torch.Generator().manual_seed(4)))
     runs = {}
     for fast in (True, False):
-        monkeypatch.setattr(kernels, "cpu_kernels", lambda t, on=fast: on)
-        model = _model(config, tiny_ds).train()
+        model = _model(config, tiny_ds).train().use_cpu_kernels(fast)
         out = model(batch, losses=True, scores=True, generator=torch.Generator().manual_seed(3))
         out.loss.backward()
         runs[fast] = out, _grads(model)
