@@ -296,3 +296,41 @@ def test_two_workers_on_one_postgresql_study(postgres, tiny_folder, tmp_path):
     best = max(t.value for t in trials if t.state.name == "COMPLETE")
     assert {s["best"]["value"] for s in seen} == {best}
     assert all(s["trials"]["complete"] + s["trials"]["pruned"] == len(finished) for s in seen)
+
+
+# ----------------------------------------------------------------------------- pruners
+
+
+def _replay(pruner, curves) -> list[str]:
+    """Report each curve as hm4sr tune's objective does; the trials' final states."""
+    study = optuna.create_study(direction="maximize", pruner=pruner)
+
+    def objective(trial):
+        curve = curves[trial.number]
+        for epoch, value in enumerate(curve, start=1):
+            trial.report(value, epoch)
+            if epoch < len(curve) and trial.should_prune():
+                raise optuna.TrialPruned()
+        return curve[-1]
+
+    study.optimize(objective, n_trials=len(curves))
+    return [t.state.name for t in study.trials]
+
+
+def test_halving_is_the_default_and_judges_at_the_warm_up_epoch(tmp_path):
+    """The default pruner is successive halving with its first rung at --warmup-epochs: of
+    three trials that reach epoch 3, one behind both others stops there; one level with the
+    best goes on; the median rule would have let the laggard run (it waits for 5 trials)."""
+    settings = tune.TuneSettings(data="x", model="sasrec", trials=4, out=tmp_path, space={},
+                                 train=tune.TrainConfig(epochs=9))
+    assert settings.pruner == "halving" and settings.warmup == tune.DEFAULT_WARMUP == 3
+    pruner = tune.make_pruner(settings)
+    assert isinstance(pruner, optuna.pruners.SuccessiveHalvingPruner)
+    good = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
+    behind = [0.1, 0.1, 0.1, 0.2, 0.2, 0.2, 0.9, 0.9, 0.95]  # would have been the best at the cap
+    assert _replay(pruner, [good, good, behind, good]) == ["COMPLETE", "COMPLETE", "PRUNED", "COMPLETE"]
+    median = tune.make_pruner(dataclasses.replace(settings, pruner="median"))
+    assert _replay(median, [good, good, behind, good]) == ["COMPLETE"] * 4
+    assert isinstance(tune.make_pruner(dataclasses.replace(settings, pruner="none")), optuna.pruners.NopPruner)
+    with pytest.raises(ValueError, match="--pruner must be one of halving, median, none, got 'asha'"):
+        dataclasses.replace(settings, pruner="asha")
