@@ -259,13 +259,15 @@ def build_parser() -> argparse.ArgumentParser:
     tu.add_argument("--seed", type=int, default=2025, help="TPE sampler seed (default 2025)")
     tu.add_argument("--epochs", type=int, default=20,
                     help="epoch cap of every trial and of the final runs (default 20)")
-    tu.add_argument("--pruner", default="median", choices=("median", "none"),
-                    help="median (default): stop a trial whose best validation NDCG@20 so far is below the median "
-                         "of earlier trials at the same epoch; none: every trial runs to the cap or early stopping")
-    tu.add_argument("--warmup-epochs", type=int, default=5, metavar="E",
-                    help="epochs before the pruner may stop a trial (default 5)")
+    tu.add_argument("--pruner", default="halving", choices=("halving", "median", "none"),
+                    help="halving (default): successive halving, a trial goes on past epochs E, 3E, 9E, ... only if "
+                         "its best validation NDCG@20 so far is in the best third of the trials that got there; "
+                         "median: stop a trial below the median of earlier trials at the same epoch; none: every "
+                         "trial runs to the cap or early stopping (docs/guide.md, Tuning, says why halving)")
+    tu.add_argument("--warmup-epochs", type=int, default=3, metavar="E",
+                    help="epochs before the pruner may stop a trial: halving's first rung (default 3)")
     tu.add_argument("--startup-trials", type=int, default=5, metavar="N",
-                    help="trials that finish before the pruner stops any (default 5)")
+                    help="median pruner: trials that finish before it stops any (default 5)")
     tu.add_argument("--final-seeds", default="2025,2026,2027",
                     help="seeds of the final runs of the best configuration (default 2025,2026,2027); "
                          "'none' for a worker that only searches")
