@@ -49,7 +49,7 @@ def policy_env(policy: str) -> dict[str, str]:
 
 def _child(args) -> None:
     from hm4sr_core.config import ModelConfig, TrainConfig
-    from hm4sr_core.notebooks import prepared_dataset
+    from hm4sr_core.data.prepare import prepared_dataset
     from hm4sr_core.train import train
     ds, _ = prepared_dataset(args.data, args.data)
     cfg = TrainConfig(mode=args.mode, epochs=args.epochs, threads=args.threads, seed=2025, patience=100,

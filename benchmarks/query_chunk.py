@@ -31,7 +31,7 @@ def main() -> None:
     from hm4sr_core.config import ModelConfig, SplitConfig
     from hm4sr_core.data.splits import build_split, iterate_batches
     from hm4sr_core.evaluate import query_by_length
-    from hm4sr_core.notebooks import prepared_dataset
+    from hm4sr_core.data.prepare import prepared_dataset
     from hm4sr_core.train import initial_model
     torch.set_num_threads(args.threads)
     ds, _ = prepared_dataset("ml-100k", "ml-100k")

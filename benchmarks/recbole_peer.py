@@ -369,7 +369,7 @@ def main() -> None:
         except PeerUnavailable as e:
             raise SystemExit(str(e))
         return
-    from hm4sr_core.notebooks import prepared_dataset
+    from hm4sr_core.data.prepare import prepared_dataset
     ds, _ = prepared_dataset(None, args.dataset)
     t = time.perf_counter()
     figures = measure(ds, args.dataset, threads=args.threads, max_epochs=args.max_epochs,

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from benchmarks import recbole_peer
-from hm4sr_core import runtime
+from hm4sr_core import provenance, runtime
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results.json"
@@ -62,7 +62,7 @@ def _dataset():
     """ml-100k as the MovieLens reader prepares it (prepared on first use; a folder of that
     name made by another reader is refused, not measured)."""
     from hm4sr_core.data.store import read_manifest
-    from hm4sr_core.notebooks import prepared_dataset
+    from hm4sr_core.data.prepare import prepared_dataset
     ds, folder = prepared_dataset("ml-100k", "ml-100k")
     return ds, read_manifest(folder)["data_hash"]
 
@@ -362,7 +362,6 @@ def main() -> None:
         print(json.dumps(fn[args.only](args)))
         return
     from hm4sr_core.data.store import write_json_atomic
-    from hm4sr_core.train import environment
     extra = [f"--prefix-epochs={args.prefix_epochs}", f"--dense-epochs={args.dense_epochs}",
              f"--max-epochs={args.max_epochs}", f"--repeats={args.repeats}",
              f"--peer-max-epochs={args.peer_max_epochs}", f"--peer-max-seconds={args.peer_max_seconds}"]
@@ -374,7 +373,7 @@ def main() -> None:
     # Read after the parts: the scale part writes its "scale" key into the file itself.
     results = merge_results(json.loads(RESULTS.read_text()) if RESULTS.exists() else {}, measured)
     torch.set_num_threads(2)
-    results["environment"] = environment()
+    results["environment"] = provenance.environment()
     results["measured_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     results["command"] = "python -m benchmarks.run " + " ".join(sys.argv[1:])
     results["skipped_parts"] = skipped  # their figures in this file are an older run's
@@ -409,14 +408,10 @@ def _append_history(results: dict) -> None:
     commit): timings on a shared host drift, so a figure is read as the median of runs."""
     row = {k: v for k, v in results.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)}
     row["openmp"] = _openmp_label(runtime.openmp_settings())  # this process's setting, which the parts inherit
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "hm4sr_core", "benchmarks/run.py"],
-                               cwd=ROOT, capture_output=True, text=True)
-        row["commit"] = head.stdout.strip() or None
-        row["uncommitted_changes"] = bool(dirty.stdout.strip())  # the measured code is not that commit's
-    except OSError:  # no git
-        row["commit"] = None
+    git = provenance.git_state(ROOT, ("hm4sr_core", "benchmarks/run.py"))
+    row["commit"] = git["commit"] and git["commit"][:7]
+    row["uncommitted_changes"] = git["dirty"]  # the measured code is not that commit's
+    row["cpu_model"] = provenance.cpu()["cpu_model"]
     with open(HISTORY, "a") as f:
         f.write(json.dumps(row, sort_keys=True) + "\n")
 

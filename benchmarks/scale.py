@@ -485,13 +485,10 @@ def write_results(scale: dict, path: Path = RESULTS) -> dict:
 
 
 def _commit() -> dict:
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "hm4sr_core", "benchmarks"], cwd=ROOT,
-                               capture_output=True, text=True)
-        return {"commit": head.stdout.strip() or None, "uncommitted_changes": bool(dirty.stdout.strip())}
-    except OSError:
-        return {"commit": None}
+    """The commit (short) and whether the measured code (hm4sr_core, benchmarks) had changes."""
+    from hm4sr_core import provenance
+    git = provenance.git_state(ROOT, ("hm4sr_core", "benchmarks"))
+    return {"commit": git["commit"] and git["commit"][:7], "uncommitted_changes": git["dirty"]}
 
 
 def parse_args(argv=None):
@@ -561,7 +558,7 @@ def main(argv=None) -> None:
         return
     import torch
 
-    from hm4sr_core.train import environment
+    from hm4sr_core import provenance
     start = time.perf_counter()
     cases: dict = {}
     todo = plan(args)
@@ -583,7 +580,7 @@ def main(argv=None) -> None:
                                                   "prepare_seconds", "peak_rss_mb") if isinstance(r.get(k), float))
         print(f"[scale {i}/{len(todo)}] {spec}: {brief} ({r['wall_seconds']:.0f} s)", file=sys.stderr, flush=True)
     torch.set_num_threads(args.threads)
-    scale = {"cases": cases, "environment": environment(), **_commit(),
+    scale = {"cases": cases, "environment": provenance.environment(), **_commit(),
              "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
              "command": "python -m benchmarks.scale " + " ".join(sys.argv[1:] if argv is None else argv),
              "settings": {"steps": args.steps, "warmup": args.warmup, "threads": args.threads,

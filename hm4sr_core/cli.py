@@ -614,9 +614,8 @@ def cmd_copy_notebooks(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from .data.prepare import format_stats
+    from .data.prepare import format_stats, prepared_dataset
     from .paths import processed_root
-    from .notebooks import prepared_dataset
     existed = (processed_root() / "ml-100k" / "manifest.json").exists()
     ds, _ = prepared_dataset("ml-100k", "ml-100k")  # refuses a data/processed/ml-100k from another source
     if existed:

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from . import provenance
 from .significance import mean_std, paired_test
 
 
@@ -326,7 +327,9 @@ def rescore(run: Path, dest: Path, dataset, **eval_overrides) -> dict:
               time_origin=int(dataset.stats["first_timestamp"]))
     valid, test = evaluate(model, split.valid, cfg, **kw), evaluate(model, split.test, cfg, **kw)
     record = json.loads((run / "results.json").read_text())
-    record.update(valid=valid.metrics, test=test.metrics, rescored_from=str(run), eval_overrides=eval_overrides)
+    # The record keeps the training run's environment; the rescoring's own is beside it.
+    record.update(valid=valid.metrics, test=test.metrics, rescored_from=str(run), eval_overrides=eval_overrides,
+                  rescored_environment=provenance.environment())
     dest.mkdir(parents=True, exist_ok=True)
     per_user_frame(test).to_parquet(dest / "per_user_test.parquet", index=False)
     write_json_atomic(dest / "results.json", record)

@@ -32,20 +32,15 @@ import contextlib
 import html
 import json
 import os
-import platform
-import subprocess
 import sys
 import time
-from importlib import metadata
 from pathlib import Path
 
-from . import paths, runtime
-from .data.prepare import SOURCES, check_source, existing_manifest, prepare, source_of
-from .data.schema import DataError, Dataset
-from .data.store import (load_dataset, read_manifest, write_bytes_atomic,
-                         write_json_atomic, write_text_atomic)
+from . import paths, provenance, runtime
+from .data.prepare import SOURCES
+from .data.store import read_manifest, write_bytes_atomic, write_json_atomic, write_text_atomic
 
-SOURCE_TREE = Path(__file__).resolve().parents[1]  # a clone or an editable install; site-packages otherwise
+SOURCE_TREE = provenance.SOURCE_TREE  # a clone or an editable install; site-packages otherwise
 # The routing tour comes first: it trains on its own planted world (whatever the run's data),
 # so the first gate picture of a run comes from a converged model on data whose truth is known.
 TOUR = "00_expert_routing_tour"
@@ -90,34 +85,6 @@ class NotebookError(ValueError):
                  ename: str = "", evalue: str = ""):
         self.notebook, self.cell, self.source, self.ename, self.evalue = notebook, cell, source, ename, evalue
         super().__init__(message)
-
-
-# ----------------------------------------------------------------------------- data
-
-
-def prepared_dataset(source: str | None, name: str, *, path: str | Path | None = None,
-                     out_root: str | Path | None = None, reuse: bool = True, overwrite: bool = False,
-                     **prepare_options) -> tuple[Dataset, Path]:
-    """The dataset ``<out_root>/<name>`` (default ``data/processed/<name>``). Returns the
-    dataset and its folder.
-
-    ``reuse``: an existing dataset is loaded as it is, without re-reading its inputs,
-    provided it was prepared from ``source`` (any source when ``source`` is None);
-    one from another source raises DataError unless ``overwrite``, which rebuilds it.
-    Otherwise (nothing there, or ``reuse`` False) the dataset is prepared by
-    :func:`hm4sr_core.data.prepare.prepare`, which reuses a folder made from the same
-    inputs and refuses to replace one made from others unless ``overwrite``."""
-    folder = Path(out_root) / name if out_root is not None else paths.processed_root() / name
-    if reuse and (folder / "manifest.json").exists():
-        manifest = existing_manifest(folder)
-        if source is None or source_of(manifest) == source:
-            return load_dataset(folder), folder
-        if not overwrite:
-            check_source(folder, manifest, source)
-    if source is None:
-        raise DataError(f"{folder}: no prepared dataset named {name!r} (no manifest.json), and no source "
-                        f"to prepare it from; pass a source ({', '.join(SOURCES)}) or run `hm4sr prepare`")
-    return prepare(source, path, name=name, out_root=folder.parent, overwrite=overwrite, **prepare_options)
 
 
 # ----------------------------------------------------------------------------- parameters
@@ -202,7 +169,8 @@ def run_notebooks(smoke: bool = False, data: str | None = None, out: str | Path 
         "run_id": run_dir.name, "mode": mode, "status": "running",
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
         "kernel": {"name": KERNEL_NAME, "python": sys.executable},
-        "versions": versions(), "git": git_state(), "machine": machine(), "data": {}, "notebooks": [],
+        "versions": provenance.versions(VERSIONED_PACKAGES), "git": provenance.git_state(),
+        "machine": provenance.machine(), "data": {}, "notebooks": [],
     }
     # HTML renderings are made in the background while the next notebook runs (its kernel
     # does the work; this process mostly waits).
@@ -399,43 +367,6 @@ def export_static_figures(folder: Path, formats: tuple[str, ...] = STATIC_FORMAT
             reason = f"PNG/SVG figures not exported: {err}. The HTML and plotly JSON figures are written"
             print(f"hm4sr: {reason}", file=sys.stderr, flush=True)
     return {"status": status, "reason": reason, "paths": present()}
-
-
-# ----------------------------------------------------------------------------- provenance
-
-
-def versions() -> dict[str, str]:
-    """Python and the versions of the packages a run depends on."""
-    out = {"python": platform.python_version()}
-    from . import __version__
-    out["hm4sr_core"] = __version__
-    for name in VERSIONED_PACKAGES:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = None
-    return out
-
-
-def git_state(root: Path = SOURCE_TREE) -> dict:
-    """The commit the code came from and whether the tree had uncommitted changes (None for
-    both where the code is not a git checkout: an installed wheel)."""
-    if not (root / ".git").exists():
-        return {"commit": None, "dirty": None}
-    def git(*args: str) -> str | None:
-        try:
-            done = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=20)
-        except (OSError, subprocess.TimeoutExpired):
-            return None
-        return done.stdout.strip() if done.returncode == 0 else None
-    commit = git("rev-parse", "HEAD")
-    status = git("status", "--porcelain", "--untracked-files=no")
-    return {"commit": commit, "dirty": bool(status) if status is not None else None}
-
-
-def machine() -> dict:
-    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count()}
 
 
 # ----------------------------------------------------------------------------- index

@@ -101,6 +101,12 @@ def test_bench_history_records_only_what_this_run_measured(tmp_path, monkeypatch
     row = json.loads(bench.HISTORY.read_text())
     assert row["eval_users_per_second"] == 2000.0 and "hm4sr_prefix_seconds_per_epoch" not in row
     assert row["skipped_parts"] == ",".join(skip) and row["measured_at"] == results["measured_at"]
+    # Provenance from hm4sr_core.provenance, as a training result's: the CPU model, not just x86_64.
+    from hm4sr_core import provenance
+    cpu = provenance.cpu()["cpu_model"]
+    assert row["cpu_model"] == results["environment"]["cpu_model"] == cpu
+    assert results["environment"]["git"]["commit"] == provenance.git_state()["commit"]
+    assert row["commit"] == (results["environment"]["git"]["commit"] or "")[:7] or None
 
 
 def test_make_bench_leaves_the_memory_modes_and_scale_to_bench_all(tmp_path, monkeypatch):

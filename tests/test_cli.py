@@ -343,7 +343,7 @@ def test_demo_runs_the_routing_tour_first(monkeypatch, tmp_path, capsys):
     import hm4sr_core.notebooks as runner
 
     calls = []
-    monkeypatch.setattr(runner, "prepared_dataset", lambda source, name: (None, tmp_path))
+    monkeypatch.setattr("hm4sr_core.data.prepare.prepared_dataset", lambda source, name: (None, tmp_path))
     monkeypatch.setattr("hm4sr_core.data.prepare.format_stats", lambda ds: "stats")
     monkeypatch.setattr(runner, "run_notebooks", lambda **kwargs: calls.append(kwargs) or tmp_path)
     code, text, err = _run(capsys, "demo")

@@ -24,10 +24,11 @@ import pytest
 from click.testing import CliRunner
 from papermill.cli import papermill as papermill_cli
 
+from hm4sr_core.data.prepare import prepared_dataset
 from hm4sr_core.data.schema import DataError
 from hm4sr_core.data.store import read_manifest
 from hm4sr_core.notebooks import (FULL_TRAINING, NOTEBOOK_DIR, NOTEBOOKS, TOUR, NotebookError, plan_parameters,
-                                  prepared_dataset, run_notebooks)
+                                  run_notebooks)
 
 EXPECTED = Path(__file__).parent / "fixtures" / "notebooks_smoke_expected.json"
 # The same seed on one CPU reproduces these exactly; another CPU kind rounds float32 sums

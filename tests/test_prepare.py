@@ -18,12 +18,11 @@ import pytest
 from hm4sr_core.cli import main
 from hm4sr_core.config import PreprocessConfig
 from hm4sr_core.data import prepare as prepare_module
-from hm4sr_core.data.prepare import prepare, prepare_dataset
+from hm4sr_core.data.prepare import prepare, prepare_dataset, prepared_dataset
 from hm4sr_core.data.readers import movielens, recbole
 from hm4sr_core.data.schema import DataError, RawModality
 from hm4sr_core.data import store
 from hm4sr_core.data.store import read_manifest
-from hm4sr_core.notebooks import prepared_dataset
 
 ALL = PreprocessConfig(user_core=0, item_core=0, max_length=10)
 CORES = ["--user-core", "0", "--item-core", "0", "--max-length", "10"]

@@ -38,7 +38,7 @@ def _child(code: str, **set_vars) -> list[str]:
     return done.stdout.split() + ([done.stderr] if "HM4SR_MMAP_THRESHOLD_MB" in done.stderr else [])
 
 
-REPORT = ("from hm4sr_core.train import environment; e = environment(); "
+REPORT = ("from hm4sr_core.provenance import environment; e = environment(); "
           "print(os.environ.get('GOMP_SPINCOUNT'), e['GOMP_SPINCOUNT'], e['OMP_WAIT_POLICY'], e['allocator_kept'])")
 
 

@@ -323,6 +323,31 @@ def prepare(source: str, path: str | Path | None = None, *, name: str | None = N
     return done.dataset, done.folder
 
 
+def prepared_dataset(source: str | None, name: str, *, path: str | Path | None = None,
+                     out_root: str | Path | None = None, reuse: bool = True, overwrite: bool = False,
+                     **prepare_options) -> tuple[Dataset, Path]:
+    """The dataset ``<out_root>/<name>`` (default ``data/processed/<name>``). Returns the
+    dataset and its folder.
+
+    ``reuse``: an existing dataset is loaded as it is, without re-reading its inputs,
+    provided it was prepared from ``source`` (any source when ``source`` is None);
+    one from another source raises DataError unless ``overwrite``, which rebuilds it.
+    Otherwise (nothing there, or ``reuse`` False) the dataset is prepared by
+    :func:`prepare`, which reuses a folder made from the same
+    inputs and refuses to replace one made from others unless ``overwrite``."""
+    folder = Path(out_root) / name if out_root is not None else processed_root() / name
+    if reuse and (folder / "manifest.json").exists():
+        manifest = existing_manifest(folder)
+        if source is None or source_of(manifest) == source:
+            return load_dataset(folder), folder
+        if not overwrite:
+            check_source(folder, manifest, source)
+    if source is None:
+        raise DataError(f"{folder}: no prepared dataset named {name!r} (no manifest.json), and no source "
+                        f"to prepare it from; pass a source ({', '.join(SOURCES)}) or run `hm4sr prepare`")
+    return prepare(source, path, name=name, out_root=folder.parent, overwrite=overwrite, **prepare_options)
+
+
 def format_stats(ds: Dataset) -> str:
     """Human-readable statistics block (what ``hm4sr prepare`` prints)."""
     s = ds.stats
