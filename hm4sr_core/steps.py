@@ -1,5 +1,7 @@
-"""The forms of one training step that are more than ``loss.backward()``.
+"""The forms of one training step, and :class:`TrainingStep`, which picks one.
 
+:func:`backward_plain` (one process), :func:`backward_weighted` (a data-parallel rank:
+its shard's loss weighted so DDP's average is the global batch's mean) and
 :func:`backward_in_parts` (``TrainConfig.micro_batches``): a prefix-mode step whose sequence
 side runs on a few slices of the batch at a time, with gradient caching, so activation
 memory falls with the number of parts while every loss still sees the whole batch. It
@@ -9,8 +11,13 @@ order of its own, so it lives beside the trainer, above the model.
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
+
 import torch
 
+from . import distributed
+from .config import TrainConfig
 from .data.splits import SequenceBatch
 from .model import HM4SR, HM4SROutput
 
@@ -108,3 +115,65 @@ def backward_in_parts(model: HM4SR, batch: SequenceBatch, parts: int, *, introsp
     seq = h.detach().permute(1, 0, 2).reshape(B, -1)
     return HM4SROutput(sequence=seq, losses={k: v.detach() for k, v in named.items()}, loss=total.detach(),
                        stream_names=model.stream_names, **merged)
+
+
+def backward_plain(net: torch.nn.Module, batch: SequenceBatch, *, introspect: bool = False,
+                   generator: torch.Generator | None = None, amp: bool = False) -> HM4SROutput:
+    """One process's step: the whole batch's forward (under bf16 autocast with ``amp``),
+    then ``loss.backward()``; the gradients are left in ``.grad``."""
+    with torch.autocast(batch.items.device.type, dtype=torch.bfloat16, enabled=amp):
+        out = net(batch, losses=True, introspect=introspect, generator=generator)
+    out.loss.backward()
+    return out
+
+
+def backward_weighted(net: torch.nn.Module, batch: SequenceBatch, shard: distributed.Shard, *,
+                      introspect: bool = False, generator: torch.Generator | None = None,
+                      amp: bool = False) -> HM4SROutput:
+    """A data-parallel rank's step: ``batch`` is this rank's shard of the global batch (on
+    its device), ``net`` the DDP-wrapped model. The backward runs from the shard's loss
+    times ``shard.weight``, so DDP's average over the ranks is the example-weighted mean
+    of the global batch's loss. Returns the output with the global batch's losses (one
+    all-reduce of a few numbers), which is what the history shows."""
+    with torch.autocast(batch.items.device.type, dtype=torch.bfloat16, enabled=amp):
+        out = net(batch, losses=True, introspect=introspect, generator=generator)
+    (out.loss * shard.weight).backward()
+    losses, total = distributed.weighted_losses(out.losses, out.loss, shard)
+    return dataclasses.replace(out, losses=losses, loss=total)
+
+
+@dataclass
+class TrainingStep:
+    """One optimiser step in the form the training config asks for: gradients cleared,
+    forward and backward (:func:`backward_plain`; :func:`backward_weighted` under DDP;
+    :func:`backward_in_parts` with ``micro_batches > 1``), gradients clipped to
+    ``grad_clip``, ``optimizer.step()``. The learning rate is the optimiser's as it
+    stands (the trainer sets it first)."""
+
+    model: HM4SR
+    net: torch.nn.Module  # the model, or its DDP wrapper
+    optimizer: torch.optim.Optimizer
+    config: TrainConfig
+    ranks: distributed.Ranks
+    device: torch.device
+
+    def __call__(self, batch: SequenceBatch, *, introspect: bool,
+                 generator: torch.Generator) -> tuple[HM4SROutput, SequenceBatch]:
+        """Train on ``batch`` (a global batch, on the CPU); return the step's output and
+        the rows this process ran, on its device (its shard under DDP)."""
+        config, amp = self.config, self.config.amp  # bf16 autocast on CUDA, and on CPUs with bf16 units
+        shard = distributed.shard_batch(batch, self.ranks) if self.ranks.active else None
+        batch = (shard.batch if shard is not None else batch).to(self.device)
+        self.optimizer.zero_grad(set_to_none=True)
+        if config.micro_batches > 1:  # autocast inside each piece
+            out = backward_in_parts(self.model, batch, min(config.micro_batches, batch.size), introspect=introspect,
+                                    generator=generator, autocast_dtype=torch.bfloat16 if amp else None)
+        elif shard is None:
+            out = backward_plain(self.net, batch, introspect=introspect, generator=generator, amp=amp)
+        else:
+            out = backward_weighted(self.net, batch, shard, introspect=introspect, generator=generator, amp=amp)
+        if config.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad],
+                                           config.grad_clip)
+        self.optimizer.step()
+        return out, batch

@@ -19,10 +19,10 @@ placeholder positions and sampled-softmax negatives from a generator seeded by (
 from __future__ import annotations
 
 import copy
-import dataclasses
 import math
 import os
 import pickle
+import platform
 import shutil
 import time
 import warnings
@@ -35,7 +35,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import atomic, distributed, provenance, steps
+from . import __version__, atomic, distributed, runtime, steps
 from .config import LOSS_NAMES, ModelConfig, SplitConfig, TrainConfig
 from .data.schema import Dataset
 from .data.splits import Split, build_split, iterate_batches
@@ -189,6 +189,16 @@ def model_from_checkpoint(payload: dict, dataset: Dataset, *, best: bool = True)
     return model
 
 
+def environment() -> dict:
+    """Machine and library versions, written with every result."""
+    import scipy
+    return {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
+            "pandas": pd.__version__, "scipy": scipy.__version__, "hm4sr_core": __version__,
+            "machine": platform.machine(), "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), **runtime.openmp_settings(),
+            "allocator_kept": runtime.allocator_kept()}
+
+
 def item_popularity(split: Split, num_items: int) -> np.ndarray:
     """(N+1,) training interaction counts per item. Every training interaction but a
     user's first is the target of one prefix example, and the first is the input of the
@@ -246,8 +256,9 @@ def train(dataset: Dataset, model_config: ModelConfig = ModelConfig(), config: T
     if ranks.rank > 0:
         torch.manual_seed(config.seed + ranks.rank)  # every rank starts from the same weights, but its own dropout
     net = distributed.wrap_model(model, device) if ranks.active else model
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=config.lr,
+                                 weight_decay=config.weight_decay)
+    take_step = steps.TrainingStep(model, net, optimizer, config, ranks, device)
     train_part = split.train(config.mode)
     popularity = item_popularity(split, dataset.num_items)
     model.set_item_popularity(popularity)  # the sampled softmax's popularity proposal (ModelConfig.negative_proposal)
@@ -311,32 +322,10 @@ def train(dataset: Dataset, model_config: ModelConfig = ModelConfig(), config: T
                                                   bucket=config.bucket_by_length)):
             if i >= n_batches:
                 break
-            shard = distributed.shard_batch(batch, ranks) if ranks.active else None
-            batch = (shard.batch if shard is not None else batch).to(device)
-            introspect = step % config.log_every == 0
-            amp = config.amp  # bf16 autocast on CUDA, and on CPUs with bf16 units (AVX-512 BF16 / AMX)
-            if config.micro_batches > 1:  # forward and backward in parts (autocast inside), gradients left in .grad
-                optimizer.zero_grad(set_to_none=True)
-                result = steps.backward_in_parts(model, batch, min(config.micro_batches, batch.size),
-                                                 introspect=introspect, generator=gen,
-                                                 autocast_dtype=torch.bfloat16 if amp else None)
-            else:
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                    result = net(batch, losses=True, introspect=introspect, generator=draws)
-                optimizer.zero_grad(set_to_none=True)
-                if shard is None:
-                    result.loss.backward()
-                else:  # DDP averages over ranks: this makes it the example-weighted mean
-                    (result.loss * shard.weight).backward()
-            if config.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
             if scheduled:
                 for group in optimizer.param_groups:
                     group["lr"] = learning_rate(config, step, n_batches)
-            optimizer.step()
-            if shard is not None:  # the history shows the global batch's losses
-                losses, total = distributed.weighted_losses(result.losses, result.loss, shard)
-                result = dataclasses.replace(result, losses=losses, loss=total)
+            result, batch = take_step(batch, introspect=step % config.log_every == 0, generator=draws)
             for k, v in result.losses.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach())
             if step % config.log_every == 0:
@@ -404,7 +393,7 @@ def train(dataset: Dataset, model_config: ModelConfig = ModelConfig(), config: T
         "epochs_run": int(len(epoch_rows)),
         "best_epoch": int(best_epoch),
         "seconds_per_epoch": seconds,
-        "environment": provenance.environment(),
+        "environment": environment(),
     }
     if ranks.active:
         record["distributed"] = {"world_size": ranks.world, "backend": distributed.backend(),
