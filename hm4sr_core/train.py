@@ -22,7 +22,6 @@ import copy
 import math
 import os
 import pickle
-import platform
 import shutil
 import time
 import warnings
@@ -35,7 +34,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import __version__, atomic, distributed, runtime, steps
+from . import atomic, distributed, provenance, steps
 from .config import LOSS_NAMES, ModelConfig, SplitConfig, TrainConfig
 from .data.schema import Dataset
 from .data.splits import Split, build_split, iterate_batches
@@ -187,16 +186,6 @@ def model_from_checkpoint(payload: dict, dataset: Dataset, *, best: bool = True)
         raise ValueError(f"checkpoint of {payload.get('data_name')!r}: its weights do not fit the model its "
                          f"config builds on this dataset ({first})") from None
     return model
-
-
-def environment() -> dict:
-    """Machine and library versions, written with every result."""
-    import scipy
-    return {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
-            "pandas": pd.__version__, "scipy": scipy.__version__, "hm4sr_core": __version__,
-            "machine": platform.machine(), "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), **runtime.openmp_settings(),
-            "allocator_kept": runtime.allocator_kept()}
 
 
 def item_popularity(split: Split, num_items: int) -> np.ndarray:
@@ -393,7 +382,7 @@ def train(dataset: Dataset, model_config: ModelConfig = ModelConfig(), config: T
         "epochs_run": int(len(epoch_rows)),
         "best_epoch": int(best_epoch),
         "seconds_per_epoch": seconds,
-        "environment": environment(),
+        "environment": provenance.environment(),
     }
     if ranks.active:
         record["distributed"] = {"world_size": ranks.world, "backend": distributed.backend(),
