@@ -103,8 +103,11 @@ def _write_json_atomic(path: Path, payload: dict) -> None:
         raise
 
 
-def run(args: argparse.Namespace) -> dict:
-    """Build, train and time RecBole's SASRec (see the module docstring); returns the record."""
+def recbole_data(args: argparse.Namespace, *, seed: int, max_epochs: int):
+    """RecBole set up as the peer runs it: numpy-2 aliases, torch threads, the working
+    folder, our SASRec configuration on ``args.dataset``, and its split. Returns (recbole,
+    config, cfg, (train, valid, test) loaders). Shared by this runner and
+    ``recbole_topk_runner.py``."""
     import numpy as np
     # numpy 2 removed these aliases; RecBole's Config.compatibility_settings reads them to
     # define np.float, np.long and others, which its metrics and layers use (module docstring)
@@ -116,16 +119,13 @@ def run(args: argparse.Namespace) -> dict:
     import recbole
     from recbole.config import Config
     from recbole.data import create_dataset, data_preparation
-    from recbole.model.sequential_recommender.sasrec import SASRec
-    from recbole.trainer import Trainer
     from recbole.utils import init_seed
 
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     os.chdir(work)  # RecBole writes log_tensorboard/ into the working directory
-    cfg = sasrec_config(args.dataset, args.data_path, str(work), threads=args.threads, seed=args.seed,
-                        max_epochs=args.max_epochs)
-    t_setup = time.perf_counter()
+    cfg = sasrec_config(args.dataset, args.data_path, str(work), threads=args.threads, seed=seed,
+                        max_epochs=max_epochs)
     sys.argv = sys.argv[:1]  # RecBole's Config reads "--key=value" from the command line: ours are not for it
     config = Config(model="SASRec", dataset=args.dataset, config_dict=cfg)
     expected = os.path.realpath(os.path.join(args.data_path, args.dataset))
@@ -133,7 +133,20 @@ def run(args: argparse.Namespace) -> dict:
         raise SystemExit(f"RecBole reads {config['data_path']}, not {expected}: rename the dataset")
     init_seed(config["seed"], config["reproducibility"])
     dataset = create_dataset(config)
-    train_data, valid_data, _test_data = data_preparation(config, dataset)
+    return recbole, config, cfg, data_preparation(config, dataset)
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Build, train and time RecBole's SASRec (see the module docstring); returns the record."""
+    t_setup = time.perf_counter()
+    recbole, config, cfg, (train_data, valid_data, _test_data) = recbole_data(args, seed=args.seed,
+                                                                              max_epochs=args.max_epochs)
+    import numpy as np
+    import torch
+    from recbole.model.sequential_recommender.sasrec import SASRec
+    from recbole.trainer import Trainer
+    from recbole.utils import init_seed
+
     init_seed(config["seed"], config["reproducibility"])  # as RecBole's run_recbole does before the model
     model = SASRec(config, train_data._dataset).to(config["device"])
     trainer = Trainer(config, model)

@@ -20,32 +20,15 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # recbole_runner, beside this file
-from recbole_runner import _write_json_atomic, sasrec_config  # noqa: E402
+from recbole_runner import _write_json_atomic, recbole_data  # noqa: E402
 
 
 def run(args: argparse.Namespace) -> dict:
-    import numpy as np
-    for alias, dtype in (("float_", np.float64), ("complex_", np.complex128), ("unicode_", np.str_)):
-        if not hasattr(np, alias):
-            setattr(np, alias, dtype)
+    recbole, config, _cfg, (_train, _valid, test_data) = recbole_data(args, seed=2025, max_epochs=1)
     import torch
-    torch.set_num_threads(args.threads)
-    import recbole
-    from recbole.config import Config
-    from recbole.data import create_dataset, data_preparation
     from recbole.model.sequential_recommender.sasrec import SASRec
-    from recbole.utils import init_seed
     from recbole.utils.case_study import full_sort_topk
 
-    work = Path(args.work_dir)
-    work.mkdir(parents=True, exist_ok=True)
-    os.chdir(work)
-    cfg = sasrec_config(args.dataset, args.data_path, str(work), threads=args.threads, seed=2025, max_epochs=1)
-    sys.argv = sys.argv[:1]
-    config = Config(model="SASRec", dataset=args.dataset, config_dict=cfg)
-    init_seed(config["seed"], config["reproducibility"])
-    dataset = create_dataset(config)
-    _train, _valid, test_data = data_preparation(config, dataset)
     model = SASRec(config, test_data._dataset).eval()
     uid_field = test_data._dataset.uid_field
     users = torch.unique(test_data._dataset.inter_feat[uid_field]).numpy()
