@@ -39,6 +39,7 @@ from pathlib import Path
 from . import paths, provenance, runtime
 from .data.prepare import SOURCES
 from .data.store import read_manifest, write_bytes_atomic, write_json_atomic, write_text_atomic
+from .static_export import BrowserMissing, StaticExportError, find_browser, render_static, static_request
 
 SOURCE_TREE = provenance.SOURCE_TREE  # a clone or an editable install; site-packages otherwise
 # The routing tour comes first: it trains on its own planted world (whatever the run's data),
@@ -337,8 +338,6 @@ def export_static_figures(folder: Path, formats: tuple[str, ...] = STATIC_FORMAT
 
     Returns ``{"status": "ok" | "skipped" | "failed", "reason": str | None, "paths": [...]}``
     where ``paths`` are every static file present afterwards."""
-    from widgets.figures import BrowserMissing, StaticExportError, find_browser, render_static, static_request
-
     def present() -> list[Path]:
         return [p for source in sorted(folder.glob("*/*.json"))
                 for p in (source.with_suffix(f".{f}") for f in formats) if p.exists()]

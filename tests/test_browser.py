@@ -30,8 +30,8 @@ import pytest
 
 
 def _browser() -> Path | None:
-    """The Chromium static export would use (figures.find_browser), or None."""
-    from widgets.figures import BrowserMissing, find_browser
+    """The Chromium static export would use (static_export.find_browser), or None."""
+    from hm4sr_core.static_export import BrowserMissing, find_browser
     try:
         return Path(find_browser())
     except BrowserMissing:

@@ -92,3 +92,22 @@ def test_the_cycle_finder_finds_a_cycle():
     graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
     assert cycles(graph) == [["a", "b", "c"]]
     assert cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_the_core_imports_no_widget():
+    """hm4sr_core is below widgets: the core never reaches for a figure or a widget."""
+    graph = import_graph()
+    assert {m: sorted(t for t in targets if t.startswith("widgets"))
+            for m, targets in graph.items() if m.startswith("hm4sr_core") and
+            any(t.startswith("widgets") for t in targets)} == {}
+
+
+def test_figures_are_pure_builders():
+    """widgets/figures.py imports plotly, numpy and pandas only: no browser, no files, no
+    process (static export lives in hm4sr_core/static_export.py)."""
+    tree = ast.parse((ROOT / "widgets" / "figures.py").read_text())
+    imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+                for alias in node.names}
+    imported |= {node.module.split(".")[0] for node in ast.walk(tree)
+                 if isinstance(node, ast.ImportFrom) and node.module and not node.level}
+    assert imported <= {"__future__", "numpy", "pandas", "plotly"}, imported

@@ -435,14 +435,14 @@ def test_prepared_dataset_prepares_once_then_reuses(tmp_path):
 def test_save_figure_writes_plotly_json_without_a_browser(tmp_path, monkeypatch):
     import plotly.graph_objects as go
     import plotly.io as pio
-    from widgets import figures
+    from hm4sr_core import static_export
 
     def no_browser():
         raise AssertionError("plotly JSON needs no browser")
 
-    monkeypatch.setattr(figures, "find_browser", no_browser)
+    monkeypatch.setattr(static_export, "find_browser", no_browser)
     fig = go.Figure(go.Bar(x=["a", "b"], y=[1, 2]), layout={"title": {"text": "t"}})
-    (path,) = figures.save_figure(fig, tmp_path / "figures" / "bars", formats=["json"])
+    (path,) = static_export.save_figure(fig, tmp_path / "figures" / "bars", formats=["json"])
     assert path.name == "bars.json" and pio.read_json(path) == fig
 
 
@@ -450,8 +450,8 @@ def test_save_figure_writes_plotly_json_without_a_browser(tmp_path, monkeypatch)
 # process with a timeout, so that a hang (as kaleido waiting for a browser did) fails the test.
 BARE_RUN = """
 import sys
-from widgets import figures
-figures.DEBIAN_CHROMIUM = sys.argv[1] + "/no-chromium"
+from hm4sr_core import static_export
+static_export.DEBIAN_CHROMIUM = sys.argv[1] + "/no-chromium"
 from hm4sr_core.notebooks import run_notebooks
 run_notebooks(smoke=True, notebooks=("01_prepare_data",), out=sys.argv[1] + "/run", progress=False, cell_timeout=120)
 """

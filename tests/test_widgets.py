@@ -15,6 +15,7 @@ import plotly.io as pio
 import pytest
 
 from hm4sr_core import introspect as I
+from hm4sr_core import static_export
 from hm4sr_core.config import ModelConfig, TrainConfig
 from hm4sr_core.data.preprocess import preprocess
 from hm4sr_core.data.splits import build_split
@@ -232,8 +233,8 @@ def test_figures_are_built_from_tables(world):
 
 def _has_browser() -> bool:
     try:
-        figures.find_browser()
-    except figures.BrowserMissing:
+        static_export.find_browser()
+    except static_export.BrowserMissing:
         return False
     return True
 
@@ -243,7 +244,7 @@ def _has_browser() -> bool:
 def test_save_figure_writes_png_and_svg(world, tmp_path):
     _, _, _, gates, _ = world
     fig = figures.gate_heatmap(gates, int(gates["example"].iloc[0]), 0)
-    paths = figures.save_figure(fig, tmp_path / "sub" / "gates", width=500, height=300)
+    paths = static_export.save_figure(fig, tmp_path / "sub" / "gates", width=500, height=300)
     assert [p.name for p in paths] == ["gates.png", "gates.svg"]
     png, svg = (tmp_path / "sub" / "gates.png").read_bytes(), (tmp_path / "sub" / "gates.svg").read_text()
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 1000
@@ -254,22 +255,22 @@ def test_save_figure_writes_png_and_svg(world, tmp_path):
 def test_save_figure_without_a_browser_says_how_to_install(tmp_path, monkeypatch):
     monkeypatch.delenv("BROWSER_PATH", raising=False)
     monkeypatch.setenv("PATH", str(tmp_path))
-    monkeypatch.setattr(figures, "DEBIAN_CHROMIUM", str(tmp_path / "no-chromium"))
+    monkeypatch.setattr(static_export, "DEBIAN_CHROMIUM", str(tmp_path / "no-chromium"))
     fig = figures.lambda_figure(pd.DataFrame({"step": [0], "lambda_id": [0.0]}))
-    with pytest.raises(figures.BrowserMissing, match="apt-get install -y chromium"):
-        figures.save_figure(fig, tmp_path / "x", if_no_browser="raise")
+    with pytest.raises(static_export.BrowserMissing, match="apt-get install -y chromium"):
+        static_export.save_figure(fig, tmp_path / "x", if_no_browser="raise")
     assert list(Path(tmp_path).iterdir()) == []  # nothing half-written
     # By default (a notebook opened in Lab on a machine without a browser) JSON, and a warning.
     with pytest.warns(UserWarning, match="Wrote plotly JSON instead of png, svg"):
-        written = figures.save_figure(fig, tmp_path / "x")
+        written = static_export.save_figure(fig, tmp_path / "x")
     assert written == [tmp_path / "x.json"] and sorted(p.name for p in tmp_path.iterdir()) == ["x.json"]
     # Plotly JSON needs no browser (the notebook runner exports PNG/SVG from it later).
-    written = figures.save_figure(figures.lambda_figure(pd.DataFrame({"step": [0, 1], "lambda_id": [0.0, 0.5]})),
+    written = static_export.save_figure(figures.lambda_figure(pd.DataFrame({"step": [0, 1], "lambda_id": [0.0, 0.5]})),
                                   tmp_path / "lam", formats=("json",))
     assert written == [tmp_path / "lam.json"]
     assert pio.read_json(written[0]).data[0].name == "id"
     with pytest.raises(ValueError, match="formats"):
-        figures.save_figure(figures.lambda_figure(pd.DataFrame({"step": [0], "lambda_id": [0.0]})), tmp_path / "x",
+        static_export.save_figure(figures.lambda_figure(pd.DataFrame({"step": [0], "lambda_id": [0.0]})), tmp_path / "x",
                             formats=("gif",))
 
 
@@ -278,13 +279,14 @@ def test_save_figure_without_a_browser_says_how_to_install(tmp_path, monkeypatch
 NO_BROWSER_EXPORT = """
 import sys, time
 import pandas as pd
+from hm4sr_core import static_export
 from widgets import figures
-figures.DEBIAN_CHROMIUM = sys.argv[1] + "/no-chromium"
+static_export.DEBIAN_CHROMIUM = sys.argv[1] + "/no-chromium"
 fig = figures.lambda_figure(pd.DataFrame({"step": [0, 1], "lambda_id": [0.0, 0.5]}))
 t0 = time.monotonic()
 try:
-    figures.save_figure(fig, sys.argv[1] + "/lam", formats=("png", "svg"), if_no_browser="raise")
-except figures.BrowserMissing as err:
+    static_export.save_figure(fig, sys.argv[1] + "/lam", formats=("png", "svg"), if_no_browser="raise")
+except static_export.BrowserMissing as err:
     print(f"{time.monotonic() - t0:.3f}|{err}")
 """
 
@@ -324,8 +326,8 @@ def test_a_browser_that_never_answers_times_out_naming_it(tmp_path):
     fake.chmod(0o755)
     fig = figures.lambda_figure(pd.DataFrame({"step": [0, 1], "lambda_id": [0.0, 0.5]}))
     t0 = time.monotonic()
-    with pytest.raises(figures.StaticExportError, match=f"no answer.*starting {fake}"):
-        figures.render_static([(fig.to_dict(), {"format": "png"}, "lambda")], str(fake), start_timeout=3,
+    with pytest.raises(static_export.StaticExportError, match=f"no answer.*starting {fake}"):
+        static_export.render_static([(fig.to_dict(), {"format": "png"}, "lambda")], str(fake), start_timeout=3,
                               figure_timeout=3)
     assert time.monotonic() - t0 < 45
 
