@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import inspect
 import statistics
 import subprocess
 import sys
@@ -102,6 +103,7 @@ def main() -> None:
     from hm4sr_core.data.splits import build_split, iterate_batches
     from hm4sr_core.data.store import load_dataset
     from hm4sr_core.evaluate import evaluate
+    from hm4sr_core.sampling import StepSampler
 
     old_module = old_model_module(args.rev)
     torch.set_num_threads(args.threads)
@@ -139,7 +141,11 @@ def main() -> None:
 
         def step(model, i):
             model.train()
-            out = model(batches[i % len(batches)], losses=True, generator=torch.Generator().manual_seed(i))
+            batch, gen = batches[i % len(batches)], torch.Generator().manual_seed(i)
+            if "draws" in inspect.signature(model.forward).parameters:  # draws handed in (issue 29 on)
+                out = model(batch, StepSampler.for_model(model)(batch, gen))
+            else:  # a revision whose model drew them itself
+                out = model(batch, losses=True, generator=gen)
             opt = opts[id(model)]
             opt.zero_grad(set_to_none=True)
             out.loss.backward()

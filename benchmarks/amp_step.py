@@ -38,11 +38,13 @@ def main(argv=None) -> int:
     from hm4sr_core.data.store import load_dataset
     from hm4sr_core.evaluate import evaluate
     from hm4sr_core.model import build_model
+    from hm4sr_core.sampling import StepSampler
     torch.set_num_threads(args.threads)
     ds = load_dataset(args.data)
     split = build_split(ds, SplitConfig())
     torch.manual_seed(2025)
     model = build_model(ModelConfig(), ds)
+    sampler = StepSampler.for_model(model)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     gen = torch.Generator().manual_seed(0)
     size, bucket = (TrainConfig().batch_size, False) if args.mode == "prefix" else (TrainConfig().dense_batch_size, True)
@@ -56,7 +58,7 @@ def main(argv=None) -> int:
             for batch in batches:
                 t0 = time.perf_counter()
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
-                    out = model(batch, losses=True, generator=gen)
+                    out = model(batch, sampler(batch, gen))
                 optimizer.zero_grad(set_to_none=True)
                 out.loss.backward()
                 optimizer.step()

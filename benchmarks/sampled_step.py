@@ -24,6 +24,7 @@ import torch
 from hm4sr_core.config import ModelConfig
 from hm4sr_core.data.splits import SequenceBatch
 from hm4sr_core.model import HM4SR
+from hm4sr_core.sampling import StepSampler
 
 
 def _model(num_items: int, rec: str, negatives: int, seed: int) -> HM4SR:
@@ -58,6 +59,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     for N in (int(x) for x in args.items.split(",") if x.strip()):
         models = {rec: _model(N, rec, args.negatives, 0) for rec in ("full", "sampled")}
+        samplers = {rec: StepSampler.for_model(m) for rec, m in models.items()}
         opts = {rec: torch.optim.Adam(m.parameters(), lr=1e-3) for rec, m in models.items()}
         g, draws = torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)
         times: dict[str, list[float]] = {"full": [], "sampled": []}
@@ -74,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
             batch = _batch(N, args.batch, args.length, g)
             for rec in ("full", "sampled", "sampled", "full"):
                 t0 = time.perf_counter()
-                out = models[rec](batch, losses=True, generator=draws)
+                out = models[rec](batch, samplers[rec](batch, draws))
                 opts[rec].zero_grad(set_to_none=True)
                 out.loss.backward()
                 opts[rec].step()

@@ -73,7 +73,7 @@ class ServingModel(nn.Module):
 
     def forward(self, items: torch.Tensor, timestamps: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         zeros = torch.zeros_like(lengths)
-        query = self.model(SequenceBatch(items, timestamps, lengths, zeros, zeros), tables=self.tables).sequence
+        query = self.model.encode(SequenceBatch(items, timestamps, lengths, zeros, zeros), self.tables).sequence
         if self.output == "query":
             return query  # (B, S*d)
         scores = query @ self.tables.reshape(self.tables.shape[0], -1).T  # (B, N+1)

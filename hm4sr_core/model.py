@@ -2,19 +2,27 @@
 
 Small modules first, in the order of the forward pass: the feature tables' width
 (section 1), the Interactive MoE (2.2), the time embedding (2.3), the Temporal MoE (2.4),
-the per-stream Transformer encoders (2.5); then :class:`HM4SR` (forward, losses,
-scoring, 2.6), then the four losses as pure functions (section 3), with the sampled
-next-item loss for large catalogues (docs/sampled_softmax.md). SASRec is HM4SR with
-the ID stream alone and every extra part off (``ModelConfig.sasrec()``).
-Pure torch: no file I/O, no device choice, no prints.
+the per-stream Transformer encoders (2.5); then :class:`HM4SR`, then the four losses as
+pure functions (section 3), with the sampled next-item loss for large catalogues
+(docs/sampled_softmax.md). SASRec is HM4SR with the ID stream alone and every extra part
+off (``ModelConfig.sasrec()``). Pure torch: no file I/O, no device choice, no prints.
+
+The contract, RecBole's split of training and scoring: ``forward(batch, draws)`` is a
+training step's forward and returns every loss by name with their weighted total and the
+gates of both MoE levels (:class:`HM4SROutput`); ``draws``, the step's placeholder
+positions and negatives, are drawn outside the model (:mod:`hm4sr_core.sampling`).
+Scores come from :meth:`HM4SR.full_sort_predict` and :meth:`HM4SR.predict`, query
+vectors from :meth:`HM4SR.query`, and :meth:`HM4SR.encode` gives the sequence side with
+its gates for looking inside.
 
 Streams are stacked on one axis: ``(B, T, S, d)`` with S = 1 (ID) + M feature
 modalities. Each stream keeps its own weights, stacked as ``(S, ...)`` tensors, and the
-code here runs all streams in one batched kernel per operation. How the same
-computation is run fast on a CPU (the encoders stream by stream with pre-drawn dropout
-masks, the Interactive MoE once per distinct item) and in less memory (recomputation,
-gradient caching over parts of a batch) lives in :mod:`hm4sr_core.kernels`; the model
-calls into it where a line here says ``kernels.``.
+code here runs all streams in one batched kernel per operation. Two modules have a second,
+CPU-tuned form of the same computation in :mod:`hm4sr_core.kernels` (the encoders stream
+by stream with pre-drawn dropout masks, the Interactive MoE's mix in chunks); which form
+runs is decided here (:func:`runs_cpu_kernels`, :meth:`HM4SR.use_cpu_kernels`), and each
+call into that module is a line here that says ``kernels.``. Gradient caching over parts
+of a batch is a form of the training step (:mod:`hm4sr_core.steps`).
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ from torch import nn
 from . import kernels
 from .config import ModelConfig
 from .data.splits import SequenceBatch
+from .sampling import CandidateSample, StepDraws
 
 MAX_GAP_LOG2 = 32  # gaps up to 2**32 s (136 years) get their own bucket; longer ones share the last
 PADDING_BUCKET, FIRST_BUCKET, GAP_BUCKET_OFFSET = 0, 1, 2
@@ -39,12 +48,14 @@ PADDING_BUCKET, FIRST_BUCKET, GAP_BUCKET_OFFSET = 0, 1, 2
 
 @dataclass
 class HM4SROutput:
-    """Everything one forward pass produces; optional fields are None unless asked for."""
+    """What the model returns, as named fields (Mixtral-style: the routing comes back
+    beside the result). A training step (``HM4SR.forward``) fills every field; the
+    sequence side alone (``HM4SR.encode``) leaves the losses empty. Gate fields are None
+    when their MoE level is off, and zero at padding positions."""
 
     sequence: torch.Tensor  # (B, S*d) query vector per sequence (concatenated stream outputs)
     losses: dict[str, torch.Tensor] = field(default_factory=dict)  # unweighted, by name
     loss: torch.Tensor | None = None  # weighted total, formed in HM4SR.total_loss
-    scores: torch.Tensor | None = None  # (B, N+1) full-catalogue scores, column 0 = padding (-inf)
     interactive_gates: torch.Tensor | None = None  # (B, T, S, E) g_s per stream and position
     temporal_gates: torch.Tensor | None = None  # (B, T, E) r per position
     lambdas: torch.Tensor | None = None  # (S,) Interactive-MoE output scale per stream
@@ -54,16 +65,19 @@ class HM4SROutput:
 
 
 @dataclass
-class CandidateSample:
-    """The item rows one sampled-softmax step needs (``ModelConfig.rec_loss="sampled"``).
+class SequenceStates:
+    """The encoders' outputs for one batch, what the losses read (S streams, the M = S - 1
+    feature streams after them)."""
 
-    Local row r stands for global item ``ids[r]``; ``ids`` is sorted and starts with the
-    padding item 0, so the remapped batch keeps 0 as padding and every real item > 0."""
+    last: torch.Tensor  # (S, B, d) each stream at each sequence's last item
+    every: torch.Tensor | None = None  # (S, B, T, d) at every position (a dense training batch), else None
+    augmented: torch.Tensor | None = None  # the feature streams with placeholders: (M, B, d), or (M, B, T, d)
+    #                                        with dense_auxiliary="every_position"; None without placeholders
+    placeholders: torch.Tensor | None = None  # (B, T) bool, the positions ``augmented`` replaced
 
-    ids: torch.Tensor  # (U,) global ids: the batch's inputs and targets, the negatives, and 0
-    negatives: torch.Tensor  # (K,) local rows of the K drawn negatives (repeats kept: drawn with replacement)
-    log_expected: torch.Tensor  # (U,) log(K * Q(item)), the logQ correction of each row (-inf at padding, never used)
-    batch: SequenceBatch  # the step's batch with items, targets and position targets in local rows
+    def query(self) -> torch.Tensor:
+        """(B, S*d): the streams' last-item outputs side by side, the vector scores use."""
+        return self.last.permute(1, 0, 2).reshape(self.last.shape[1], -1)
 
 
 # ----------------------------------------------------------------------------- modules
@@ -448,11 +462,6 @@ class HM4SR(nn.Module):
         self.category_head = nn.Linear(S * d, C) if (config.w_category > 0 and C > 0) else None
         self.placeholders = StackedLinear(len(self.modalities), 2 * d, d) \
             if (config.w_placeholder_contrastive > 0 and self.modalities) else None
-        # Popularity proposal of the sampled softmax, set by set_item_popularity (train() calls
-        # it): log Q per item on the model's device, and its CDF on the CPU where the
-        # training loop's generator draws.
-        self.register_buffer("proposal_log_prob", None, persistent=False)  # (N+1,) log Q, -inf at padding
-        self._proposal_cdf: torch.Tensor | None = None  # (N+1,) float64 on the CPU
         self._init_weights()
 
     # -- init: one pass over every module, documented in one place
@@ -519,85 +528,13 @@ class HM4SR(nn.Module):
                 module.cpu_kernels = on
         return self
 
-    # -- sampled softmax: the proposal and each step's candidates
-    def set_item_popularity(self, counts) -> "HM4SR":
-        """Give the model the training interaction count of each item ((N+1,), index 0 the
-        padding item; :func:`hm4sr_core.train.item_popularity`), from which the
-        ``"popularity"`` proposal is Q(i) proportional to (count_i + 1) ** popularity_exponent
-        over items 1..N, Q(0) = 0. Not saved in the state dict. Returns the model."""
-        counts = torch.as_tensor(counts, dtype=torch.float64).cpu()
-        if counts.shape != (self.num_items + 1,):
-            raise ValueError(f"item counts must have shape ({self.num_items + 1},) (padding item 0 first), "
-                             f"got {tuple(counts.shape)}")
-        if not bool(torch.isfinite(counts).all()) or bool((counts < 0).any()):
-            raise ValueError("item counts must be finite and >= 0")
-        q = (counts + 1.0) ** self.config.popularity_exponent
-        q[0] = 0.0
-        q = q / q.sum()
-        cdf = q.cumsum(0)
-        self._proposal_cdf = cdf / cdf[-1]
-        device = self.item_embedding.weight.device
-        self.proposal_log_prob = torch.log(q).float().to(device)
-        return self
-
-    def proposal_probabilities(self) -> torch.Tensor:
-        """(N+1,) float64 Q of the configured proposal on the CPU (Q(0) = 0, sums to 1)."""
-        if self.config.negative_proposal == "uniform":
-            q = torch.full((self.num_items + 1,), 1.0 / self.num_items, dtype=torch.float64)
-            q[0] = 0.0
-            return q
-        self._need_popularity()
-        return torch.diff(self._proposal_cdf, prepend=self._proposal_cdf.new_zeros(1))
-
-    def _need_popularity(self) -> None:
-        if self._proposal_cdf is None:
-            raise ValueError("negative_proposal='popularity' needs the training counts: call "
-                             "model.set_item_popularity(train.item_popularity(split, num_items)) first "
-                             "(train() does)")
-
-    def draw_negatives(self, k: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """(k,) int64 global item ids in 1..N drawn with replacement from the proposal Q,
-        on the CPU (from ``generator``: the same generator gives the same draws)."""
-        if self.config.negative_proposal == "uniform":
-            return torch.randint(1, self.num_items + 1, (k,), generator=generator)
-        self._need_popularity()
-        u = torch.rand(k, generator=generator, dtype=torch.float64)
-        # The first item whose CDF exceeds u: never 0 (CDF 0 there), never an item of Q = 0.
-        return torch.searchsorted(self._proposal_cdf, u, right=True).clamp_(1, self.num_items)
-
-    def sample_candidates(self, batch: SequenceBatch, generator: torch.Generator | None = None) -> CandidateSample:
-        """Draw the step's ``num_negatives`` shared negatives and gather the rows the step
-        needs: the union of the batch's input items, its targets, the negatives and the
-        padding item, with the batch remapped to those local rows."""
-        K = self.config.num_negatives
-        device = batch.items.device
-        negatives = self.draw_negatives(K, generator).to(device)
-        parts = [batch.items.reshape(-1), batch.targets.reshape(-1), negatives,
-                 torch.zeros(1, dtype=batch.items.dtype, device=device)]
-        if batch.position_targets is not None:
-            parts.append(batch.position_targets.reshape(-1))
-        ids = torch.unique(torch.cat(parts))  # sorted, so 0 is row 0 and the remap keeps the order of ids
-
-        def local(t: torch.Tensor | None) -> torch.Tensor | None:
-            return None if t is None else torch.searchsorted(ids, t)
-
-        sub = SequenceBatch(local(batch.items), batch.timestamps, batch.lengths, local(batch.targets),
-                            batch.users, local(batch.position_targets))
-        if self.config.negative_proposal == "uniform":
-            log_q = torch.full(ids.shape, -math.log(self.num_items), device=device)
-            log_q[0] = float("-inf")
-        else:
-            self._need_popularity()
-            log_q = self.proposal_log_prob.to(device)[ids]
-        return CandidateSample(ids, local(negatives), math.log(K) + log_q, sub)
-
     # -- item side
     def item_tables(self, ids: torch.Tensor | None = None) -> torch.Tensor:
         """(N+1, S, d) raw item representations per stream: E_id and W_m x_m + b_m
         (zero for items lacking the modality). Computed once per step, shared by the
         sequence side, the scores and the category head. With ``ids`` ((U,) global item
         ids) only those rows, (U, S, d) in that order: what a sampled-softmax step needs
-        (:meth:`sample_candidates`), at a cost that grows with U, not with N."""
+        (``CandidateSample.ids``), at a cost that grows with U, not with N."""
         if ids is None:
             tables = [self.item_embedding.weight]
             for i, proj in enumerate(self.projections):
@@ -618,112 +555,108 @@ class HM4SR(nn.Module):
         return tables.reshape(tables.shape[0], -1)
 
     # -- sequence side
-    def _streams(self, batch: SequenceBatch, tables: torch.Tensor, want: bool):
-        """Embeddings -> Interactive MoE -> time -> Temporal MoE; returns z (B, T, S, d)."""
+    def _streams(self, batch: SequenceBatch, tables: torch.Tensor):
+        """Embeddings -> Interactive MoE -> time -> Temporal MoE: z (B, T, S, d), the time
+        embedding tau (B, T, 2d) or None, and what both levels routed (the gate fields of
+        :class:`HM4SROutput`, zero at padding)."""
         items = batch.items
         B, T = items.shape
         real = items > 0
-        position = self.position.weight[:T]
-        extras: dict = {}
+        position = self.position.weight[:T]  # P, added to every stream
+        routing: dict = {}
         if self.interactive is not None:
             uniq, index = torch.unique(items, return_inverse=True)  # sorted: a cheap, deterministic order
-            rows = tables[uniq]
+            rows = tables[uniq]  # (U, S, d): the distinct items' embeddings
             z = F.embedding(index, rows.view(len(uniq), -1)).view(B, T, *rows.shape[1:]) \
                 + position.view(1, T, 1, -1)  # (B, T, S, d)
             o, g = self.interactive(rows, position, index)  # o = the MoE's output for z, per token
             z = z + o
-            if want:
-                extras["interactive_gates"] = g * real.view(B, T, 1, 1)
-                extras["lambdas"] = self.interactive.lambdas.detach()
+            routing["interactive_gates"] = g * real.view(B, T, 1, 1)
+            routing["lambdas"] = self.interactive.lambdas.detach()
         else:
             z = tables[items] + position.view(1, T, 1, -1)
         tau = None
         if self.time is not None:
             tau, buckets, t = self.time(batch.timestamps, real)
-            if want:
-                extras["interval_buckets"] = buckets
-                extras["time_values"] = t * real
+            routing["interval_buckets"] = buckets
+            routing["time_values"] = t * real
         if self.temporal is not None:
             z, r = self.temporal(z, tau)
-            if want:
-                extras["temporal_gates"] = r * real.unsqueeze(-1)
-        return z, tau, extras
+            routing["temporal_gates"] = r * real.unsqueeze(-1)
+        return z, tau, routing
 
-    def forward(self, batch: SequenceBatch, *, losses: bool = False, scores: bool = False,
-                introspect: bool = False, generator: torch.Generator | None = None,
-                tables: torch.Tensor | None = None) -> HM4SROutput:
-        """Encode ``batch``. ``losses`` computes every enabled loss (needs targets; dense
-        layout when ``batch.position_targets`` is set); ``scores`` returns full-catalogue
-        scores; ``introspect`` returns gates, lambda and the time inputs. With
-        ``rec_loss="sampled"`` and ``losses`` the step draws its negatives from ``generator``
-        (after the placeholders) and computes the item side for its own rows only.
-        ``tables``: the whole catalogue's :meth:`item_tables` when the caller already holds
-        them for these weights (evaluation computes them once, not once per chunk of users)."""
-        dense = losses and batch.position_targets is not None
-        every = dense and self.config.dense_auxiliary == "every_position"
-        place = self._placeholder_draw(batch, generator) if losses else None
-        sample = None
-        if losses and self.config.rec_loss == "sampled":
-            if tables is not None:
-                raise ValueError("tables= is for the whole catalogue; a sampled-softmax step computes its own rows")
-            # The item side for the rows this step needs only; the batch in local row ids.
-            sample = self.sample_candidates(batch, generator)
-            batch, tables = sample.batch, self.item_tables(sample.ids)
-        elif tables is None:
-            tables = self.item_tables()
-        h, h_aug, extras = self._encode(batch, tables, place, introspect, every=dense, aug_every=every)
-        h_all = None
-        if dense:
-            h_all = h
-            last = (batch.lengths - 1).view(1, -1, 1, 1).expand(h.shape[0], -1, 1, h.shape[-1])
-            h = torch.gather(h, 2, last).squeeze(2)
-        seq = h.permute(1, 0, 2).reshape(h.shape[1], -1)  # (B, S*d)
-        out = HM4SROutput(sequence=seq, stream_names=self.stream_names, **extras)
-        item_matrix = self.item_matrix(tables)
-        if scores:
-            out.scores = score_all(seq, item_matrix if sample is None else self.item_matrix())
-        if losses:
-            out.losses = self._losses(batch, h, h_all, h_aug, item_matrix, place, every, sample)
-            out.loss = self.total_loss(out.losses)
-        return out
-
-    def _placeholder_draw(self, batch: SequenceBatch, generator: torch.Generator | None) -> torch.Tensor | None:
-        """(B, T) placeholder positions for the placeholder contrast, or None when it is off
-        or no sequence is long enough to get one."""
-        cfg = self.config
-        if cfg.w_placeholder_contrastive <= 0 or self.placeholders is None:
-            return None
-        place = placeholder_positions(batch.lengths, batch.items.shape[1], cfg.placeholder_ratio,
-                                      cfg.placeholder_min_length, generator)
-        return place if bool(place.any()) else None
-
-    def _encode(self, batch: SequenceBatch, tables: torch.Tensor, place: torch.Tensor | None,
-                introspect: bool, *, every: bool = False, aug_every: bool = False):
-        """The sequence side: embeddings, both MoE levels, the encoders; and, with ``place``,
-        the placeholder-augmented modality streams through the same encoders. Returns
-        h ((S, B, d) at each sequence's last item, or (S, B, T, d) with ``every``), h_aug
-        ((M, B, d), (M, B, T, d) with ``aug_every``, or None) and the introspection extras."""
-        z, tau, extras = self._streams(batch, tables, introspect)
+    def encode_states(self, batch: SequenceBatch, tables: torch.Tensor, placeholders: torch.Tensor | None = None,
+                      *, every: bool = False) -> tuple[SequenceStates, dict]:
+        """The sequence side of ``batch`` with the item tables ``tables`` (rows in the
+        batch's item ids): :meth:`_streams`, then the encoders; with ``placeholders``
+        ((B, T) bool) the feature streams again with those positions replaced by their
+        placeholders (a Linear(2d -> d) of tau per modality), through the same encoders.
+        ``every`` keeps every position (dense training), for the augmented streams too
+        with ``dense_auxiliary="every_position"``. Returns the states and the routing."""
+        z, tau, routing = self._streams(batch, tables)
         x = z.permute(2, 0, 1, 3)  # (S, B, T, d)
         h = self.encoders(x, batch.lengths, last_only=not every)
         h_aug = None
-        if place is not None:
+        if placeholders is not None:
             M = len(self.modalities)
             ph = self.placeholders(tau.reshape(1, -1, tau.shape[-1]).expand(M, -1, -1)).view(M, *tau.shape[:2], -1)
-            aug = torch.where(place.unsqueeze(0).unsqueeze(-1), ph, x[1:])  # (M, B, T, d)
+            aug = torch.where(placeholders.unsqueeze(0).unsqueeze(-1), ph, x[1:])  # (M, B, T, d)
+            aug_every = every and self.config.dense_auxiliary == "every_position"
             h_aug = self.encoders(aug, batch.lengths, streams=list(range(1, self.S)), last_only=not aug_every)
-        return h, h_aug, extras
+        if not every:
+            return SequenceStates(h, None, h_aug, placeholders), routing
+        last = (batch.lengths - 1).view(1, -1, 1, 1).expand(h.shape[0], -1, 1, h.shape[-1])
+        return SequenceStates(torch.gather(h, 2, last).squeeze(2), h, h_aug, placeholders), routing
 
-    def _losses(self, batch: SequenceBatch, h: torch.Tensor, h_all: torch.Tensor | None,
-                h_aug: torch.Tensor | None, item_matrix: torch.Tensor, place: torch.Tensor | None,
-                every: bool, sample: "CandidateSample | None" = None) -> dict[str, torch.Tensor]:
-        """Every enabled loss by name, unweighted. h (S, B, d) at the last items; h_all
-        (S, B, T, d) at every position in dense mode (else None); h_aug from :meth:`_encode`.
-        With ``sample`` (sampled softmax) ``batch`` and ``item_matrix`` are in the sample's
-        local row ids (:meth:`sample_candidates`)."""
+    # -- training: every loss by name, from the step's draws
+    def forward(self, batch: SequenceBatch, draws: StepDraws) -> HM4SROutput:
+        """One training step's forward: every enabled loss by name (unweighted) and their
+        weighted total, with the sequence vectors and what both MoE levels routed.
+        ``batch`` needs its targets; a dense batch (``position_targets`` set) makes every
+        position with a next item an example. ``draws`` are the step's placeholder
+        positions and, with ``rec_loss="sampled"``, its negatives
+        (:class:`~hm4sr_core.sampling.StepSampler`); a sampled step computes the item side
+        for its own rows only. Scores come from :meth:`full_sort_predict` and :meth:`predict`."""
+        place, sample = self.draws_in_use(draws)
+        if sample is not None:  # the batch in the sample's local rows, the item side for those rows only
+            batch, tables = sample.local(batch), self.item_tables(sample.ids)
+        else:
+            tables = self.item_tables()
+        states, routing = self.encode_states(batch, tables, place, every=batch.position_targets is not None)
+        named = self.named_losses(batch, states, self.item_matrix(tables), sample)
+        return HM4SROutput(sequence=states.query(), losses=named, loss=self.total_loss(named),
+                           stream_names=self.stream_names, **routing)
+
+    def draws_in_use(self, draws: StepDraws) -> tuple[torch.Tensor | None, CandidateSample | None]:
+        """The placeholder positions and the candidate sample this model uses from
+        ``draws``, checked against its configuration; the positions are None when the
+        placeholder contrast is off or no sequence was long enough to get one."""
+        if self.config.rec_loss == "sampled" and draws.candidates is None:
+            raise ValueError("rec_loss='sampled' needs the step's negatives: draws = "
+                             "hm4sr_core.sampling.StepSampler.for_model(model, item_counts)(batch, generator)")
+        if self.config.rec_loss != "sampled" and draws.candidates is not None:
+            raise ValueError(f"draws carry sampled-softmax negatives, but this model's rec_loss is "
+                             f"{self.config.rec_loss!r}")
+        if self.placeholders is None:
+            if draws.placeholders is not None:
+                raise ValueError("draws carry placeholder positions, but this model has no placeholder contrast "
+                                 "(w_placeholder_contrastive = 0, or no feature stream)")
+            return None, draws.candidates
+        if draws.placeholders is None:
+            raise ValueError("this model's placeholder contrast needs the step's placeholder positions: "
+                             "draws = hm4sr_core.sampling.StepSampler.for_model(model)(batch, generator)")
+        return (draws.placeholders if bool(draws.placeholders.any()) else None), draws.candidates
+
+    def named_losses(self, batch: SequenceBatch, states: SequenceStates, item_matrix: torch.Tensor,
+                     sample: CandidateSample | None = None) -> dict[str, torch.Tensor]:
+        """Every enabled loss by name, unweighted (docs/model.md section 3), from the
+        encoders' ``states`` for ``batch``. With ``sample`` (sampled softmax) ``batch`` and
+        ``item_matrix`` are in the sample's local rows (:meth:`CandidateSample.local`)."""
         cfg = self.config
+        h, h_all, h_aug, place = states.last, states.every, states.augmented, states.placeholders
         dense = h_all is not None
-        seq = h.permute(1, 0, 2).reshape(h.shape[1], -1)
+        every = dense and cfg.dense_auxiliary == "every_position"
+        seq = states.query()
         named = {}
         B, T = batch.items.shape
         if dense:
@@ -781,22 +714,31 @@ class HM4SR(nn.Module):
         weights = self.config.loss_weights
         return sum(weights[k] * v for k, v in named.items())
 
+    # -- scoring (RecBole's contract: the query side, full-catalogue and candidate scores)
+    def encode(self, batch: SequenceBatch, tables: torch.Tensor | None = None) -> HM4SROutput:
+        """The sequence side without losses or draws: (B, S*d) query vectors and what both
+        MoE levels routed (gates, lambda, the time inputs), for ranking and for looking
+        inside. ``tables``: :meth:`item_tables` of these weights when the caller has them
+        already (evaluation computes them once, not once per chunk of users)."""
+        states, routing = self.encode_states(batch, self.item_tables() if tables is None else tables)
+        return HM4SROutput(sequence=states.query(), stream_names=self.stream_names, **routing)
+
     @torch.no_grad()
     def query(self, batch: SequenceBatch, tables: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, S*d) query vectors for ranking: score = query @ item_matrix().T. ``tables``:
-        :meth:`item_tables` of these weights when the caller has them already."""
-        return self.forward(batch, tables=tables).sequence
+        """(B, S*d) query vectors for ranking: score = query @ item_matrix().T."""
+        return self.encode(batch, tables).sequence
 
     @torch.no_grad()
     def full_sort_predict(self, batch: SequenceBatch) -> torch.Tensor:
         """(B, N+1) scores over the whole catalogue (padding column = -inf)."""
-        return self.forward(batch, scores=True).scores
+        tables = self.item_tables()
+        return score_all(self.encode(batch, tables).sequence, self.item_matrix(tables))
 
     @torch.no_grad()
     def predict(self, batch: SequenceBatch, candidates: torch.Tensor) -> torch.Tensor:
         """(B, K) scores of the given candidate items (B, K) (sampled evaluation)."""
-        q = self.query(batch)
-        return torch.einsum("bk,bck->bc", q, self.item_matrix()[candidates])
+        tables = self.item_tables()
+        return torch.einsum("bk,bck->bc", self.query(batch, tables), self.item_matrix(tables)[candidates])
 
 
 def build_model(config: ModelConfig, dataset) -> HM4SR:
@@ -894,17 +836,3 @@ def category_loss(head: nn.Linear, item_matrix: torch.Tensor, categories: torch.
     per_item = F.binary_cross_entropy_with_logits(head(item_matrix[uniq]), categories[uniq],
                                                   reduction="none").mean(-1)
     return (per_item * counts).sum() / counts.sum()
-
-
-def placeholder_positions(lengths: torch.Tensor, T: int, ratio: float, min_length: int,
-                          generator: torch.Generator | None) -> torch.Tensor:
-    """(B, T) bool: floor(ratio * n) distinct real positions per sequence (none when n <
-    min_length), drawn without a Python loop from ``generator``."""
-    B = lengths.shape[0]
-    noise = torch.rand(B, T, generator=generator).to(lengths.device)
-    pos = torch.arange(T, device=lengths.device).view(1, T)
-    noise = noise.masked_fill(pos >= lengths.view(B, 1), 2.0)  # padding sorts last
-    rank = noise.argsort(dim=1).argsort(dim=1)
-    k = torch.floor(lengths.double() * ratio).long()
-    k = torch.where(lengths >= min_length, k, torch.zeros_like(k))
-    return rank < k.view(B, 1)

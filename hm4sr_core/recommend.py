@@ -506,7 +506,7 @@ def last_position_gates(model, history: History) -> pd.DataFrame:
     model.eval()
     try:
         h = history.last(model.config.max_length)
-        out = model(_batch([h], model.config.max_length), introspect=True)
+        out = model.encode(_batch([h], model.config.max_length))
     finally:
         model.train(was_training)
     last = len(h) - 1

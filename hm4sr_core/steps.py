@@ -5,8 +5,10 @@ its shard's loss weighted so DDP's average is the global batch's mean) and
 :func:`backward_in_parts` (``TrainConfig.micro_batches``): a prefix-mode step whose sequence
 side runs on a few slices of the batch at a time, with gradient caching, so activation
 memory falls with the number of parts while every loss still sees the whole batch. It
-drives the model's pieces (its placeholder draw, stream encoding and named losses) in an
-order of its own, so it lives beside the trainer, above the model.
+drives the model's pieces (``HM4SR.encode_states`` and ``HM4SR.named_losses``) in an
+order of its own, so it lives beside the trainer, above the model. Every form takes the
+step's :class:`~hm4sr_core.sampling.StepDraws` (placeholder positions, negatives), which
+:class:`TrainingStep` draws with its :class:`~hm4sr_core.sampling.StepSampler`.
 """
 
 from __future__ import annotations
@@ -19,17 +21,17 @@ import torch
 from . import distributed
 from .config import TrainConfig
 from .data.splits import SequenceBatch
-from .model import HM4SR, HM4SROutput
+from .model import HM4SR, HM4SROutput, SequenceStates
+from .sampling import StepDraws, StepSampler
 
 
-def backward_in_parts(model: HM4SR, batch: SequenceBatch, parts: int, *, introspect: bool = False,
-                      generator: torch.Generator | None = None,
+def backward_in_parts(model: HM4SR, batch: SequenceBatch, draws: StepDraws, parts: int, *,
                       autocast_dtype: torch.dtype | None = None) -> HM4SROutput:
     """A prefix-mode training step's forward and backward with the sequence side run on
     ``parts`` slices of the batch at a time (``TrainConfig.micro_batches``): about
     1/``parts`` of its activation memory, for one more forward pass of the sequence side
     (and the item side's projection once more per part: the catalogue's, or with
-    ``rec_loss="sampled"`` the step's rows only, negatives drawn once per batch).
+    ``rec_loss="sampled"`` the step's rows only). ``draws`` are the whole batch's.
 
     The losses still see the whole batch (the contrastive ones take in-batch
     negatives): the sequence vectors are first computed part by part without a graph,
@@ -50,11 +52,10 @@ def backward_in_parts(model: HM4SR, batch: SequenceBatch, parts: int, *, introsp
     B = batch.items.shape[0]
     if not 1 <= parts <= B:
         raise ValueError(f"parts must be between 1 and the batch size {B}, got {parts}")
-    place = model._placeholder_draw(batch, generator)
-    sample, ids = None, None
-    if model.config.rec_loss == "sampled":  # one draw of negatives for the whole batch; local row ids
-        sample = model.sample_candidates(batch, generator)
-        batch, ids = sample.batch, sample.ids
+    place, sample = model.draws_in_use(draws)
+    ids = None
+    if sample is not None:  # the batch in the sample's local rows
+        batch, ids = sample.local(batch), sample.ids
     slices = [slice(int(c[0]), int(c[-1]) + 1) for c in torch.arange(B).tensor_split(parts)]
     device = batch.items.device
 
@@ -83,10 +84,10 @@ def backward_in_parts(model: HM4SR, batch: SequenceBatch, parts: int, *, introsp
             states.append(rng_state())
             sub, sub_place = part(sl)
             with amp():
-                h, h_aug, ex = model._encode(sub, tables, sub_place, introspect)
-            hs.append(h)
-            augs.append(h_aug)
-            extras.append(ex)
+                part_states, routing = model.encode_states(sub, tables, sub_place)
+            hs.append(part_states.last)
+            augs.append(part_states.augmented)
+            extras.append(routing)
         del tables
     after = rng_state()
     h = torch.cat(hs, dim=1).requires_grad_()  # (S, B, d), a leaf
@@ -96,7 +97,7 @@ def backward_in_parts(model: HM4SR, batch: SequenceBatch, parts: int, *, introsp
     # 2: every loss on the whole batch; gradients to the item side and to the vectors
     with amp():
         item_matrix = model.item_matrix(model.item_tables(ids))
-        named = model._losses(batch, h, None, h_aug, item_matrix, place, False, sample)
+        named = model.named_losses(batch, SequenceStates(h, None, h_aug, place), item_matrix, sample)
         total = model.total_loss(named)
     total.backward()
     # 3: each part again, with a graph and the same dropout masks, fed its slice of the gradients
@@ -104,10 +105,10 @@ def backward_in_parts(model: HM4SR, batch: SequenceBatch, parts: int, *, introsp
         set_rng_state(state)
         sub, sub_place = part(sl)
         with amp():  # the item side's projection again: the part's graph must reach its weights
-            h_part, aug_part, _ = model._encode(sub, model.item_tables(ids), sub_place, False)
-        outputs, grads = [h_part], [h.grad[:, sl]]
-        if aug_part is not None:
-            outputs.append(aug_part)
+            part_states, _ = model.encode_states(sub, model.item_tables(ids), sub_place)
+        outputs, grads = [part_states.last], [h.grad[:, sl]]
+        if part_states.augmented is not None:
+            outputs.append(part_states.augmented)
             grads.append(h_aug.grad[:, sl])
         torch.autograd.backward(outputs, grads)
     set_rng_state(after)
@@ -117,18 +118,16 @@ def backward_in_parts(model: HM4SR, batch: SequenceBatch, parts: int, *, introsp
                        stream_names=model.stream_names, **merged)
 
 
-def backward_plain(net: torch.nn.Module, batch: SequenceBatch, *, introspect: bool = False,
-                   generator: torch.Generator | None = None, amp: bool = False) -> HM4SROutput:
+def backward_plain(net: torch.nn.Module, batch: SequenceBatch, draws: StepDraws, *, amp: bool = False) -> HM4SROutput:
     """One process's step: the whole batch's forward (under bf16 autocast with ``amp``),
     then ``loss.backward()``; the gradients are left in ``.grad``."""
     with torch.autocast(batch.items.device.type, dtype=torch.bfloat16, enabled=amp):
-        out = net(batch, losses=True, introspect=introspect, generator=generator)
+        out = net(batch, draws)
     out.loss.backward()
     return out
 
 
-def backward_weighted(net: torch.nn.Module, batch: SequenceBatch, shard: distributed.Shard, *,
-                      introspect: bool = False, generator: torch.Generator | None = None,
+def backward_weighted(net: torch.nn.Module, batch: SequenceBatch, shard: distributed.Shard, draws: StepDraws, *,
                       amp: bool = False) -> HM4SROutput:
     """A data-parallel rank's step: ``batch`` is this rank's shard of the global batch (on
     its device), ``net`` the DDP-wrapped model. The backward runs from the shard's loss
@@ -136,7 +135,7 @@ def backward_weighted(net: torch.nn.Module, batch: SequenceBatch, shard: distrib
     of the global batch's loss. Returns the output with the global batch's losses (one
     all-reduce of a few numbers), which is what the history shows."""
     with torch.autocast(batch.items.device.type, dtype=torch.bfloat16, enabled=amp):
-        out = net(batch, losses=True, introspect=introspect, generator=generator)
+        out = net(batch, draws)
     (out.loss * shard.weight).backward()
     losses, total = distributed.weighted_losses(out.losses, out.loss, shard)
     return dataclasses.replace(out, losses=losses, loss=total)
@@ -148,7 +147,8 @@ class TrainingStep:
     forward and backward (:func:`backward_plain`; :func:`backward_weighted` under DDP;
     :func:`backward_in_parts` with ``micro_batches > 1``), gradients clipped to
     ``grad_clip``, ``optimizer.step()``. The learning rate is the optimiser's as it
-    stands (the trainer sets it first)."""
+    stands (the trainer sets it first). ``sampler`` draws each step's placeholder
+    positions and negatives from the generator the step is given."""
 
     model: HM4SR
     net: torch.nn.Module  # the model, or its DDP wrapper
@@ -156,22 +156,23 @@ class TrainingStep:
     config: TrainConfig
     ranks: distributed.Ranks
     device: torch.device
+    sampler: StepSampler
 
-    def __call__(self, batch: SequenceBatch, *, introspect: bool,
-                 generator: torch.Generator) -> tuple[HM4SROutput, SequenceBatch]:
+    def __call__(self, batch: SequenceBatch, *, generator: torch.Generator) -> tuple[HM4SROutput, SequenceBatch]:
         """Train on ``batch`` (a global batch, on the CPU); return the step's output and
         the rows this process ran, on its device (its shard under DDP)."""
         config, amp = self.config, self.config.amp  # bf16 autocast on CUDA, and on CPUs with bf16 units
         shard = distributed.shard_batch(batch, self.ranks) if self.ranks.active else None
         batch = (shard.batch if shard is not None else batch).to(self.device)
+        draws = self.sampler(batch, generator)  # placeholder positions, then negatives
         self.optimizer.zero_grad(set_to_none=True)
         if config.micro_batches > 1:  # autocast inside each piece
-            out = backward_in_parts(self.model, batch, min(config.micro_batches, batch.size), introspect=introspect,
-                                    generator=generator, autocast_dtype=torch.bfloat16 if amp else None)
+            out = backward_in_parts(self.model, batch, draws, min(config.micro_batches, batch.size),
+                                    autocast_dtype=torch.bfloat16 if amp else None)
         elif shard is None:
-            out = backward_plain(self.net, batch, introspect=introspect, generator=generator, amp=amp)
+            out = backward_plain(self.net, batch, draws, amp=amp)
         else:
-            out = backward_weighted(self.net, batch, shard, introspect=introspect, generator=generator, amp=amp)
+            out = backward_weighted(self.net, batch, shard, draws, amp=amp)
         if config.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad],
                                            config.grad_clip)

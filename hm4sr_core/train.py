@@ -41,6 +41,7 @@ from .data.splits import Split, build_split, iterate_batches
 from .data.store import write_json_atomic
 from .evaluate import EvalResult, evaluate
 from .model import HM4SR, build_model
+from .sampling import StepSampler
 
 CHECKPOINT_VERSION = 1
 
@@ -247,10 +248,9 @@ def train(dataset: Dataset, model_config: ModelConfig = ModelConfig(), config: T
     net = distributed.wrap_model(model, device) if ranks.active else model
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=config.lr,
                                  weight_decay=config.weight_decay)
-    take_step = steps.TrainingStep(model, net, optimizer, config, ranks, device)
     train_part = split.train(config.mode)
-    popularity = item_popularity(split, dataset.num_items)
-    model.set_item_popularity(popularity)  # the sampled softmax's popularity proposal (ModelConfig.negative_proposal)
+    popularity = item_popularity(split, dataset.num_items)  # also the sampled softmax's popularity proposal
+    take_step = steps.TrainingStep(model, net, optimizer, config, ranks, device, StepSampler.for_model(model, popularity))
     history = split.train_history() if config.mask_history else None
     origin = int(dataset.stats["first_timestamp"])
 
@@ -314,7 +314,7 @@ def train(dataset: Dataset, model_config: ModelConfig = ModelConfig(), config: T
             if scheduled:
                 for group in optimizer.param_groups:
                     group["lr"] = learning_rate(config, step, n_batches)
-            result, batch = take_step(batch, introspect=step % config.log_every == 0, generator=draws)
+            result, batch = take_step(batch, generator=draws)
             for k, v in result.losses.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach())
             if step % config.log_every == 0:

@@ -30,6 +30,7 @@ from hm4sr_core.data.preprocess import preprocess  # noqa: E402
 from hm4sr_core.data.schema import RawDataset, RawModality  # noqa: E402
 from hm4sr_core.data.splits import build_split  # noqa: E402
 from hm4sr_core.data.synthetic import make_synthetic_world  # noqa: E402
+from hm4sr_core.sampling import StepSampler  # noqa: E402
 from hm4sr_core.train import train  # noqa: E402
 
 torch.set_num_threads(2)
@@ -139,6 +140,14 @@ def adam_param_tol(steps: int, lr: float, terms: int) -> float:
     attention key bias: ~1e-15, mathematically 0) stay far below Adam's eps of 1e-8 and do
     not move in either run."""
     return steps * lr * float_tol(1.0, terms)
+
+
+def step_forward(model, batch, seed: int | None = None, item_counts=None):
+    """A training step's forward, ``model(batch, draws)``, with the draws the trainer's
+    step makes (placeholder positions, then negatives) from a generator seeded with
+    ``seed`` (torch's global generator when None)."""
+    gen = None if seed is None else torch.Generator().manual_seed(seed)
+    return model(batch, StepSampler.for_model(model, item_counts)(batch, gen))
 
 
 def assert_float_close(got, want, terms: int, *, magnitude: float | None = None, eps: float = FLOAT32_EPS,

@@ -28,6 +28,7 @@ from hm4sr_core.data.splits import build_split, iterate_batches
 from hm4sr_core.data.synthetic import make_synthetic_world
 from hm4sr_core.evaluate import evaluate
 from hm4sr_core.model import build_model
+from hm4sr_core.sampling import StepSampler
 from hm4sr_core.train import load_checkpoint, model_from_checkpoint, train
 
 # The cases compared with one process (tests/test_distributed.py builds the same ones):
@@ -91,7 +92,8 @@ def case_train(out: Path) -> None:
     batch = next(iter(iterate_batches(split.train_prefix, 45, shuffle=True,
                                       generator=torch.Generator().manual_seed(2))))
     shard = distributed.shard_batch(batch, ranks)
-    result = net(shard.batch, losses=True, generator=torch.Generator().manual_seed(100 + ranks.rank))
+    draws = StepSampler.for_model(model)(shard.batch, torch.Generator().manual_seed(100 + ranks.rank))
+    result = net(shard.batch, draws)
     (result.loss * shard.weight).backward()
     _save({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, out / "grads.pt")
 

@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from conftest import BF16_EPS, adam_param_tol, assert_float_close, batch_terms, float_tol
+from conftest import BF16_EPS, adam_param_tol, assert_float_close, batch_terms, float_tol, step_forward
 
 from hm4sr_core import steps as training_steps
 from hm4sr_core.evaluate import evaluate
@@ -55,8 +55,8 @@ def test_introspection_tensors_come_back_from_the_gpu(tiny_ds, tiny_split, tiny_
     model = build_model(tiny_model_config, tiny_ds).to("cuda").eval()
     batch = next(iter(iterate_batches(tiny_split.valid, 16))).to("cuda")
     with torch.no_grad():
-        out = model(batch, losses=True, scores=True, introspect=True)
-    assert out.scores.device.type == "cuda" and out.scores.shape[0] == 16
+        out, scores = model.encode(batch), model.full_sort_predict(batch)
+    assert scores.device.type == "cuda" and scores.shape[0] == 16
     sums = out.interactive_gates.sum(-1)[batch.items > 0]  # (real positions, S); padding rows are 0
     experts = out.interactive_gates.shape[-1]  # a softmax's E outputs (exp, sum of E, divide) summed again
     assert_float_close(sums, torch.ones_like(sums), 2 * experts + 3, magnitude=1.0)
@@ -75,7 +75,7 @@ def test_recompute_on_cuda_replays_dropout_and_gives_the_same_gradients(tiny_ds,
         torch.manual_seed(0)
         model = build_model(tiny_model_config, tiny_ds).to("cuda").train().recompute_activations(on)
         torch.manual_seed(7)
-        out = model(batch, losses=True, generator=torch.Generator().manual_seed(3))
+        out = step_forward(model, batch, 3)
         out.loss.backward()
         runs.append((out.loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
     (loss0, grads0), (loss1, grads1) = runs
@@ -94,7 +94,8 @@ def test_backward_in_parts_on_cuda_replays_each_parts_dropout(tiny_ds, tiny_spli
     (F.dropout draws there), so the gradients equal those of a direct whole-batch loss
     over the parts encoded one after another from the same seed."""
     from hm4sr_core.data.splits import SequenceBatch, iterate_batches
-    from hm4sr_core.model import build_model
+    from hm4sr_core.model import SequenceStates, build_model
+    from hm4sr_core.sampling import StepSampler
     batch = next(iter(iterate_batches(tiny_split.train_prefix, 64, shuffle=True,
                                       generator=torch.Generator().manual_seed(2)))).to("cuda")
     grads = []
@@ -103,17 +104,19 @@ def test_backward_in_parts_on_cuda_replays_each_parts_dropout(tiny_ds, tiny_spli
         model = build_model(tiny_model_config, tiny_ds).to("cuda").train()
         torch.manual_seed(7)
         if not direct:
-            training_steps.backward_in_parts(model, batch, 2, generator=torch.Generator().manual_seed(3))
+        draws = StepSampler.for_model(model)(batch, torch.Generator().manual_seed(3))
+            training_steps.backward_in_parts(model, batch, draws, 2)
         else:
-            place = model._placeholder_draw(batch, torch.Generator().manual_seed(3))
+            place = draws.placeholders
             hs, augs = [], []
             for sl in (slice(0, 32), slice(32, 64)):
                 sub = SequenceBatch(batch.items[sl], batch.timestamps[sl], batch.lengths[sl], batch.targets[sl],
                                     batch.users[sl])
-                h, h_aug, _ = model._encode(sub, model.item_tables(), place[sl], False)
-                hs.append(h)
-                augs.append(h_aug)
-            named = model._losses(batch, torch.cat(hs, 1), None, torch.cat(augs, 1), model.item_matrix(), place, False)
+                states, _ = model.encode_states(sub, model.item_tables(), place[sl])
+                hs.append(states.last)
+                augs.append(states.augmented)
+            named = model.named_losses(batch, SequenceStates(torch.cat(hs, 1), None, torch.cat(augs, 1), place),
+                                       model.item_matrix())
             model.total_loss(named).backward()
         grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
@@ -129,6 +132,7 @@ def test_backward_in_parts_under_bf16_autocast_reaches_every_weight(tiny_ds, tin
     from hm4sr_core.data.splits import iterate_batches
     from hm4sr_core.model import build_model
     config = tiny_model_config.replace(hidden_dropout=0.0, attention_dropout=0.0)
+    from hm4sr_core.sampling import StepSampler
     batch = next(iter(iterate_batches(tiny_split.train_prefix, 64, shuffle=True,
                                       generator=torch.Generator().manual_seed(2)))).to("cuda")
     grads = []
@@ -137,11 +141,11 @@ def test_backward_in_parts_under_bf16_autocast_reaches_every_weight(tiny_ds, tin
         model = build_model(config, tiny_ds).to("cuda").train()
         if parts == 1:
             with torch.autocast("cuda", dtype=torch.bfloat16):
-                out = model(batch, losses=True, generator=torch.Generator().manual_seed(3))
+                out = step_forward(model, batch, 3)
             out.loss.backward()
         else:
-            training_steps.backward_in_parts(model, batch, parts, generator=torch.Generator().manual_seed(3),
-                                    autocast_dtype=torch.bfloat16)
+            draws = StepSampler.for_model(model)(batch, torch.Generator().manual_seed(3))
+            training_steps.backward_in_parts(model, batch, draws, parts, autocast_dtype=torch.bfloat16)
         grads.append({n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None})
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
     # bf16 keeps 8 significant bits; each of the ~6 matmuls on the forward and backward path

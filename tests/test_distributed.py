@@ -28,7 +28,8 @@ from hm4sr_core.train import initial_model, load_checkpoint, model_from_checkpoi
 
 sys.path.insert(0, str(Path(__file__).parent))
 import ddp_ranks  # noqa: E402
-from conftest import FLOAT64_EPS, adam_param_tol, assert_float_close, batch_terms, float_tol  # noqa: E402
+from conftest import (  # noqa: E402
+    FLOAT64_EPS, adam_param_tol, assert_float_close, batch_terms, float_tol, step_forward)
 
 ROOT = Path(__file__).resolve().parent.parent
 # DDP sums two ranks' gradients where one process sums all examples at once: float32
@@ -185,7 +186,7 @@ def test_contrastive_negatives_stay_within_each_ranks_shard(ddp_run, world):
     def grads(part, seed):  # in float64, as tests/ddp_ranks.py computes the DDP gradient
         torch.manual_seed(0)
         model = build_model(ddp_ranks.HM4SR_FULL, ds).double().train()
-        out = model(part, losses=True, generator=torch.Generator().manual_seed(seed))
+        out = step_forward(model, part, seed)
         out.loss.backward()
         return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
 

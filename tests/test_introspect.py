@@ -43,11 +43,11 @@ def _forward_tol(model) -> float:
 
 
 def _model_gates(model, part, n):
-    """The model's own (introspect=True) output for the first n examples of a part."""
+    """The model's own output (``HM4SR.encode``: gates, time inputs) for the first n examples of a part."""
     model.eval()
     with torch.no_grad():
         batch = next(iterate_batches(part, n))
-        return batch, model(batch, introspect=True)
+        return batch, model.encode(batch)
 
 
 def test_gate_table_rows_and_sums(world, gates):

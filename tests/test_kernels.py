@@ -16,8 +16,10 @@ import torch.nn.functional as F
 from hm4sr_core import kernels, steps
 from hm4sr_core.config import ModelConfig
 from hm4sr_core.data.splits import SequenceBatch, iterate_batches
+from hm4sr_core.model import SequenceStates
+from hm4sr_core.sampling import StepSampler
 
-from conftest import TINY_FORWARD_TERMS, assert_float_close, batch_terms, float_tol, forward_terms
+from conftest import TINY_FORWARD_TERMS, assert_float_close, batch_terms, float_tol, forward_terms, step_forward
 from test_model import LOSSES, _dense_batch, _model  # the same seeded model and batch as the model's tests
 
 # The encoder of _encoder_and_reference: 2 layers, d 16, feed-forward 32
@@ -193,7 +195,7 @@ def test_recompute_gives_the_same_loss_and_gradients(tiny_ds, tiny_split, tiny_m
         saved = []
         torch.manual_seed(7)
         with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
-            out = model(batch, losses=True, generator=torch.Generator().manual_seed(3))
+            out = step_forward(model, batch, 3)
         out.loss.backward()
         runs.append((out.loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None},
                      sum(saved)))
@@ -219,10 +221,10 @@ def test_backward_in_parts_equals_one_pass_without_dropout(tiny_ds, tiny_split, 
     config = tiny_model_config.replace(hidden_dropout=0.0, attention_dropout=0.0)
     batch = next(iterate_batches(tiny_split.train_prefix, 40, shuffle=True, generator=torch.Generator().manual_seed(2)))
     one = _model(config, tiny_ds).train().use_cpu_kernels(cpu)
-    out1 = one(batch, losses=True, introspect=True, generator=torch.Generator().manual_seed(3))
+    out1 = step_forward(one, batch, 3)
     out1.loss.backward()
     parts = _model(config, tiny_ds).train().use_cpu_kernels(cpu)
-    out3 = steps.backward_in_parts(parts, batch, 3, introspect=True, generator=torch.Generator().manual_seed(3))
+    out3 = steps.backward_in_parts(parts, batch, StepSampler.for_model(parts)(batch, torch.Generator().manual_seed(3)), 3)
     assert out3.losses.keys() == out1.losses.keys() == LOSSES
     assert float(out1.losses["placeholder_contrastive"].detach()) > 0
     terms = batch_terms(40, config)  # the batch in 3 parts or at once: other shapes, other orders
@@ -245,21 +247,23 @@ def test_backward_in_parts_replays_each_parts_dropout(tiny_ds, tiny_split, tiny_
     batch = next(iterate_batches(tiny_split.train_prefix, 40, shuffle=True, generator=torch.Generator().manual_seed(2)))
     model = _model(tiny_model_config, tiny_ds).train().use_cpu_kernels(cpu)
     torch.manual_seed(5)
-    out = steps.backward_in_parts(model, batch, 2, generator=torch.Generator().manual_seed(3))
+    draws = StepSampler.for_model(model)(batch, torch.Generator().manual_seed(3))
+    out = steps.backward_in_parts(model, batch, draws, 2)
     after = torch.get_rng_state()
     got = _grads(model)
 
     direct = _model(tiny_model_config, tiny_ds).train().use_cpu_kernels(cpu)
-    place = direct._placeholder_draw(batch, torch.Generator().manual_seed(3))
+    place = draws.placeholders
     torch.manual_seed(5)
     hs, augs = [], []
     for sl in (slice(0, 20), slice(20, 40)):
         sub = SequenceBatch(batch.items[sl], batch.timestamps[sl], batch.lengths[sl], batch.targets[sl], batch.users[sl])
-        h, h_aug, _ = direct._encode(sub, direct.item_tables(), place[sl], False)
-        hs.append(h)
-        augs.append(h_aug)
+        states, _ = direct.encode_states(sub, direct.item_tables(), place[sl])
+        hs.append(states.last)
+        augs.append(states.augmented)
     assert torch.equal(torch.get_rng_state(), after)
-    named = direct._losses(batch, torch.cat(hs, 1), None, torch.cat(augs, 1), direct.item_matrix(), place, False)
+    named = direct.named_losses(batch, SequenceStates(torch.cat(hs, 1), None, torch.cat(augs, 1), place),
+                                direct.item_matrix())
     direct.total_loss(named).backward()
     want = _grads(direct)
     assert want.keys() == got.keys()
@@ -268,9 +272,9 @@ def test_backward_in_parts_replays_each_parts_dropout(tiny_ds, tiny_split, tiny_
         assert_float_close(got[name], want[name], terms, msg=name)
     assert_float_close(out.losses["rec"], named["rec"].detach(), terms)
     with pytest.raises(ValueError, match="between 1 and the batch size 40"):
-        steps.backward_in_parts(model, batch, 41)
+        steps.backward_in_parts(model, batch, draws, 41)
     with pytest.raises(ValueError, match="prefix-mode batch"):
-        steps.backward_in_parts(model, _dense_batch(tiny_split), 2)
+        steps.backward_in_parts(model, _dense_batch(tiny_split), draws, 2)
 
 
 def test_chunked_expert_mix_gradients(monkeypatch):
@@ -304,14 +308,14 @@ def test_the_stock_kernel_paths_used_off_the_cpu_agree_with_the_cpu_paths(tiny_d
     batch = _dense_batch(tiny_split, 8, seed=1)
     model.eval()
     with torch.no_grad():
-        cpu = model(batch, losses=True, scores=True, generator=torch.Generator().manual_seed(0))
+        cpu, cpu_scores = step_forward(model, batch, 0), model.full_sort_predict(batch)
         model.use_cpu_kernels(False)
-        stock = model(batch, losses=True, scores=True, generator=torch.Generator().manual_seed(0))
-    assert_float_close(stock.scores, cpu.scores, TINY_FORWARD_TERMS)
+        stock, stock_scores = step_forward(model, batch, 0), model.full_sort_predict(batch)
+    assert_float_close(stock_scores, cpu_scores, TINY_FORWARD_TERMS)
     for name in cpu.losses:  # means over 8 windows x 10 positions
         assert_float_close(stock.losses[name], cpu.losses[name], batch_terms(80, tiny_model_config), msg=name)
     model.train()
-    out = model(batch, losses=True, generator=torch.Generator().manual_seed(0))
+    out = step_forward(model, batch, 0)
     out.loss.backward()
     missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
     assert not missing and torch.isfinite(out.loss)
@@ -335,12 +339,12 @@ def test_the_fast_paths_give_the_plain_forms_losses_and_gradients(tiny_ds, tiny_
     runs = {}
     for fast in (True, False):
         model = _model(config, tiny_ds).train().use_cpu_kernels(fast)
-        out = model(batch, losses=True, scores=True, generator=torch.Generator().manual_seed(3))
+        out = step_forward(model, batch, 3)
         out.loss.backward()
-        runs[fast] = out, _grads(model)
-    (fast_out, fast_grads), (plain_out, plain_grads) = runs[True], runs[False]
+        runs[fast] = out, _grads(model), model.full_sort_predict(batch)
+    (fast_out, fast_grads, fast_scores), (plain_out, plain_grads, plain_scores) = runs[True], runs[False]
     assert fast_out.losses.keys() == plain_out.losses.keys() == (LOSSES if preset == "hm4sr" else {"rec"})
-    assert_float_close(fast_out.scores, plain_out.scores, forward_terms(config))
+    assert_float_close(fast_scores, plain_scores, forward_terms(config))
     terms = batch_terms(24 * config.max_length, config)  # 24 windows x T positions, or 24 prefixes
     for name in plain_out.losses:
         assert_float_close(fast_out.losses[name], plain_out.losses[name], terms, msg=name)

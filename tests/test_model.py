@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import FLOAT64_EPS, TINY_FORWARD_TERMS, assert_float_close, float_tol
+from conftest import FLOAT64_EPS, TINY_FORWARD_TERMS, assert_float_close, float_tol, step_forward
 
 from hm4sr_core.config import ModelConfig, PreprocessConfig, SplitConfig, TrainConfig
 from hm4sr_core.data.splits import SequenceBatch, iterate_batches
@@ -22,7 +22,6 @@ from hm4sr_core.model import (
     category_loss,
     contrastive_loss,
     id_contrastive_loss,
-    placeholder_positions,
 )
 from hm4sr_core.train import load_checkpoint, model_from_checkpoint
 
@@ -57,7 +56,7 @@ def _graph_leaves(loss: torch.Tensor) -> list[torch.Tensor]:
 
 def test_every_parameter_is_registered_and_gets_a_gradient(tiny_ds, tiny_split, tiny_model_config):
     model = _model(tiny_model_config, tiny_ds).train()
-    out = model(_dense_batch(tiny_split), losses=True, generator=torch.Generator().manual_seed(1))
+    out = step_forward(model, _dense_batch(tiny_split), 1)
     assert set(out.losses) == LOSSES
     params = dict(model.named_parameters())
     registered = {id(p) for p in params.values()}
@@ -90,7 +89,7 @@ def test_frozen_temporal_experts_are_saved_but_never_change(tiny_ds, tiny_split,
     assert "temporal.experts" in model.state_dict() and not experts.requires_grad
     before = experts.detach().clone()
     optimizer = torch.optim.Adam(model.parameters(), lr=0.1)
-    out = model(_dense_batch(tiny_split), losses=True, generator=torch.Generator().manual_seed(1))
+    out = step_forward(model, _dense_batch(tiny_split), 1)
     out.loss.backward()
     assert experts.grad is None
     assert model.temporal.gate.weight.grad is not None  # the time gate still trains
@@ -108,7 +107,7 @@ def test_to_dtype_moves_every_parameter(tiny_ds, tiny_split, tiny_model_config):
         model = _model(cfg, tiny_ds).to(torch.float64)
         assert model.temporal.experts.dtype == torch.float64
         assert all(p.dtype == torch.float64 for p in model.parameters())
-        out = model(_dense_batch(tiny_split, 8), losses=True, generator=torch.Generator().manual_seed(0))
+        out = step_forward(model, _dense_batch(tiny_split, 8), 0)
         assert out.sequence.dtype == torch.float64 and torch.isfinite(out.loss)
 
 
@@ -120,7 +119,7 @@ def test_gates_sum_to_one_at_real_positions_and_zero_at_padding(tiny_ds, tiny_sp
     batch = next(iterate_batches(tiny_split.train_prefix, 32, trim=False))
     real = batch.items > 0
     assert (~real).any()  # the batch has padding
-    out = model(batch, introspect=True)
+    out = model.encode(batch)
     g, r = out.interactive_gates, out.temporal_gates
     assert g.shape == (*batch.items.shape, 3, tiny_model_config.num_experts)
     assert r.shape == (*batch.items.shape, tiny_model_config.num_experts)
@@ -153,11 +152,11 @@ def test_padding_content_does_not_change_real_positions(tiny_ds, tiny_split, tin
         items=torch.where(pad, torch.randint(1, tiny_ds.num_items + 1, batch.items.shape, generator=gen), batch.items),
         timestamps=torch.where(pad, torch.randint(0, 2**31, batch.items.shape, generator=gen), batch.timestamps),
         lengths=batch.lengths, targets=batch.targets, users=batch.users)
-    a, b = model(batch, scores=True, introspect=True), model(noisy, scores=True, introspect=True)
+    a, b = model.encode(batch), model.encode(noisy)
     # masked padding adds exact zeros, but other padded items change the distinct-item tables
     # the factored mix works on, so the order of some sums: a forward's rounding apart
     assert_float_close(a.sequence, b.sequence, TINY_FORWARD_TERMS)
-    assert_float_close(a.scores, b.scores, TINY_FORWARD_TERMS)
+    assert_float_close(model.full_sort_predict(batch), model.full_sort_predict(noisy), TINY_FORWARD_TERMS)
     real = ~pad
     assert_float_close(a.temporal_gates[real], b.temporal_gates[real], TINY_FORWARD_TERMS, magnitude=1.0)
     assert_float_close(a.interactive_gates[real], b.interactive_gates[real], TINY_FORWARD_TERMS, magnitude=1.0)
@@ -174,22 +173,22 @@ def test_dense_loss_at_each_position_equals_the_prefix_example(tiny_ds, tiny_spl
     user = torch.from_numpy(dense.users[row:row + 1])
     # a softmax cross-entropy over the N + 1 scores of one forward: logits of a few units
     with torch.no_grad():
-        scale = float(model(SequenceBatch(items, times, torch.tensor([n]), targets[:, n - 1], user),
-                            scores=True).scores.abs().max())
+        scale = float(model.full_sort_predict(SequenceBatch(items, times, torch.tensor([n]), targets[:, n - 1],
+                                                            user)).abs().max())
     tol = float_tol(max(scale, math.log(tiny_ds.num_items)), TINY_FORWARD_TERMS + tiny_ds.num_items + 1)
     for j in range(n):
         only_j = torch.zeros_like(targets)
         only_j[0, j] = targets[0, j]
         with torch.no_grad():
-            d = model(SequenceBatch(items, times, torch.tensor([n]), targets[:, n - 1], user, only_j), losses=True)
-            p = model(SequenceBatch(items[:, : j + 1], times[:, : j + 1], torch.tensor([j + 1]), targets[:, j], user),
-                      losses=True)
+            d = step_forward(model, SequenceBatch(items, times, torch.tensor([n]), targets[:, n - 1], user, only_j))
+            p = step_forward(model, SequenceBatch(items[:, : j + 1], times[:, : j + 1], torch.tensor([j + 1]),
+                                                  targets[:, j], user))
         assert abs(float(d.losses["rec"]) - float(p.losses["rec"])) <= tol, j
     # and the mean over positions is what dense mode reports
     with torch.no_grad():
-        full = model(SequenceBatch(items, times, torch.tensor([n]), targets[:, n - 1], user, targets), losses=True)
-        per_position = [float(model(SequenceBatch(items[:, : j + 1], times[:, : j + 1], torch.tensor([j + 1]),
-                                                  targets[:, j], user), losses=True).losses["rec"])
+        full = step_forward(model, SequenceBatch(items, times, torch.tensor([n]), targets[:, n - 1], user, targets))
+        per_position = [float(step_forward(model, SequenceBatch(items[:, : j + 1], times[:, : j + 1],
+                                                                torch.tensor([j + 1]), targets[:, j], user)).losses["rec"])
                         for j in range(n)]
     assert float(full.losses["rec"]) == pytest.approx(np.mean(per_position), rel=0, abs=tol + float_tol(tol, n))
 
@@ -198,7 +197,7 @@ def test_starting_losses_have_the_documented_magnitudes(tiny_ds, tiny_split, tin
     # docs/model.md section 3: rec ~ ln N, contrastive ~ ln B, category ~ ln 2
     model = _model(tiny_model_config, tiny_ds).train()
     batch = _dense_batch(tiny_split, 64)
-    out = model(batch, losses=True, generator=torch.Generator().manual_seed(0))
+    out = step_forward(model, batch, 0)
     losses = {k: float(v.detach()) for k, v in out.losses.items()}
     assert all(math.isfinite(v) for v in losses.values())
     n_items = tiny_ds.num_items
@@ -260,24 +259,6 @@ def test_category_loss_equals_the_naive_per_token_mean(tiny_ds, tiny_split, tiny
     assert_float_close(fast, torch.stack(naive).mean(), terms)
 
 
-def test_placeholder_positions_count_and_reproducibility():
-    lengths = torch.tensor([1, 2, 3, 4, 5, 6, 9, 10, 10])
-    T = 10
-    mask = placeholder_positions(lengths, T, 0.3, 4, torch.Generator().manual_seed(7))
-    assert mask.shape == (9, T) and mask.dtype == torch.bool
-    assert mask.sum(1).tolist() == [0, 0, 0, 1, 1, 1, 2, 3, 3]  # floor(0.3 n), none when n <= 3
-    positions = torch.arange(T).view(1, T)
-    assert not (mask & (positions >= lengths.view(-1, 1))).any()  # only real positions
-    again = placeholder_positions(lengths, T, 0.3, 4, torch.Generator().manual_seed(7))
-    assert torch.equal(mask, again)
-    draws = {placeholder_positions(lengths, T, 0.3, 4, torch.Generator().manual_seed(s)).numpy().tobytes()
-             for s in range(6)}
-    assert len(draws) > 1  # the generator, not a constant, picks the positions
-    # every real position can be picked
-    many = placeholder_positions(torch.full((400,), 10), T, 0.3, 4, torch.Generator().manual_seed(0))
-    assert many.any(0).all()
-
-
 # --- presets, ablations, validation ------------------------------------------------------
 
 
@@ -290,7 +271,7 @@ def test_sasrec_preset_is_id_only(tiny_ds, tiny_split, tiny_model_config):
     assert model.category_head is None and model.placeholders is None and len(model.projections) == 0
     prefixes = {name.split(".")[0] for name, _ in model.named_parameters()}
     assert prefixes == {"item_embedding", "position", "encoders"}
-    out = model(_dense_batch(tiny_split, 16), losses=True, introspect=True)
+    out = step_forward(model, _dense_batch(tiny_split, 16))
     assert set(out.losses) == {"rec"} and out.interactive_gates is None and out.temporal_gates is None
     assert model.item_matrix().shape == (tiny_ds.num_items + 1, cfg.hidden_size)
 
@@ -312,8 +293,7 @@ def test_ablation_switches_remove_modules_and_losses(tiny_ds, tiny_split, tiny_m
     full = {"item_embedding", "position", "projections", "interactive", "time", "temporal", "encoders",
             "category_head", "placeholders"}
     assert prefixes == full - absent_modules
-    out = model(_dense_batch(tiny_split, 16), losses=True, introspect=True,
-                generator=torch.Generator().manual_seed(0))
+    out = step_forward(model, _dense_batch(tiny_split, 16), 0)
     assert set(out.losses) == LOSSES - absent_losses
     assert (out.interactive_gates is None) == ("interactive" in absent_modules)
     assert (out.temporal_gates is None) == ("temporal" in absent_modules)
@@ -407,7 +387,7 @@ def test_dense_id_contrastive_at_every_position_equals_it_over_the_prefix_exampl
     model = _model(tiny_model_config.replace(w_placeholder_contrastive=0.0), tiny_ds).eval()
     batch = _dense_batch(tiny_split, 4, seed=3)
     with torch.no_grad():
-        dense = model(batch, losses=True).losses["id_contrastive"]
+        dense = step_forward(model, batch).losses["id_contrastive"]
         rows, targets, groups = [], [], []
         for w in range(batch.size):
             for j in range(int(batch.lengths[w])):
@@ -416,7 +396,7 @@ def test_dense_id_contrastive_at_every_position_equals_it_over_the_prefix_exampl
                     continue
                 prefix = SequenceBatch(batch.items[w:w + 1, : j + 1], batch.timestamps[w:w + 1, : j + 1],
                                        torch.tensor([j + 1]), torch.tensor([t]), batch.users[w:w + 1])
-                rows.append(model(prefix).sequence[0, : tiny_model_config.hidden_size])
+                rows.append(model.encode(prefix).sequence[0, : tiny_model_config.hidden_size])
                 targets.append(t)
                 groups.append(w)
         targets = torch.tensor(targets)
@@ -430,7 +410,7 @@ def test_dense_id_contrastive_at_every_position_equals_it_over_the_prefix_exampl
     model_last = _model(tiny_model_config.replace(w_placeholder_contrastive=0.0,
                                                   dense_auxiliary="last_position"), tiny_ds).eval()
     with torch.no_grad():  # the last-position variant sees one row per window: another loss
-        last = float(model_last(batch, losses=True).losses["id_contrastive"])
+        last = float(step_forward(model_last, batch).losses["id_contrastive"])
     assert abs(last - float(dense)) > 100 * tol, (last, float(dense), tol)
 
 
@@ -453,8 +433,8 @@ def test_gap_buckets_released_puts_padding_and_first_item_in_the_zero_gap_bucket
     real = batch.items > 0
     ours = _model(tiny_model_config, tiny_ds).eval()
     released = _model(tiny_model_config.replace(gap_buckets="released"), tiny_ds).eval()
-    b_ours = ours(batch, introspect=True).interval_buckets
-    b_rel = released(batch, introspect=True).interval_buckets
+    b_ours = ours.encode(batch).interval_buckets
+    b_rel = released.encode(batch).interval_buckets
     assert (b_rel[~real] == GAP_BUCKET_OFFSET).all() and (b_rel[:, 0] == GAP_BUCKET_OFFSET).all()
     later = real.clone()
     later[:, 0] = False  # real items after the first: a gap of their own, the same in both
@@ -509,7 +489,7 @@ def test_feature_width_sets_every_projection_width(tiny_ds, tiny_split, tiny_mod
     batch = _dense_batch(tiny_split, 8)
     with torch.no_grad():
         # exact: the same weights and the same fitted tables through the same ops
-        assert torch.equal(again(batch, scores=True).scores, model(batch, scores=True).scores)
+        assert torch.equal(again.full_sort_predict(batch), model.full_sort_predict(batch))
     with pytest.raises(ValueError, match="feature_width"):
         tiny_model_config.replace(feature_width=-1)
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import assert_float_close, float_tol
+from conftest import assert_float_close, float_tol, step_forward
 
 from hm4sr_core.config import ModelConfig
 from hm4sr_core.data.splits import SequenceBatch
@@ -193,7 +193,7 @@ def test_trained_padding_row_is_initialised_scored_in_training_and_never_in_eval
     for model in (plain, trained):
         model.train()
         model.zero_grad()
-        out = model(batch, losses=True, generator=torch.Generator().manual_seed(3))
+        out = step_forward(model, batch, 3)
         out.losses["rec"].backward()
     # the training softmax has a padding column only in the trained mode ...
     assert float(plain.item_embedding.weight.grad[0].norm()) == 0.0
@@ -204,7 +204,7 @@ def test_trained_padding_row_is_initialised_scored_in_training_and_never_in_eval
     assert torch.equal(plain.item_tables()[0, 1], torch.zeros(16))
     trained.eval()
     with torch.no_grad():
-        scores = trained(batch, scores=True).scores
+        scores = trained.full_sort_predict(batch)
     assert bool(torch.isinf(scores[:, 0]).all())  # evaluation never ranks padding
 
 

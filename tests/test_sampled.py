@@ -13,23 +13,27 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import FLOAT64_EPS, TINY_FORWARD_TERMS, assert_float_close, batch_terms, float_tol
+from conftest import FLOAT64_EPS, TINY_FORWARD_TERMS, assert_float_close, batch_terms, float_tol, step_forward
 
 from hm4sr_core import steps
 from hm4sr_core.cli import parse_overrides
 from hm4sr_core.config import ModelConfig, TrainConfig
 from hm4sr_core.data.splits import SequenceBatch, iterate_batches
 from hm4sr_core.model import HM4SR, rec_loss, sampled_rec_loss
+from hm4sr_core.sampling import NegativeProposal, StepDraws, StepSampler
 from hm4sr_core.train import item_popularity, train
 
 from test_model import LOSSES, _dense_batch, _model
 
 
-def _every_item_once(model: HM4SR) -> None:
-    """The model's draws replaced by every item 1..N once (K = N): under a uniform Q
-    the sampled softmax is then the full softmax (sampled_rec_loss's docstring)."""
-    n = model.num_items
-    model.draw_negatives = lambda k, generator=None: torch.arange(1, n + 1)
+def _every_item_once(model: HM4SR, batch: SequenceBatch, seed: int) -> StepDraws:
+    """The step's draws (placeholders from a generator seeded with ``seed``) with every
+    item 1..N once as the negatives (K = N): under a uniform Q the sampled softmax is
+    then the full softmax (sampled_rec_loss's docstring)."""
+    sampler = StepSampler.for_model(model)
+    draws = sampler(batch, torch.Generator().manual_seed(seed))
+    draws.candidates = sampler.proposal.candidates(batch, torch.arange(1, model.num_items + 1))
+    return draws
 
 
 def _grads(model) -> dict:
@@ -114,11 +118,10 @@ def test_sampled_model_with_every_item_once_equals_the_full_model(tiny_ds, tiny_
     part = tiny_split.train_dense if mode == "dense" else tiny_split.train_prefix
     batch = next(iterate_batches(part, 32, shuffle=True, generator=torch.Generator().manual_seed(4)))
     full = _model(base, tiny_ds).train()
-    out_full = full(batch, losses=True, generator=torch.Generator().manual_seed(5))
+    out_full = step_forward(full, batch, 5)
     out_full.loss.backward()
     sampled = _model(base.replace(rec_loss="sampled", num_negatives=tiny_ds.num_items), tiny_ds).train()
-    _every_item_once(sampled)
-    out_s = sampled(batch, losses=True, generator=torch.Generator().manual_seed(5))
+    out_s = sampled(batch, _every_item_once(sampled, batch, 5))
     out_s.loss.backward()
     assert out_s.losses.keys() == out_full.losses.keys() == LOSSES
     terms = batch_terms(32 * base.max_length, base)  # 32 windows x T positions, or 32 prefixes
@@ -131,26 +134,32 @@ def test_sampled_model_with_every_item_once_equals_the_full_model(tiny_ds, tiny_
 
 
 def test_sampled_scores_still_rank_the_whole_catalogue(tiny_ds, tiny_split, tiny_model_config):
+    """Training draws negatives, scoring does not: a sampled model's full_sort_predict and
+    predict score every item with the whole catalogue's tables."""
     model = _model(tiny_model_config.replace(rec_loss="sampled", num_negatives=5), tiny_ds).eval()
     batch = _dense_batch(tiny_split, 8)
-    out = model(batch, losses=True, scores=True, generator=torch.Generator().manual_seed(0))
-    assert out.scores.shape == (8, tiny_ds.num_items + 1)
-    assert_float_close(out.scores, model(batch, scores=True).scores, TINY_FORWARD_TERMS)
+    scores = model.full_sort_predict(batch)
+    assert scores.shape == (8, tiny_ds.num_items + 1) and bool(torch.isneginf(scores[:, 0]).all())
+    with torch.no_grad():
+        want = model.encode(batch).sequence @ model.item_matrix().T  # (8, N+1)
+    assert_float_close(scores[:, 1:], want[:, 1:], TINY_FORWARD_TERMS)
+    candidates = torch.randint(1, tiny_ds.num_items + 1, (8, 5), generator=torch.Generator().manual_seed(0))
+    assert_float_close(model.predict(batch, candidates), want.gather(1, candidates), TINY_FORWARD_TERMS)
 
 
 def test_same_generator_same_negatives_and_padding_never_drawn(tiny_ds, tiny_split, tiny_model_config):
     for proposal in ("uniform", "popularity"):
         model = _model(tiny_model_config.replace(rec_loss="sampled", num_negatives=5000,
                                                  negative_proposal=proposal), tiny_ds)
-        model.set_item_popularity(item_popularity(tiny_split, tiny_ds.num_items))
-        a = model.draw_negatives(5000, torch.Generator().manual_seed(9))
-        b = model.draw_negatives(5000, torch.Generator().manual_seed(9))
-        c = model.draw_negatives(5000, torch.Generator().manual_seed(10))
+        sampler = StepSampler.for_model(model, item_popularity(tiny_split, tiny_ds.num_items))
+        a = sampler.proposal.draw(5000, torch.Generator().manual_seed(9))
+        b = sampler.proposal.draw(5000, torch.Generator().manual_seed(9))
+        c = sampler.proposal.draw(5000, torch.Generator().manual_seed(10))
         assert torch.equal(a, b) and not torch.equal(a, c)
         assert int(a.min()) >= 1 and int(a.max()) <= tiny_ds.num_items, proposal
         # 5,000 draws over ~40 items: every item turns up, padding never does.
         assert set(a.tolist()) == set(range(1, tiny_ds.num_items + 1)), proposal
-        sample = model.sample_candidates(_dense_batch(tiny_split, 8), torch.Generator().manual_seed(9))
+        sample = sampler(_dense_batch(tiny_split, 8), torch.Generator().manual_seed(9)).candidates
         assert int(sample.ids[0]) == 0 and int(sample.negatives.min()) >= 1
 
 
@@ -158,10 +167,10 @@ def test_popularity_proposal_sums_to_one_and_excludes_padding(tiny_ds, tiny_spli
     counts = item_popularity(tiny_split, tiny_ds.num_items)
     model = _model(tiny_model_config.replace(rec_loss="sampled", negative_proposal="popularity",
                                              popularity_exponent=0.5), tiny_ds)
-    with pytest.raises(ValueError, match="needs the training counts: call model.set_item_popularity"):
-        model.draw_negatives(3)
-    model.set_item_popularity(counts)
-    q = model.proposal_probabilities()
+    with pytest.raises(ValueError, match="needs the training counts: pass item_counts="):
+        StepSampler.for_model(model)
+    proposal = StepSampler.for_model(model, counts).proposal
+    q = proposal.probabilities()
     assert q.shape == (tiny_ds.num_items + 1,) and float(q[0]) == 0.0
     N = tiny_ds.num_items  # float64: powers (a few ulp), a sum of N, a division
     assert float(q.sum()) == pytest.approx(1.0, rel=0, abs=float_tol(1.0, 2 * N + 8, FLOAT64_EPS))
@@ -169,13 +178,13 @@ def test_popularity_proposal_sums_to_one_and_excludes_padding(tiny_ds, tiny_spli
     np.testing.assert_allclose(q[1:].numpy(), smoothed / smoothed.sum(), rtol=float_tol(1.0, 2 * N + 8, FLOAT64_EPS))
     assert not np.allclose(q[1:].numpy(), 1.0 / tiny_ds.num_items)  # not uniform on this data
     # The drawn frequencies follow Q.
-    draws = model.draw_negatives(200_000, torch.Generator().manual_seed(0))
+    draws = proposal.draw(200_000, torch.Generator().manual_seed(0))
     freq = np.bincount(draws.numpy(), minlength=len(q)) / len(draws)
     assert np.abs(freq - q.numpy()).max() < 0.005
-    uniform = _model(tiny_model_config, tiny_ds).proposal_probabilities()
+    uniform = NegativeProposal(tiny_ds.num_items, "uniform").probabilities()
     assert float(uniform[0]) == 0.0 and float(uniform.sum()) == pytest.approx(1.0, rel=0, abs=float_tol(1.0, N + 2))
     with pytest.raises(ValueError, match=r"item counts must have shape \(41,\)"):
-        model.set_item_popularity(counts[1:])
+        StepSampler.for_model(model, counts[1:])
 
 
 # --- the item side: only the rows the step needs --------------------------------------
@@ -215,7 +224,7 @@ def test_a_sampled_step_touches_only_the_needed_item_rows():
         return out
 
     model.item_tables = recording
-    out = model(batch, losses=True, generator=torch.Generator().manual_seed(1))
+    out = step_forward(model, batch, 1)
     out.loss.backward()
     assert out.losses.keys() == LOSSES
     assert len(shapes) == 1 and shapes[0] <= B * T + B + K + 1 and shapes[0] < N / 100
@@ -242,10 +251,10 @@ def test_sampled_backward_in_parts_equals_one_pass_without_dropout(tiny_ds, tiny
                                        num_negatives=7)
     batch = next(iterate_batches(tiny_split.train_prefix, 40, shuffle=True, generator=torch.Generator().manual_seed(2)))
     one = _model(config, tiny_ds).train()
-    out1 = one(batch, losses=True, generator=torch.Generator().manual_seed(3))
+    out1 = step_forward(one, batch, 3)
     out1.loss.backward()
     parts = _model(config, tiny_ds).train()
-    out3 = steps.backward_in_parts(parts, batch, 3, generator=torch.Generator().manual_seed(3))
+    out3 = steps.backward_in_parts(parts, batch, StepSampler.for_model(parts)(batch, torch.Generator().manual_seed(3)), 3)
     terms = batch_terms(40, config)  # the batch in 3 parts or at once: other shapes, other orders
     for k in LOSSES:
         assert_float_close(out3.losses[k], out1.losses[k].detach(), terms, msg=k)

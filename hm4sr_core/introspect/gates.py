@@ -47,7 +47,7 @@ def _position_frame(model: HM4SR, dataset: Dataset, part, max_users: int | None,
     with eval_mode(model):
         for batch in iterate_batches(sub, batch_size):
             batch = perturb_timestamps(batch, time_mode, gen, origin)
-            out = model(batch.to(device), introspect=True)
+            out = model.encode(batch.to(device))
             real = (batch.items > 0).numpy()
             B, T = batch.items.shape
             ts = batch.timestamps.numpy()

@@ -12,6 +12,7 @@ import torch
 from ..config import LOSS_NAMES
 from ..data.splits import SequenceBatch
 from ..model import HM4SR
+from ..sampling import StepSampler
 from ._common import model_device
 
 
@@ -77,7 +78,7 @@ def smooth(df: pd.DataFrame, window: int, *, columns: list[str] | None = None, b
     return out
 
 
-def gradient_shares(model: HM4SR, batch: SequenceBatch, *, seed: int = 0) -> pd.DataFrame:
+def gradient_shares(model: HM4SR, batch: SequenceBatch, *, seed: int = 0, item_counts=None) -> pd.DataFrame:
     """How hard each named loss pulls on the parameters the losses share.
 
     Shared parameters are those that receive a gradient from at least two losses (the
@@ -88,6 +89,8 @@ def gradient_shares(model: HM4SR, batch: SequenceBatch, *, seed: int = 0) -> pd.
 
     Args:
         batch: a training batch (prefix or dense), on any device.
+        item_counts: the training count of each item ((N+1,)), for a model whose sampled
+            softmax draws negatives from the popularity proposal.
     Returns:
         One row per loss: task, weight, loss (unweighted value), grad_norm (L2 over the
         shared parameters, unweighted), weighted_grad_norm (x weight: what the optimiser
@@ -99,7 +102,8 @@ def gradient_shares(model: HM4SR, batch: SequenceBatch, *, seed: int = 0) -> pd.
     model.eval()
     try:
         gen = torch.Generator().manual_seed(seed)
-        out = model(batch.to(model_device(model)), losses=True, generator=gen)
+        batch = batch.to(model_device(model))
+        out = model(batch, StepSampler.for_model(model, item_counts)(batch, gen))
         named = {n: p for n, p in model.named_parameters() if p.requires_grad}
         params = list(named.values())
         grads = {}
