@@ -140,7 +140,7 @@ def resumable(folder: Path, variant: str, data_hash: str | None = None) -> bool:
     path = folder / "last.pt"
     if not path.exists():
         return False
-    from hm4sr_core.train import load_checkpoint
+    from hm4sr_core.runs import load_checkpoint
     try:
         ck = load_checkpoint(path)
     except (OSError, EOFError, RuntimeError, ValueError, KeyError, pickle.UnpicklingError):

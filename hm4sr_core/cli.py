@@ -393,7 +393,7 @@ def _train_configs(args) -> tuple[ModelConfig, TrainConfig]:
 def cmd_train(args) -> int:
     from .atomic import check_name, target_lock
     from .data.store import read_manifest
-    from .train import claim_run_folder
+    from .runs import claim_run_folder
     model_cfg, train_cfg = _train_configs(args)  # validates before any work
     seeds = [train_cfg.seed]
     if args.seeds:
@@ -470,7 +470,8 @@ def cmd_evaluate(args) -> int:
     from .config import SplitConfig
     from .data.store import load_dataset, read_manifest
     from .evaluate import evaluate
-    from .train import item_popularity, load_checkpoint, model_from_checkpoint
+    from .runs import load_checkpoint, model_from_checkpoint
+    from .train import item_popularity
     allowed = {"tie_policy", "mask_history", "eval_time", "eval_batch_size", "device", "threads"}
     over = {}
     for key, text in _key_values(args.set, "--set").items():

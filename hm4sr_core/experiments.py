@@ -318,7 +318,8 @@ def rescore(run: Path, dest: Path, dataset, **eval_overrides) -> dict:
     from .data.splits import build_split
     from .data.store import write_json_atomic
     from .evaluate import evaluate
-    from .train import item_popularity, load_checkpoint, model_from_checkpoint, per_user_frame
+    from .runs import load_checkpoint, model_from_checkpoint, per_user_frame
+    from .train import item_popularity
     payload = load_checkpoint(run / "best.pt")
     cfg = TrainConfig.from_dict(payload["train_config"]).replace(**eval_overrides)
     model = model_from_checkpoint(payload, dataset)

@@ -88,7 +88,7 @@ def load_recommender(run_or_checkpoint: str | Path, data: str | Path | None = No
     ``data``: dataset name or folder (default the one the checkpoint names). Raises
     ValueError when the dataset's hash is not the one the checkpoint was trained on."""
     from .data.store import load_dataset, read_manifest
-    from .train import load_checkpoint, model_from_checkpoint
+    from .runs import load_checkpoint, model_from_checkpoint
     path = checkpoint_path(run_or_checkpoint)
     try:
         payload = load_checkpoint(path)

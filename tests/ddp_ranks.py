@@ -29,7 +29,8 @@ from hm4sr_core.data.synthetic import make_synthetic_world
 from hm4sr_core.evaluate import evaluate
 from hm4sr_core.model import build_model
 from hm4sr_core.sampling import StepSampler
-from hm4sr_core.train import load_checkpoint, model_from_checkpoint, train
+from hm4sr_core.runs import load_checkpoint, model_from_checkpoint
+from hm4sr_core.train import train
 
 # The cases compared with one process (tests/test_distributed.py builds the same ones):
 # no dropout (each rank draws its own), no auxiliary loss (in-batch negatives are per shard).

@@ -270,7 +270,7 @@ def test_a_run_with_a_last_checkpoint_of_the_same_settings_is_resumed(tmp_path):
 
     from hm4sr_core.cli import MODEL_PRESETS
     from hm4sr_core.config import TrainConfig
-    from hm4sr_core.train import CHECKPOINT_VERSION
+    from hm4sr_core.runs import CHECKPOINT_VERSION
     folder = tmp_path / "time_float32" / "seed-2025"
     folder.mkdir(parents=True)
     assert not fidelity.resumable(folder, "time_float32")  # nothing to resume

@@ -12,7 +12,8 @@ from conftest import BF16_EPS, adam_param_tol, assert_float_close, batch_terms, 
 
 from hm4sr_core import steps as training_steps
 from hm4sr_core.evaluate import evaluate
-from hm4sr_core.train import load_checkpoint, model_from_checkpoint, train
+from hm4sr_core.runs import load_checkpoint, model_from_checkpoint
+from hm4sr_core.train import train
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 

@@ -24,7 +24,8 @@ from hm4sr_core import distributed
 from hm4sr_core.data.splits import iterate_batches
 from hm4sr_core.evaluate import evaluate
 from hm4sr_core.model import build_model
-from hm4sr_core.train import initial_model, load_checkpoint, model_from_checkpoint, train
+from hm4sr_core.runs import load_checkpoint, model_from_checkpoint
+from hm4sr_core.train import initial_model, train
 
 sys.path.insert(0, str(Path(__file__).parent))
 import ddp_ranks  # noqa: E402

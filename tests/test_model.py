@@ -23,7 +23,7 @@ from hm4sr_core.model import (
     contrastive_loss,
     id_contrastive_loss,
 )
-from hm4sr_core.train import load_checkpoint, model_from_checkpoint
+from hm4sr_core.runs import load_checkpoint, model_from_checkpoint
 
 LOSSES = {"rec", "id_contrastive", "category", "placeholder_contrastive"}
 

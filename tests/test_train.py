@@ -1,5 +1,6 @@
 """Tests for hm4sr_core.train: the loss falls, runs are reproducible to the last digit,
-a killed run resumes to the same result, early stopping, the run folder's contents."""
+a killed run resumes to the same result, early stopping, the learning-rate schedules
+(the run folder and checkpoint checks: tests/test_runs.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ import torch
 from conftest import BF16_EPS, FLOAT64_EPS, assert_float_close, batch_terms, clear_of_ties, float_tol
 
 from hm4sr_core.data.splits import iterate_batches
-from hm4sr_core.train import initial_model, item_popularity, load_checkpoint, train
+from hm4sr_core.runs import load_checkpoint
+from hm4sr_core.train import initial_model, item_popularity, train
 
 TIMING = ("train_seconds", "seconds_since_start", "seconds")
 
@@ -131,76 +133,6 @@ def test_resume_with_more_epochs_equals_the_longer_run(tiny_ds, tiny_split, tiny
     pd.testing.assert_frame_equal(_untimed(more.steps), _untimed(long.steps))
 
 
-def _edited_checkpoint(ds, split, model_config, config, out, edit) -> None:
-    """Train one epoch of ``config`` into ``out``, then rewrite its last.pt through ``edit(ck)``:
-    a checkpoint as an older version, or another number of processes, would have written it."""
-    from hm4sr_core.train import _atomic_torch_save
-
-    train(ds, model_config, config.replace(epochs=1), out_dir=out, data_hash="h", progress=False, split=split)
-    ck = load_checkpoint(out / "last.pt")
-    edit(ck)
-    _atomic_torch_save(ck, out / "last.pt")
-
-
-def test_a_checkpoint_from_before_newer_config_fields_resumes(tiny_ds, tiny_split, tiny_model_config,
-                                                              tiny_train_config, tmp_path):
-    # A last.pt written before a config field existed (here the sampled-softmax fields) holds
-    # the defaults implicitly: resuming it with today's default config goes on, while a
-    # non-default value of the new field is a different configuration.
-    def drop_new_fields(ck):
-        for key in ("rec_loss", "num_negatives", "negative_proposal", "popularity_exponent"):
-            del ck["model_config"][key]
-
-    config = tiny_train_config.replace(epochs=2, patience=10)
-    _edited_checkpoint(tiny_ds, tiny_split, tiny_model_config, config, tmp_path, drop_new_fields)
-    resumed = train(tiny_ds, tiny_model_config, config, out_dir=tmp_path, data_hash="h", progress=False,
-                    split=tiny_split, resume=True)
-    assert resumed.epochs_run == 2
-    with pytest.raises(ValueError, match="different configuration"):
-        train(tiny_ds, tiny_model_config.replace(rec_loss="sampled"), config.replace(epochs=3), out_dir=tmp_path,
-              data_hash="h", resume=True, progress=False, split=tiny_split)
-
-
-def test_resume_refuses_other_data_or_model(tiny_ds, tiny_split, tiny_model_config, tiny_train_config, tiny_run,
-                                            tmp_path):
-    _, out = tiny_run
-    with pytest.raises(ValueError, match="was trained on data tiny"):
-        train(tiny_ds, tiny_model_config, tiny_train_config, out_dir=out, data_hash="other", resume=True,
-              progress=False, split=tiny_split)
-    with pytest.raises(ValueError, match="different configuration"):
-        train(tiny_ds, tiny_model_config.replace(hidden_size=8), tiny_train_config, out_dir=out, data_hash="tiny",
-              resume=True, progress=False, split=tiny_split)
-    with pytest.raises(FileNotFoundError, match="no last.pt"):
-        train(tiny_ds, tiny_model_config, tiny_train_config, out_dir=tmp_path, resume=True, progress=False,
-              split=tiny_split)
-
-
-def test_run_folder_contents(tiny_ds, tiny_split, tiny_run):
-    result, out = tiny_run
-    for name in ("results.json", "per_user_test.parquet", "per_user_valid.parquet", "steps.csv", "epochs.csv",
-                 "best.pt", "last.pt"):
-        assert (out / name).is_file(), name
-    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no temporary files left
-    record = json.loads((out / "results.json").read_text())
-    assert {"valid", "test", "config", "data_hash", "split_hash", "dataset", "protocol", "epochs_run",
-            "best_epoch", "seconds_per_epoch", "environment"} <= set(record)
-    for part in ("valid", "test"):
-        assert {"ndcg@10", "hr@10", "mrr@10", "ndcg@20", "coverage@10", "popularity@10"} <= set(record[part])
-    assert record["data_hash"] == "tiny" and record["split_hash"] == tiny_split.hash()
-    assert record["epochs_run"] == 2 and record["seconds_per_epoch"] > 0
-    assert record["config"]["model"]["hidden_size"] == 16 and record["config"]["train"]["seed"] == 11
-    assert record["protocol"]["ranking"] == "full catalogue" and record["protocol"]["history_masked"] is False
-    assert record["dataset"]["stats"]["users"] == 60
-    per_user = pd.read_parquet(out / "per_user_test.parquet")
-    assert len(per_user) == len(tiny_split.test) and per_user["user"].is_unique
-    n = len(per_user)  # float64 means of n values in [0, 1], summed in other orders
-    assert per_user["ndcg@10"].mean() == pytest.approx(record["test"]["ndcg@10"], rel=0,
-                                                       abs=float_tol(1.0, n, FLOAT64_EPS))
-    epochs = pd.read_csv(out / "epochs.csv")
-    assert epochs["epoch"].tolist() == [1, 2] and "valid_ndcg@20" in epochs
-    assert len(pd.read_csv(out / "steps.csv")) == len(result.steps)
-
-
 def _stop_epoch(values: list[float], patience: int) -> int:
     """The epoch at which 'stop after `patience` epochs without a strict improvement' stops."""
     best = -1.0
@@ -293,20 +225,6 @@ def test_initial_model_is_where_training_starts(tiny_ds, tiny_split, tiny_model_
     start = initial_model(tiny_ds, tiny_model_config, config.seed)
     assert _same_state(frozen, start)
     assert not _same_state(start, initial_model(tiny_ds, tiny_model_config, config.seed + 1))
-
-
-def test_resuming_a_checkpoint_of_another_process_count_warns_and_says_so(tiny_ds, tiny_split, tiny_model_config,
-                                                                         tiny_train_config, tmp_path):
-    config = tiny_train_config.replace(epochs=2, patience=10)
-    _edited_checkpoint(tiny_ds, tiny_split, tiny_model_config, config, tmp_path,
-                       lambda ck: ck.update(world_size=2))  # as a 2-rank run writes it
-    with pytest.warns(UserWarning, match="written by 2 process"):
-        resumed = train(tiny_ds, tiny_model_config, config, out_dir=tmp_path, data_hash="h", progress=False,
-                        split=tiny_split, resume=True)
-    assert resumed.record["resumed_from_world_size"] == 2
-    plain = train(tiny_ds, tiny_model_config, config, out_dir=tmp_path / "plain", data_hash="h", progress=False,
-                  split=tiny_split)
-    assert "resumed_from_world_size" not in plain.record
 
 
 def test_learning_rate_schedules():
