@@ -321,6 +321,22 @@ def test_the_stock_kernel_paths_used_off_the_cpu_agree_with_the_cpu_paths(tiny_d
     assert not missing and torch.isfinite(out.loss)
 
 
+def test_use_cpu_kernels_decides_which_form_runs(tiny_ds, tiny_split, tiny_model_config, monkeypatch):
+    """The setting model.py reads is the one that runs: by default the CPU-tuned forms of
+    kernels.py on CPU tensors, with True too; with False neither the per-stream encoder
+    nor the chunked mix is called (so the comparisons of the two forms compare two)."""
+    calls = []
+    for name in ("encode_per_stream", "factored_mix"):
+        real = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name, lambda *a, real=real, name=name, **k: calls.append(name) or real(*a, **k))
+    model = _model(tiny_model_config, tiny_ds).eval()
+    batch = _dense_batch(tiny_split, 4)
+    for setting, cpu_forms in ((None, True), (True, True), (False, False), (None, True)):
+        calls.clear()
+        model.use_cpu_kernels(setting).query(batch)
+        assert set(calls) == ({"encode_per_stream", "factored_mix"} if cpu_forms else set()), setting
+
+
 @pytest.mark.parametrize("mode", ["dense", "prefix"])
 @pytest.mark.parametrize("preset", ["hm4sr", "sasrec"])
 def test_the_fast_paths_give_the_plain_forms_losses_and_gradients(tiny_ds, tiny_split, tiny_model_config,

@@ -11,7 +11,6 @@ import math
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from conftest import FLOAT64_EPS, TINY_FORWARD_TERMS, assert_float_close, batch_terms, float_tol, step_forward
 
