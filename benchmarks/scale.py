@@ -246,7 +246,7 @@ def case_eval(args, size: int) -> dict:
     from hm4sr_core.model import build_model
     model_over, train_over = _overrides(args)
     ds, world_s = _world(args, size)
-    mc = ModelConfig(**model_over)
+    mc = ModelConfig.hm4sr(**model_over)
     split = dense_split(ds, mc.max_length, args.eval_users + 64)
     cfg = TrainConfig(**{"threads": args.threads, **train_over})
     torch.set_num_threads(cfg.threads)

@@ -12,14 +12,36 @@ if __name__ == "__main__":  # `python -m hm4sr_core.cli`: the settings go before
 
 import argparse
 import contextlib
+import importlib.util
+import inspect
 import json
 import os
 import sys
+from dataclasses import fields
 from pathlib import Path
 
-from . import __version__
-from .config import ModelConfig, PreprocessConfig, TrainConfig
-from .data.prepare import SOURCES
+import pandas as pd
+
+from . import __version__, distributed
+from . import recommend as rec
+from .atomic import check_name, target_lock
+from .config import (DEDUP_CHOICES, RELEASED_FIELDS, TRAIN_MODES, ModelConfig, PreprocessConfig, SplitConfig,
+                     TrainConfig)
+from .data.prepare import SOURCES, describe, format_stats, prepare_dataset, prepared_dataset
+from .data.splits import build_split
+from .data.store import load_dataset, read_manifest, write_bytes_atomic, write_text_atomic
+from .data.synthetic import make_synthetic_world
+from .distributed import DistributedError, current
+from .evaluate import evaluate
+from .experiments import (EXTRA_TABLE_MODELS, TABLE_MODELS, TABLE_SEEDS, RunsFailed, compare_runs, format_table,
+                          run_table)
+from .export import _require_onnx, export_onnx
+from .notebooks import NOTEBOOK_DIR, NOTEBOOKS, TOUR, run_notebooks
+from .paths import DATA_ENV, data_root, processed_root
+from .recommend import load_recommender
+from .runs import claim_run_folder, load_checkpoint, model_from_checkpoint
+from .train import item_popularity, train
+from .tune import TuneSettings, default_space, format_summary, read_config, read_space, tune
 
 PREPARE_EPILOG = """\
 input forms (--path):
@@ -62,7 +84,10 @@ moment of the request: the same history gives the same list today and next year.
 move the last interaction with --last-gap-days or --last-time.
 """
 
-MODEL_PRESETS = {"hm4sr": ModelConfig, "sasrec": ModelConfig.sasrec, "reference": ModelConfig.reference}
+# The defaults --help states come from the configs themselves.
+PREPROCESS, TRAIN = PreprocessConfig(), TrainConfig()
+WORLD = {k: p.default for k, p in inspect.signature(make_synthetic_world).parameters.items()}
+MODEL_PRESETS = {"hm4sr": ModelConfig.hm4sr, "sasrec": ModelConfig.sasrec, "reference": ModelConfig.reference}
 
 
 def _key_values(pairs: list[str], flag: str) -> dict[str, str]:
@@ -79,15 +104,18 @@ def parse_overrides(pairs: list[str]) -> tuple[dict, dict]:
     """``--set`` pairs -> (model overrides, train overrides), typed; unknown keys rejected.
 
     A key may be prefixed ``model.`` or ``train.``; bare keys are looked up in the model
-    config first, then the training config."""
-    from dataclasses import fields
-    model_keys = {f.name for f in fields(ModelConfig)}
+    config first, then the training config. The released-code switches
+    (``ModelConfig.released``) go by their own names (``--set normalise_time=false``) or
+    dotted (``--set released.normalise_time=false``, ``model.released.normalise_time``)."""
+    model_keys = set(ModelConfig.setting_names())
     train_keys = {f.name for f in fields(TrainConfig)}
     model, train = {}, {}
     for key, text in _key_values(pairs, "--set").items():
         scope, _, bare = key.rpartition(".")
+        if scope in ("released", "model.released") and bare in RELEASED_FIELDS:
+            scope = "model"
         if scope not in ("", "model", "train"):
-            raise ValueError(f"--set {key}: prefix must be 'model.' or 'train.'")
+            raise ValueError(f"--set {key}: prefix must be 'model.', 'train.' or 'released.'")
         if scope in ("", "model") and bare in model_keys:
             model[bare] = ModelConfig.parse_value(bare, text)
         elif scope in ("", "train") and bare in train_keys:
@@ -137,14 +165,17 @@ def build_parser() -> argparse.ArgumentParser:
                     help="recbole: a feature matrix for a modality (.npy/.pt/.parquet/.csv); repeatable")
     pr.add_argument("--optional-modality", action="append", default=[], metavar="MODALITY",
                     help="items lacking this modality are masked instead of rejected; repeatable")
-    pr.add_argument("--dedup", default="exact", choices=("none", "exact", "first"),
+    pr.add_argument("--dedup", default=PREPROCESS.dedup, choices=DEDUP_CHOICES,
                     help="drop identical (user,item,time) rows [exact], keep first per (user,item) [first], or nothing")
-    pr.add_argument("--user-core", type=int, default=5, help="iterative k-core for users (default 5)")
-    pr.add_argument("--item-core", type=int, default=5, help="iterative k-core for items (default 5)")
-    pr.add_argument("--max-length", type=int, default=50, help="sequence length T (default 50)")
-    pr.add_argument("--seed", type=int, default=2025, help="synthetic: world seed (default 2025)")
-    pr.add_argument("--users", type=int, help="synthetic: number of users (default 300)")
-    pr.add_argument("--items", type=int, help="synthetic: number of items (default 200)")
+    pr.add_argument("--user-core", type=int, default=PREPROCESS.user_core,
+                    help=f"iterative k-core for users (default {PREPROCESS.user_core})")
+    pr.add_argument("--item-core", type=int, default=PREPROCESS.item_core,
+                    help=f"iterative k-core for items (default {PREPROCESS.item_core})")
+    pr.add_argument("--max-length", type=int, default=PREPROCESS.max_length,
+                    help=f"sequence length T (default {PREPROCESS.max_length})")
+    pr.add_argument("--seed", type=int, default=WORLD["seed"], help=f"synthetic: world seed (default {WORLD['seed']})")
+    pr.add_argument("--users", type=int, help=f"synthetic: number of users (default {WORLD['n_users']})")
+    pr.add_argument("--items", type=int, help=f"synthetic: number of items (default {WORLD['n_items']})")
     pr.add_argument("--out-root", help="parent folder of the dataset folder (default data/processed)")
 
     tr = sub.add_parser("train", help="train HM4SR or SASRec, write results.json and a checkpoint",
@@ -159,10 +190,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="start from this configuration file instead of a preset: YAML or JSON with 'model' and "
                          "'train' mappings of config fields (the best_config.yaml `hm4sr tune` writes, or a "
                          "results.json); --seed, --epochs, --mode and --set still override it")
-    tr.add_argument("--seed", type=int, help="random seed (default 2025)")
+    tr.add_argument("--seed", type=int, help=f"random seed (default {TRAIN.seed})")
     tr.add_argument("--seeds", help="comma-separated seeds: one run per seed into --out/seed-<S>/")
-    tr.add_argument("--epochs", type=int, help="maximum epochs (default 100)")
-    tr.add_argument("--mode", choices=("dense", "prefix"), help="training layout (default dense)")
+    tr.add_argument("--epochs", type=int, help=f"maximum epochs (default {TRAIN.epochs})")
+    tr.add_argument("--mode", choices=TRAIN_MODES, help=f"training layout (default {TRAIN.mode})")
     tr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override any ModelConfig/TrainConfig field, e.g. --set w_category=0 "
                          "--set use_temporal_moe=false --set batch_size=256; repeatable. Large catalogues: "
@@ -212,11 +243,10 @@ def build_parser() -> argparse.ArgumentParser:
                                     "over seeds with paired Wilcoxon p-values against HM4SR.")
     ta.add_argument("--data", required=True, help="prepared dataset name or folder")
     ta.add_argument("--out", required=True, help="folder for the runs and table.md")
-    ta.add_argument("--seeds", default="2025,2026,2027", help="comma-separated seeds (default 2025,2026,2027)")
-    ta.add_argument("--models", help="comma-separated models (default: the table's nine): " + ", ".join(
-        ["hm4sr", "sasrec", "reference", "no_interactive_moe", "no_temporal_moe", "no_id_contrastive",
-         "no_category", "no_placeholder_contrastive", "id_only"])
-        + "; named only: hm4sr_centred, hm4sr_standardised, hm4sr_pca (feature_transform=centre / standardise / pca)")
+    table_seeds = ",".join(map(str, TABLE_SEEDS))
+    ta.add_argument("--seeds", default=table_seeds, help=f"comma-separated seeds (default {table_seeds})")
+    ta.add_argument("--models", help=f"comma-separated models (default: the table's {len(TABLE_MODELS)}): "
+                    + ", ".join(TABLE_MODELS) + "; named only: hm4sr_centred, hm4sr_standardised, hm4sr_pca (feature_transform=centre / standardise / pca)")
     ta.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="training overrides for every run (TrainConfig keys), e.g. --set epochs=30")
     ta.add_argument("--jobs", type=int, default=1,
@@ -349,7 +379,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_prepare(args) -> int:
-    from .data.prepare import describe, format_stats, prepare_dataset
     config = PreprocessConfig(dedup=args.dedup, user_core=args.user_core, item_core=args.item_core,
                               max_length=args.max_length)
     synthetic = {k: v for k, v in (("n_users", args.users), ("n_items", args.items)) if v is not None}
@@ -384,16 +413,12 @@ def _train_configs(args) -> tuple[ModelConfig, TrainConfig]:
     if getattr(args, "config", None):
         if args.model:
             raise ValueError("--config FILE holds the whole model configuration; leave out --model")
-        from .tune import read_config
         model_cfg, train_cfg = read_config(args.config)
         return model_cfg.replace(**model_over), train_cfg.replace(**train_over)
     return MODEL_PRESETS[args.model or "hm4sr"](**model_over), TrainConfig(**train_over)
 
 
 def cmd_train(args) -> int:
-    from .atomic import check_name, target_lock
-    from .data.store import read_manifest
-    from .runs import claim_run_folder
     model_cfg, train_cfg = _train_configs(args)  # validates before any work
     seeds = [train_cfg.seed]
     if args.seeds:
@@ -409,8 +434,8 @@ def cmd_train(args) -> int:
     if args.nproc > 1 and launched:
         raise ValueError("--nproc starts its own processes; under torchrun leave it out "
                          "(torchrun's --nproc-per-node sets the number)")
-    if (args.nproc > 1 or launched) and train_cfg.micro_batches > 1:
-        raise ValueError("micro_batches > 1 is for one process: each rank already holds 1/N of a batch")
+    if args.nproc > 1 or launched:
+        train_cfg.check_distributed(int(os.environ["WORLD_SIZE"]) if launched else args.nproc)
     read_manifest(args.data)  # a missing dataset fails here, before any process starts
     out = Path(args.out).resolve()
     if out.name:
@@ -431,7 +456,6 @@ def cmd_train(args) -> int:
 
 def _train_processes(args, model_cfg: ModelConfig, train_cfg: TrainConfig, seeds: list[int], launched: bool) -> None:
     """Train in this process, in --nproc spawned ones, or as one rank of a torchrun job."""
-    from . import distributed
     if args.nproc > 1:
         if train_cfg.threads == 0:
             train_cfg = train_cfg.replace(threads=max(1, (os.cpu_count() or 1) // args.nproc))
@@ -449,9 +473,6 @@ def _train_processes(args, model_cfg: ModelConfig, train_cfg: TrainConfig, seeds
 
 def _train_seeds(args, model_cfg: ModelConfig, train_cfg: TrainConfig, seeds: list[int]) -> None:
     """One run per seed (in every rank of a distributed run; rank 0 prints)."""
-    from .data.store import load_dataset, read_manifest
-    from .distributed import current
-    from .train import train
     manifest = read_manifest(args.data)
     dataset = load_dataset(args.data)
     for seed in seeds:
@@ -466,12 +487,6 @@ def _train_seeds(args, model_cfg: ModelConfig, train_cfg: TrainConfig, seeds: li
 
 
 def cmd_evaluate(args) -> int:
-    from .data.splits import build_split
-    from .config import SplitConfig
-    from .data.store import load_dataset, read_manifest
-    from .evaluate import evaluate
-    from .runs import load_checkpoint, model_from_checkpoint
-    from .train import item_popularity
     allowed = {"tie_policy", "mask_history", "eval_time", "eval_batch_size", "device", "threads"}
     over = {}
     for key, text in _key_values(args.set, "--set").items():
@@ -503,19 +518,16 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from .experiments import compare_runs, format_table
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
     table = compare_runs(args.runs, metrics, test=args.test)
     text = format_table(table, metrics)
     print(text)
     if args.markdown:
-        from .data.store import write_text_atomic
         write_text_atomic(Path(args.markdown), text + "\n")
     return 0
 
 
 def cmd_table(args) -> int:
-    from .experiments import EXTRA_TABLE_MODELS, TABLE_MODELS, run_table
     model_over, train_over = parse_overrides(args.set)
     if model_over:
         raise ValueError(f"table: --set takes training keys only; {sorted(model_over)} are model keys "
@@ -538,8 +550,6 @@ def cmd_table(args) -> int:
 
 
 def cmd_tune(args) -> int:
-    from .data.store import read_manifest
-    from .tune import TuneSettings, default_space, format_summary, read_space, tune
     model_over, train_over = parse_overrides(args.set)
     train_over["epochs"] = args.epochs
     train_cfg = TrainConfig(**train_over)
@@ -565,14 +575,12 @@ def cmd_tune(args) -> int:
 
 
 def cmd_run_notebooks(args) -> int:
-    from .notebooks import NOTEBOOKS, run_notebooks
     names = tuple(n.strip().removesuffix(".ipynb") for n in args.notebooks.split(",") if n.strip()) \
         if args.notebooks else NOTEBOOKS
-    from importlib.util import find_spec
     needs = {"workbench": ("papermill", "nbformat", "nbconvert", "ipykernel", "plotly", "ipywidgets", "umap"),
              "tune": ("optuna",) if "08_tuning" in names else ()}
     for extra, modules in needs.items():  # before any notebook runs, not as a failing cell minutes later
-        missing = [m for m in modules if find_spec(m) is None]
+        missing = [m for m in modules if importlib.util.find_spec(m) is None]
         if missing:
             who = "the notebooks need" if extra == "workbench" else "08_tuning needs"
             rest = ",".join(n for n in names if n != "08_tuning")
@@ -594,8 +602,6 @@ def cmd_run_notebooks(args) -> int:
 
 
 def cmd_copy_notebooks(args) -> int:
-    from .data.store import write_bytes_atomic
-    from .notebooks import NOTEBOOK_DIR, NOTEBOOKS
     dest = Path(args.dest)
     if dest.exists() and not dest.is_dir():
         raise ValueError(f"{dest}: an existing file; expected a folder to copy the notebooks into")
@@ -607,7 +613,6 @@ def cmd_copy_notebooks(args) -> int:
     for src in sources:
         write_bytes_atomic(dest / src.name, src.read_bytes())
     print(f"copied {len(sources)} notebooks to {dest}: {', '.join(src.name for src in sources)}")
-    from .paths import DATA_ENV, data_root
     if DATA_ENV not in os.environ:  # a Jupyter kernel runs in the notebook's folder: ./data would be DEST/data
         print(f"their kernels run in {dest}, so they keep data in {dest / 'data'}; to share {data_root()} "
               f"(where `hm4sr prepare` run from here keeps it), start JupyterLab with {DATA_ENV}={data_root()}")
@@ -615,8 +620,6 @@ def cmd_copy_notebooks(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from .data.prepare import format_stats, prepared_dataset
-    from .paths import processed_root
     existed = (processed_root() / "ml-100k" / "manifest.json").exists()
     ds, _ = prepared_dataset("ml-100k", "ml-100k")  # refuses a data/processed/ml-100k from another source
     if existed:
@@ -624,7 +627,6 @@ def cmd_demo(args) -> int:
     print(format_stats(ds))
     if args.skip_notebooks:
         return 0
-    from .notebooks import NOTEBOOKS, TOUR, run_notebooks
     print(f"notebooks: {TOUR} first (HM4SR trained to early stopping on a planted world whose truth is known, "
           f"about 30 s here), then {', '.join(NOTEBOOKS[1:])} on ml-100k")
     folder = run_notebooks(smoke=False, data="ml-100k")
@@ -638,7 +640,6 @@ def _when(text: str) -> int:
         return int(text)
     except ValueError:
         pass
-    import pandas as pd
     try:
         return int(pd.Timestamp(text, tz="UTC").timestamp()) if pd.Timestamp(text).tzinfo is None \
             else int(pd.Timestamp(text).timestamp())
@@ -647,7 +648,6 @@ def _when(text: str) -> int:
 
 
 def cmd_recommend(args) -> int:
-    from . import recommend as rec
     if args.k < 1:
         raise ValueError(f"--k must be >= 1, got {args.k}")
     out = rec.check_output_path(args.out) if args.out else None
@@ -716,7 +716,6 @@ def cmd_recommend(args) -> int:
                     print(rec.format_explanation(e))
                 frames.append(recs)
             print()
-        import pandas as pd
         frame = pd.concat(frames, ignore_index=True)
     if out is not None:
         rec.write_table(frame, out)
@@ -725,8 +724,6 @@ def cmd_recommend(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .export import _require_onnx, export_onnx
-    from .recommend import load_recommender
     _require_onnx()  # a missing extra is named before any work
     r = load_recommender(args.run, args.data)
     folder = export_onnx(r.model, r.dataset, args.out, output=args.output, overwrite=args.overwrite,
@@ -751,11 +748,8 @@ def _one_line(err: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .distributed import DistributedError
-    from .experiments import RunsFailed
     args = build_parser().parse_args(argv)
     if args.data_root:
-        from .paths import DATA_ENV
         os.environ[DATA_ENV] = str(Path(args.data_root).expanduser().absolute())
     try:
         return COMMANDS[args.command](args)

@@ -77,6 +77,10 @@ class _Config:
             ) from None
 
 
+DEDUP_CHOICES = ("none", "exact", "first")
+TRAIN_MODES = ("dense", "prefix")
+
+
 @dataclass(frozen=True)
 class PreprocessConfig(_Config):
     """How raw interactions become a dataset (paper: RecBole 1.2 defaults)."""
@@ -87,7 +91,7 @@ class PreprocessConfig(_Config):
     max_length: int = 50  # T: sequences are left-truncated to the last T items (paper: 50)
 
     def __post_init__(self) -> None:
-        _check(self.dedup in ("none", "exact", "first"),
+        _check(self.dedup in DEDUP_CHOICES,
                f"dedup must be 'none', 'exact' or 'first', got {self.dedup!r}")
         _check(self.user_core >= 0, f"user_core must be >= 0, got {self.user_core}")
         _check(self.item_core >= 0, f"item_core must be >= 0, got {self.item_core}")
@@ -111,6 +115,51 @@ class SplitConfig(_Config):
         _check(2 <= self.max_length <= 1024, f"max_length must be in [2, 1024], got {self.max_length}")
 
 
+@dataclass(frozen=True)
+class ReleasedCode(_Config):
+    """Switches that reproduce the authors' released code (docs/model.md, section 4, and the
+    released behaviours found on a later read). Each default is this project's choice; the
+    other value is the released code's, kept so a notebook or an ablation can show what the
+    difference does. ``ModelConfig.released`` holds one; :meth:`reference` is the set of the
+    four defects the ``reference`` preset reproduces."""
+
+    train_temporal_experts: bool = True  # False = released code (experts in a plain list: frozen random)
+    normalise_time: bool = True  # absolute time in days since the dataset's first interaction; False = raw seconds (released code)
+    mask_same_target: bool = True  # drop same-target pairs from contrastive denominators; False = released code (logit 0)
+    reference_init: bool = False  # True = released code: modules built after the init pass keep PyTorch defaults
+    category_columns: int = 0  # width of the category target; 0 = the dataset's count, more = zero-padded (released code: 192 whatever the data)
+    feature_width: int = 0  # 0 = each modality's own width; > 0 = every feature table fitted to it (released code: 768): zero-padded, or cut to its leading singular directions
+    gap_buckets: str = "separate"  # "separate": padding and first item get interval buckets of their own; "released": both share the zero-gap bucket, as the released code
+    interactive_gate_bias: str = "zero"  # Interactive-MoE gate biases at init: "zero" | "uniform" (nn.Linear's default U(-1/sqrt(d), 1/sqrt(d)), as the released code's gates)
+    timestamps: str = "exact"  # how the model reads time: "exact" integer seconds | "float32" (rounded as RecBole stores them: 64 s steps at ml-100k's 1997-98 seconds, 128 s at today's) | "minmax" (scaled to [0, 1] over the data set: RecBole's normalize_all; needs normalise_time=false)
+    padding_row: str = "zero"  # ID padding row: "zero" (kept at zero, never a candidate) | "trained" (initialised like the others, trained, and a column of the training softmax: released code)
+
+    def __post_init__(self) -> None:
+        for f in ("train_temporal_experts", "normalise_time", "mask_same_target", "reference_init"):
+            _check(isinstance(getattr(self, f), bool), f"{f} must be true or false, got {getattr(self, f)!r}")
+        _check(self.category_columns >= 0, f"category_columns must be >= 0, got {self.category_columns}")
+        _check(self.feature_width >= 0, f"feature_width must be >= 0, got {self.feature_width}")
+        _check(self.gap_buckets in ("separate", "released"),
+               f"gap_buckets must be 'separate' or 'released', got {self.gap_buckets!r}")
+        _check(self.interactive_gate_bias in ("zero", "uniform"),
+               f"interactive_gate_bias must be 'zero' or 'uniform', got {self.interactive_gate_bias!r}")
+        _check(self.timestamps in ("exact", "float32", "minmax"),
+               f"timestamps must be 'exact', 'float32' or 'minmax', got {self.timestamps!r}")
+        _check(not (self.timestamps == "minmax" and self.normalise_time),
+               "timestamps='minmax' scales time to [0, 1] as RecBole's normalize_all does; it needs "
+               "normalise_time=false (days since the first interaction of a [0, 1] clock mean nothing)")
+        _check(self.padding_row in ("zero", "trained"),
+               f"padding_row must be 'zero' or 'trained', got {self.padding_row!r}")
+
+    @classmethod
+    def reference(cls, **changes) -> "ReleasedCode":
+        """The released code's behaviour for the four defects that keep a switch (rows 1, 2, 5
+        and 9 of docs/model.md's table); the released behaviours found later stay as ours."""
+        return cls(**{**dict(train_temporal_experts=False, normalise_time=False, mask_same_target=False,
+                             reference_init=True), **changes})
+
+
+RELEASED_FIELDS = tuple(f.name for f in dataclasses.fields(ReleasedCode))
 LOSS_NAMES = ("rec", "id_contrastive", "category", "placeholder_contrastive")
 
 
@@ -136,10 +185,6 @@ class ModelConfig(_Config):
     use_interactive_moe: bool = True  # first level: experts mix the modalities of each item
     use_temporal_moe: bool = True  # second level: time-gated gains on every stream
     lambda_init: tuple = (0.0, 1.0, 1.0)  # Interactive-MoE output scale per stream (id, then modalities; the last value repeats)
-    train_temporal_experts: bool = True  # False = released code (experts in a plain list: frozen random)
-    normalise_time: bool = True  # absolute time in days since the dataset's first interaction; False = raw seconds (released code)
-    mask_same_target: bool = True  # drop same-target pairs from contrastive denominators; False = released code (logit 0)
-    reference_init: bool = False  # True = released code: modules built after the init pass keep PyTorch defaults
     w_rec: float = 1.0  # weight of the next-item cross-entropy
     w_id_contrastive: float = 1.0  # weight of IDCL (0 = off)
     w_category: float = 1.0  # weight of category prediction (0 = off)
@@ -149,9 +194,6 @@ class ModelConfig(_Config):
     placeholder_ratio: float = 0.3  # share of positions replaced by time placeholders in PCL
     placeholder_min_length: int = 4  # sequences shorter than this get no placeholders (paper: n <= 3 -> none)
     initializer_range: float = 0.02  # std of the normal init of weights
-    category_columns: int = 0  # width of the category target; 0 = the dataset's count, more = zero-padded (released code: 192 whatever the data)
-    feature_width: int = 0  # 0 = each modality's own width; > 0 = every feature table fitted to it (released code: 768): zero-padded, or cut to its leading singular directions
-    gap_buckets: str = "separate"  # "separate": padding and first item get interval buckets of their own; "released": both share the zero-gap bucket, as the released code
     dense_auxiliary: str = "every_position"  # dense mode: auxiliary losses at "every_position" (each position an example, as each prefix in prefix mode) or the "last_position" of each window
     rec_loss: str = "full"  # next-item loss: "full" softmax over the catalogue (paper) | "sampled" softmax with logQ correction (large catalogues: a step's item side grows with batch + num_negatives, not with N)
     num_negatives: int = 1024  # sampled: K negatives drawn per step with replacement, shared by every example of the batch
@@ -159,9 +201,7 @@ class ModelConfig(_Config):
     popularity_exponent: float = 0.75  # popularity proposal: Q(i) proportional to (count_i + 1) ** this (1 = raw counts + 1, 0 = uniform); +1 keeps unseen items drawable
     feature_transform: str = "none"  # feature tables before use: "none" (as given, released code) | "centre" (mean over items removed) | "standardise" (centred, every column to unit variance) | "pca" (centred, rotated onto its principal axes, nothing dropped) | "l2" (every item's row to unit length); statistics over the items that have the modality
     feature_transform_modalities: tuple = ()  # modalities feature_transform applies to; () = every modality
-    interactive_gate_bias: str = "zero"  # Interactive-MoE gate biases at init: "zero" | "uniform" (nn.Linear's default U(-1/sqrt(d), 1/sqrt(d)), as the released code's gates)
-    timestamps: str = "exact"  # how the model reads time: "exact" integer seconds | "float32" (rounded as RecBole stores them: 64 s steps at ml-100k's 1997-98 seconds, 128 s at today's) | "minmax" (scaled to [0, 1] over the data set: RecBole's normalize_all; needs normalise_time=false)
-    padding_row: str = "zero"  # ID padding row: "zero" (kept at zero, never a candidate) | "trained" (initialised like the others, trained, and a column of the training softmax: released code)
+    released: ReleasedCode = ReleasedCode()  # the released code's behaviours, each a switch (defaults: this project's fixes)
 
     def __post_init__(self) -> None:
         _check(self.hidden_size >= 2 and self.hidden_size % 2 == 0, f"hidden_size must be even >= 2, got {self.hidden_size}")
@@ -182,10 +222,6 @@ class ModelConfig(_Config):
             _check(getattr(self, f) > 0, f"{f} must be > 0, got {getattr(self, f)}")
         _check(0.0 <= self.placeholder_ratio < 1.0, f"placeholder_ratio must be in [0, 1), got {self.placeholder_ratio}")
         _check(self.initializer_range > 0, f"initializer_range must be > 0, got {self.initializer_range}")
-        _check(self.category_columns >= 0, f"category_columns must be >= 0, got {self.category_columns}")
-        _check(self.feature_width >= 0, f"feature_width must be >= 0, got {self.feature_width}")
-        _check(self.gap_buckets in ("separate", "released"),
-               f"gap_buckets must be 'separate' or 'released', got {self.gap_buckets!r}")
         _check(self.dense_auxiliary in ("every_position", "last_position"),
                f"dense_auxiliary must be 'every_position' or 'last_position', got {self.dense_auxiliary!r}")
         _check(self.rec_loss in ("full", "sampled"), f"rec_loss must be 'full' or 'sampled', got {self.rec_loss!r}")
@@ -199,16 +235,10 @@ class ModelConfig(_Config):
         _check(not self.feature_transform_modalities or self.feature_transform != "none",
                f"feature_transform_modalities={self.feature_transform_modalities} needs a feature_transform "
                f"('centre', 'standardise', 'pca' or 'l2'), got 'none'")
-        _check(self.interactive_gate_bias in ("zero", "uniform"),
-               f"interactive_gate_bias must be 'zero' or 'uniform', got {self.interactive_gate_bias!r}")
-        _check(self.timestamps in ("exact", "float32", "minmax"),
-               f"timestamps must be 'exact', 'float32' or 'minmax', got {self.timestamps!r}")
-        _check(not (self.timestamps == "minmax" and self.normalise_time),
-               "timestamps='minmax' scales time to [0, 1] as RecBole's normalize_all does; it needs "
-               "normalise_time=false (days since the first interaction of a [0, 1] clock mean nothing)")
-        _check(self.padding_row in ("zero", "trained"),
-               f"padding_row must be 'zero' or 'trained', got {self.padding_row!r}")
-        _check(not (self.padding_row == "trained" and self.rec_loss == "sampled"),
+        _check(isinstance(self.released, ReleasedCode),
+               f"released must be a ReleasedCode, got {type(self.released).__name__} (ModelConfig.from_dict reads "
+               f"a dict, flat or nested)")
+        _check(not (self.released.padding_row == "trained" and self.rec_loss == "sampled"),
                "padding_row='trained' keeps the padding column in the full softmax; the sampled "
                "softmax never draws padding (use rec_loss=full)")
 
@@ -218,20 +248,63 @@ class ModelConfig(_Config):
                 "category": self.w_category, "placeholder_contrastive": self.w_placeholder_contrastive}
 
     @classmethod
+    def setting_names(cls) -> tuple[str, ...]:
+        """Every name ``--set``, :meth:`replace` and :meth:`from_dict` accept: the fields, with
+        the released-code switches by their own (flat) names instead of ``released``."""
+        return tuple(f.name for f in dataclasses.fields(cls) if f.name != "released") + RELEASED_FIELDS
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "ModelConfig":
+        """The config of a saved dict: nested (``{"released": {...}}``, as :meth:`to_dict`
+        writes) or flat (checkpoints and results written before the switches were grouped
+        kept them beside the other fields); both at once only for different switches."""
+        values = dict(values)
+        flat = {k: values.pop(k) for k in RELEASED_FIELDS if k in values}
+        nested = values.pop("released", None)
+        if isinstance(nested, ReleasedCode):
+            nested = nested.to_dict()
+        if nested is not None and not isinstance(nested, dict):
+            raise ValueError(f"ModelConfig: 'released' must be a mapping of {', '.join(RELEASED_FIELDS)}, "
+                             f"got {nested!r}")
+        twice = sorted(set(flat) & set(nested or {}))
+        if twice:
+            raise ValueError(f"ModelConfig: {twice} given both at the top level and under 'released'")
+        values["released"] = ReleasedCode.from_dict({**(nested or {}), **flat})
+        return super().from_dict(values)
+
+    def replace(self, **changes) -> "ModelConfig":
+        """A copy with ``changes``; a released-code switch may be named flat
+        (``replace(normalise_time=False)``) or given as ``released=ReleasedCode(...)``."""
+        flat = {k: changes.pop(k) for k in RELEASED_FIELDS if k in changes}
+        if flat:
+            changes["released"] = dataclasses.replace(changes.get("released", self.released), **flat)
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def parse_value(cls, key: str, text: str) -> Any:
+        """:meth:`_Config.parse_value`, a released-code switch by its flat name included."""
+        if key in RELEASED_FIELDS:
+            return ReleasedCode.parse_value(key, text)
+        if key == "released":
+            raise ValueError("ModelConfig.released: set its switches by name (e.g. normalise_time=false), "
+                             f"one of {', '.join(RELEASED_FIELDS)}")
+        return super().parse_value(key, text)
+
+    @classmethod
+    def hm4sr(cls, **changes) -> "ModelConfig":
+        """This project's defaults with ``changes`` (released-code switches by their flat names too)."""
+        return cls().replace(**changes)
+
+    @classmethod
     def sasrec(cls, **changes) -> "ModelConfig":
         """SASRec with full cross-entropy: the ID stream alone, no MoE, no time, no auxiliary task."""
-        base = dict(name="sasrec", modalities=("none",), use_interactive_moe=False, use_temporal_moe=False,
-                    w_id_contrastive=0.0, w_category=0.0, w_placeholder_contrastive=0.0)
-        base.update(changes)
-        return cls(**base)
+        return cls(name="sasrec", modalities=("none",), use_interactive_moe=False, use_temporal_moe=False,
+                   w_id_contrastive=0.0, w_category=0.0, w_placeholder_contrastive=0.0).replace(**changes)
 
     @classmethod
     def reference(cls, **changes) -> "ModelConfig":
         """The authors' released behaviour for the defects that keep a switch (docs/model.md, section 4)."""
-        base = dict(name="reference", train_temporal_experts=False, normalise_time=False,
-                    mask_same_target=False, reference_init=True)
-        base.update(changes)
-        return cls(**base)
+        return cls(name="reference", released=ReleasedCode.reference()).replace(**changes)
 
 
 @dataclass(frozen=True)
@@ -267,7 +340,7 @@ class TrainConfig(_Config):
     micro_batches: int = 1  # prefix mode: run the encoders on this many parts of each batch (the losses still see the whole batch: gradient caching); less memory, one more forward (docs/performance.md)
 
     def __post_init__(self) -> None:
-        _check(self.mode in ("dense", "prefix"), f"mode must be 'dense' or 'prefix', got {self.mode!r}")
+        _check(self.mode in TRAIN_MODES, f"mode must be 'dense' or 'prefix', got {self.mode!r}")
         _check(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
         _check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
         _check(self.dense_batch_size >= 1, f"dense_batch_size must be >= 1, got {self.dense_batch_size}")
@@ -300,3 +373,12 @@ class TrainConfig(_Config):
         _check(self.micro_batches >= 1, f"micro_batches must be >= 1, got {self.micro_batches}")
         _check(self.micro_batches == 1 or self.mode == "prefix",
                f"micro_batches > 1 needs mode 'prefix' (dense batches are small already), got mode {self.mode!r}")
+
+    def check_distributed(self, world: int) -> None:
+        """For data-parallel training in ``world`` processes (DDP ranks): refuse
+        ``micro_batches > 1``, which splits one process's batch, while each rank already holds
+        1/world of it. The one check the CLI makes before it starts processes and
+        :func:`hm4sr_core.train.train` makes in each rank."""
+        _check(self.micro_batches == 1,
+               f"micro_batches > 1 is for one process: with {world} ranks each already holds 1/{world} of a "
+               f"batch (set micro_batches=1, got {self.micro_batches})")

@@ -432,30 +432,31 @@ class HM4SR(nn.Module):
             table = features[name].float()
             if not config.feature_transform_modalities or name in config.feature_transform_modalities:
                 table = transform_features(table, available[name], config.feature_transform)
-            if config.feature_width:
-                table = fit_feature_width(table, config.feature_width)
+            if config.released.feature_width:
+                table = fit_feature_width(table, config.released.feature_width)
             self.register_buffer(f"features_{i}", table, persistent=False)  # (N+1, D_m)
             avail = available[name].float()
-            if config.padding_row == "trained":  # the released padding column scores W_m 0 + b_m
+            if config.released.padding_row == "trained":  # the released padding column scores W_m 0 + b_m
                 avail = avail.clone()
                 avail[0] = 1.0
             self.register_buffer(f"available_{i}", avail, persistent=False)  # (N+1,)
             self.projections.append(nn.Linear(table.shape[1], d))  # W_m
         categories = categories.float()
-        if config.category_columns > categories.shape[1]:  # always-zero columns, as the released code's fixed 192
-            categories = F.pad(categories, (0, config.category_columns - categories.shape[1]))
-        elif config.category_columns and config.category_columns < categories.shape[1]:
-            raise ValueError(f"category_columns={config.category_columns} is fewer than the dataset's "
+        columns = config.released.category_columns
+        if columns > categories.shape[1]:  # always-zero columns, as the released code's fixed 192
+            categories = F.pad(categories, (0, columns - categories.shape[1]))
+        elif columns and columns < categories.shape[1]:
+            raise ValueError(f"category_columns={columns} is fewer than the dataset's "
                              f"{categories.shape[1]} categories")
         self.register_buffer("categories", categories, persistent=False)  # (N+1, C)
 
         self.interactive = InteractiveMoE(S, d, config.num_experts, config.lambda_init) \
             if config.use_interactive_moe else None
-        self.time = TimeEmbedding(d, config.interval_scale, config.normalise_time, time_origin,
-                                  shared_zero_bucket=config.gap_buckets == "released",
-                                  timestamps=config.timestamps, time_span=time_span) \
+        self.time = TimeEmbedding(d, config.interval_scale, config.released.normalise_time, time_origin,
+                                  shared_zero_bucket=config.released.gap_buckets == "released",
+                                  timestamps=config.released.timestamps, time_span=time_span) \
             if config.use_temporal_moe or (config.w_placeholder_contrastive > 0 and self.modalities) else None
-        self.temporal = TemporalMoE(S, d, config.num_experts, config.train_temporal_experts) \
+        self.temporal = TemporalMoE(S, d, config.num_experts, config.released.train_temporal_experts) \
             if config.use_temporal_moe else None
         self.encoders = StreamEncoders(S, config)
         C = categories.shape[1]
@@ -477,7 +478,7 @@ class HM4SR(nn.Module):
         late = {id(sub) for m in (self.category_head, self.interactive, self.placeholders) if m is not None
                 for sub in m.modules()}  # the modules and everything inside them
         for module in self.modules():
-            if self.config.reference_init and id(module) in late:
+            if self.config.released.reference_init and id(module) in late:
                 continue
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, 0.0, std)
@@ -488,7 +489,7 @@ class HM4SR(nn.Module):
                 nn.init.zeros_(module.bias)
             elif isinstance(module, InteractiveMoE):
                 nn.init.normal_(module.gate_weight, 0.0, std)
-        if self.config.reference_init:
+        if self.config.released.reference_init:
             if self.interactive is not None:  # nn.Linear's default for the hand-made gate too
                 bound = 1.0 / math.sqrt(self.interactive.d)
                 nn.init.uniform_(self.interactive.gate_weight, -bound, bound)
@@ -496,13 +497,13 @@ class HM4SR(nn.Module):
                 bound = 1.0 / math.sqrt(2 * self.config.hidden_size)
                 nn.init.uniform_(self.placeholders.weight, -bound, bound)
                 nn.init.uniform_(self.placeholders.bias, -bound, bound)
-        if self.interactive is not None and self.config.interactive_gate_bias == "uniform":
+        if self.interactive is not None and self.config.released.interactive_gate_bias == "uniform":
             bound = 1.0 / math.sqrt(self.interactive.d)  # nn.Linear(d, E)'s default bias
             nn.init.uniform_(self.interactive.gate_bias, -bound, bound)
         if self.temporal is not None:
             with torch.no_grad():
                 self.temporal.experts.normal_(0.0, 0.1)
-        if self.config.padding_row == "zero":
+        if self.config.released.padding_row == "zero":
             with torch.no_grad():
                 self.item_embedding.weight[0].zero_()
 
@@ -667,7 +668,7 @@ class HM4SR(nn.Module):
             rec_query, rec_targets = seq, batch.targets
         if sample is None:
             named["rec"] = rec_loss(rec_query, item_matrix, rec_targets,
-                                    include_padding=cfg.padding_row == "trained")
+                                    include_padding=cfg.released.padding_row == "trained")
         else:
             neg = sample.negatives
             named["rec"] = sampled_rec_loss(rec_query, item_matrix[rec_targets], item_matrix[neg], rec_targets,
@@ -684,7 +685,7 @@ class HM4SR(nn.Module):
             # Sampled: the targets' ID rows are the local tables' first stream (the same values).
             target_id = self.item_embedding(targets) if sample is None else item_matrix[targets, :cfg.hidden_size]
             named["id_contrastive"] = id_contrastive_loss(
-                id_rows, target_id, targets, cfg.id_contrastive_temperature, cfg.mask_same_target, groups)
+                id_rows, target_id, targets, cfg.id_contrastive_temperature, cfg.released.mask_same_target, groups)
         if self.category_head is not None:
             categories = self.categories if sample is None else self.categories[sample.ids]
             named["category"] = category_loss(self.category_head, item_matrix, categories, batch.items,
@@ -699,11 +700,11 @@ class HM4SR(nn.Module):
                 pos = torch.arange(T, device=h.device).view(1, T)
                 sel = has & (place.cumsum(1) > 0) & (pos + 1 >= cfg.placeholder_min_length)
                 terms = [contrastive_loss(h_all[s][sel], h_aug[s - 1][sel], batch.position_targets[sel],
-                                          cfg.placeholder_temperature, cfg.mask_same_target, window[sel])
+                                          cfg.placeholder_temperature, cfg.released.mask_same_target, window[sel])
                          for s in range(1, self.S)] if bool(sel.any()) else []
             elif place is not None:
                 terms = [contrastive_loss(h[s], h_aug[s - 1], batch.targets, cfg.placeholder_temperature,
-                                          cfg.mask_same_target) for s in range(1, self.S)]
+                                          cfg.released.mask_same_target) for s in range(1, self.S)]
             else:
                 terms = []
             named["placeholder_contrastive"] = torch.stack(terms).mean() if terms else seq.new_zeros(())

@@ -127,9 +127,8 @@ def train(dataset: Dataset, model_config: ModelConfig = ModelConfig(), config: T
     ranks = distributed.current()
     if not test and out_dir is not None:
         raise ValueError("train(test=False) writes no run folder: a run folder holds test scores")
-    if ranks.active and config.micro_batches > 1:
-        raise ValueError(f"micro_batches={config.micro_batches} is for one process; with {ranks.world} ranks each "
-                         f"already holds 1/{ranks.world} of a batch (set micro_batches=1)")
+    if ranks.active:
+        config.check_distributed(ranks.world)
     device = _device(config, ranks)
     progress = progress and ranks.main
     split = split or build_split(dataset, SplitConfig(kind=config.split, max_length=model_config.max_length))

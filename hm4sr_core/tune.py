@@ -42,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from .config import ModelConfig, SplitConfig, TrainConfig
+from .config import RELEASED_FIELDS, ModelConfig, SplitConfig, TrainConfig
 
 TUNE_EXTRA = 'pip install "hm4sr-workbench[tune]"'
 OBJECTIVE = "ndcg@20"  # validation metric the search maximises (and the pruner watches)
@@ -141,7 +141,7 @@ def validate_space(space: Any, source: str = "space") -> dict[str, dict]:
     range that is empty or reversed, a log range not above 0, or bounds the config refuses."""
     if not isinstance(space, dict) or not space:
         raise ValueError(f"{source}: expected a mapping of KEY: {{low: .., high: ..}} with at least one key")
-    model_fields = {f.name: f for f in dataclasses.fields(ModelConfig)}
+    model_fields = set(ModelConfig.setting_names())  # the released-code switches by their flat names
     train_fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
     out: dict[str, dict] = {}
     for key, spec in space.items():
@@ -151,7 +151,8 @@ def validate_space(space: Any, source: str = "space") -> dict[str, dict]:
                              f"(e.g. lr, hidden_dropout, num_experts, w_category)")
         if not isinstance(spec, dict):
             raise ValueError(f"{where}: expected {{low: .., high: ..}} or {{choices: [..]}}, got {spec!r}")
-        default = getattr(ModelConfig() if key in model_fields else TrainConfig(), key)
+        default = getattr(ModelConfig().released if key in RELEASED_FIELDS else
+                          ModelConfig() if key in model_fields else TrainConfig(), key)
         if "choices" in spec:
             extra = sorted(set(spec) - {"choices", "reason"})
             if extra:
@@ -199,7 +200,7 @@ def validate_space(space: Any, source: str = "space") -> dict[str, dict]:
         for value in bounds:  # the configs' own checks, at both ends of the range
             try:
                 if key in model_fields:
-                    ModelConfig(**{key: value})
+                    ModelConfig.hm4sr(**{key: value})
                 else:
                     TrainConfig(**{key: value})
             except (ValueError, TypeError) as error:
@@ -243,7 +244,7 @@ def suggest(trial, space: dict[str, dict]) -> dict[str, Any]:
 def apply_params(model_config: ModelConfig, train_config: TrainConfig,
                  params: dict[str, Any]) -> tuple[ModelConfig, TrainConfig]:
     """The two configs with a trial's parameters set (model fields first, as ``--set``)."""
-    model_names = {f.name for f in dataclasses.fields(ModelConfig)}
+    model_names = set(ModelConfig.setting_names())
     model_over = {k: (tuple(v) if isinstance(v, list) else v) for k, v in params.items() if k in model_names}
     train_over = {k: v for k, v in params.items() if k not in model_names}
     return model_config.replace(**model_over), train_config.replace(**train_over)

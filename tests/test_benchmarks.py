@@ -80,7 +80,7 @@ def test_unknown_variant_and_bad_seeds_are_refused_before_any_run(tmp_path):
 @pytest.mark.parametrize("variant", list(fidelity.VARIANTS))
 def test_every_variant_setting_is_a_config_field(variant):
     from hm4sr_core.config import ModelConfig, TrainConfig
-    fields = set(ModelConfig.__dataclass_fields__) | set(TrainConfig.__dataclass_fields__)
+    fields = set(ModelConfig.setting_names()) | set(TrainConfig.__dataclass_fields__)
     preset, sets = fidelity.VARIANTS[variant]
     assert preset in ("reference", "hm4sr") and set(sets) <= fields
 

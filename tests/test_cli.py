@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from hm4sr_core import cli
 from hm4sr_core.cli import build_parser, main
 
 # A model small enough to train in about a second on the CLI's synthetic data.
@@ -81,7 +82,8 @@ def test_prepare_negative_timestamp_exits_2_naming_line_and_column(tmp_path, cap
     ("batch_size=abc", "TrainConfig.batch_size: cannot read 'abc' as int"),
     ("hidden_size=15", "hidden_size must be even >= 2, got 15"),
     ("use_temporal_moe=maybe", "cannot read 'maybe' as bool"),
-    ("optimizer.lr=1", "prefix must be 'model.' or 'train.'"),
+    ("optimizer.lr=1", "prefix must be 'model.', 'train.' or 'released.'"),
+    ("released.timestamps=float16", "timestamps must be 'exact', 'float32' or 'minmax', got 'float16'"),
 ])
 def test_train_rejects_bad_settings_before_any_work(tmp_path, capsys, setting, message):
     out = tmp_path / "run"
@@ -343,9 +345,9 @@ def test_demo_runs_the_routing_tour_first(monkeypatch, tmp_path, capsys):
     import hm4sr_core.notebooks as runner
 
     calls = []
-    monkeypatch.setattr("hm4sr_core.data.prepare.prepared_dataset", lambda source, name: (None, tmp_path))
-    monkeypatch.setattr("hm4sr_core.data.prepare.format_stats", lambda ds: "stats")
-    monkeypatch.setattr(runner, "run_notebooks", lambda **kwargs: calls.append(kwargs) or tmp_path)
+    monkeypatch.setattr(cli, "prepared_dataset", lambda source, name: (None, tmp_path))
+    monkeypatch.setattr(cli, "format_stats", lambda ds: "stats")
+    monkeypatch.setattr(cli, "run_notebooks", lambda **kwargs: calls.append(kwargs) or tmp_path)
     code, text, err = _run(capsys, "demo")
     assert code == 0, err
     assert calls == [{"smoke": False, "data": "ml-100k"}]  # every notebook, in NOTEBOOKS order

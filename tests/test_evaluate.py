@@ -170,7 +170,7 @@ def test_a_table_reuses_a_run_saved_before_a_setting_existed(tiny_run, tiny_mode
     folder = tmp_path / "old"
     shutil.copytree(tiny_run[1], folder)
     record = json.loads((folder / "results.json").read_text())
-    del record["config"]["model"]["category_columns"]
+    del record["config"]["model"]["released"]["category_columns"]
     (folder / "results.json").write_text(json.dumps(record))
     assert _finished(folder, "tiny", tiny_model_config, tiny_train_config)
     record["config"]["model"]["from_the_future"] = 1

@@ -191,7 +191,7 @@ def test_absolute_time_embedding(world):
     spread = both.groupby("variant")["cosine_to_first"].apply(lambda c: float((1 - c).abs().mean()))
     # Days vary smoothly; raw ~1.6e9-second inputs send neighbouring days far apart.
     assert spread["raw seconds"] > 10 * spread["days since start"]
-    other = build_model(ModelConfig(normalise_time=False), world[0])
+    other = build_model(ModelConfig.hm4sr(normalise_time=False), world[0])
     labelled = I.compare_absolute_time(model, days[:3], other)
     assert set(labelled["variant"]) == {"normalise_time=True", "normalise_time=False"}
 

@@ -169,7 +169,7 @@ def test_minmax_timestamps_read_as_a_zero_one_clock():
     zero = int(model.time.buckets(torch.tensor([[7, 7]]), torch.ones(1, 2, dtype=torch.bool))[0, 1])
     assert int(buckets[0, 1]) - zero == math.floor(100 * math.log2(1.5))
     with pytest.raises(ValueError, match="needs normalise_time=false"):
-        ModelConfig(timestamps="minmax")
+        ModelConfig.hm4sr(timestamps="minmax")
     feats, avail = _tables()
     with pytest.raises(ValueError, match="time span"):
         HM4SR(ModelConfig.reference(timestamps="minmax"), N, feats, avail, torch.zeros(N + 1, 3), 0.0)
@@ -217,14 +217,14 @@ def test_rec_loss_with_padding_is_the_plain_cross_entropy():
                        magnitude=float((seq @ items.T).abs().max()))
     assert float(rec_loss(seq, items, targets)) < float(full)  # one column fewer in the denominator
     with pytest.raises(ValueError, match="padding_row='trained'"):
-        ModelConfig(padding_row="trained", rec_loss="sampled")
+        ModelConfig.hm4sr(padding_row="trained", rec_loss="sampled")
 
 
 def test_switches_are_validated():
     for key, bad in (("feature_transform", "whiten"), ("interactive_gate_bias", "normal"),
                      ("timestamps", "float16"), ("padding_row", "masked")):
         with pytest.raises(ValueError, match=key):
-            ModelConfig(**{key: bad})
+            ModelConfig.hm4sr(**{key: bad})
 
 
 def test_data_facts_counts_zero_gaps_and_the_mean_direction(tiny_ds):

@@ -197,7 +197,7 @@ def compare_absolute_time(model: HM4SR, days, other: HM4SR | None = None) -> pd.
     days ("days since start") and raw float32 seconds ("raw seconds").
     """
     if other is not None:
-        labels = [f"normalise_time={m.config.normalise_time}" for m in (model, other)]
+        labels = [f"normalise_time={m.config.released.normalise_time}" for m in (model, other)]
         if labels[0] == labels[1]:  # same setting: tell them apart by role
             labels = [labels[0] + " (model)", labels[1] + " (other)"]
         variants = [(labels[0], model, "model"), (labels[1], other, "model")]
