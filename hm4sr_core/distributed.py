@@ -21,6 +21,7 @@ The contract (docs/guide.md, "Distributed training"):
 from __future__ import annotations
 
 import ctypes
+import inspect
 import multiprocessing
 import multiprocessing.connection
 import os
@@ -38,6 +39,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 from .data.splits import SequenceBatch
 
@@ -177,9 +179,6 @@ def wrap_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     not re-broadcast each step. The placeholder encoder goes unused in a step where no
     sequence of a rank's shard is long enough for placeholders: DDP must then look for
     unused parameters (one more graph traversal per step), so only models that have one."""
-    import inspect
-
-    from torch.nn.parallel import DistributedDataParallel
     ids = [device.index] if device.type == "cuda" else None
     # torch >= 2.10 renames the switch (and still syncs buffers once at init: harmless, they are equal)
     no_sync = "forward_sync_buffers" if "forward_sync_buffers" in \

@@ -41,6 +41,7 @@ import ctypes
 import ctypes.util
 import os
 import sys
+import time
 import warnings
 
 # ----------------------------------------------------------------------------- OpenMP
@@ -128,9 +129,8 @@ def configure_process(openmp: bool = True, allocator: bool = True) -> dict:
 
 def _measure_multiply(repeats: int = 21) -> dict[str, float]:
     """Median seconds of a 15M-element float multiply with the current allocator."""
-    import time
+    import torch  # here, not at the top: importing this module must not load torch (see above)
 
-    import torch
     torch.set_num_threads(1)
     x = torch.randn(3072, 2, 50, 50)
     y = torch.rand_like(x)

@@ -27,8 +27,12 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 import ipywidgets as widgets
+from IPython import get_ipython
+from IPython.display import clear_output, display
 
 from hm4sr_core import introspect
+from hm4sr_core import recommend as rec
+from hm4sr_core.config import SplitConfig
 from hm4sr_core.data.timeunits import SECONDS_PER_DAY
 
 from . import figures
@@ -153,9 +157,6 @@ class FigureView:
         """Redraw a plain Figure; a no-op for a FigureWidget, and headless (no kernel to draw into)."""
         if self.live:
             return
-        from IPython import get_ipython
-        from IPython.display import clear_output, display
-
         shell = get_ipython()
         if shell is None or getattr(shell, "kernel", None) is None:
             return
@@ -201,8 +202,6 @@ class Explorer:
         self.last_error = None
 
     def _ipython_display_(self) -> None:
-        from IPython.display import display
-
         display(self.widget)
 
 
@@ -657,8 +656,6 @@ class RecommendationExplorer(Explorer):
         :func:`~hm4sr_core.recommend.move_last_interaction` of ``model`` over the users'
         histories (``at``: "end" every interaction, "test"/"valid" evaluation's); ``users``
         default: the first ``max_users`` user tokens."""
-        from hm4sr_core import recommend as rec
-        from hm4sr_core.config import SplitConfig
         users = [str(u) for u in (users if users is not None else dataset.user_tokens[:max_users])]
         split = SplitConfig(max_length=model.config.max_length)
         histories: dict = {}

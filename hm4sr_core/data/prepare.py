@@ -25,6 +25,7 @@ restored from its ``.<name>.old-*`` copy, ``.<name>.tmp-*`` folders are removed.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 from dataclasses import dataclass, field
@@ -33,10 +34,12 @@ from typing import Callable, Literal
 
 from ..atomic import check_name, recover_folder, target_lock
 from ..config import PreprocessConfig, SplitConfig
+from ..paths import processed_root
 from .preprocess import preprocess
+from .readers import amazon, hm4sr_folder, movielens, recbole
 from .schema import DataError, Dataset, RawDataset
 from .splits import build_split
-from ..paths import processed_root
+from .synthetic import make_synthetic_world
 from .store import FORMAT_VERSION, cached_file_sha256, files_sha256, load_dataset, save_dataset
 
 SOURCES = ("ml-100k", "recbole", "hm4sr-folder", "amazon2014", "amazon2018", "amazon2023", "synthetic")
@@ -109,22 +112,18 @@ def locate_inputs(source: str, path: str | Path | None = None, *, dataset: str |
     """
     if source not in SOURCES:
         raise ValueError(f"unknown source {source!r}; expected one of {', '.join(SOURCES)}")
-    amazon = tuple(s for s in SOURCES if s.startswith("amazon"))
-    for flag, value, sources in (("--dataset", dataset, ("recbole", "hm4sr-folder")), ("--category", category, amazon),
-                                 ("--meta", meta, amazon), ("--image-dir", image_dir, amazon),
+    amazons = tuple(s for s in SOURCES if s.startswith("amazon"))
+    for flag, value, sources in (("--dataset", dataset, ("recbole", "hm4sr-folder")), ("--category", category, amazons),
+                                 ("--meta", meta, amazons), ("--image-dir", image_dir, amazons),
                                  ("--feature", features, ("recbole",)),
                                  ("--optional-modality", optional_modalities, ("recbole",))):
         if source not in sources:
             _refuse_option(source, flag, value, sources)
     if source == "ml-100k":
-        from .readers import movielens
         origin = {} if path is not None else {"origin": movielens.WIDEDEEP_REQUIREMENT}
         return SourceInputs(source, movielens.NAME, movielens.input_files(path), {}, origin,
                             lambda: movielens.read_ml100k(path))
     if source == "synthetic":
-        import inspect
-
-        from .synthetic import make_synthetic_world
         params = dict(synthetic or {})
         # Recorded with every default filled in, so that `--users 300` and no flag (the same
         # world) compare equal.
@@ -136,7 +135,6 @@ def locate_inputs(source: str, path: str | Path | None = None, *, dataset: str |
     if path is None:
         raise DataError(f"source {source!r} needs --path (a folder or file)")
     if source == "recbole":
-        from .readers import recbole
         inter_path, stem = recbole.locate_inter(path, dataset)
         files = recbole.input_files(inter_path, features)
         options = {"features": sorted(features or {}), "optional_modalities": sorted(optional_modalities)}
@@ -144,12 +142,10 @@ def locate_inputs(source: str, path: str | Path | None = None, *, dataset: str |
                             lambda: recbole.read_recbole(inter_path, features=features,
                                                          optional_modalities=optional_modalities))
     if source == "hm4sr-folder":
-        from .readers import hm4sr_folder
         files = hm4sr_folder.input_files(path, dataset)
         stem = files["inter"].stem
         return SourceInputs(source, hm4sr_folder.default_name(stem), files, {}, {},
                             lambda: hm4sr_folder.read_hm4sr_folder(path, stem))
-    from .readers import amazon
     version = source.removeprefix("amazon")
     reviews, meta_path = amazon.locate_amazon(path, meta, version=version, category=category)
     files = amazon.input_files(reviews, meta_path)

@@ -27,6 +27,7 @@ import pandas as pd
 
 from .. import atomic
 from ..paths import processed_root
+from .features import cache_key_hash, default_cache_dir
 from .schema import DataError, Dataset, ModalityFeatures
 
 FORMAT_VERSION = 1
@@ -49,8 +50,6 @@ def cached_file_sha256(path: str | Path, cache_dir: Path | None = None) -> str:
     write, replacement or rename gives a new key, so a stale digest is never served.
     Input files of ``hm4sr prepare`` (gigabytes for Amazon dumps) are read once.
     """
-    from .features import cache_key_hash, default_cache_dir
-
     path = Path(path).resolve()
     stat = path.stat()
     key = {"path": str(path), "size": stat.st_size, "inode": stat.st_ino,

@@ -45,10 +45,12 @@ token "r" unless every interaction item is one of item2index's original tokens.
 from __future__ import annotations
 
 import csv
+import pickle
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 
 from hm4sr_core.data.schema import DataError, RawDataset, RawModality
 
@@ -273,10 +275,6 @@ def load_matrix(path: str | Path) -> np.ndarray:
             raise DataError(f"{path}: not a readable numeric .npy array ({error})") from None
         return _to_float_matrix(values, path)
     if suffix in (".pt", ".pth"):
-        import pickle
-
-        import torch
-
         try:
             value = torch.load(path, map_location="cpu", weights_only=True)
         except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as error:
