@@ -3,15 +3,29 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
+import multiprocessing
+import os
+import signal
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 
 from . import provenance
+from .config import ModelConfig, SplitConfig, TrainConfig
+from .data.splits import build_split
+from .data.store import load_dataset, read_manifest, write_json_atomic, write_text_atomic
+from .evaluate import evaluate
+from .runs import load_checkpoint, model_from_checkpoint, per_user_frame
 from .significance import mean_std, paired_test
+from .train import item_popularity, train
 
 
 class RunsFailed(RuntimeError):
@@ -112,7 +126,6 @@ TABLE_SEEDS = (2025, 2026, 2027)  # the paper's seed and the next two
 
 def table_model_config(name: str):
     """The ModelConfig of a results-table row."""
-    from .config import ModelConfig
     known = {**TABLE_MODELS, **EXTRA_TABLE_MODELS}
     if name not in known:
         raise ValueError(f"unknown table model {name!r}; known: {', '.join(known)}")
@@ -129,12 +142,6 @@ def _train_table_run(data, name: str, train_config, folder: Path, data_hash: str
     A run a killed table left unfinished (``last.pt``, no ``results.json``) is resumed from
     its last epoch when its data and settings match (``train(resume=True)`` reaches the
     uninterrupted result); otherwise it is trained from scratch. Returns wall seconds."""
-    import time
-
-    import torch
-
-    from .data.store import load_dataset
-    from .train import train
     if threads and not train_config.threads:
         torch.set_num_threads(threads)
     t0 = time.perf_counter()
@@ -165,8 +172,6 @@ def run_table(data: str, out: str | Path, *, seeds=TABLE_SEEDS, models=tuple(TAB
     (:class:`RunsFailed`), before the table is written. A worker that dies outright (out of
     memory, a crash) breaks the pool and every run not yet finished is reported failed. With
     ``jobs`` = 1 the first error stops the table. Finished runs are kept in every case."""
-    from .config import TrainConfig
-    from .data.store import load_dataset, read_manifest, write_text_atomic
     if jobs < 1:
         raise ValueError(f"jobs must be >= 1, got {jobs}")
     out = Path(out)
@@ -209,7 +214,6 @@ def run_table(data: str, out: str | Path, *, seeds=TABLE_SEEDS, models=tuple(TAB
 
 def _cores() -> int:
     """CPU cores this process may use (its affinity mask where the OS has one)."""
-    import os
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:
@@ -220,10 +224,6 @@ def _worker_init(parent: int) -> None:
     """Worker initializer. Ctrl-C is the table process's to handle (it cancels the queue
     and ends the workers); on Linux the kernel ends the worker when the table process
     dies, so a killed ``hm4sr table`` leaves no worker training on into the run folders."""
-    import ctypes
-    import os
-    import signal
-    import sys
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if not sys.platform.startswith("linux"):
         return
@@ -242,9 +242,6 @@ def _train_parallel(data: str, todo: list, base, data_hash: str, jobs: int, thre
     """Run the table's ``todo`` (name, seed, folder) with ``jobs`` worker processes; print
     one line per finished run; raise one error naming every failed run at the end. On
     Ctrl-C (or any error here) the queued runs are cancelled and the workers ended."""
-    import multiprocessing
-    import os
-    from concurrent.futures import ProcessPoolExecutor, as_completed
     failures = []
     print(f"[table] {len(todo)} runs to train, {jobs} at a time ({threads} torch thread(s) each)", flush=True)
     pipe = Path(os.environ.get("CUDA_MPS_PIPE_DIRECTORY", "/tmp/nvidia-mps"))
@@ -315,12 +312,6 @@ def _finished(folder: Path, data_hash: str, model_config, train_config) -> bool:
 def rescore(run: Path, dest: Path, dataset, **eval_overrides) -> dict:
     """Re-evaluate a run's best checkpoint with changed evaluation settings (a control);
     writes results.json and per_user_test.parquet into ``dest``."""
-    from .config import SplitConfig, TrainConfig
-    from .data.splits import build_split
-    from .data.store import write_json_atomic
-    from .evaluate import evaluate
-    from .runs import load_checkpoint, model_from_checkpoint, per_user_frame
-    from .train import item_popularity
     payload = load_checkpoint(run / "best.pt")
     cfg = TrainConfig.from_dict(payload["train_config"]).replace(**eval_overrides)
     model = model_from_checkpoint(payload, dataset)

@@ -25,9 +25,11 @@ onnxscript and onnxruntime are an optional extra: ``pip install "hm4sr-workbench
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -84,8 +86,6 @@ class ServingModel(nn.Module):
 def _quiet_exporter():
     """The exporter's notes for other libraries (torchvision ops it skips) and its
     deprecation warnings stay out of the user's terminal; errors still raise."""
-    import logging
-    import warnings
     log = logging.getLogger("torch.onnx._internal.exporter._registration")
     level = log.level
     log.setLevel(logging.ERROR)

@@ -28,20 +28,27 @@ id. Run over a split's users in its order with the evaluation batch size,
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
+from tqdm.auto import tqdm
 
 from .config import SplitConfig, TrainConfig
 from .data.schema import DataError, Dataset
 from .data.splits import SequenceBatch, Split, SplitPart, build_split, iterate_batches
+from .data.store import load_dataset, read_manifest
+from .data.synthetic import planted_category_of, planted_truth, seasonal_category
 from .data.timeunits import SECONDS_PER_DAY
-from .evaluate import query_by_length
+from .evaluate import perturb_timestamps, query_by_length
 from .metrics import _COUNT_COLUMNS, _chunk_layout, _chunk_top_k, _merge_top_k
+from .runs import load_checkpoint, model_from_checkpoint
 
 AT_CHOICES = ("end", "test", "valid")  # whose history: everything, or what evaluation's test / valid query sees
 OUTPUT_SUFFIXES = (".parquet", ".csv", ".jsonl")
@@ -87,8 +94,6 @@ def load_recommender(run_or_checkpoint: str | Path, data: str | Path | None = No
 
     ``data``: dataset name or folder (default the one the checkpoint names). Raises
     ValueError when the dataset's hash is not the one the checkpoint was trained on."""
-    from .data.store import load_dataset, read_manifest
-    from .runs import load_checkpoint, model_from_checkpoint
     path = checkpoint_path(run_or_checkpoint)
     try:
         payload = load_checkpoint(path)
@@ -244,8 +249,7 @@ def read_history(path: str | Path, dataset: Dataset) -> History:
             frame = pd.read_csv(path, dtype={"item": str})
         elif suffix == ".parquet":
             frame = pd.read_parquet(path)
-        elif suffix == ".jsonl":
-            import json  # read by hand: pandas would turn a column named "timestamp" into dates
+        elif suffix == ".jsonl":  # read by hand: pandas would turn a column named "timestamp" into dates
             frame = pd.DataFrame([json.loads(line) for line in path.read_text().splitlines() if line.strip()])
         else:
             raise ValueError(f"{path}: history files are .csv, .parquet or .jsonl, got {suffix or 'no suffix'!r}")
@@ -357,7 +361,6 @@ def _rank_part(model, part: SplitPart, k: int, exclude_seen: bool, batch_size: i
                progress: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Users, scores (n, k), items (n, k), parts (n, k, S) for every row of ``part``, in
     evaluation's batches (``iterate_batches`` over the part, ``query_by_length``)."""
-    from tqdm.auto import tqdm
     was_training = model.training
     model.eval()
     try:
@@ -617,8 +620,6 @@ def month_rule_agreement(model, dataset: Dataset, *, k: int = 10, short_gap_days
     with it). Returns one row per condition: users, share of list items in the rule's
     category, share of lists whose first item is in it, and the chance share (items of
     that category in the catalogue)."""
-    from .data.synthetic import planted_category_of, planted_truth, seasonal_category
-    from .evaluate import perturb_timestamps
     truth = planted_truth(dataset)
     threshold = float(truth.regime_rule["threshold_seconds"]) / SECONDS_PER_DAY
     split_config = split_config or SplitConfig(max_length=model.config.max_length)
@@ -667,8 +668,6 @@ def check_output_path(path: str | Path) -> Path:
 def write_table(frame: pd.DataFrame, path: str | Path) -> Path:
     """Write ``frame`` as parquet, csv or jsonl (by suffix) atomically: a temporary file in
     the same folder, renamed over the target only when complete."""
-    import os
-    import tempfile
     path = check_output_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)

@@ -30,8 +30,10 @@ What a search does, in order:
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import json
 import math
+import multiprocessing
 import os
 import socket
 import time
@@ -41,8 +43,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
 
 from .config import RELEASED_FIELDS, ModelConfig, SplitConfig, TrainConfig
+from .data.splits import Split, SplitPart, build_split
+from .data.store import load_dataset, read_manifest, write_json_atomic, write_text_atomic
+from .experiments import (EXTRA_TABLE_MODELS, TABLE_MODELS, _cores, _finished, _worker_init,
+                          table_model_config)
+from .train import train
 
 TUNE_EXTRA = 'pip install "hm4sr-workbench[tune]"'
 OBJECTIVE = "ndcg@20"  # validation metric the search maximises (and the pruner watches)
@@ -123,7 +133,6 @@ _ABLATION_FIXES = {
 def default_space(model: str) -> dict[str, dict]:
     """The default search space of a model of the results table (hm4sr, sasrec,
     reference, an ablation or an extra row): key -> range, each with its ``reason``."""
-    from .experiments import EXTRA_TABLE_MODELS, TABLE_MODELS
     if model == "sasrec":
         return validate_space(_SASREC, "default space of sasrec")
     if model not in TABLE_MODELS and model not in EXTRA_TABLE_MODELS:
@@ -287,7 +296,6 @@ class SealedPart:
 
 def sealed_split(dataset, max_length: int, kind: str = "leave_one_out"):
     """The dataset's split with its test part replaced by a :class:`SealedPart`."""
-    from .data.splits import Split, SplitPart, build_split
     split = build_split(dataset, SplitConfig(kind=kind, max_length=max_length))
     test = split._parts["test"]
     if isinstance(test, SplitPart):
@@ -346,7 +354,6 @@ class TuneSettings:
             self.storage = f"sqlite:///{(self.out / 'study.db').resolve()}"
 
     def base_model(self) -> ModelConfig:
-        from .experiments import table_model_config
         return table_model_config(self.model).replace(**self.model_overrides)
 
     def identity(self, data_hash: str) -> dict:
@@ -435,7 +442,6 @@ def fail_dead_trials(study, *, report: bool = True) -> list[int]:
     host is gone (killed), and one no worker ever claimed (its process died between
     creating the trial and naming itself on it) once it is ``UNCLAIMED_S`` old. Trials of
     other hosts' workers are left to the heartbeat. Returns the numbers of the trials failed."""
-    import datetime
     optuna = _optuna()
     failed = []
     now = datetime.datetime.now()  # Optuna stamps datetime_start with the local naive time
@@ -527,7 +533,6 @@ def open_study(settings: TuneSettings, data_hash: str, *, worker: int = 0):
 
 def _objective(settings: TuneSettings, dataset, split, on_trial=None):
     optuna = _optuna()
-    from .train import train
     base_model = settings.base_model()
 
     def objective(trial) -> float:
@@ -562,9 +567,7 @@ def search(settings: TuneSettings, *, worker: int = 0, dataset=None) -> None:
     """One worker's part of the search: trials until the study holds ``settings.trials``
     finished ones (or ``settings.timeout`` seconds have passed)."""
     optuna = _optuna()
-    import torch
 
-    from .data.store import load_dataset, read_manifest
     manifest = read_manifest(settings.data)
     dataset = dataset if dataset is not None else load_dataset(settings.data)
     if settings.train.threads:
@@ -574,7 +577,6 @@ def search(settings: TuneSettings, *, worker: int = 0, dataset=None) -> None:
     split = sealed_split(dataset, settings.base_model().max_length, settings.train.split)
     bar = None
     if settings.progress and settings.jobs == 1:
-        from tqdm.auto import tqdm
         bar = tqdm(total=settings.trials, initial=min(finished(study), settings.trials), desc="trials", unit="trial")
     deadline = None if settings.timeout is None else time.monotonic() + settings.timeout
 
@@ -610,7 +612,6 @@ def search(settings: TuneSettings, *, worker: int = 0, dataset=None) -> None:
 
 def _search_worker(settings: TuneSettings, worker: int) -> None:
     """Entry of a ``--jobs`` worker process (spawned)."""
-    from .experiments import _worker_init
     _worker_init(os.getppid())
     search(settings, worker=worker)
 
@@ -621,13 +622,10 @@ def run_search(settings: TuneSettings) -> None:
     if settings.jobs == 1:
         search(settings)
         return
-    import multiprocessing
 
-    from .experiments import _cores
     threads = settings.train.threads or max(1, _cores() // settings.jobs)
     worker_settings = dataclasses.replace(settings, train=settings.train.replace(threads=threads), progress=False)
     # open (create) the study once before the workers race to create it
-    from .data.store import read_manifest
     open_study(worker_settings, read_manifest(settings.data)["data_hash"])
     ctx = multiprocessing.get_context("spawn")
     procs = [ctx.Process(target=_search_worker, args=(worker_settings, w), name=f"tune-worker-{w}")
@@ -653,9 +651,6 @@ def run_search(settings: TuneSettings) -> None:
 def write_trials_table(study, path: Path) -> Path:
     """One row per trial: number, state, validation value, epochs run, seconds, the
     parameters, and why a trial failed. Written atomically."""
-    import pandas as pd
-
-    from .data.store import write_text_atomic
     rows = []
     for t in study.get_trials(deepcopy=False):
         seconds = (t.datetime_complete - t.datetime_start).total_seconds() \
@@ -685,7 +680,6 @@ def write_config(path: Path, model_config: ModelConfig, train_config: TrainConfi
     """A configuration file ``hm4sr train --config`` reads (YAML: model and train fields)."""
     import yaml
 
-    from .data.store import write_text_atomic
     payload = {"model": json.loads(json.dumps(model_config.to_dict())),
                "train": json.loads(json.dumps(train_config.to_dict()))}
     text = "".join(f"# {line}\n" for line in header.splitlines()) + yaml.safe_dump(payload, sort_keys=False)
@@ -718,9 +712,6 @@ def read_config(path: str | Path) -> tuple[ModelConfig, TrainConfig]:
 def final_runs(settings: TuneSettings, study) -> dict:
     """Train the best configuration with each final seed into ``out/<model>_tuned/seed-S``
     (finished seeds kept, unfinished resumed) and score test once per seed."""
-    from .data.store import load_dataset, read_manifest
-    from .experiments import _finished
-    from .train import train
     trial = best_trial(study)
     model_cfg, train_cfg = apply_params(settings.base_model(), settings.train, trial.params)
     header = (f"hm4sr tune: best of study {settings.study!r} ({finished(study)} finished trials), trial "
@@ -751,9 +742,6 @@ def default_runs(settings: TuneSettings) -> Path:
     """The untuned configuration (the model's preset, ``--set`` overrides, the same epoch
     cap) trained with each final seed into ``out/<model>_default/seed-S``: the baseline the
     tuned runs are compared with (same seeds, same budget). Finished seeds are kept."""
-    from .data.store import load_dataset, read_manifest
-    from .experiments import _finished
-    from .train import train
     manifest = read_manifest(settings.data)
     runs = settings.out / f"{settings.model}_default"
     model_cfg, dataset = settings.base_model(), None
@@ -800,7 +788,6 @@ def summary(settings: TuneSettings, study, final: dict | None) -> dict:
 def tune(settings: TuneSettings) -> dict:
     """Search, then the final runs; writes the trials table, best_config.yaml, the run
     folders and tune.json into ``settings.out``. Returns tune.json's payload."""
-    from .data.store import read_manifest, write_json_atomic
     settings.out.mkdir(parents=True, exist_ok=True)
     run_search(settings)
     study = open_study(settings, read_manifest(settings.data)["data_hash"])

