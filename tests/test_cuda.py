@@ -104,8 +104,8 @@ def test_backward_in_parts_on_cuda_replays_each_parts_dropout(tiny_ds, tiny_spli
         torch.manual_seed(0)
         model = build_model(tiny_model_config, tiny_ds).to("cuda").train()
         torch.manual_seed(7)
-        if not direct:
         draws = StepSampler.for_model(model)(batch, torch.Generator().manual_seed(3))
+        if not direct:
             training_steps.backward_in_parts(model, batch, draws, 2)
         else:
             place = draws.placeholders
@@ -132,8 +132,8 @@ def test_backward_in_parts_under_bf16_autocast_reaches_every_weight(tiny_ds, tin
     compute the same thing up to bf16 rounding)."""
     from hm4sr_core.data.splits import iterate_batches
     from hm4sr_core.model import build_model
-    config = tiny_model_config.replace(hidden_dropout=0.0, attention_dropout=0.0)
     from hm4sr_core.sampling import StepSampler
+    config = tiny_model_config.replace(hidden_dropout=0.0, attention_dropout=0.0)
     batch = next(iter(iterate_batches(tiny_split.train_prefix, 64, shuffle=True,
                                       generator=torch.Generator().manual_seed(2)))).to("cuda")
     grads = []
