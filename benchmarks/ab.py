@@ -33,6 +33,13 @@ from pathlib import Path
 
 import torch
 
+from hm4sr_core import model as new_module
+from hm4sr_core.config import ModelConfig, SplitConfig, TrainConfig
+from hm4sr_core.data.splits import build_split, iterate_batches
+from hm4sr_core.data.store import load_dataset
+from hm4sr_core.evaluate import evaluate
+from hm4sr_core.sampling import StepSampler
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -98,12 +105,6 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     args = p.parse_args()
 
-    from hm4sr_core import model as new_module
-    from hm4sr_core.config import ModelConfig, SplitConfig, TrainConfig
-    from hm4sr_core.data.splits import build_split, iterate_batches
-    from hm4sr_core.data.store import load_dataset
-    from hm4sr_core.evaluate import evaluate
-    from hm4sr_core.sampling import StepSampler
 
     old_module = old_model_module(args.rev)
     torch.set_num_threads(args.threads)

@@ -18,6 +18,15 @@ import argparse
 import statistics
 import time
 
+import torch
+
+from hm4sr_core.config import ModelConfig, SplitConfig, TrainConfig
+from hm4sr_core.data.splits import build_split, iterate_batches
+from hm4sr_core.data.store import load_dataset
+from hm4sr_core.evaluate import evaluate
+from hm4sr_core.model import build_model
+from hm4sr_core.sampling import StepSampler
+
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -31,14 +40,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.rounds < 2 or args.steps < 1:
         p.error("--rounds must be >= 2 (the first is a warm-up) and --steps >= 1")
-    import torch
 
-    from hm4sr_core.config import ModelConfig, SplitConfig, TrainConfig
-    from hm4sr_core.data.splits import build_split, iterate_batches
-    from hm4sr_core.data.store import load_dataset
-    from hm4sr_core.evaluate import evaluate
-    from hm4sr_core.model import build_model
-    from hm4sr_core.sampling import StepSampler
     torch.set_num_threads(args.threads)
     ds = load_dataset(args.data)
     split = build_split(ds, SplitConfig())

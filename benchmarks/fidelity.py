@@ -37,12 +37,21 @@ import argparse
 import json
 import math
 import os
+import pickle
 import statistics
 import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from hm4sr_core.cli import MODEL_PRESETS, parse_overrides
+from hm4sr_core.config import ModelConfig, TrainConfig
+from hm4sr_core.data.store import load_dataset, read_manifest
+from hm4sr_core.runs import load_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 RELEASED = [0.0528, 0.0611, 0.0649, 0.0718, 0.0781, 0.0789, 0.0792, 0.0864]  # valid NDCG@20, epochs 1-8
@@ -100,8 +109,6 @@ SPEED_ONLY = ("epochs", "seed", "device", "threads", "eval_batch_size", "log_eve
 def _matches(model: dict, train: dict, variant: str) -> bool:
     """True when stored model and training configurations are ``variant``'s in every setting
     that changes results (an older definition of the variant, or other code defaults, do not)."""
-    from hm4sr_core.cli import MODEL_PRESETS, parse_overrides
-    from hm4sr_core.config import ModelConfig, TrainConfig
     preset, sets = VARIANTS[variant]
     model_over, train_over = parse_overrides([f"{k}={v}" for k, v in sets.items()])
     want_model = MODEL_PRESETS[preset](**model_over).to_dict()
@@ -136,11 +143,9 @@ def resumable(folder: Path, variant: str, data_hash: str | None = None) -> bool:
     ``data_hash``, the same data) that an ``hm4sr train --resume`` can continue: a killed run,
     or a shorter screen's run extended to more epochs (a resumed run ends as the uninterrupted
     one; tests/test_train.py)."""
-    import pickle
     path = folder / "last.pt"
     if not path.exists():
         return False
-    from hm4sr_core.runs import load_checkpoint
     try:
         ck = load_checkpoint(path)
     except (OSError, EOFError, RuntimeError, ValueError, KeyError, pickle.UnpicklingError):
@@ -152,7 +157,6 @@ def resumable(folder: Path, variant: str, data_hash: str | None = None) -> bool:
 
 def curve(folder: Path) -> list[float]:
     """Validation NDCG@20 after each epoch, from the run's epochs.csv."""
-    import pandas as pd
     return pd.read_csv(folder / "epochs.csv")["valid_ndcg@20"].tolist()
 
 
@@ -198,9 +202,6 @@ def data_facts(data) -> str:
     share of the items' energy in their mean direction (what ``feature_transform=centre``
     removes): n |mean|^2 / sum |x|^2 over the items that have the modality. ``data``: a
     prepared dataset's name or folder, or a loaded Dataset."""
-    import numpy as np
-
-    from hm4sr_core.data.store import load_dataset
     ds = load_dataset(data) if isinstance(data, (str, Path)) else data
     inter = ds.interactions  # sorted by (user, timestamp, item), as every prepared dataset
     users = inter["user"].to_numpy()
@@ -263,7 +264,6 @@ def main(argv=None) -> int:
     todo = [(v, s) for s in seeds for v in variants if not finished(out / v / f"seed-{s}", args.epochs, v)]
     if todo and not args.summary_only:
         env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-        from hm4sr_core.data.store import read_manifest
         data_hash = read_manifest(args.data)["data_hash"]
         print(f"[fidelity] {len(todo)} runs of {args.epochs} epoch(s), {args.jobs} at a time, on {args.device}",
               flush=True)

@@ -19,6 +19,12 @@ import time
 
 import torch
 
+from hm4sr_core.config import ModelConfig, SplitConfig
+from hm4sr_core.data.prepare import prepared_dataset
+from hm4sr_core.data.splits import build_split, iterate_batches
+from hm4sr_core.evaluate import query_by_length
+from hm4sr_core.train import initial_model
+
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -28,11 +34,6 @@ def main() -> None:
     args = p.parse_args()
     if args.rounds < 1 or args.threads < 1 or min(args.chunks) < 1:
         p.error("--rounds, --threads and every chunk must be >= 1")
-    from hm4sr_core.config import ModelConfig, SplitConfig
-    from hm4sr_core.data.splits import build_split, iterate_batches
-    from hm4sr_core.evaluate import query_by_length
-    from hm4sr_core.data.prepare import prepared_dataset
-    from hm4sr_core.train import initial_model
     torch.set_num_threads(args.threads)
     ds, _ = prepared_dataset("ml-100k", "ml-100k")
     model = initial_model(ds, ModelConfig(), 2025).eval()

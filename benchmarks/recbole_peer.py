@@ -38,6 +38,13 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
+
+from hm4sr_core.config import SplitConfig
+from hm4sr_core.data.prepare import prepared_dataset
+from hm4sr_core.data.splits import build_split
+from hm4sr_core.data.store import write_json_atomic, write_text_atomic
+
 ROOT = Path(__file__).resolve().parents[1]
 BENCH_DIR = ROOT / ".bench"
 ENV_DIR = BENCH_DIR / "recbole-venv"
@@ -158,8 +165,6 @@ def write_atomic_inter(interactions, name: str, out_dir: Path = DATA_DIR) -> Pat
     order, which must be sorted by user then time (the prepared order breaks same-second ties
     by item): RecBole sorts by time with a stable sort, so a same-second tie keeps this order
     and every user's sequence, hence its leave-one-out targets, are the workbench's."""
-    import numpy as np
-    from hm4sr_core.data.store import write_text_atomic
     for col in ("user", "item", "timestamp"):
         if col not in interactions.columns:
             raise ValueError(f"interactions of {name!r}: no column {col!r} (have {list(interactions.columns)})")
@@ -207,8 +212,6 @@ def leave_one_out_targets(rows: list[tuple[str, str, float]]) -> tuple[dict, dic
 def our_valid_targets(ds) -> dict[str, str]:
     """The workbench's validation target per user (leave-one-out, :class:`SplitConfig`
     defaults), keyed and valued by the tokens :func:`write_atomic_inter` writes."""
-    from hm4sr_core.config import SplitConfig
-    from hm4sr_core.data.splits import build_split
     valid = build_split(ds, SplitConfig()).valid
     return {str(int(u)): str(int(t)) for u, t in zip(valid.users, valid.targets)}
 
@@ -267,7 +270,6 @@ def run_peer(py: Path, data_dir: Path, name: str, *, threads: int, max_epochs: i
 
 def peer_figures(record: dict, match: dict | None = None) -> dict:
     """The ``recbole_sasrec_*`` keys of ``results.json`` from the runner's ``record``."""
-    import numpy as np
     epochs = record["epochs"]
     secs = [r["train_seconds"] for r in epochs]
     out = {
@@ -369,14 +371,12 @@ def main() -> None:
         except PeerUnavailable as e:
             raise SystemExit(str(e))
         return
-    from hm4sr_core.data.prepare import prepared_dataset
     ds, _ = prepared_dataset(None, args.dataset)
     t = time.perf_counter()
     figures = measure(ds, args.dataset, threads=args.threads, max_epochs=args.max_epochs,
                       max_seconds=args.max_seconds, eval_repeats=args.eval_repeats)
     figures["recbole_sasrec_wall_seconds_incl_install"] = time.perf_counter() - t
     if args.out:
-        from hm4sr_core.data.store import write_json_atomic
         write_json_atomic(args.out, figures)
     print(json.dumps(figures, indent=1))
 

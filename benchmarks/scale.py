@@ -189,6 +189,7 @@ def train_steps(args, size: int, loss: str, nproc: int, threads: int | None = No
         positions = cfg.dense_batch_size * float(split.train_dense.lengths.mean())
         out["full_softmax_logits_gb_estimate"] = full_softmax_gb(positions, size)
     before_eval: list[float] = []
+    marks: list[tuple[float, float]] = []  # the clocks as each step starts, and when the epoch's steps end
     evaluate = training.evaluate
 
     def timed_evaluate(*a, **k):
@@ -196,9 +197,9 @@ def train_steps(args, size: int, loss: str, nproc: int, threads: int | None = No
         # after the epoch and at the end); the call is unchanged.
         if not before_eval:
             before_eval.append(_peak_rss_mb())
+            marks.append((time.perf_counter(), time.process_time()))  # the end of the epoch's last step
         return evaluate(*a, **k)
 
-    marks: list[tuple[float, float]] = []
     iterate = training.iterate_batches
 
     def marked_batches(*a, **k):
