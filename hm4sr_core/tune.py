@@ -47,6 +47,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from . import provenance
 from .config import RELEASED_FIELDS, ModelConfig, SplitConfig, TrainConfig
 from .data.splits import Split, SplitPart, build_split
 from .data.store import load_dataset, read_manifest, write_json_atomic, write_text_atomic
@@ -765,7 +766,7 @@ def summary(settings: TuneSettings, study, final: dict | None) -> dict:
                  "epochs_trained": int(sum(t.user_attrs.get("epochs", 0) for t in done)),
                  "trial_seconds": busy, "trials_per_hour": 3600 * len(done) / busy if busy else None,
                  "pruner": settings.pruner, "warmup_epochs": settings.warmup, "epoch_cap": settings.train.epochs,
-                 "pruner_note": PRUNER_NOTE}
+                 "pruner_note": PRUNER_NOTE, "environment": provenance.environment()}  # trials per hour: on what CPU
     complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
     if complete:
         best = best_trial(study)

@@ -23,7 +23,7 @@ import pytest
 
 optuna = pytest.importorskip("optuna", reason="Optuna is not installed (pip install \"hm4sr-workbench[tune]\")")
 
-from hm4sr_core import tune  # noqa: E402
+from hm4sr_core import provenance, tune  # noqa: E402
 from hm4sr_core.cli import main  # noqa: E402
 from hm4sr_core.data.store import save_dataset  # noqa: E402
 from hm4sr_core.train import train  # noqa: E402
@@ -138,6 +138,7 @@ def test_study_then_final_seeds_then_best_config_round_trip(tiny_folder, tmp_pat
     best = max((t for t in trials if t.state.name == "COMPLETE"), key=lambda t: t.value)
     assert summary["best"]["trial"] == best.number and summary["best"]["params"] == best.params
     assert [s["seed"] for s in summary["final"]] == [3, 4]
+    assert summary["environment"]["cpu_model"] == provenance.cpu()["cpu_model"]  # trials per hour: on what CPU
     # the config file: the best trial's values, and `hm4sr train --config` reproduces seed 3
     model_cfg, train_cfg = read_config(out / "best_config.yaml")
     assert train_cfg.lr == best.params["lr"]  # exact: JSON and YAML write floats by repr, which reads back the same
