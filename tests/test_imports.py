@@ -144,3 +144,44 @@ def test_imports_sit_at_module_top_but_optional_extras():
                         continue
                     found.setdefault(name, set()).add(target)
     assert found == {}
+
+
+def _guide_map() -> str:
+    guide = (ROOT / "docs" / "guide.md").read_text()
+    start = guide.index("## Map of the package")
+    end = guide.find("\n## ", start + 1)
+    return guide[start:end if end > 0 else None]
+
+
+def test_the_guide_maps_every_module_and_only_modules_that_exist():
+    """docs/guide.md's developer part opens with a map of the package: every module it names
+    exists, and every module of hm4sr_core and widgets is named in it."""
+    import re
+    named = set(re.findall(r"`((?:hm4sr_core|widgets)/[\w/]+\.py)`", _guide_map()))
+    assert named, "the map names no module"
+    missing = sorted(p for p in named if not (ROOT / p).is_file())
+    assert missing == [], f"the map names modules that do not exist: {missing}"
+    modules = {str(p.relative_to(ROOT)) for top in PACKAGES for p in (ROOT / top).rglob("*.py")
+               if p.name != "__init__.py"}
+    assert sorted(modules - named) == [], "modules the map leaves out"
+
+
+def test_the_rooms_of_the_map_import_only_the_rooms_above_them():
+    """The map's table lists the rooms from the ground up; a module imports only modules of
+    its own room or of a room above it in the table (a package's __init__ counts in the room
+    of its first-listed module)."""
+    import re
+    rooms = [re.findall(r"`((?:hm4sr_core|widgets)/[\w/]+\.py)`", line.split("|")[2])
+             for line in _guide_map().splitlines() if line.startswith("| ") and ".py`" in line]
+    room = {_module_name(ROOT / path): i for i, paths in enumerate(rooms) for path in paths}
+    assert len(rooms) >= 8 and len(room) == sum(map(len, rooms))
+
+    def room_of(target: str) -> int:
+        if target in room:
+            return room[target]
+        inside = [i for name, i in room.items() if name.startswith(target + ".")]
+        return 0 if target == "hm4sr_core" else min(inside)
+
+    upward = sorted(f"{m} (room {room[m]}) imports {t} (room {room_of(t)})" for m, targets in import_graph().items()
+                    if m in room for t in targets if room_of(t) > room[m])
+    assert upward == []
