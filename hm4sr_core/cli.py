@@ -41,7 +41,8 @@ from .paths import DATA_ENV, data_root, processed_root
 from .recommend import load_recommender
 from .runs import claim_run_folder, load_checkpoint, model_from_checkpoint
 from .train import item_popularity, train
-from .tune import TuneSettings, default_space, format_summary, read_config, read_space, tune
+from .tune import (DEFAULT_EPOCHS, PRUNERS, TuneSettings, default_space, format_summary, read_config, read_space,
+                   tune)
 
 PREPARE_EPILOG = """\
 input forms (--path):
@@ -87,6 +88,7 @@ move the last interaction with --last-gap-days or --last-time.
 # The defaults --help states come from the configs themselves.
 PREPROCESS, TRAIN = PreprocessConfig(), TrainConfig()
 WORLD = {k: p.default for k, p in inspect.signature(make_synthetic_world).parameters.items()}
+TUNE = {f.name: f.default for f in fields(TuneSettings)}
 MODEL_PRESETS = {"hm4sr": ModelConfig.hm4sr, "sasrec": ModelConfig.sasrec, "reference": ModelConfig.reference}
 
 
@@ -284,22 +286,23 @@ def build_parser() -> argparse.ArgumentParser:
     tu.add_argument("--storage", metavar="URL",
                     help="Optuna RDB storage (default sqlite:///DIR/study.db); postgresql://USER:PASS@HOST/DB lets "
                          "workers on several machines join one study")
-    tu.add_argument("--jobs", type=int, default=1, metavar="K",
-                    help="worker processes on this machine, each cores // K torch threads (default 1)")
-    tu.add_argument("--seed", type=int, default=2025, help="TPE sampler seed (default 2025)")
-    tu.add_argument("--epochs", type=int, default=20,
-                    help="epoch cap of every trial and of the final runs (default 20)")
-    tu.add_argument("--pruner", default="halving", choices=("halving", "median", "none"),
+    tu.add_argument("--jobs", type=int, default=TUNE["jobs"], metavar="K",
+                    help=f"worker processes on this machine, each cores // K torch threads (default {TUNE['jobs']})")
+    tu.add_argument("--seed", type=int, default=TUNE["seed"], help=f"TPE sampler seed (default {TUNE['seed']})")
+    tu.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS,
+                    help=f"epoch cap of every trial and of the final runs (default {DEFAULT_EPOCHS})")
+    tu.add_argument("--pruner", default=TUNE["pruner"], choices=PRUNERS,
                     help="halving (default): successive halving, a trial goes on past epochs E, 3E, 9E, ... only if "
                          "its best validation NDCG@20 so far is in the best third of the trials that got there; "
                          "median: stop a trial below the median of earlier trials at the same epoch; none: every "
                          "trial runs to the cap or early stopping (docs/guide.md, Tuning, says why halving)")
-    tu.add_argument("--warmup-epochs", type=int, default=3, metavar="E",
-                    help="epochs before the pruner may stop a trial: halving's first rung (default 3)")
-    tu.add_argument("--startup-trials", type=int, default=5, metavar="N",
-                    help="median pruner: trials that finish before it stops any (default 5)")
-    tu.add_argument("--final-seeds", default="2025,2026,2027",
-                    help="seeds of the final runs of the best configuration (default 2025,2026,2027); "
+    tu.add_argument("--warmup-epochs", type=int, default=TUNE["warmup"], metavar="E",
+                    help=f"epochs before the pruner may stop a trial: halving's first rung (default {TUNE['warmup']})")
+    tu.add_argument("--startup-trials", type=int, default=TUNE["startup"], metavar="N",
+                    help=f"median pruner: trials that finish before it stops any (default {TUNE['startup']})")
+    final_seeds = ",".join(map(str, TUNE["final_seeds"]))
+    tu.add_argument("--final-seeds", default=final_seeds,
+                    help=f"seeds of the final runs of the best configuration (default {final_seeds}); "
                          "'none' for a worker that only searches")
     tu.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="fixed settings of every trial (not searched), e.g. --set threads=1 --set patience=5")
@@ -322,7 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "{\"item\": ..., \"timestamp\": ...}; item tokens of the dataset, Unix seconds, oldest first")
     rc.add_argument("--k", type=int, default=10, help="list length, 1 .. the catalogue size (default 10)")
     rc.add_argument("--exclude-seen", action="store_true", help="leave the items of the history read out of the list")
-    rc.add_argument("--at", default="end", choices=("end", "test", "valid"),
+    rc.add_argument("--at", default=rec.AT_CHOICES[0], choices=rec.AT_CHOICES,
                     help="whose history: end = every interaction (what comes next, default); test / valid = the "
                          "history evaluation ranks that split part with (its own target left out)")
     rc.add_argument("--out", metavar="FILE", help="write the table to FILE (.parquet, .csv or .jsonl)")

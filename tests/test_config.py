@@ -119,6 +119,14 @@ def test_help_defaults_are_the_configs_defaults():
     sub = next(a for a in parser._actions if a.dest == "command").choices["train"]
     helps = {a.dest: a.help for a in sub._actions}
     assert f"default {TrainConfig().epochs}" in helps["epochs"] and f"default {TrainConfig().seed}" in helps["seed"]
+    from dataclasses import fields
+
+    from hm4sr_core.tune import DEFAULT_EPOCHS, TuneSettings
+    tuned = parser.parse_args(["tune", "--data", "d", "--out", "o", "--trials", "3"])
+    settings = {f.name: f.default for f in fields(TuneSettings)}
+    assert (tuned.epochs, tuned.warmup_epochs, tuned.startup_trials, tuned.pruner, tuned.seed, tuned.jobs) == \
+        (DEFAULT_EPOCHS, settings["warmup"], settings["startup"], settings["pruner"], settings["seed"], settings["jobs"])
+    assert tuple(int(s) for s in tuned.final_seeds.split(",")) == settings["final_seeds"]
 
 
 def test_a_search_space_may_name_a_released_switch():
