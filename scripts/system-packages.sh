@@ -9,7 +9,7 @@
 #   HM4SR_SYSTEM_PACKAGES=skip   do not install anything (report only)
 set -u
 PACKAGES="chromium fonts-dejavu-core postgresql"
-have_browser() {  # the places widgets.figures.find_browser looks
+have_browser() {  # the places hm4sr_core.static_export.find_browser looks
   { [ -n "${BROWSER_PATH:-}" ] && [ -x "${BROWSER_PATH}" ]; } && return 0
   for name in chromium chromium-browser google-chrome google-chrome-stable chrome; do
     command -v "$name" >/dev/null 2>&1 && return 0
