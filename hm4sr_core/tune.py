@@ -505,6 +505,17 @@ def make_pruner(settings: TuneSettings):
                                        interval_steps=1)
 
 
+def _nested_model_config(identity: dict) -> dict:
+    """A study's saved identity with its model_config read as ModelConfig.from_dict reads it:
+    a study created before the released-code switches were grouped (ModelConfig.released)
+    saved them at the top level, and resumes all the same."""
+    try:
+        config = ModelConfig.from_dict(identity.get("model_config") or {})
+    except (TypeError, ValueError):
+        return identity
+    return dict(identity, model_config=json.loads(json.dumps(config.to_dict())))
+
+
 def open_study(settings: TuneSettings, data_hash: str, *, worker: int = 0):
     """Create or load the study; refuse one created with other settings. The TPE sampler
     is seeded with (seed, worker, trials already in the study), so a resumed or added
@@ -518,7 +529,8 @@ def open_study(settings: TuneSettings, data_hash: str, *, worker: int = 0):
     if saved is None:
         study.set_user_attr("identity", identity)
         study.set_user_attr("created_by", f"hm4sr tune --data {settings.data} --model {settings.model}")
-    elif saved != identity:
+    elif _nested_model_config(saved) != identity:
+        saved = _nested_model_config(saved)
         diff = sorted(k for k in set(saved) | set(identity) if saved.get(k) != identity.get(k))
         raise ValueError(f"study {settings.study!r} in {_redact(settings.storage)} was created with other "
                          f"{', '.join(diff)}; resume it with the same options, or pass --study NAME for a new one")

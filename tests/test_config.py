@@ -137,3 +137,20 @@ def test_a_search_space_may_name_a_released_switch():
         validate_space({"gap_buckets": {"choices": ["separate", "shared"]}})
     model, train = apply_params(ModelConfig(), TrainConfig(), {"feature_width": 8, "lr": 0.01})
     assert model.released.feature_width == 8 and train.lr == 0.01
+
+
+def test_a_study_created_with_a_flat_config_resumes(tmp_path):
+    """`hm4sr tune` resumes a study only with the same identity; one created before the block
+    saved its model_config flat, and is the same study."""
+    pytest.importorskip("optuna", reason="optuna (tune extra) is not installed")
+    from hm4sr_core.tune import TuneSettings, open_study
+    settings = TuneSettings(data="d", model="hm4sr", trials=1, out=tmp_path, space={}, train=TrainConfig())
+    study = open_study(settings, "hash")
+    saved = study.user_attrs["identity"]
+    nested = saved["model_config"]
+    flat = {k: v for k, v in nested.items() if k != "released"} | nested["released"]
+    study.set_user_attr("identity", dict(saved, model_config=flat))
+    open_study(settings, "hash")  # the same study
+    study.set_user_attr("identity", dict(saved, model_config=flat | {"normalise_time": False}))
+    with pytest.raises(ValueError, match="created with other model_config"):
+        open_study(settings, "hash")
