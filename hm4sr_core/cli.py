@@ -259,12 +259,13 @@ def build_parser() -> argparse.ArgumentParser:
     ta.add_argument("--quiet", action="store_true", help="no progress bars")
 
     tu = sub.add_parser("tune", help="hyper-parameter search on validation (Optuna), then the best "
-                                     "configuration over 3 seeds, scored on test once",
+                                     "configuration over --final-seeds (default 3), scored on test once",
                         formatter_class=argparse.RawDescriptionHelpFormatter,
                         description="Search a model's hyper-parameters with Optuna: a seeded TPE sampler proposes a "
                                     "configuration,\neach trial trains it (the test split sealed: any read of it "
-                                    "raises) and reports its best\nvalidation NDCG@20 after every epoch; a median "
-                                    "pruner stops trials that are behind. Then the\nbest configuration is trained "
+                                    "raises) and reports its best\nvalidation NDCG@20 after every epoch; a pruner "
+                                    "(default successive halving: rungs at epochs E,\n3E, 9E, ...; --pruner) stops "
+                                    "trials that are behind. Then the best configuration\nis trained "
                                     "with each --final-seeds seed and scored on test once.",
                         epilog=TUNE_EPILOG)
     tu.add_argument("--data", required=True, help="prepared dataset name (data/processed/<name>) or folder")

@@ -194,11 +194,13 @@ def user_history(dataset: Dataset, user: str, at: str = "end", split_config: Spl
     return History(part.items[0, :n].copy(), part.timestamps[0, :n].copy(), str(user))
 
 
-def history_from_pairs(dataset: Dataset, pairs, user: str = "(history)") -> History:
+def history_from_pairs(dataset: Dataset, pairs, user: str = "(history)", *, where=None) -> History:
     """A History from (item token, timestamp) pairs, oldest first (a list of pairs, or a
     DataFrame with columns ``item`` and ``timestamp``). Timestamps are integer seconds
     (or numbers that are whole seconds); unknown item tokens are named, unsorted or
-    non-numeric timestamps refused."""
+    non-numeric timestamps refused. Errors name the pair as ``where(i)`` (i counted from
+    0); by default "interaction i+1" (a file reader passes its line numbers)."""
+    where = where or (lambda i: f"interaction {i + 1}")
     if isinstance(pairs, pd.DataFrame):
         missing = [c for c in ("item", "timestamp") if c not in pairs.columns]
         if missing:
@@ -211,20 +213,20 @@ def history_from_pairs(dataset: Dataset, pairs, user: str = "(history)") -> Hist
     tokens, times = [], []
     for row, pair in enumerate(pairs):
         if not isinstance(pair, (tuple, list)) or len(pair) != 2:
-            raise ValueError(f"history row {row}: expected an (item token, timestamp) pair, got {pair!r}")
+            raise ValueError(f"history {where(row)}: expected an (item token, timestamp) pair, got {pair!r}")
         token, ts = pair
         if isinstance(ts, str) and ts.strip().lstrip("-").isdigit():  # a file read as text: "893286638"
             ts = int(ts.strip())
         if isinstance(ts, bool) or not isinstance(ts, (int, float, np.integer, np.floating)) \
                 or not math.isfinite(float(ts)) or float(ts) != int(ts) or ts < 0:
-            raise ValueError(f"history row {row}: timestamp {ts!r} is not a whole number of seconds >= 0 "
+            raise ValueError(f"history {where(row)}: timestamp {ts!r} is not a whole number of seconds >= 0 "
                              f"(Unix time, e.g. 893286638)")
         tokens.append(str(token).strip())
         times.append(int(ts))
     index = {str(t): i + 1 for i, t in enumerate(dataset.items["token"])}
     unknown = [(r, t) for r, t in enumerate(tokens) if t not in index]
     if unknown:
-        shown = ", ".join(f"row {r}: {t!r}" for r, t in unknown[:5])
+        shown = ", ".join(f"{where(r)}: {t!r}" for r, t in unknown[:5])
         raise ValueError(f"history: unknown item token(s) ({shown}{', ...' if len(unknown) > 5 else ''}); "
                          f"dataset {dataset.name!r} has {dataset.num_items} items, e.g. "
                          f"{', '.join(repr(str(t)) for t in dataset.items['token'][:3])}")
@@ -232,7 +234,7 @@ def history_from_pairs(dataset: Dataset, pairs, user: str = "(history)") -> Hist
     back = np.flatnonzero(np.diff(times) < 0)
     if len(back):
         r = int(back[0]) + 1
-        raise ValueError(f"history row {r}: timestamp {times[r]} is earlier than row {r - 1}'s {times[r - 1]}; "
+        raise ValueError(f"history {where(r)}: timestamp {times[r]} is earlier than {where(r - 1)}'s {times[r - 1]}; "
                          f"give the interactions oldest first")
     return History(np.array([index[t] for t in tokens], dtype=np.int64), times, user)
 
@@ -244,13 +246,17 @@ def read_history(path: str | Path, dataset: Dataset) -> History:
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such history file")
     suffix = path.suffix.lower()
+    where = lambda i: f"line {i + 2}"  # noqa: E731 - a .csv's header is line 1 (blank lines are skipped)
     try:
         if suffix == ".csv":
             frame = pd.read_csv(path, dtype={"item": str})
         elif suffix == ".parquet":
             frame = pd.read_parquet(path)
+            where = lambda i: f"row {i + 1}"  # noqa: E731
         elif suffix == ".jsonl":  # read by hand: pandas would turn a column named "timestamp" into dates
-            frame = pd.DataFrame([json.loads(line) for line in path.read_text().splitlines() if line.strip()])
+            numbered = [(n, line) for n, line in enumerate(path.read_text().splitlines(), start=1) if line.strip()]
+            frame = pd.DataFrame([json.loads(line) for _, line in numbered])
+            where = lambda i: f"line {numbered[i][0]}"  # noqa: E731
         else:
             raise ValueError(f"{path}: history files are .csv, .parquet or .jsonl, got {suffix or 'no suffix'!r}")
     except (ValueError, OSError) as err:  # json.JSONDecodeError is a ValueError
@@ -258,7 +264,7 @@ def read_history(path: str | Path, dataset: Dataset) -> History:
             raise
         raise ValueError(f"{path}: could not read it as {suffix}: {err}") from None
     try:
-        return history_from_pairs(dataset, frame, user=path.stem)
+        return history_from_pairs(dataset, frame, user=path.stem, where=where)
     except ValueError as err:
         raise ValueError(f"{path}: {err}") from None
 

@@ -346,6 +346,9 @@ class TuneSettings:
             raise ValueError(f"--pruner must be one of {', '.join(PRUNERS)}, got {self.pruner!r}")
         if self.warmup < 0 or self.startup < 0:
             raise ValueError(f"--warmup-epochs and --startup-trials must be >= 0, got {self.warmup}, {self.startup}")
+        if self.pruner == "halving" and self.warmup < 1:
+            raise ValueError(f"--warmup-epochs must be >= 1 with --pruner halving (it is the first rung: the "
+                             f"epoch at which trials are first compared), got {self.warmup}")
         if self.train.valid_metric != OBJECTIVE:
             raise ValueError(f"valid_metric={self.train.valid_metric!r}: the search maximises validation "
                              f"{OBJECTIVE} (leave valid_metric at its default)")
@@ -499,7 +502,7 @@ def make_pruner(settings: TuneSettings):
         return optuna.pruners.NopPruner()
     if settings.pruner == "halving":
         # Rungs at warm-up x 3^k epochs; no bootstrap: the first trial at a rung goes on.
-        return optuna.pruners.SuccessiveHalvingPruner(min_resource=max(settings.warmup, 1),
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=settings.warmup,
                                                       reduction_factor=HALVING_FACTOR, min_early_stopping_rate=0)
     return optuna.pruners.MedianPruner(n_startup_trials=settings.startup, n_warmup_steps=settings.warmup,
                                        interval_steps=1)

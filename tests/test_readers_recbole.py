@@ -1,7 +1,7 @@
 """RecBole atomic files and the HM4SR authors' processed folder -> RawDataset.
 
 Fixtures are tiny hand-written files in exactly the formats users bring
-(docs/data.md): typed tab-separated .inter/.item headers, .npy/.pt matrices,
+(docs/guide.md, "Data sources and licences"): typed tab-separated .inter/.item headers, .npy/.pt matrices,
 and the authors' (N+1)-row tensors in RecBole's first-appearance item order.
 """
 

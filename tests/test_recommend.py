@@ -145,12 +145,19 @@ def test_a_new_user_from_pairs_or_files(model, tiny_ds, tmp_path):
     for name in ("h.csv", "h.parquet", "h.jsonl"):
         h = rec.read_history(tmp_path / name, tiny_ds)
         assert np.array_equal(h.items, cold.items) and np.array_equal(h.timestamps, cold.timestamps)
-    with pytest.raises(ValueError, match=r"row 1: 'nope'"):
+    with pytest.raises(ValueError, match=r"interaction 2: 'nope'"):
         rec.history_from_pairs(tiny_ds, [(tokens[0], 10), ("nope", 20)])
-    with pytest.raises(ValueError, match="row 2: timestamp 5 is earlier than row 1's 20"):
+    with pytest.raises(ValueError, match="interaction 3: timestamp 5 is earlier than interaction 2's 20"):
         rec.history_from_pairs(tiny_ds, [(tokens[0], 10), (tokens[1], 20), (tokens[2], 5)])
-    with pytest.raises(ValueError, match="row 1: timestamp 'yesterday' is not a whole number"):
+    with pytest.raises(ValueError, match="interaction 2: timestamp 'yesterday' is not a whole number"):
         rec.history_from_pairs(tiny_ds, [(tokens[0], 10), (tokens[1], "yesterday")])
+    # In a file, the error names the line a user sees in an editor (the .csv header is line 1).
+    (tmp_path / "bad.csv").write_text(f"item,timestamp\n{tokens[0]},10\nnope,20\n")
+    with pytest.raises(ValueError, match=r"bad.csv: history: unknown item token\(s\) \(line 3: 'nope'\)"):
+        rec.read_history(tmp_path / "bad.csv", tiny_ds)
+    (tmp_path / "bad.jsonl").write_text(f'{{"item": "{tokens[0]}", "timestamp": 30}}\n\n{{"item": "{tokens[1]}", "timestamp": 20}}\n')
+    with pytest.raises(ValueError, match="bad.jsonl: history line 3: timestamp 20 is earlier than line 1's 30"):
+        rec.read_history(tmp_path / "bad.jsonl", tiny_ds)
 
 
 # ----------------------------------------------------------------------------- the command line

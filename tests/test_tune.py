@@ -335,3 +335,6 @@ def test_halving_is_the_default_and_judges_at_the_warm_up_epoch(tmp_path):
     assert isinstance(tune.make_pruner(dataclasses.replace(settings, pruner="none")), optuna.pruners.NopPruner)
     with pytest.raises(ValueError, match="--pruner must be one of halving, median, none, got 'asha'"):
         dataclasses.replace(settings, pruner="asha")
+    with pytest.raises(ValueError, match="--warmup-epochs must be >= 1 with --pruner halving"):
+        dataclasses.replace(settings, warmup=0)
+    assert dataclasses.replace(settings, pruner="median", warmup=0).warmup == 0  # the median rule may judge at once

