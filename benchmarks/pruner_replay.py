@@ -57,8 +57,9 @@ def candidates(cap: int) -> dict:
 
 
 def replay(curves: list[list[float]], pruner) -> dict:
-    """What ``pruner`` would have done on ``curves`` (reported in order, epoch by epoch, with
-    hm4sr tune's rule of never pruning at a trial's last epoch)."""
+    """What ``pruner`` would have done on ``curves`` (reported in order, epoch by epoch, as
+    hm4sr tune's objective reports them: the running best, never pruned at a trial's last
+    epoch). ``states``: each trial's final state, COMPLETE or PRUNED."""
     import optuna
     study = optuna.create_study(study_name="replay", direction="maximize", pruner=pruner)  # Hyperband brackets hash the name
     spent, kept = 0, []
@@ -79,7 +80,7 @@ def replay(curves: list[list[float]], pruner) -> dict:
     total = sum(len(c) for c in curves)
     return {"epochs": spent, "epochs_unpruned": total, "epochs_ratio": total / spent,
             "pruned": sum(t.state == optuna.trial.TrialState.PRUNED for t in study.trials),
-            "best_kept": max(kept)}
+            "best_kept": max(kept), "states": [t.state.name for t in study.trials]}
 
 
 def main(argv=None) -> int:
@@ -100,7 +101,8 @@ def main(argv=None) -> int:
         print(f"{name:44s} {r['epochs_ratio']:11.2f}x {r['pruned']:7d} {r['best_kept']:10.4f}")
     if args.json:
         args.json.write_text(json.dumps({"folder": str(args.folder), "trials": len(curves), "best": best,
-                                         "replays": rows}, indent=1))
+                                         "replays": {k: {f: v for f, v in r.items() if f != "states"}
+                                                     for k, r in rows.items()}}, indent=1))
     return 0
 
 

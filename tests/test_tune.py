@@ -23,6 +23,7 @@ import pytest
 
 optuna = pytest.importorskip("optuna", reason="Optuna is not installed (pip install \"hm4sr-workbench[tune]\")")
 
+from benchmarks import pruner_replay  # noqa: E402
 from hm4sr_core import provenance, tune  # noqa: E402
 from hm4sr_core.cli import main  # noqa: E402
 from hm4sr_core.data.store import save_dataset  # noqa: E402
@@ -303,19 +304,8 @@ def test_two_workers_on_one_postgresql_study(postgres, tiny_folder, tmp_path):
 
 
 def _replay(pruner, curves) -> list[str]:
-    """Report each curve as hm4sr tune's objective does; the trials' final states."""
-    study = optuna.create_study(direction="maximize", pruner=pruner)
-
-    def objective(trial):
-        curve = curves[trial.number]
-        for epoch, value in enumerate(curve, start=1):
-            trial.report(value, epoch)
-            if epoch < len(curve) and trial.should_prune():
-                raise optuna.TrialPruned()
-        return curve[-1]
-
-    study.optimize(objective, n_trials=len(curves))
-    return [t.state.name for t in study.trials]
+    """Each trial's final state when ``pruner`` judges ``curves`` as hm4sr tune reports them."""
+    return pruner_replay.replay(curves, pruner)["states"]
 
 
 def test_halving_is_the_default_and_judges_at_the_warm_up_epoch(tmp_path):
