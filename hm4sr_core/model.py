@@ -37,6 +37,7 @@ from torch import nn
 from . import kernels
 from .config import ModelConfig
 from .data.splits import SequenceBatch
+from .data.timeunits import SECONDS_PER_DAY
 from .sampling import CandidateSample, StepDraws
 
 MAX_GAP_LOG2 = 32  # gaps up to 2**32 s (136 years) get their own bucket; longer ones share the last
@@ -257,9 +258,9 @@ class TimeEmbedding(nn.Module):
         the [0, 1] clock with ``timestamps="minmax"``)."""
         if self.timestamps != "exact":
             t = self.stored(timestamps)
-            return ((t - self.time_origin) / 86400.0).float() if self.normalise else t.float()
+            return ((t - self.time_origin) / SECONDS_PER_DAY).float() if self.normalise else t.float()
         if self.normalise:
-            return ((timestamps.double() - self.time_origin) / 86400.0).float()
+            return ((timestamps.double() - self.time_origin) / SECONDS_PER_DAY).float()
         return timestamps.float()  # the released code: ~1e9 s straight into Linear -> cos
 
     def forward(self, timestamps: torch.Tensor, real: torch.Tensor):
