@@ -1,0 +1,143 @@
+"""The prefix-epoch ratio alone, paired: HM4SR's prefix epoch over RecBole SASRec's, in rounds.
+
+`make bench` times RecBole's epoch at the start of a 27-minute run and HM4SR's prefix epoch
+minutes later, once each; on a shared 2-core host the two can meet different loads, and one
+run's ratio moved by 0.1 between two runs of the same commit. This tool measures only that
+ratio, as a median of rounds: each round trains one epoch of each side, each in a process of
+its own, back to back, the order alternating from round to round (R H, H R, ...), and the
+round's ratio divides the two. With ``--rev`` a third side trains HM4SR as of another git
+revision (a worktree under .bench/) in the same rounds, so a change is judged against its
+base and the peer under the same conditions.
+
+    python -m benchmarks.prefix_ratio                  # 3 rounds, about 17 minutes here
+    python -m benchmarks.prefix_ratio --rounds 5 --rev 12ce1fa
+
+The settings are make bench's (ml-100k, batch 1024, 2 threads, one epoch, RecBole 1.2.1 in
+.bench/recbole-venv). Prints each epoch as it ends and the medians; appends one JSON line per
+invocation to benchmarks/prefix_ratio.jsonl (rounds, medians, CPU model, load, CPU steal,
+commit) and writes it to ``--out`` as well when given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from benchmarks.run import ROOT, _cpu_ticks, _dataset, _peak_rss_mb
+from hm4sr_core import provenance
+
+HISTORY = ROOT / "benchmarks" / "prefix_ratio.jsonl"
+WORKTREES = ROOT / ".bench" / "worktrees"
+TARGET = 0.8  # make bench's hm4sr_prefix_epoch_vs_recbole_sasrec target
+
+
+def one_side(side: str) -> dict:
+    """Train one epoch of ``side`` ('hm4sr' or 'recbole') here; its seconds and peak RSS."""
+    ds, data_hash = _dataset()
+    if side == "recbole":
+        from benchmarks.recbole_peer import measure
+        figures = measure(ds, "ml-100k", threads=2, max_epochs=1, max_seconds=float("inf"), eval_repeats=1)
+        if figures.get("recbole_sasrec_skipped"):
+            raise SystemExit(f"RecBole's SASRec could not run: {figures['recbole_sasrec_skipped']}")
+        return {"seconds": figures["recbole_sasrec_seconds_per_epoch"]}
+    from hm4sr_core.config import ModelConfig, TrainConfig
+    from hm4sr_core.train import train
+    cfg = TrainConfig(mode="prefix", epochs=1, threads=2, patience=100)  # part_epochs' first case
+    result = train(ds, ModelConfig(), cfg, data_hash=data_hash, progress=False, test=False)
+    return {"seconds": float(result.epochs["train_seconds"].iloc[0]), "peak_rss_mb": _peak_rss_mb()}
+
+
+def _worktree(rev: str) -> Path:
+    """A detached worktree of ``rev`` under .bench/worktrees (made once, reused)."""
+    commit = subprocess.run(["git", "rev-parse", "--verify", f"{rev}^{{commit}}"], cwd=ROOT, capture_output=True,
+                            text=True)
+    if commit.returncode != 0:
+        raise SystemExit(f"--rev {rev}: not a commit of this repository ({commit.stderr.strip()})")
+    sha = commit.stdout.strip()
+    path = WORKTREES / sha[:12]
+    if not (path / "hm4sr_core").is_dir():
+        WORKTREES.mkdir(parents=True, exist_ok=True)
+        done = subprocess.run(["git", "worktree", "add", "--detach", str(path), sha], cwd=ROOT,
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            raise SystemExit(f"git worktree add {path} {sha} failed: {done.stderr.strip()}")
+    return path
+
+
+def _run_side(side: str, code_root: Path) -> dict:
+    """One epoch of ``side`` in a fresh process that imports hm4sr_core from ``code_root``
+    (this checkout, or a revision's worktree); adds the CPU steal share while it ran."""
+    env = dict(os.environ)
+    # The revision's hm4sr_core first; the benchmarks package (and its data paths) stay this checkout's.
+    env["PYTHONPATH"] = os.pathsep.join([str(code_root), str(ROOT)])
+    env.setdefault("HM4SR_DATA", str(ROOT / "data"))
+    before, t = _cpu_ticks(), time.time()
+    done = subprocess.run([sys.executable, "-m", "benchmarks.prefix_ratio", "--one", side], cwd=ROOT, env=env,
+                          capture_output=True, text=True)
+    after = _cpu_ticks()
+    if done.returncode != 0:
+        raise SystemExit(f"the {side} epoch failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    out["started"] = time.strftime("%H:%M:%S", time.gmtime(t))
+    out["load_1min_after"] = os.getloadavg()[0]
+    if before and after and after[1] > before[1]:
+        out["cpu_steal_percent"] = round(100.0 * (after[0] - before[0]) / (after[1] - before[1]), 2)
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rounds", type=int, default=3, help="rounds; each trains one epoch of every side (default 3)")
+    p.add_argument("--rev", help="also time HM4SR's prefix epoch as of this git revision in every round")
+    p.add_argument("--out", type=Path, help="also write the record here as JSON")
+    p.add_argument("--one", choices=("hm4sr", "recbole"), help=argparse.SUPPRESS)  # the child process's side
+    args = p.parse_args()
+    if args.one:
+        print(json.dumps(one_side(args.one)))
+        return
+    if args.rounds < 1:
+        p.error(f"--rounds must be >= 1, got {args.rounds}")
+    sides = {"recbole": ROOT, "hm4sr": ROOT}
+    if args.rev:
+        sides[f"hm4sr@{args.rev}"] = _worktree(args.rev)
+    names = list(sides)
+    rounds = []
+    for r in range(args.rounds):
+        order = names if r % 2 == 0 else names[::-1]
+        row = {}
+        for name in order:
+            print(f"[prefix_ratio] round {r + 1}/{args.rounds}: {name} ...", file=sys.stderr, flush=True)
+            row[name] = _run_side(name.split("@")[0], sides[name])
+            print(f"[prefix_ratio]   {row[name]['seconds']:.1f} s", file=sys.stderr, flush=True)
+        for name in names[1:]:
+            row[f"{name}_vs_recbole"] = row[name]["seconds"] / row["recbole"]["seconds"]
+        rounds.append({"order": order, **row})
+        print(f"[prefix_ratio] round {r + 1}: " + ", ".join(f"{n} / recbole {row[f'{n}_vs_recbole']:.3f}"
+                                                          for n in names[1:]), file=sys.stderr, flush=True)
+    medians = {f"{n}_vs_recbole_median": statistics.median(x[f"{n}_vs_recbole"] for x in rounds) for n in names[1:]}
+    medians.update({f"{n}_seconds_median": statistics.median(x[n]["seconds"] for x in rounds) for n in names})
+    git = provenance.git_state(ROOT, ("hm4sr_core",))
+    record = {"measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+              "command": "python -m benchmarks.prefix_ratio " + " ".join(sys.argv[1:]),
+              "commit": git["commit"] and git["commit"][:7], "uncommitted_changes": git["dirty"],
+              "rev": args.rev, "cpu_model": provenance.cpu()["cpu_model"], "target": TARGET,
+              **medians, "rounds": rounds}
+    with open(HISTORY, "a") as f:
+        f.write(json.dumps(record, sort_keys=True) + "\n")
+    if args.out:
+        from hm4sr_core.data.store import write_json_atomic
+        write_json_atomic(args.out, record)
+    for n in names[1:]:
+        m = medians[f"{n}_vs_recbole_median"]
+        print(f"{n}: prefix epoch {medians[f'{n}_seconds_median']:.1f} s, RecBole {medians['recbole_seconds_median']:.1f} s; "
+              f"ratio median of {len(rounds)} rounds {m:.3f} (target <= {TARGET}: {'met' if m <= TARGET else 'not met'})")
+
+
+if __name__ == "__main__":
+    main()
