@@ -351,3 +351,44 @@ def test_history_records_the_openmp_setting_and_shows_the_ratios(tmp_path, monke
     assert " spin=10000 " in out and " PASSIVE " in out
     assert "hm4sr_time_to_target_vs_recbole_sasrec: median 0.123 over 2 runs, target <= 0.2: met" in out
     assert bench._openmp_label({"OMP_WAIT_POLICY": None, "GOMP_SPINCOUNT": None}) == "default"
+
+
+# Lines of `perf report --no-children --sort dso,symbol --stdio` from a profile of prefix steps on
+# the 2-core AMD EPYC machine (2026-12-06), symbols shortened where they run on for pages.
+PERF_LINES = """
+# Overhead  Shared Object  Symbol
+    32.16%  libtorch_cpu.so  [.] mkl_blas_def_sgemm_kernel_0_zen
+     7.60%  libtorch_cpu.so  [.] c10::function_ref<void (char**, long const*, long, long)>::callback_fn<at::native::AVX2::VectorizedLoop2d<at::native::AVX2::direct_copy_kernel(at::TensorIteratorBase&)::{lambda()#3}
+     6.71%  libtorch_cpu.so  [.] mkl_blas_def_sgemm_scopy_right4_bdz
+     4.68%  libtorch_cpu.so  [.] c10::function_ref<void (char**, long const*, long, long)>::callback_fn<at::native::AVX2::VectorizedLoop2d<at::native::(anonymous namespace)::mul_kernel(at::TensorIteratorBase&)::{lambda()#1}
+                --7.46%--at::internal::serial_for_each
+     2.68%  libgomp.so.1  [.] 0x000000000001de62
+     2.65%  libtorch_cpu.so  [.] mkl_blas_def_sgemm_mscale
+     2.45%  libtorch_cpu.so  [.] at::native::(anonymous namespace)::vectorized_outer_sum<float, at::native::(anonymous namespace)::OuterSumCastLoadPolicy<at::vec::AVX2::Vectorized<float>
+     1.46%  libpython3.11.so.1.0  [.] gc_collect_main
+     1.14%  libtorch_cpu.so  [.] at::internal::invoke_parallel<at::parallel_for<at::native::(anonymous namespace)::_vec_softmax_lastdim<float>(float const*, float*, long, long)::{lambda(long, long)#1}>
+     1.07%  [kernel.kallsyms]  [k] clear_page_erms
+     0.91%  libtorch_cpu.so  [.] at::native::(anonymous namespace)::LayerNormBackwardKernelImplInternal<float, float>(at::Tensor const&, at::Tensor const&)
+     0.44%  libpython3.11.so.1.0  [.] _PyEval_EvalFrameDefault
+     0.41%  libc.so.6  [.] _int_malloc
+"""
+
+
+def test_step_profile_sums_perf_samples_by_kind_of_work():
+    from benchmarks.step_profile import kinds_of
+    shares, symbols = kinds_of(PERF_LINES)
+    assert len(symbols) == 13  # the header and the call-graph line are not symbols
+    expected = {"gemm_kernel": 32.16, "copy": 7.60, "gemm_packing": 6.71, "elementwise": 4.68, "openmp_wait": 2.68,
+                "gemm_other": 2.65, "reduction": 2.45, "python_gc": 1.46, "norm_softmax": 1.14 + 0.91,
+                "os_kernel": 1.07, "python": 0.44, "other": 0.41}
+    assert shares == pytest.approx(expected, abs=1e-9)
+
+
+def test_prefix_ratio_refuses_bad_arguments_before_training():
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "benchmarks.prefix_ratio", *args], capture_output=True, text=True,
+                              timeout=120)
+    done = run("--rounds", "0")
+    assert done.returncode == 2 and "--rounds must be >= 1, got 0" in done.stderr
+    done = run("--rev", "no-such-revision-xyz")
+    assert done.returncode == 1 and "--rev no-such-revision-xyz: not a commit of this repository" in done.stderr
