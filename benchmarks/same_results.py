@@ -10,9 +10,10 @@ states, the saved random state) must be equal: ``torch.equal``, not close.
     python -m benchmarks.same_results --rev 0793006
     python -m benchmarks.same_results --rev main --out /tmp/same   # keeps the runs; reruns reuse rev's
 
-Cases: HM4SR and SASRec in dense mode (the defaults), and HM4SR in prefix mode with
-``micro_batches=2`` and ``recompute=true`` (gradient caching and recomputation). Exits 1
-on the first case that differs, naming what differs.
+Cases: HM4SR and SASRec in dense mode (the defaults), HM4SR in prefix mode with
+``micro_batches=2`` and ``recompute=true`` (gradient caching and recomputation), and
+HM4SR with the sampled softmax (dense with the popularity proposal; prefix in two parts
+with the uniform one). Exits 1 on the first case that differs, naming what differs.
 """
 
 from __future__ import annotations
@@ -39,6 +40,12 @@ CASES = {
     "sasrec_dense": ["--model", "sasrec", "--epochs", "2"],
     "hm4sr_prefix_parts": ["--model", "hm4sr", "--epochs", "1", "--mode", "prefix", "--set", "batch_size=256",
                            "--set", "micro_batches=2", "--set", "recompute=true"],
+    # Sampled softmax: the negatives are drawn outside the model (hm4sr_core/sampling.py), so
+    # a change to the draw order shows here.
+    "hm4sr_dense_sampled": ["--model", "hm4sr", "--epochs", "1", "--set", "rec_loss=sampled",
+                            "--set", "num_negatives=64", "--set", "negative_proposal=popularity"],
+    "hm4sr_prefix_parts_sampled": ["--model", "hm4sr", "--epochs", "1", "--mode", "prefix", "--set", "batch_size=256",
+                                   "--set", "micro_batches=2", "--set", "rec_loss=sampled", "--set", "num_negatives=64"],
 }
 TIMING_COLUMNS = {"train_seconds", "seconds_since_start", "seconds"}
 
