@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import re
+import resource
 import shutil
 import statistics
 import subprocess
@@ -87,13 +88,16 @@ def run_steps(steps: int, threads: int) -> dict:
 
     step(batches[0])
     _perf_control(b"enable")  # perf samples the timed steps only, not the set-up
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     times = []
     for batch in batches[1:]:
         t = time.perf_counter()
         step(batch)
         times.append(time.perf_counter() - t)
     _perf_control(b"disable")
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
     return {"seconds_per_step_median": statistics.median(times), "seconds_all": times,
+            "page_faults_per_step": faults / len(times),
             "widths": [int(b.items.shape[1]) for b in batches[1:]], "threads": threads}
 
 
@@ -142,7 +146,8 @@ def main() -> None:
         if args.child:
             print(json.dumps(result))
             return
-        print(f"{result['seconds_per_step_median']:.3f} s per step (median of {args.steps}; widths {result['widths']})")
+        print(f"{result['seconds_per_step_median']:.3f} s per step (median of {args.steps}; widths {result['widths']}); "
+              f"{result['page_faults_per_step']:.0f} page faults per step")
         if args.out:
             args.out.write_text(json.dumps(result, indent=1))
         return
