@@ -128,9 +128,17 @@ def parse_overrides(pairs: list[str]) -> tuple[dict, dict]:
     return model, train
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser with a short error: the one line that says what is wrong and where
+    the options are explained, not the whole usage block above it (a train command's usage
+    is twelve lines that push the reason out of sight)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n(`{self.prog} --help` explains every option)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="hm4sr", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _Parser(prog="hm4sr", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     p.add_argument("--data-root", metavar="DIR",
                    help="where prepared datasets (DIR/processed/<name>), feature caches and downloads live; "

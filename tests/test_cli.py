@@ -368,3 +368,19 @@ def test_copy_notebooks_says_where_their_kernels_keep_data(monkeypatch, tmp_path
     monkeypatch.setenv("HM4SR_DATA", str(tmp_path / "shared"))  # set: the kernels inherit it, nothing to say
     code, text, err = _run(capsys, "copy-notebooks", "nb2")
     assert code == 0 and "HM4SR_DATA" not in text
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["train", "--model", "nosuch", "--data", "x", "--out", "y"], "hm4sr train: error: argument --model: invalid choice: 'nosuch'"),
+    (["train", "--data", "x"], "hm4sr train: error: the following arguments are required: --out"),
+    (["nosuch"], "hm4sr: error: argument COMMAND: invalid choice: 'nosuch'"),
+])
+def test_a_usage_error_is_one_line_and_where_help_is(argv, says, capsys):
+    with pytest.raises(SystemExit) as done:
+        main(argv)
+    assert done.value.code == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert lines[0].startswith(says), err
+    assert len(lines) == 2 and "--help` explains every option" in lines[1], err
+    assert "usage:" not in err
