@@ -6,8 +6,9 @@ run's ratio moved by 0.1 between two runs of the same commit. This tool measures
 ratio, as a median of rounds: each round trains one epoch of each side, each in a process of
 its own, back to back, the order alternating from round to round (R H, H R, ...), and the
 round's ratio divides the two. With ``--rev`` a third side trains HM4SR as of another git
-revision (a worktree under .bench/) in the same rounds, so a change is judged against its
-base and the peer under the same conditions.
+revision (its hm4sr_core extracted under .bench/revs/; the training API it is called with,
+``train(..., test=False)`` and ``TrainConfig``, must be the same as here) in the same rounds,
+so a change is judged against its base and the peer under the same conditions.
 
     python -m benchmarks.prefix_ratio                  # 3 rounds, about 17 minutes here
     python -m benchmarks.prefix_ratio --rounds 5 --rev 12ce1fa
@@ -21,11 +22,14 @@ commit) and writes it to ``--out`` as well when given.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -33,7 +37,7 @@ from benchmarks.run import ROOT, _cpu_ticks, _dataset, _peak_rss_mb
 from hm4sr_core import provenance
 
 HISTORY = ROOT / "benchmarks" / "prefix_ratio.jsonl"
-WORKTREES = ROOT / ".bench" / "worktrees"
+REVS = ROOT / ".bench" / "revs"
 TARGET = 0.8  # make bench's hm4sr_prefix_epoch_vs_recbole_sasrec target
 
 
@@ -53,33 +57,47 @@ def one_side(side: str) -> dict:
     return {"seconds": float(result.epochs["train_seconds"].iloc[0]), "peak_rss_mb": _peak_rss_mb()}
 
 
-def _worktree(rev: str) -> Path:
-    """A detached worktree of ``rev`` under .bench/worktrees (made once, reused)."""
+def package_at(rev: str) -> Path:
+    """A folder holding only ``hm4sr_core`` as of ``rev`` (``git archive``; made once under
+    .bench/revs/, reused)."""
     commit = subprocess.run(["git", "rev-parse", "--verify", f"{rev}^{{commit}}"], cwd=ROOT, capture_output=True,
                             text=True)
     if commit.returncode != 0:
         raise SystemExit(f"--rev {rev}: not a commit of this repository ({commit.stderr.strip()})")
-    sha = commit.stdout.strip()
-    path = WORKTREES / sha[:12]
-    if not (path / "hm4sr_core").is_dir():
-        WORKTREES.mkdir(parents=True, exist_ok=True)
-        done = subprocess.run(["git", "worktree", "add", "--detach", str(path), sha], cwd=ROOT,
-                              capture_output=True, text=True)
-        if done.returncode != 0:
-            raise SystemExit(f"git worktree add {path} {sha} failed: {done.stderr.strip()}")
-    return path
+    folder = REVS / commit.stdout.strip()[:12]
+    if not (folder / "hm4sr_core" / "__init__.py").exists():
+        data = subprocess.run(["git", "archive", commit.stdout.strip(), "hm4sr_core"], cwd=ROOT, check=True,
+                              capture_output=True).stdout
+        part = folder.with_name(folder.name + ".part")
+        shutil.rmtree(part, ignore_errors=True)
+        part.mkdir(parents=True)
+        with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+            tar.extractall(part, filter="data")
+        shutil.rmtree(folder, ignore_errors=True)
+        part.rename(folder)  # whole or not at all: an interrupted extraction is redone
+    return folder
 
 
-def _run_side(side: str, code_root: Path) -> dict:
-    """One epoch of ``side`` in a fresh process that imports hm4sr_core from ``code_root``
-    (this checkout, or a revision's worktree); adds the CPU steal share while it ran."""
+def side_process(side: str, package: Path | None) -> tuple[list[str], Path, dict]:
+    """(command, working folder, environment) of one epoch of ``side``. With ``package`` (a
+    folder from :func:`package_at`) the process imports hm4sr_core from there and everything
+    else (benchmarks, data paths) from this checkout: python puts the working folder first on
+    its path, then PYTHONPATH."""
     env = dict(os.environ)
-    # The revision's hm4sr_core first; the benchmarks package (and its data paths) stay this checkout's.
-    env["PYTHONPATH"] = os.pathsep.join([str(code_root), str(ROOT)])
     env.setdefault("HM4SR_DATA", str(ROOT / "data"))
+    cwd = ROOT
+    if package is not None:
+        cwd = package
+        env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
+    return [sys.executable, "-m", "benchmarks.prefix_ratio", "--one", side], cwd, env
+
+
+def _run_side(side: str, package: Path | None) -> dict:
+    """One epoch of ``side`` in a fresh process (:func:`side_process`); adds when it started,
+    the load after it and the CPU steal share while it ran."""
+    cmd, cwd, env = side_process(side, package)
     before, t = _cpu_ticks(), time.time()
-    done = subprocess.run([sys.executable, "-m", "benchmarks.prefix_ratio", "--one", side], cwd=ROOT, env=env,
-                          capture_output=True, text=True)
+    done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
     after = _cpu_ticks()
     if done.returncode != 0:
         raise SystemExit(f"the {side} epoch failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
@@ -103,9 +121,9 @@ def main() -> None:
         return
     if args.rounds < 1:
         p.error(f"--rounds must be >= 1, got {args.rounds}")
-    sides = {"recbole": ROOT, "hm4sr": ROOT}
+    sides = {"recbole": None, "hm4sr": None}
     if args.rev:
-        sides[f"hm4sr@{args.rev}"] = _worktree(args.rev)
+        sides[f"hm4sr@{args.rev}"] = package_at(args.rev)
     names = list(sides)
     rounds = []
     for r in range(args.rounds):

@@ -8,6 +8,7 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -392,3 +393,21 @@ def test_prefix_ratio_refuses_bad_arguments_before_training():
     assert done.returncode == 2 and "--rounds must be >= 1, got 0" in done.stderr
     done = run("--rev", "no-such-revision-xyz")
     assert done.returncode == 1 and "--rev no-such-revision-xyz: not a commit of this repository" in done.stderr
+
+
+def test_prefix_ratio_runs_a_revision_s_package_with_this_checkout_s_benchmarks():
+    from benchmarks import prefix_ratio
+    package = prefix_ratio.package_at("HEAD")
+    assert (package / "hm4sr_core" / "model.py").read_text() == \
+        subprocess.run(["git", "show", "HEAD:hm4sr_core/model.py"], cwd=prefix_ratio.ROOT, capture_output=True,
+                       text=True, check=True).stdout
+    assert not (package / "benchmarks").exists()
+    for where, expected_core in ((package, package), (None, prefix_ratio.ROOT)):
+        cmd, cwd, env = prefix_ratio.side_process("hm4sr", where)
+        assert cmd[-2:] == ["--one", "hm4sr"]
+        probe = "import benchmarks, hm4sr_core; print(hm4sr_core.__file__); print(benchmarks.__file__)"
+        done = subprocess.run([sys.executable, "-c", probe], cwd=cwd, env=env, capture_output=True, text=True,
+                              timeout=60, check=True)
+        core, bench = done.stdout.split()
+        assert Path(core).resolve().is_relative_to(expected_core.resolve())
+        assert Path(bench).resolve().parent == (prefix_ratio.ROOT / "benchmarks").resolve()
