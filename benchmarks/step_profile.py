@@ -2,17 +2,16 @@
 compare two CPUs with.
 
 Runs prefix-mode HM4SR training steps (ml-100k, batch 1024, 2 threads, the first batches of
-epoch 1 in training order) under Linux ``perf record`` (cpu-clock sampling, so it works in a
-virtual machine without hardware counters; sampling only the timed steps, not the set-up) and
-sums the samples by kind of work: BLAS GEMM
-micro-kernels, BLAS operand packing, other BLAS routines, tensor copies, elementwise
-kernels, reductions, normalisation and softmax, OpenMP waiting, the OS kernel (page faults),
-Python and its garbage collector. It prints the seconds per step, the shares and the ten
-heaviest symbols, and writes them as JSON with ``--out``.
+epoch 1 in training order) under Linux perf record (cpu-clock sampling, so it works in a
+virtual machine without hardware counters; sampling only the timed steps, not the set-up)
+and sums the samples by kind of work: BLAS GEMM micro-kernels, BLAS operand packing, other
+BLAS routines, tensor copies, elementwise kernels, reductions, normalisation and softmax,
+OpenMP waiting, the OS kernel (page faults), Python and its garbage collector. It prints the
+seconds per step, the shares and the ten heaviest symbols, and writes them as JSON with --out.
 
-    python -m benchmarks.step_profile                    # 12 steps; needs perf (Debian: linux-perf)
+    python -m benchmarks.step_profile                    # 12 steps, under a minute; needs perf (Debian: linux-perf)
     python -m benchmarks.step_profile --steps 6 --out /tmp/profile.json
-    python -m benchmarks.step_profile --no-perf          # seconds per step only
+    python -m benchmarks.step_profile --no-perf          # seconds and page faults per step only
 
 torch's own profiler is not used for this: on these machines it reported large elementwise
 kernels (GELU on 51,200 x 256) at 24-30 ms a call where a stopwatch inside the same step
@@ -36,20 +35,23 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# (kind, pattern on "dso symbol"): the first match wins, so the specific kinds come first.
+# (kind, pattern): the first match wins, so the specific kinds come first. The OS kernel's own
+# symbols (its memcpy, csum_partial) are matched on the library name before any symbol pattern.
 KINDS = (
-    ("gemm_kernel", re.compile(r"sgemm_kernel|gemm_.*kernel|brgemm|jit_avx.*gemm|\[JIT\]")),
-    ("gemm_packing", re.compile(r"mkl_blas_\w*(scopy|copy|pack)")),
+    ("os_kernel", re.compile(r"^\[kernel|^\[k\]")),
+    ("gemm_packing", re.compile(r"mkl_blas_\w*(scopy|copy|pack)|brgemm_copy|gemm_pack|jit_\w*copy_[ab]")),
+    ("gemm_kernel", re.compile(r"sgemm_kernel|gemm\w*_kernel|brgemm|jit_avx\w*gemm|^\[JIT\]")),
     ("gemm_other", re.compile(r"mkl_blas_|mkl_serv|dnnl|mkldnn")),
     ("copy", re.compile(r"copy_kernel|memmove|memcpy|memset|cat_serial|CatArray|index_select|gather|scatter|stack")),
-    ("reduction", re.compile(r"sum|reduce|Reduce|mean|norm_kernel")),
-    ("norm_softmax", re.compile(r"LayerNorm|RowwiseMoments|softmax|Softmax")),
+    ("norm_softmax", re.compile(r"LayerNorm|layer_norm|RowwiseMoments|softmax|Softmax")),
+    ("reduction", re.compile(r"_sum\b|\bsum_|_sum_|\bsum\b|reduce|Reduce|_mean|norm_kernel")),
     ("elementwise", re.compile(r"VectorizedLoop|cpu_kernel|vectorized|Sleef|unary|binary|where|gelu|fill|addcmul")),
     ("openmp_wait", re.compile(r"libgomp")),
-    ("os_kernel", re.compile(r"\[kernel|\[k\]")),
     ("python_gc", re.compile(r"gc_collect|visit_decref|visit_reachable|subtract_refs|move_unreachable")),
     ("python", re.compile(r"libpython|python3")),
 )
+LINE = re.compile(r"\s*([\d.]+)%\s+(.+?)\s+(\[.\])\s+(.*\S)")  # share, library (may hold spaces), [.] or [k], symbol
+PERF_TIMEOUT = 900  # seconds for the profiled steps; 12 take under a minute here
 
 
 def run_steps(steps: int, threads: int) -> dict:
@@ -78,6 +80,9 @@ def run_steps(steps: int, threads: int) -> dict:
         batches.append(batch)
         if len(batches) == steps + 1:
             break
+    if len(batches) < steps + 1:
+        raise SystemExit(f"--steps {steps}: an epoch has {len(batches)} batches, so at most {len(batches) - 1} "
+                         "steps after the warm-up")
     draws = torch.Generator().manual_seed(0)
 
     def step(batch):
@@ -120,11 +125,11 @@ def kinds_of(report: str) -> tuple[dict[str, float], list[tuple[float, str]]]:
     shares["other"] = 0.0
     symbols = []
     for line in report.splitlines():
-        m = re.match(r"\s*([\d.]+)%\s+(\S+)\s+(\[.\])\s+(.*\S)", line)
+        m = LINE.match(line)
         if not m:
             continue
         share, dso, mark, symbol = float(m.group(1)), m.group(2), m.group(3), m.group(4)
-        text = f"{dso} {'[k]' if mark == '[k]' else ''} {symbol}"
+        text = f"{'[k]' if mark == '[k]' else dso} {symbol}"
         kind = next((k for k, pattern in KINDS if pattern.search(text)), "other")
         shares[kind] += share
         symbols.append((share, f"{dso} {symbol}"[:160]))
@@ -132,10 +137,11 @@ def kinds_of(report: str) -> tuple[dict[str, float], list[tuple[float, str]]]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m benchmarks.step_profile", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=12, help="timed steps after one warm-up step (default 12)")
     p.add_argument("--threads", type=int, default=2, help="torch threads (default 2, the bench's)")
-    p.add_argument("--no-perf", action="store_true", help="only time the steps, without perf")
+    p.add_argument("--no-perf", action="store_true", help="only time the steps (and count page faults), without perf")
     p.add_argument("--out", type=Path, help="write the figures here as JSON")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # the process perf samples
     args = p.parse_args()
@@ -162,14 +168,18 @@ def main() -> None:
                "-o", str(data), "--",
                sys.executable, "-m", "benchmarks.step_profile", "--child", "--steps", str(args.steps),
                "--threads", str(args.threads)]
-        done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
-                              env=dict(os.environ, HM4SR_PERF_CONTROL=f"{ctl},{ack}"))
+        try:
+            done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=PERF_TIMEOUT,
+                                  env=dict(os.environ, HM4SR_PERF_CONTROL=f"{ctl},{ack}"))
+        except subprocess.TimeoutExpired:
+            raise SystemExit(f"perf record ran past {PERF_TIMEOUT} s and was stopped") from None
         if done.returncode != 0 or not done.stdout.strip():
-            raise SystemExit(f"perf record failed (exit {done.returncode}):\n{done.stderr[-3000:]}\n"
-                             "(perf_event_paranoid above 2 forbids it for non-root users)")
+            raise SystemExit(f"perf record failed (exit {done.returncode}); its output ends:\n{done.stderr[-3000:]}\n"
+                             "(perf needs --control and -D, Linux 5.10 or later, and a perf_event_paranoid "
+                             "of 2 or less for a non-root user; --no-perf times the steps without it)")
         result = json.loads(done.stdout.strip().splitlines()[-1])
         report = subprocess.run([perf, "report", "-i", str(data), "--no-children", "--sort", "dso,symbol",
-                                 "--stdio", "--percent-limit", "0.01"], capture_output=True, text=True)
+                                 "--stdio", "--percent-limit", "0"], capture_output=True, text=True)
         if report.returncode != 0:
             raise SystemExit(f"perf report failed:\n{report.stderr[-3000:]}")
     shares, symbols = kinds_of(report.stdout)

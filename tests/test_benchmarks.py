@@ -372,16 +372,23 @@ PERF_LINES = """
      0.91%  libtorch_cpu.so  [.] at::native::(anonymous namespace)::LayerNormBackwardKernelImplInternal<float, float>(at::Tensor const&, at::Tensor const&)
      0.44%  libpython3.11.so.1.0  [.] _PyEval_EvalFrameDefault
      0.41%  libc.so.6  [.] _int_malloc
+     0.30%  [kernel.kallsyms]  [k] memset_orig
+     0.20%  [kernel.kallsyms]  [k] csum_partial
+     0.10%  [JIT] tid 8068  [.] 0x00007f5477280221
+     0.05%  libtorch_cpu.so  [.] dnnl::impl::cpu::x64::brgemm_matmul_utils::jit_brgemm_matmul_copy_b_f32_t::generate
+     0.04%  libtorch_cpu.so  [.] at::native::layer_norm_cpu_out
+     0.03%  libpython3.11.so.1.0  [.] consume_kw
 """
 
 
 def test_step_profile_sums_perf_samples_by_kind_of_work():
     from benchmarks.step_profile import kinds_of
     shares, symbols = kinds_of(PERF_LINES)
-    assert len(symbols) == 13  # the header and the call-graph line are not symbols
-    expected = {"gemm_kernel": 32.16, "copy": 7.60, "gemm_packing": 6.71, "elementwise": 4.68, "openmp_wait": 2.68,
-                "gemm_other": 2.65, "reduction": 2.45, "python_gc": 1.46, "norm_softmax": 1.14 + 0.91,
-                "os_kernel": 1.07, "python": 0.44, "other": 0.41}
+    assert len(symbols) == 19  # the header and the call-graph line are not symbols
+    expected = {"gemm_kernel": 32.16 + 0.10, "copy": 7.60, "gemm_packing": 6.71 + 0.05, "elementwise": 4.68,
+                "openmp_wait": 2.68, "gemm_other": 2.65, "reduction": 2.45, "python_gc": 1.46,
+                "norm_softmax": 1.14 + 0.91 + 0.04, "os_kernel": 1.07 + 0.30 + 0.20, "python": 0.44 + 0.03,
+                "other": 0.41}
     assert shares == pytest.approx(expected, abs=1e-9)
 
 
@@ -395,19 +402,31 @@ def test_prefix_ratio_refuses_bad_arguments_before_training():
     assert done.returncode == 1 and "--rev no-such-revision-xyz: not a commit of this repository" in done.stderr
 
 
-def test_prefix_ratio_runs_a_revision_s_package_with_this_checkout_s_benchmarks():
+def test_prefix_ratio_runs_a_revision_s_package_with_this_checkout_s_benchmarks(tmp_path, monkeypatch):
     from benchmarks import prefix_ratio
+    monkeypatch.setattr(prefix_ratio, "REVS", tmp_path / "revs")
     package = prefix_ratio.package_at("HEAD")
+    assert package.parent == tmp_path / "revs"
     assert (package / "hm4sr_core" / "model.py").read_text() == \
         subprocess.run(["git", "show", "HEAD:hm4sr_core/model.py"], cwd=prefix_ratio.ROOT, capture_output=True,
                        text=True, check=True).stdout
     assert not (package / "benchmarks").exists()
+    prefix_ratio.check_package(package)  # today's package: accepted
     for where, expected_core in ((package, package), (None, prefix_ratio.ROOT)):
         cmd, cwd, env = prefix_ratio.side_process("hm4sr", where)
         assert cmd[-2:] == ["--one", "hm4sr"]
         probe = "import benchmarks, hm4sr_core; print(hm4sr_core.__file__); print(benchmarks.__file__)"
-        done = subprocess.run([sys.executable, "-c", probe], cwd=cwd, env=env, capture_output=True, text=True,
-                              timeout=60, check=True)
-        core, bench = done.stdout.split()
-        assert Path(core).resolve().is_relative_to(expected_core.resolve())
-        assert Path(bench).resolve().parent == (prefix_ratio.ROOT / "benchmarks").resolve()
+        for safe in ("", "1"):  # with PYTHONSAFEPATH python leaves out the working folder
+            done = subprocess.run([sys.executable, "-c", probe], cwd=cwd, env={**env, "PYTHONSAFEPATH": safe},
+                                  capture_output=True, text=True, timeout=60, check=True)
+            core, bench = done.stdout.split()
+            assert Path(core).resolve() == (expected_core / "hm4sr_core" / "__init__.py").resolve(), safe
+            assert Path(bench).resolve() == (prefix_ratio.ROOT / "benchmarks" / "__init__.py").resolve()
+
+
+def test_prefix_ratio_refuses_a_revision_its_benchmarks_cannot_drive(tmp_path, monkeypatch):
+    from benchmarks import prefix_ratio
+    monkeypatch.setattr(prefix_ratio, "REVS", tmp_path / "revs")
+    old = prefix_ratio.package_at("f4b72c5")  # before hm4sr_core.provenance existed
+    with pytest.raises(SystemExit, match="revisions from c11ac5c on can"):
+        prefix_ratio.check_package(old)
