@@ -136,6 +136,17 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message}\n(`{self.prog} --help` explains every option)\n")
 
+    def parse_args(self, args=None, namespace=None):
+        """As argparse's, but an option the command does not know is reported by that
+        command's parser (``hm4sr train: error: unrecognized arguments: --bogus``), not by
+        the top-level one."""
+        namespace, extras = self.parse_known_args(args, namespace)
+        if extras:
+            commands = next((a.choices for a in self._actions if isinstance(a, argparse._SubParsersAction)), {})
+            parser = commands.get(getattr(namespace, "command", None), self)
+            parser.error(f"unrecognized arguments: {' '.join(extras)}")
+        return namespace
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="hm4sr", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

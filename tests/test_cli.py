@@ -374,6 +374,8 @@ def test_copy_notebooks_says_where_their_kernels_keep_data(monkeypatch, tmp_path
     (["train", "--model", "nosuch", "--data", "x", "--out", "y"], "hm4sr train: error: argument --model: invalid choice: 'nosuch'"),
     (["train", "--data", "x"], "hm4sr train: error: the following arguments are required: --out"),
     (["nosuch"], "hm4sr: error: argument COMMAND: invalid choice: 'nosuch'"),
+    (["train", "--data", "x", "--out", "y", "--bogus", "1"], "hm4sr train: error: unrecognized arguments: --bogus 1"),
+    (["--bogus"], "hm4sr: error: the following arguments are required: COMMAND"),
 ])
 def test_a_usage_error_is_one_line_and_where_help_is(argv, says, capsys):
     with pytest.raises(SystemExit) as done:
