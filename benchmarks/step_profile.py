@@ -40,7 +40,9 @@ ROOT = Path(__file__).resolve().parent.parent
 KINDS = (
     ("os_kernel", re.compile(r"^\[kernel|^\[k\]")),
     ("gemm_packing", re.compile(r"mkl_blas_\w*(scopy|copy|pack)|brgemm_copy|gemm_pack|jit_\w*copy_[ab]")),
-    ("gemm_kernel", re.compile(r"sgemm_kernel|gemm\w*_kernel|brgemm|jit_avx\w*gemm|^\[JIT\]")),
+    ("gemm_kernel", re.compile(r"sgemm_kernel|gemm\w*_kernel|brgemm|jit_avx\w*gemm")),
+    # Code generated at run time (MKL's and oneDNN's JIT kernels), which perf cannot name.
+    ("jit_unnamed", re.compile(r"^\[JIT\]")),
     ("gemm_other", re.compile(r"mkl_blas_|mkl_serv|dnnl|mkldnn")),
     ("copy", re.compile(r"copy_kernel|memmove|memcpy|memset|cat_serial|CatArray|index_select|gather|scatter|stack")),
     ("norm_softmax", re.compile(r"LayerNorm|layer_norm|RowwiseMoments|softmax|Softmax")),
@@ -118,8 +120,8 @@ def _perf_control(command: bytes) -> None:
             f.read(5)
 
 
-def kinds_of(report: str) -> tuple[dict[str, float], list[tuple[float, str]]]:
-    """Shares (percent of samples) by kind, and the symbols, from ``perf report --stdio``
+def kinds_of(report: str) -> tuple[dict[str, float], list[tuple[float, str, str]]]:
+    """Shares (percent of samples) by kind, and the symbols (share, name, kind), from ``perf report --stdio``
     lines such as ``  12.34%  libtorch_cpu.so  [.] mkl_blas_def_sgemm_kernel_0_zen``."""
     shares: dict[str, float] = {kind: 0.0 for kind, _ in KINDS}
     shares["other"] = 0.0
@@ -132,7 +134,7 @@ def kinds_of(report: str) -> tuple[dict[str, float], list[tuple[float, str]]]:
         text = f"{'[k]' if mark == '[k]' else dso} {symbol}"
         kind = next((k for k, pattern in KINDS if pattern.search(text)), "other")
         shares[kind] += share
-        symbols.append((share, f"{dso} {symbol}"[:160]))
+        symbols.append((share, f"{dso} {symbol}"[:160], kind))
     return shares, symbols
 
 
@@ -185,7 +187,9 @@ def main() -> None:
     shares, symbols = kinds_of(report.stdout)
     from hm4sr_core import provenance
     result.update(cpu_model=provenance.cpu()["cpu_model"], shares_percent={k: round(v, 2) for k, v in shares.items()},
-                  top_symbols=[[round(s, 2), name] for s, name in sorted(symbols, reverse=True)[:10]],
+                  top_symbols=[[round(s, 2), name, kind] for s, name, kind in sorted(symbols, reverse=True)[:10]],
+                  top_symbols_by_kind={k: [[round(s, 2), name] for s, name, kind in sorted(symbols, reverse=True)
+                                           if kind == k][:5] for k in shares},
                   measured_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                   note="profiled steps (perf sampling adds a little); time them with --no-perf")
     print(f"{result['cpu_model']}: {result['seconds_per_step_median']:.3f} s per prefix step under perf "
@@ -193,8 +197,8 @@ def main() -> None:
     for kind, share in sorted(shares.items(), key=lambda kv: -kv[1]):
         print(f"  {kind:14s} {share:5.1f}%")
     print("heaviest symbols:")
-    for share, name in sorted(symbols, reverse=True)[:10]:
-        print(f"  {share:5.2f}%  {name}")
+    for share, name, kind in sorted(symbols, reverse=True)[:10]:
+        print(f"  {share:5.2f}%  {kind:12s}  {name}")
     if args.out:
         from hm4sr_core.data.store import write_json_atomic
         write_json_atomic(args.out, result)

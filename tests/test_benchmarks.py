@@ -385,11 +385,12 @@ def test_step_profile_sums_perf_samples_by_kind_of_work():
     from benchmarks.step_profile import kinds_of
     shares, symbols = kinds_of(PERF_LINES)
     assert len(symbols) == 19  # the header and the call-graph line are not symbols
-    expected = {"gemm_kernel": 32.16 + 0.10, "copy": 7.60, "gemm_packing": 6.71 + 0.05, "elementwise": 4.68,
+    expected = {"gemm_kernel": 32.16, "jit_unnamed": 0.10, "copy": 7.60, "gemm_packing": 6.71 + 0.05, "elementwise": 4.68,
                 "openmp_wait": 2.68, "gemm_other": 2.65, "reduction": 2.45, "python_gc": 1.46,
                 "norm_softmax": 1.14 + 0.91 + 0.04, "os_kernel": 1.07 + 0.30 + 0.20, "python": 0.44 + 0.03,
                 "other": 0.41}
     assert shares == pytest.approx(expected, abs=1e-9)
+    assert symbols[0] == (32.16, "libtorch_cpu.so mkl_blas_def_sgemm_kernel_0_zen", "gemm_kernel")
 
 
 def test_prefix_ratio_refuses_bad_arguments_before_training():
