@@ -24,18 +24,16 @@ commit), also when a later round fails (with the reason), and writes it to ``--o
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
-import tarfile
 import time
 from pathlib import Path
 
-from benchmarks.run import ROOT, _cpu_ticks, _dataset, _peak_rss_mb
+from benchmarks import same_results
+from benchmarks.run import ROOT, _cpu_ticks, _dataset, _peak_rss_mb, steal_percent
 from hm4sr_core import provenance
 
 HISTORY = ROOT / "benchmarks" / "prefix_ratio.jsonl"
@@ -65,23 +63,14 @@ def one_side(side: str) -> dict:
 
 
 def package_at(rev: str) -> Path:
-    """A folder holding only ``hm4sr_core`` as of ``rev`` (``git archive``; made once under
-    .bench/revs/, reused)."""
-    commit = subprocess.run(["git", "rev-parse", "--verify", f"{rev}^{{commit}}"], cwd=ROOT, capture_output=True,
-                            text=True)
-    if commit.returncode != 0:
-        raise SystemExit(f"--rev {rev}: not a commit of this repository ({commit.stderr.strip()})")
-    folder = REVS / commit.stdout.strip()[:12]
-    if not (folder / "hm4sr_core" / "__init__.py").exists():
-        data = subprocess.run(["git", "archive", commit.stdout.strip(), "hm4sr_core"], cwd=ROOT, check=True,
-                              capture_output=True).stdout
-        part = folder.with_name(folder.name + ".part")
-        shutil.rmtree(part, ignore_errors=True)
-        part.mkdir(parents=True)
-        with tarfile.open(fileobj=io.BytesIO(data)) as tar:
-            tar.extractall(part, filter="data")
-        shutil.rmtree(folder, ignore_errors=True)
-        part.rename(folder)  # whole or not at all: an interrupted extraction is redone
+    """A folder holding only ``hm4sr_core`` as of ``rev`` (same_results' extraction; made
+    once under .bench/revs/, reused)."""
+    try:
+        commit = same_results.resolve(rev)
+    except subprocess.CalledProcessError as err:
+        raise SystemExit(f"--rev {rev}: not a commit of this repository ({err.stderr.strip()})") from None
+    folder = REVS / commit[:12]
+    same_results.extract(commit, folder)
     return folder
 
 
@@ -101,7 +90,7 @@ def side_process(side: str, package: Path | None) -> tuple[list[str], Path, dict
 def check_package(package: Path) -> None:
     """Refuse, before any training, a revision whose hm4sr_core this checkout's benchmarks
     cannot drive (a module they import is missing there)."""
-    cmd, cwd, env = side_process("hm4sr", package)
+    _, cwd, env = side_process("hm4sr", package)
     probe = ("import hm4sr_core, benchmarks.run, hm4sr_core.train, hm4sr_core.config; "
              "print(hm4sr_core.__file__)")
     done = subprocess.run([sys.executable, "-c", probe], cwd=cwd, env=env, capture_output=True, text=True,
@@ -129,8 +118,8 @@ def _run_side(side: str, package: Path | None) -> dict:
     out = json.loads(done.stdout.strip().splitlines()[-1])
     out["started"] = time.strftime("%H:%M:%S", time.gmtime(t))
     out["load_1min_after"] = os.getloadavg()[0]
-    if before and after and after[1] > before[1]:
-        out["cpu_steal_percent"] = round(100.0 * (after[0] - before[0]) / (after[1] - before[1]), 2)
+    if (steal := steal_percent(before, after)) is not None:
+        out["cpu_steal_percent"] = steal
     return out
 
 

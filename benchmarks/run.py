@@ -293,6 +293,14 @@ def _cpu_ticks() -> tuple[int, int] | None:
     return (fields[7] if len(fields) > 7 else 0), sum(fields[:8])
 
 
+def steal_percent(before: tuple[int, int] | None, after: tuple[int, int] | None) -> float | None:
+    """The share (percent, 2 decimals) of CPU time the hypervisor gave to other machines
+    between two :func:`_cpu_ticks` readings; None without both readings or time between."""
+    if not before or not after or after[1] <= before[1]:
+        return None
+    return round(100.0 * (after[0] - before[0]) / (after[1] - before[1]), 2)
+
+
 def _stream(cmd: list[str]) -> tuple[int, str, str]:
     """Run ``cmd`` in the repository: its stderr (the part's epoch lines; the peer's run alone
     takes over 20 minutes) is passed on indented as it comes, its stdout goes to a file.
@@ -322,8 +330,8 @@ def _run_part(name: str, extra: list[str]) -> dict:
     if not printed.strip():
         raise SystemExit(f"benchmark part {name} printed no result:\n{tail[-4000:]}")
     out = json.loads(printed.strip().splitlines()[-1])
-    if before and after and after[1] > before[1]:
-        out[f"{name}_cpu_steal_percent"] = round(100.0 * (after[0] - before[0]) / (after[1] - before[1]), 2)
+    if (steal := steal_percent(before, after)) is not None:
+        out[f"{name}_cpu_steal_percent"] = steal
     return out
 
 

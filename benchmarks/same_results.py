@@ -57,13 +57,20 @@ def resolve(rev: str) -> str:
 
 
 def extract(commit: str, folder: Path) -> None:
-    """hm4sr_core at ``commit`` into ``folder`` (kept: a rerun reuses it)."""
+    """hm4sr_core at ``commit`` into ``folder`` (kept: a rerun reuses it). Whole or not at
+    all: it is unpacked beside and renamed into place, so an interrupted run leaves no half
+    package that a rerun would take for a finished one."""
     if not (folder / "hm4sr_core").exists():
         data = subprocess.run(["git", "archive", commit, "hm4sr_core"], cwd=ROOT, check=True,
                               capture_output=True).stdout
-        folder.mkdir(parents=True, exist_ok=True)
+        part = folder.with_name(folder.name + ".part")
+        shutil.rmtree(part, ignore_errors=True)
+        part.mkdir(parents=True)
         with tarfile.open(fileobj=BytesIO(data)) as tar:
-            tar.extractall(folder, filter="data")
+            tar.extractall(part, filter="data")
+        folder.mkdir(parents=True, exist_ok=True)
+        (part / "hm4sr_core").rename(folder / "hm4sr_core")
+        shutil.rmtree(part)
 
 
 def cli(package_root: Path, args: list[str]) -> None:

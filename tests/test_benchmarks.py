@@ -431,3 +431,9 @@ def test_prefix_ratio_refuses_a_revision_its_benchmarks_cannot_drive(tmp_path, m
     old = prefix_ratio.package_at("f4b72c5")  # before hm4sr_core.provenance existed
     with pytest.raises(SystemExit, match="revisions from c11ac5c on can"):
         prefix_ratio.check_package(old)
+
+
+def test_steal_percent_is_the_share_of_ticks_between_two_readings():
+    from benchmarks.run import steal_percent
+    assert steal_percent((10, 1000), (13, 1400)) == 0.75
+    assert steal_percent(None, (13, 1400)) is None and steal_percent((10, 1000), (10, 1000)) is None
