@@ -13,7 +13,7 @@ hm4sr_core.data.prepare.prepared_dataset: c11ac5c and later); this is checked be
 training.
 
     python -m benchmarks.prefix_ratio                  # 3 rounds, about 13 minutes here
-    python -m benchmarks.prefix_ratio --rounds 5 --rev HEAD~3   # about 35 minutes
+    python -m benchmarks.prefix_ratio --rounds 5 --rev HEAD~3   # 5 rounds of 3 epochs
 
 The settings are make bench's (ml-100k, batch 1024, 2 threads, one epoch, RecBole 1.2.1 in
 .bench/recbole-venv). Prints each epoch as it ends and the medians; appends one JSON line per
