@@ -14,6 +14,11 @@ Cases: HM4SR and SASRec in dense mode (the defaults), HM4SR in prefix mode with
 ``micro_batches=2`` and ``recompute=true`` (gradient caching and recomputation), and
 HM4SR with the sampled softmax (dense with the popularity proposal; prefix in two parts
 with the uniform one). Exits 1 on the first case that differs, naming what differs.
+
+Both sides run their matrix products on the same MKL code path: where this process loaded
+the library of ``hm4sr_core.runtime.mkl_intel_paths`` (an AMD CPU), both trainings get it
+through ``LD_PRELOAD``, so a revision from before that library is compared on the same
+kernels (with ``HM4SR_MKL_INTEL_PATHS=0`` neither side has it).
 """
 
 from __future__ import annotations
@@ -32,6 +37,8 @@ from pathlib import Path
 
 import pandas as pd
 import torch
+
+from hm4sr_core import runtime
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -75,7 +82,8 @@ def extract(commit: str, folder: Path) -> None:
 
 def cli(package_root: Path, args: list[str]) -> None:
     """``python -m hm4sr_core.cli ARGS`` importing the package under ``package_root``."""
-    env = dict(os.environ, PYTHONPATH=str(package_root), OMP_WAIT_POLICY="PASSIVE", HF_HUB_OFFLINE="1")
+    env = dict(os.environ, PYTHONPATH=str(package_root), OMP_WAIT_POLICY="PASSIVE", HF_HUB_OFFLINE="1",
+               **runtime.preload_environment())
     where = subprocess.run([sys.executable, "-c", "import hm4sr_core; print(hm4sr_core.__file__)"],
                            cwd=package_root, env=env, check=True, capture_output=True, text=True).stdout.strip()
     if not Path(where).resolve().is_relative_to(package_root.resolve()):

@@ -41,6 +41,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from . import runtime
 from .data.splits import SequenceBatch
 
 ENVIRONMENT = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -275,8 +276,9 @@ def spawn(fn: Callable, nproc: int, args: tuple = (), *, device: str = "cpu",
         errors = [Path(tmp) / f"rank-{r}.err" for r in range(nproc)]
         procs = [ctx.Process(target=_bootstrap, args=(r, nproc, port, fn, args, device, timeout_s, str(errors[r])),
                              name=f"hm4sr-rank-{r}") for r in range(nproc)]
-        for p in procs:
-            p.start()
+        with runtime.children_preload():  # the ranks run MKL's products on this process's code path
+            for p in procs:
+                p.start()
         order: list[int] = []  # ranks in the order they ended badly
         try:
             running = {p.sentinel: r for r, p in enumerate(procs)}

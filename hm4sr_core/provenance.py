@@ -11,6 +11,7 @@ Nothing here changes the process; every function reads and returns plain JSON va
 
 from __future__ import annotations
 
+import ctypes
 import os
 import platform
 import re
@@ -124,6 +125,23 @@ def machine() -> dict:
             "cpu_count": os.cpu_count(), "cpus_usable": usable_cpus()}
 
 
+def mkl_code_path() -> int | None:
+    """MKL's own number for the code path it runs in this process
+    (``mkl_serv_cpu_detect`` in torch's CPU library): 0 is its generic path (what it runs
+    on an AMD CPU by default), 7 its AVX-512 path (what it ran on the AMD EPYC with
+    :func:`hm4sr_core.runtime.mkl_intel_paths`). None where torch has no MKL or does not
+    export it (a build with another BLAS, macOS, Windows)."""
+    if not torch.backends.mkl.is_available():
+        return None
+    try:
+        lib = ctypes.CDLL(str(Path(torch.__file__).resolve().parent / "lib" / "libtorch_cpu.so"))
+        detect = lib.mkl_serv_cpu_detect
+    except (OSError, AttributeError):
+        return None
+    detect.argtypes, detect.restype = [], ctypes.c_int
+    return int(detect())
+
+
 # ----------------------------------------------------------------------------- git
 
 
@@ -153,7 +171,11 @@ def git_state(root: str | Path = SOURCE_TREE, paths: tuple[str, ...] = ()) -> di
 
 def environment(packages: tuple[str, ...] = CORE_PACKAGES) -> dict:
     """Everything a result records about where it was made: :func:`versions`,
-    :func:`machine`, the process's torch threads, OpenMP variables and allocator setting
-    (:mod:`hm4sr_core.runtime`), and the code's :func:`git_state` under ``"git"``."""
+    :func:`machine`, the process's torch threads, OpenMP variables, allocator setting and
+    MKL code path (:mod:`hm4sr_core.runtime`, :func:`mkl_code_path`), and the code's
+    :func:`git_state` under ``"git"``."""
+    mkl = runtime.mkl_state()
     return {**versions(packages), **machine(), "torch_threads": torch.get_num_threads(),
-            **runtime.openmp_settings(), "allocator_kept": runtime.allocator_kept(), "git": git_state()}
+            **runtime.openmp_settings(), "allocator_kept": runtime.allocator_kept(),
+            "mkl_intel_paths": mkl["on"], "mkl_intel_paths_why": mkl["why"], "mkl_code_path": mkl_code_path(),
+            "git": git_state()}

@@ -3,7 +3,7 @@
 ``import hm4sr_core`` changes nothing outside the package. The programs of the workbench
 (the ``hm4sr`` command, the notebook runner and its kernels, ``make lab`` and the
 benchmarks) call :func:`configure_process` first; a library user who wants the same
-speed calls it too, before importing torch. Two settings, both measured on the 2-core
+speed calls it too, before importing torch. Three settings, each measured on the 2-core
 machines this project runs on (docs/performance.md):
 
 **OpenMP wait policy** (libgomp, Linux). A worker thread that finishes its share of a
@@ -31,18 +31,42 @@ top of the heap); the benchmarks record peak RSS. ``HM4SR_SYSTEM_MALLOC=1`` leav
 allocator alone; ``HM4SR_MMAP_THRESHOLD_MB`` (default 1024) serves allocations above
 that size by ``mmap`` again. A no-op where glibc is absent (macOS, musl, Windows).
 
+**MKL's own code paths on AMD CPUs** (Linux x86-64). torch's CPU wheel does its matrix
+products in Intel MKL (2024.2 in torch 2.13), which picks its kernels by CPU vendor: on an
+AMD CPU it runs a generic path that copies both operands into packed panels before every
+product and never uses AVX-512, even where the CPU has it (a Zen 4 EPYC does). MKL asks one
+function of its own, ``mkl_serv_intel_cpu_true``, whether the CPU is an Intel one, and calls
+it through the dynamic linker, so a one-line library defining it (returning 1), loaded
+before torch, makes MKL choose by the CPU's features instead, as it does on Intel. On the
+2-core AMD EPYC a prefix-mode training step took 0.80-0.93 of its time that way
+(docs/performance.md, "MKL's code paths on an AMD CPU"). The products round differently
+from MKL's generic path (each is still an ordinary float32 product: within a few units
+of float32 rounding of a float64 reference, tested), so results on an AMD CPU change in
+their last bits. The library is compiled once with the system's C compiler into the user's
+cache (``$XDG_CACHE_HOME/hm4sr``, else ``~/.cache/hm4sr``) and loaded from there; without a
+compiler, on an Intel CPU or another system, nothing happens. ``HM4SR_MKL_INTEL_PATHS=0``
+leaves MKL's choice alone. :func:`mkl_intel_paths` says what happened and why; every
+result records it (``hm4sr_core.provenance``).
+
 ``python -m hm4sr_core.runtime COMMAND ...`` runs a command with the OpenMP setting in its
 environment (``make lab`` starts JupyterLab that way, so its kernels inherit it).
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
+import hashlib
 import os
+import platform
+import shutil
+import subprocess
 import sys
+import tempfile
 import time
 import warnings
+from pathlib import Path
 
 # ----------------------------------------------------------------------------- OpenMP
 
@@ -112,19 +136,176 @@ def allocator_kept() -> bool:
     return bool(_allocator_applied)
 
 
+# ----------------------------------------------------------------------------- MKL on AMD CPUs
+
+MKL_SWITCH = "HM4SR_MKL_INTEL_PATHS"  # "0" (or off/false/no): leave MKL's choice of code path alone
+MKL_SHIM_SOURCE = (
+    "/* hm4sr_core.runtime: MKL asks this whether the CPU is an Intel one before it picks its\n"
+    "   kernels; saying yes makes it pick them by the CPU's features, as it does on Intel. */\n"
+    "int mkl_serv_intel_cpu_true(void) { return 1; }\n")
+MKL_SHIM_NAME = f"libhm4sr_mkl_intel_paths-{hashlib.sha256(MKL_SHIM_SOURCE.encode()).hexdigest()[:12]}.so"
+COMPILE_TIMEOUT = 120
+
+_mkl_state: dict | None = None
+
+
+def cpu_vendor_and_flags(cpuinfo: str | None = None) -> tuple[str | None, set[str]]:
+    """The first CPU's ``vendor_id`` and flags in a /proc/cpuinfo text (read here when None)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text(errors="replace")
+        except OSError:
+            return None, set()
+    vendor, flags = None, set()
+    for line in cpuinfo.splitlines():
+        key, sep, value = line.partition(":")
+        key = key.strip()
+        if sep and key == "vendor_id" and vendor is None:
+            vendor = value.strip()
+        elif sep and key == "flags" and not flags:
+            flags = set(value.split())
+        if vendor is not None and flags:
+            break
+    return vendor, flags
+
+
+def mkl_shim_wanted(env=None, cpuinfo: str | None = None, system: str | None = None,
+                    machine: str | None = None) -> str | None:
+    """None when the MKL library should be loaded here, else why not (one phrase)."""
+    env = os.environ if env is None else env
+    if env.get(MKL_SWITCH, "").strip().lower() in ("0", "off", "false", "no"):
+        return f"{MKL_SWITCH}={env[MKL_SWITCH]}"
+    system = platform.system() if system is None else system
+    machine = platform.machine() if machine is None else machine
+    if system != "Linux" or machine not in ("x86_64", "AMD64"):
+        return f"not needed on {system} {machine}"
+    vendor, flags = cpu_vendor_and_flags(cpuinfo)
+    if vendor != "AuthenticAMD":
+        return f"not needed: the CPU is {vendor or 'of unknown vendor'}, MKL chooses by its features already"
+    if not {"avx2", "fma"} <= flags:
+        return "an AMD CPU without AVX2 and FMA: MKL's generic path kept"
+    return None
+
+
+def cache_dir(env=None) -> Path:
+    """Where the workbench keeps what it builds for this user: ``$XDG_CACHE_HOME/hm4sr``, else
+    ``~/.cache/hm4sr``."""
+    env = os.environ if env is None else env
+    base = env.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "hm4sr"
+
+
+def build_mkl_shim(folder: Path | None = None, compiler: str | None = None) -> Path:
+    """The compiled library of :data:`MKL_SHIM_SOURCE` in ``folder`` (default
+    :func:`cache_dir`), compiled with the system's C compiler (``$CC``, else ``cc`` or
+    ``gcc``) the first time: in a scratch folder beside it, then renamed into place, so
+    two processes building at once both get a whole file. Raises OSError naming what
+    failed (no compiler, an unwritable folder, the compiler's own message)."""
+    folder = cache_dir() if folder is None else Path(folder)
+    target = folder / MKL_SHIM_NAME
+    if target.is_file():
+        return target
+    cc = compiler or os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not cc or shutil.which(cc) is None:
+        raise OSError("no C compiler (cc or gcc on PATH, or $CC) to build a 1-line library")
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder, prefix=".build-") as scratch:
+        source, built = Path(scratch) / "shim.c", Path(scratch) / MKL_SHIM_NAME
+        source.write_text(MKL_SHIM_SOURCE)
+        try:
+            done = subprocess.run([cc, "-shared", "-fPIC", "-O2", "-o", str(built), str(source)],
+                                  capture_output=True, text=True, timeout=COMPILE_TIMEOUT)
+        except subprocess.TimeoutExpired as err:
+            raise OSError(f"{cc} took over {COMPILE_TIMEOUT} s to compile {source.name}") from err
+        if done.returncode != 0 or not built.is_file():
+            raise OSError(f"{cc} failed on {source.name} (exit {done.returncode}): "
+                          f"{(done.stderr or done.stdout).strip()[-500:]}")
+        os.replace(built, target)
+    return target
+
+
+def mkl_intel_paths() -> dict:
+    """Load the one-line library that lets MKL choose its kernels by the CPU's features on an
+    AMD CPU (module docstring), once per process and only before torch is imported.
+
+    Returns ``{"on": bool, "why": str, "library": path or None}``: ``why`` says what was
+    done or why not (the switch, another vendor, torch imported first, no compiler, ...).
+    Never raises: without the library MKL keeps its generic path, slower but correct."""
+    global _mkl_state
+    if _mkl_state is not None:
+        return _mkl_state
+    reason = mkl_shim_wanted()
+    if reason is None and "torch" in sys.modules:
+        reason = "torch was imported before the settings were applied (MKL has chosen its path by then)"
+    if reason is not None:
+        _mkl_state = {"on": False, "why": reason, "library": None}
+        return _mkl_state
+    try:
+        path = build_mkl_shim()
+        ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
+    except OSError as err:
+        _mkl_state = {"on": False, "why": f"not loaded: {err}", "library": None}
+        return _mkl_state
+    _mkl_state = {"on": True, "why": "an AMD CPU: MKL chooses its kernels by the CPU's features",
+                  "library": str(path)}
+    return _mkl_state
+
+
+def mkl_state() -> dict:
+    """What :func:`mkl_intel_paths` did in this process, for result records ("not requested"
+    when it was not called)."""
+    return _mkl_state if _mkl_state is not None else {"on": False, "why": "not requested", "library": None}
+
+
+def preload_environment(env=None) -> dict[str, str]:
+    """``LD_PRELOAD`` for a child process that must run MKL's products as this one does even
+    if its code does not load the library itself (an older revision of the workbench):
+    this process's library prepended to ``env``'s preload list; {} when it is not loaded."""
+    env = os.environ if env is None else env
+    state = mkl_state()
+    if not state["on"]:
+        return {}
+    present = [p for p in env.get("LD_PRELOAD", "").replace(":", " ").split() if p != state["library"]]
+    return {"LD_PRELOAD": " ".join([state["library"], *present])}
+
+
+@contextlib.contextmanager
+def children_preload():
+    """Within the block, processes started from this one (multiprocessing's spawn, which
+    imports torch before any workbench code runs) load this process's MKL library too:
+    ``LD_PRELOAD`` is set for the block and restored after it. Nothing when it is not loaded."""
+    extra = preload_environment()
+    if not extra:
+        yield
+        return
+    before = os.environ.get("LD_PRELOAD")
+    os.environ.update(extra)
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("LD_PRELOAD", None)
+        else:
+            os.environ["LD_PRELOAD"] = before
+
+
 # ----------------------------------------------------------------------------- the one call
 
 
-def configure_process(openmp: bool = True, allocator: bool = True) -> dict:
+def configure_process(openmp: bool = True, allocator: bool = True, mkl: bool = True) -> dict:
     """Apply the workbench's runtime settings to this process (and, for OpenMP, its children).
 
     Call it first thing, before torch is imported: libgomp reads its variables when torch
     loads it, so the OpenMP part of a call made later reaches child processes only (the
-    returned ``openmp_in_effect`` says so). Returns what was set, for logs and records."""
+    returned ``openmp_in_effect`` says so), and MKL has chosen its code path by then (the
+    returned ``mkl_intel_paths`` says why it was left alone). Returns what was set, for
+    logs and records."""
+    openmp_in_effect = openmp and "torch" not in sys.modules
     added = openmp_defaults() if openmp else {}
     os.environ.update(added)
-    return {"openmp_added": added, "openmp_in_effect": openmp and "torch" not in sys.modules,
-            "allocator_kept": keep_freed_memory() if allocator else allocator_kept()}
+    return {"openmp_added": added, "openmp_in_effect": openmp_in_effect,
+            "allocator_kept": keep_freed_memory() if allocator else allocator_kept(),
+            "mkl_intel_paths": mkl_intel_paths() if mkl else mkl_state()}
 
 
 def _measure_multiply(repeats: int = 21) -> dict[str, float]:
