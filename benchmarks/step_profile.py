@@ -39,7 +39,8 @@ ROOT = Path(__file__).resolve().parent.parent
 # symbols (its memcpy, csum_partial) are matched on the library name before any symbol pattern.
 KINDS = (
     ("os_kernel", re.compile(r"^\[kernel|^\[k\]")),
-    ("gemm_packing", re.compile(r"mkl_blas_\w*(scopy|copy|pack)|brgemm_copy|gemm_pack|jit_\w*copy_[ab]")),
+    # MKL's "nocopy" kernels multiply unpacked operands: GEMM work, not packing.
+    ("gemm_packing", re.compile(r"mkl_blas_\w*(scopy|(?<!no)copy|pack)|brgemm_copy|gemm_pack|jit_\w*copy_[ab]")),
     ("gemm_kernel", re.compile(r"sgemm_kernel|gemm\w*_kernel|brgemm|jit_avx\w*gemm")),
     # Code generated at run time (MKL's and oneDNN's JIT kernels), which perf cannot name.
     ("jit_unnamed", re.compile(r"^\[JIT\]")),

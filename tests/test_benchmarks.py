@@ -391,6 +391,12 @@ def test_step_profile_sums_perf_samples_by_kind_of_work():
                 "other": 0.41}
     assert shares == pytest.approx(expected, abs=1e-9)
     assert symbols[0] == (32.16, "libtorch_cpu.so mkl_blas_def_sgemm_kernel_0_zen", "gemm_kernel")
+    # MKL's AVX-512 path (on an AMD CPU with hm4sr_core.runtime's library): "nocopy" kernels
+    # multiply unpacked operands, the scopy routines pack them
+    avx512 = ("     2.28%  libtorch_cpu.so  [.] mkl_blas_avx512_sgemm_kernel_nocopy_TN_b0\n"
+              "     5.13%  libtorch_cpu.so  [.] mkl_blas_avx512_sgemm_scopy_right8_ea\n")
+    shares, _ = kinds_of(avx512)
+    assert shares["gemm_kernel"] == pytest.approx(2.28) and shares["gemm_packing"] == pytest.approx(5.13)
 
 
 def test_prefix_ratio_refuses_bad_arguments_before_training():

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import platform
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -137,3 +138,133 @@ def test_the_notebook_runner_leaves_the_callers_environment_as_it_was(tmp_path, 
     assert dict(os.environ) == before
     kernel_log = (tmp_path / "run" / "manifest.json").read_text()
     assert "no-such-dataset" in kernel_log
+
+
+# ----------------------------------------------------------------------------- MKL's code paths on AMD CPUs
+
+VENDOR, FLAGS = runtime.cpu_vendor_and_flags()
+AMD_WITH_MKL = (runtime.mkl_shim_wanted(env={}) is None)  # an AMD x86-64 Linux CPU with AVX2 and FMA
+HAS_CC = bool(os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc"))
+CPUINFO = "processor\t: 0\nvendor_id\t: {vendor}\nflags\t\t: fpu sse2 {flags}\n\nprocessor\t: 1\nvendor_id\t: {vendor}\n"
+
+
+@pytest.mark.parametrize("env, vendor, flags, system, want", [
+    ({}, "AuthenticAMD", "avx2 fma avx512f", "Linux", None),
+    ({}, "AuthenticAMD", "avx2 fma", "Linux", None),
+    ({runtime.MKL_SWITCH: "0"}, "AuthenticAMD", "avx2 fma", "Linux", "HM4SR_MKL_INTEL_PATHS=0"),
+    ({runtime.MKL_SWITCH: "off"}, "AuthenticAMD", "avx2 fma", "Linux", "HM4SR_MKL_INTEL_PATHS=off"),
+    ({runtime.MKL_SWITCH: "1"}, "AuthenticAMD", "avx2 fma", "Linux", None),
+    ({}, "GenuineIntel", "avx2 fma avx512f", "Linux", "the CPU is GenuineIntel"),
+    ({}, "AuthenticAMD", "sse4_2", "Linux", "without AVX2"),
+    ({}, "AuthenticAMD", "avx2 fma", "Darwin", "not needed on Darwin"),
+])
+def test_the_mkl_library_is_wanted_only_on_an_amd_cpu_with_avx2_unless_switched_off(env, vendor, flags, system,
+                                                                                      want):
+    why = runtime.mkl_shim_wanted(env=env, cpuinfo=CPUINFO.format(vendor=vendor, flags=flags), system=system,
+                                  machine="x86_64")
+    assert why is None if want is None else want in why
+
+
+def test_cpuinfo_gives_the_first_cpus_vendor_and_flags():
+    assert runtime.cpu_vendor_and_flags(CPUINFO.format(vendor="AuthenticAMD", flags="avx2 fma")) == \
+        ("AuthenticAMD", {"fpu", "sse2", "avx2", "fma"})
+    assert runtime.cpu_vendor_and_flags("") == (None, set())
+
+
+@pytest.mark.skipif(not (HAS_CC and platform.system() == "Linux"), reason="needs a C compiler on Linux")
+def test_the_library_is_compiled_once_into_the_cache_and_exports_the_one_function(tmp_path):
+    import ctypes
+    path = runtime.build_mkl_shim(tmp_path / "cache")
+    assert path.parent == tmp_path / "cache" and path.name == runtime.MKL_SHIM_NAME
+    assert sorted(p.name for p in path.parent.iterdir()) == [runtime.MKL_SHIM_NAME]  # no scratch left behind
+    assert ctypes.CDLL(str(path)).mkl_serv_intel_cpu_true() == 1
+    stamp = path.stat().st_mtime_ns
+    assert runtime.build_mkl_shim(tmp_path / "cache", compiler="no-such-compiler") == path  # reused, not rebuilt
+    assert path.stat().st_mtime_ns == stamp
+
+
+@pytest.mark.parametrize("compiler, message", [("no-such-compiler-hm4sr", "no C compiler"), ("false", "failed")])
+def test_a_missing_or_failing_compiler_is_an_oserror_that_says_so_and_leaves_nothing(tmp_path, compiler, message):
+    if compiler == "false" and shutil.which("false") is None:
+        pytest.skip("no `false` command")
+    with pytest.raises(OSError, match=message):
+        runtime.build_mkl_shim(tmp_path / "cache", compiler=compiler)
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
+
+
+MKL_REPORT = ("import json, os; from hm4sr_core import runtime; r = runtime.configure_process(); import torch; "
+              "from hm4sr_core.provenance import environment; e = environment(); "
+              "print(json.dumps([r['mkl_intel_paths'], e['mkl_intel_paths'], e['mkl_code_path']]))")
+PLAIN_CODE_PATH = "import torch; from hm4sr_core.provenance import mkl_code_path; print(mkl_code_path())"
+
+
+def _mkl_child(code: str, cache: Path, **set_vars):
+    import json
+    env = {k: v for k, v in os.environ.items() if k not in (runtime.MKL_SWITCH, "LD_PRELOAD", "XDG_CACHE_HOME")}
+    env.update(set_vars, PYTHONPATH=str(ROOT), XDG_CACHE_HOME=str(cache))
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_configure_process_loads_the_library_on_an_amd_cpu_and_every_result_records_it(tmp_path):
+    plain = _mkl_child(PLAIN_CODE_PATH, tmp_path)
+    state, recorded, code_path = _mkl_child(MKL_REPORT, tmp_path)
+    assert recorded == state["on"]
+    if not (AMD_WITH_MKL and HAS_CC):
+        assert state["on"] is False and state["why"] and code_path == plain
+        return
+    assert state["on"] is True, state
+    assert Path(state["library"]).parent == tmp_path / "hm4sr"
+    if plain is not None:  # torch with MKL: it now runs another code path than MKL's generic one
+        assert plain == 0 and code_path not in (None, 0), (plain, code_path)
+    switched = _mkl_child(MKL_REPORT, tmp_path, HM4SR_MKL_INTEL_PATHS="0")
+    assert switched[0] == {"on": False, "why": "HM4SR_MKL_INTEL_PATHS=0", "library": None}
+    assert switched[2] == plain
+
+
+def test_a_late_call_leaves_mkl_alone_and_says_why(tmp_path):
+    code = ("import json, torch; from hm4sr_core import runtime; r = runtime.configure_process(); "
+            "from hm4sr_core.provenance import mkl_code_path; print(json.dumps([r['mkl_intel_paths'], mkl_code_path()]))")
+    state, code_path = _mkl_child(code, tmp_path)
+    assert state["on"] is False and code_path == _mkl_child(PLAIN_CODE_PATH, tmp_path)
+    if AMD_WITH_MKL:
+        assert "torch was imported before" in state["why"]
+
+
+def test_children_started_in_the_preload_block_run_the_parents_code_path(tmp_path):
+    """multiprocessing's spawn imports torch before any workbench code: LD_PRELOAD carries
+    the library to it, and the parent's LD_PRELOAD is as it was afterwards."""
+    code = ("import json, os, subprocess, sys; from hm4sr_core import runtime; runtime.configure_process()\n"
+            "before = os.environ.get('LD_PRELOAD')\n"
+            "with runtime.children_preload():\n"
+            f"    out = subprocess.run([sys.executable, '-c', {PLAIN_CODE_PATH!r}], capture_output=True, text=True,"
+            " check=True).stdout\n"
+            "print(json.dumps([before, os.environ.get('LD_PRELOAD'), int(out) if out.strip() != 'None' else None,"
+            " runtime.preload_environment()]))")
+    before, after, child, extra = _mkl_child(code, tmp_path)
+    assert before == after is None
+    if AMD_WITH_MKL and HAS_CC:
+        assert extra["LD_PRELOAD"].endswith(runtime.MKL_SHIM_NAME)
+        assert child not in (None, 0)
+    else:
+        assert extra == {} and child == _mkl_child(PLAIN_CODE_PATH, tmp_path)
+
+
+def test_matrix_products_stay_within_float32_rounding_of_a_float64_reference(tmp_path):
+    """Whatever code path MKL runs here (its AVX-512 one on an AMD CPU with the library),
+    a float32 product stays within the bound of a K-term float32 dot product,
+    |error| <= K * eps * sum_k |a_ik| |b_kj| (eps = 2^-24), for the shapes of a training step:
+    forward, input gradient and weight gradient of 64-, 192- and 256-wide layers."""
+    code = ("import json; from hm4sr_core import runtime; runtime.configure_process(); import torch\n"
+            "torch.manual_seed(0); worst = 0.0\n"
+            "for m, k, n in [(5000, 64, 192), (5000, 64, 256), (5000, 256, 64), (64, 5000, 256), (192, 5000, 64),"
+            " (1024, 192, 1683)]:\n"
+            "    a, b = torch.randn(m, k), torch.randn(k, n)\n"
+            "    for got in (a @ b, torch.addmm(torch.zeros(n), a, b), (b.T @ a.T).T):\n"
+            "        err = (got.double() - a.double() @ b.double()).abs()\n"
+            "        bound = k * 2.0 ** -24 * (a.double().abs() @ b.double().abs())\n"
+            "        worst = max(worst, float((err / bound).max()))\n"
+            "print(json.dumps(worst))")
+    worst = _mkl_child(code, tmp_path)
+    assert 0 < worst <= 1.0, worst
