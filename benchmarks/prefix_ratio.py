@@ -19,6 +19,13 @@ The settings are make bench's (ml-100k, batch 1024, 2 threads, one epoch, RecBol
 .bench/recbole-venv). Prints each epoch as it ends and the medians; appends one JSON line per
 invocation to benchmarks/prefix_ratio.jsonl (rounds, medians, CPU model, load, CPU steal,
 commit), also when a later round fails (with the reason), and writes it to ``--out`` as well.
+
+Each HM4SR side runs with the process settings of its own revision's hm4sr_core.runtime, MKL's
+code path included (recorded per epoch as ``mkl_code_path``): from f3247ac on, an AMD CPU runs
+MKL's AVX-512 kernels, a revision before it MKL's generic ones. RecBole runs as installed, on
+MKL's generic path there; to time it on the AVX-512 path too, preload the library yourself:
+
+    LD_PRELOAD="$(ls ~/.cache/hm4sr/libhm4sr_mkl_intel_paths-*.so)" python -m benchmarks.prefix_ratio --one recbole
 """
 
 from __future__ import annotations
@@ -59,7 +66,11 @@ def one_side(side: str) -> dict:
     from hm4sr_core.train import train
     cfg = TrainConfig(mode="prefix", epochs=1, threads=2, patience=100)  # part_epochs' first case
     result = train(ds, ModelConfig(), cfg, data_hash=data_hash, progress=False, test=False)
-    return {"seconds": float(result.epochs["train_seconds"].iloc[0]), "peak_rss_mb": _peak_rss_mb()}
+    # MKL's code path in this process (hm4sr_core.runtime.mkl_intel_paths); None for a revision
+    # whose provenance does not report it (before f3247ac: MKL's generic path on an AMD CPU)
+    code_path = getattr(provenance, "mkl_code_path", lambda: None)()
+    return {"seconds": float(result.epochs["train_seconds"].iloc[0]), "peak_rss_mb": _peak_rss_mb(),
+            "mkl_code_path": code_path}
 
 
 def package_at(rev: str) -> Path:

@@ -324,14 +324,19 @@ def _measure_multiply(repeats: int = 21) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m hm4sr_core.runtime COMMAND [ARGS...]``: exec COMMAND with the OpenMP setting."""
+    """``python -m hm4sr_core.runtime COMMAND [ARGS...]``: exec COMMAND with the OpenMP setting
+    and, on an AMD CPU, MKL's library preloaded."""
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: python -m hm4sr_core.runtime COMMAND [ARGS...]\n\nRun COMMAND with the workbench's "
               f"OpenMP setting in its environment (GOMP_SPINCOUNT={SPIN_COUNT} unless OMP_WAIT_POLICY or "
-              "GOMP_SPINCOUNT is already set); see the module docstring for why.")
+              "GOMP_SPINCOUNT is already set) and, on an AMD CPU, the library that lets MKL choose its "
+              f"kernels by the CPU's features in LD_PRELOAD (unless {MKL_SWITCH}=0), so every Python "
+              "started under COMMAND (a JupyterLab's kernels) gets both; see the module docstring for why.")
         return 0 if argv else 2
     os.environ.update(openmp_defaults())
+    mkl_intel_paths()
+    os.environ.update(preload_environment())
     try:
         os.execvp(argv[0], argv)
     except OSError as err:

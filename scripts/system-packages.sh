@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # The Debian packages behind static figure export (PNG/SVG through kaleido) and the browser
 # tests: Chromium and the DejaVu fonts; and PostgreSQL's server, which the test of several
-# `hm4sr tune` workers on one study starts in a temporary folder (it never runs as a service). Installed when this runs as root with apt-get;
+# `hm4sr tune` workers on one study starts in a temporary folder (it never runs as a service);
+# and a C compiler, with which hm4sr_core.runtime builds the one-line library that lets MKL run
+# its AVX-512 kernels on an AMD CPU (docs/performance.md). Installed when this runs as root with apt-get;
 # otherwise one line says what is missing, how to get it and what is left out. Never fails
 # the make, and never waits on a lock or a mirror for long: `apt-get update` has a timeout,
 # and the install waits at most 120 s for dpkg's lock (the install itself is not cut short:
 # killing dpkg halfway would leave the machine's package database broken).
 #   HM4SR_SYSTEM_PACKAGES=skip   do not install anything (report only)
 set -u
-PACKAGES="chromium fonts-dejavu-core postgresql"
+PACKAGES="chromium fonts-dejavu-core postgresql gcc"
 have_browser() {  # the places hm4sr_core.static_export.find_browser looks
   { [ -n "${BROWSER_PATH:-}" ] && [ -x "${BROWSER_PATH}" ]; } && return 0
   for name in chromium chromium-browser google-chrome google-chrome-stable chrome; do
@@ -18,7 +20,8 @@ have_browser() {  # the places hm4sr_core.static_export.find_browser looks
 }
 have_fonts() { [ -d /usr/share/fonts/truetype/dejavu ] || fc-list 2>/dev/null | grep -qi dejavu; }
 have_postgres() { ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; }  # where tests/test_tune.py looks
-if have_browser && have_fonts && have_postgres; then
+have_cc() { command -v cc >/dev/null 2>&1 || command -v gcc >/dev/null 2>&1; }  # what hm4sr_core.runtime looks for
+if have_browser && have_fonts && have_postgres && have_cc; then
   exit 0
 fi
 missing=""
@@ -34,6 +37,10 @@ if ! have_postgres; then
   missing="${missing:+$missing and }PostgreSQL"
   left_out="${left_out:+$left_out; }skipping the PostgreSQL test of hm4sr tune"
 fi
+if ! have_cc; then
+  missing="${missing:+$missing and }a C compiler"
+  left_out="${left_out:+$left_out; }on an AMD CPU MKL keeps its generic kernels (slower training; the tests of the library skip)"
+fi
 skip_line() {
   echo "system packages: $missing missing ($1); $left_out. To get them: apt-get install -y $PACKAGES" \
        "(as root), or set BROWSER_PATH to a Chrome/Chromium executable."
@@ -46,13 +53,13 @@ if [ "$(id -u)" != "0" ] || ! command -v apt-get >/dev/null 2>&1; then
   skip_line "installing needs root and apt-get"
   exit 0
 fi
-echo "system packages: installing Debian's $PACKAGES for static figure export, the browser tests and the PostgreSQL test of hm4sr tune" \
+echo "system packages: installing Debian's $PACKAGES for static figure export, the browser tests, the PostgreSQL test of hm4sr tune and MKL's kernels on AMD" \
      "(apt-get install -y $PACKAGES; a minute or two the first time)"
 export DEBIAN_FRONTEND=noninteractive
 log=$(mktemp)
 if timeout 300 apt-get update -qq >"$log" 2>&1 \
    && apt-get install -y -qq -o DPkg::Lock::Timeout=120 $PACKAGES >>"$log" 2>&1 && have_browser && have_fonts \
-   && have_postgres; then
+   && have_postgres && have_cc; then
   rm -f "$log"
   exit 0
 fi

@@ -102,6 +102,15 @@ def test_the_runtime_launcher_runs_a_command_with_the_setting():
                            "import os; print(os.environ.get('GOMP_SPINCOUNT'))"], env={**env, "PYTHONPATH": str(ROOT)},
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and done.stdout.strip() == runtime.SPIN_COUNT
+    preload = subprocess.run([sys.executable, "-m", "hm4sr_core.runtime", sys.executable, "-c", PLAIN_CODE_PATH],
+                             env={**env, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=120)
+    assert preload.returncode == 0, preload.stderr[-2000:]
+    plain = subprocess.run([sys.executable, "-c", PLAIN_CODE_PATH], env={**env, "PYTHONPATH": str(ROOT)},
+                           capture_output=True, text=True, timeout=120).stdout.strip()
+    if AMD_WITH_MKL and HAS_CC and plain != "None":  # a kernel started under the launcher runs MKL's other path
+        assert plain == "0" and preload.stdout.strip() not in ("0", "None"), (plain, preload.stdout)
+    else:
+        assert preload.stdout.strip() == plain
     missing = subprocess.run([sys.executable, "-m", "hm4sr_core.runtime", "no-such-command-hm4sr"],
                              env={**env, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=60)
     assert missing.returncode == 2 and "no-such-command-hm4sr" in missing.stderr
