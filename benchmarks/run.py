@@ -416,6 +416,7 @@ def _append_history(results: dict) -> None:
     commit): timings on a shared host drift, so a figure is read as the median of runs."""
     row = {k: v for k, v in results.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)}
     row["openmp"] = _openmp_label(runtime.openmp_settings())  # this process's setting, which the parts inherit
+    row["mkl_intel_paths"] = runtime.mkl_state()["on"]  # each part loads MKL's library as this process did
     git = provenance.git_state(ROOT, ("hm4sr_core", "benchmarks/run.py"))
     row["commit"] = git["commit"] and git["commit"][:7]
     row["uncommitted_changes"] = git["dirty"]  # the measured code is not that commit's

@@ -38,18 +38,21 @@ product and never uses AVX-512, even where the CPU has it (a Zen 4 EPYC does). M
 function of its own, ``mkl_serv_intel_cpu_true``, whether the CPU is an Intel one, and calls
 it through the dynamic linker, so a one-line library defining it (returning 1), loaded
 before torch, makes MKL choose by the CPU's features instead, as it does on Intel. On the
-2-core AMD EPYC a prefix-mode training step took 0.80-0.93 of its time that way
-(docs/performance.md, "MKL's code paths on an AMD CPU"). The products round differently
-from MKL's generic path (each is still an ordinary float32 product: within a few units
-of float32 rounding of a float64 reference, tested), so results on an AMD CPU change in
-their last bits. The library is compiled once with the system's C compiler into the user's
-cache (``$XDG_CACHE_HOME/hm4sr``, else ``~/.cache/hm4sr``) and loaded from there; without a
-compiler, on an Intel CPU or another system, nothing happens. ``HM4SR_MKL_INTEL_PATHS=0``
-leaves MKL's choice alone. :func:`mkl_intel_paths` says what happened and why; every
-result records it (``hm4sr_core.provenance``).
+2-core AMD EPYC a prefix-mode epoch took 0.875-0.948 of its time that way, three rounds each
+paired with an epoch of the code before (docs/performance.md, "MKL's code paths on an AMD
+CPU"). The products round differently from MKL's generic path in some shapes (each is
+still an ordinary float32 product, within the K-term float32 error bound of a float64
+reference: tested), so results on an AMD CPU change in their last bits. The library is
+compiled once with the system's C compiler into the user's cache (``$XDG_CACHE_HOME/hm4sr``,
+else ``~/.cache/hm4sr``; the folder private to the user, a file others could have written
+refused) and loaded from there; without a compiler, on an Intel CPU or another system,
+nothing happens. ``HM4SR_MKL_INTEL_PATHS=0`` leaves MKL's choice alone; ``=1`` loads it on
+any x86-64 Linux CPU (a Hygon, which MKL treats as AMD). :func:`mkl_intel_paths` says what
+happened and why; every result records it (``hm4sr_core.provenance``).
 
-``python -m hm4sr_core.runtime COMMAND ...`` runs a command with the OpenMP setting in its
-environment (``make lab`` starts JupyterLab that way, so its kernels inherit it).
+``python -m hm4sr_core.runtime COMMAND ...`` runs a command with the OpenMP setting and the
+MKL library (``LD_PRELOAD``) in its environment (``make lab`` starts JupyterLab that way, so
+its kernels inherit both).
 """
 
 from __future__ import annotations
@@ -60,6 +63,7 @@ import ctypes.util
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
@@ -138,13 +142,13 @@ def allocator_kept() -> bool:
 
 # ----------------------------------------------------------------------------- MKL on AMD CPUs
 
-MKL_SWITCH = "HM4SR_MKL_INTEL_PATHS"  # "0" (or off/false/no): leave MKL's choice of code path alone
+MKL_SWITCH = "HM4SR_MKL_INTEL_PATHS"  # 0/off: leave MKL alone; 1/force: load it on any x86-64 Linux CPU
 MKL_SHIM_SOURCE = (
     "/* hm4sr_core.runtime: MKL asks this whether the CPU is an Intel one before it picks its\n"
     "   kernels; saying yes makes it pick them by the CPU's features, as it does on Intel. */\n"
     "int mkl_serv_intel_cpu_true(void) { return 1; }\n")
 MKL_SHIM_NAME = f"libhm4sr_mkl_intel_paths-{hashlib.sha256(MKL_SHIM_SOURCE.encode()).hexdigest()[:12]}.so"
-COMPILE_TIMEOUT = 120
+COMPILE_TIMEOUT = 60
 
 _mkl_state: dict | None = None
 
@@ -171,14 +175,20 @@ def cpu_vendor_and_flags(cpuinfo: str | None = None) -> tuple[str | None, set[st
 
 def mkl_shim_wanted(env=None, cpuinfo: str | None = None, system: str | None = None,
                     machine: str | None = None) -> str | None:
-    """None when the MKL library should be loaded here, else why not (one phrase)."""
+    """None when the MKL library should be loaded here, else why not (one phrase).
+    ``HM4SR_MKL_INTEL_PATHS=1`` (or ``force``) loads it on any x86-64 Linux CPU: a CPU of
+    another vendor that MKL treats as AMD (Hygon), or a test on an Intel CPU, where it
+    changes nothing."""
     env = os.environ if env is None else env
-    if env.get(MKL_SWITCH, "").strip().lower() in ("0", "off", "false", "no"):
+    switch = env.get(MKL_SWITCH, "").strip().lower()
+    if switch in ("0", "off", "false", "no"):
         return f"{MKL_SWITCH}={env[MKL_SWITCH]}"
     system = platform.system() if system is None else system
     machine = platform.machine() if machine is None else machine
     if system != "Linux" or machine not in ("x86_64", "AMD64"):
         return f"not needed on {system} {machine}"
+    if switch in ("1", "force", "on", "true", "yes"):
+        return None
     vendor, flags = cpu_vendor_and_flags(cpuinfo)
     if vendor != "AuthenticAMD":
         return f"not needed: the CPU is {vendor or 'of unknown vendor'}, MKL chooses by its features already"
@@ -189,39 +199,84 @@ def mkl_shim_wanted(env=None, cpuinfo: str | None = None, system: str | None = N
 
 def cache_dir(env=None) -> Path:
     """Where the workbench keeps what it builds for this user: ``$XDG_CACHE_HOME/hm4sr``, else
-    ``~/.cache/hm4sr``."""
+    ``~/.cache/hm4sr``; an absolute path (a relative ``XDG_CACHE_HOME`` is ignored, as the
+    XDG specification says). Raises OSError when there is no absolute home to put it in."""
     env = os.environ if env is None else env
-    base = env.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "hm4sr"
+    xdg = env.get("XDG_CACHE_HOME", "")
+    if os.path.isabs(xdg):
+        return Path(xdg) / "hm4sr"
+    home = env.get("HOME") or os.path.expanduser("~")
+    if not os.path.isabs(home):
+        raise OSError("no absolute $XDG_CACHE_HOME or $HOME to keep the library in")
+    return Path(home) / ".cache" / "hm4sr"
 
 
-def build_mkl_shim(folder: Path | None = None, compiler: str | None = None) -> Path:
+def find_compiler(env=None) -> list[str] | None:
+    """The C compiler command: ``$CC`` (may carry arguments, e.g. ``ccache gcc``) when its
+    program is on PATH, else ``cc`` or ``gcc``; None when there is none."""
+    env = os.environ if env is None else env
+    if env.get("CC"):
+        try:
+            words = shlex.split(env["CC"])
+        except ValueError:
+            words = []
+        if words and shutil.which(words[0]):
+            return words
+    found = shutil.which("cc") or shutil.which("gcc")
+    return [found] if found else None
+
+
+def _private(path: Path) -> bool:
+    """True when ``path`` belongs to this user and nobody else may write to it: a library
+    loaded into the process runs its code there, so only one of the user's own is loaded."""
+    info = path.stat()
+    return info.st_uid == os.geteuid() and not info.st_mode & 0o022
+
+
+def build_mkl_shim(folder: Path | None = None, compiler: list[str] | None = None) -> Path:
     """The compiled library of :data:`MKL_SHIM_SOURCE` in ``folder`` (default
-    :func:`cache_dir`), compiled with the system's C compiler (``$CC``, else ``cc`` or
-    ``gcc``) the first time: in a scratch folder beside it, then renamed into place, so
-    two processes building at once both get a whole file. Raises OSError naming what
-    failed (no compiler, an unwritable folder, the compiler's own message)."""
+    :func:`cache_dir`), compiled with :func:`find_compiler`'s compiler the first time: in a
+    scratch folder beside it, loaded once there as a check, then renamed into place, so two
+    processes building at once both get a whole, working file. The folder is made private
+    to the user (mode 700); a folder or file that another user owns or may write to is
+    refused. Raises OSError naming what failed (no compiler, the folder, the compiler's
+    own message)."""
     folder = cache_dir() if folder is None else Path(folder)
     target = folder / MKL_SHIM_NAME
     if target.is_file():
+        if not (_private(folder) and _private(target)):
+            raise OSError(f"{target}: not this user's own, or others may write to it; not loaded")
         return target
-    cc = compiler or os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if not cc or shutil.which(cc) is None:
+    cc = compiler or find_compiler()
+    if not cc:
         raise OSError("no C compiler (cc or gcc on PATH, or $CC) to build a 1-line library")
-    folder.mkdir(parents=True, exist_ok=True)
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if not _private(folder):
+        raise OSError(f"{folder}: not this user's own, or others may write to it; no library built there")
     with tempfile.TemporaryDirectory(dir=folder, prefix=".build-") as scratch:
         source, built = Path(scratch) / "shim.c", Path(scratch) / MKL_SHIM_NAME
         source.write_text(MKL_SHIM_SOURCE)
         try:
-            done = subprocess.run([cc, "-shared", "-fPIC", "-O2", "-o", str(built), str(source)],
-                                  capture_output=True, text=True, timeout=COMPILE_TIMEOUT)
+            done = subprocess.run([*cc, "-shared", "-fPIC", "-O2", "-o", str(built), str(source)],
+                                  capture_output=True, text=True, errors="replace", timeout=COMPILE_TIMEOUT)
         except subprocess.TimeoutExpired as err:
-            raise OSError(f"{cc} took over {COMPILE_TIMEOUT} s to compile {source.name}") from err
+            raise OSError(f"{' '.join(cc)} took over {COMPILE_TIMEOUT} s to compile {source.name}") from err
         if done.returncode != 0 or not built.is_file():
-            raise OSError(f"{cc} failed on {source.name} (exit {done.returncode}): "
+            raise OSError(f"{' '.join(cc)} failed on {source.name} (exit {done.returncode}): "
                           f"{(done.stderr or done.stdout).strip()[-500:]}")
+        if ctypes.CDLL(str(built)).mkl_serv_intel_cpu_true() != 1:  # loads here (a foreign build would not)
+            raise OSError(f"{' '.join(cc)} built a library whose function does not answer 1")
         os.replace(built, target)
     return target
+
+
+def _preloaded(env=None) -> str | None:
+    """The workbench's library when ``LD_PRELOAD`` names it (``make lab``'s kernels, DDP ranks)."""
+    env = os.environ if env is None else env
+    for entry in env.get("LD_PRELOAD", "").replace(":", " ").split():
+        if os.path.basename(entry) == MKL_SHIM_NAME and os.path.isfile(entry):
+            return entry
+    return None
 
 
 def mkl_intel_paths() -> dict:
@@ -234,7 +289,11 @@ def mkl_intel_paths() -> dict:
     global _mkl_state
     if _mkl_state is not None:
         return _mkl_state
+    preloaded = _preloaded()
     reason = mkl_shim_wanted()
+    if preloaded is not None:
+        _mkl_state = {"on": True, "why": "preloaded by the parent process (LD_PRELOAD)", "library": preloaded}
+        return _mkl_state
     if reason is None and "torch" in sys.modules:
         reason = "torch was imported before the settings were applied (MKL has chosen its path by then)"
     if reason is not None:
@@ -243,30 +302,37 @@ def mkl_intel_paths() -> dict:
     try:
         path = build_mkl_shim()
         ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
-    except OSError as err:
+    except Exception as err:  # noqa: BLE001 - whatever fails, MKL's generic path is kept and the record says why
         _mkl_state = {"on": False, "why": f"not loaded: {err}", "library": None}
         return _mkl_state
-    _mkl_state = {"on": True, "why": "an AMD CPU: MKL chooses its kernels by the CPU's features",
-                  "library": str(path)}
+    _mkl_state = {"on": True, "why": "loaded: MKL chooses its kernels by the CPU's features", "library": str(path)}
     return _mkl_state
 
 
 def mkl_state() -> dict:
-    """What :func:`mkl_intel_paths` did in this process, for result records ("not requested"
-    when it was not called)."""
-    return _mkl_state if _mkl_state is not None else {"on": False, "why": "not requested", "library": None}
+    """What :func:`mkl_intel_paths` did in this process, for result records: "preloaded" when
+    it was not called but ``LD_PRELOAD`` brought the library, else "not requested"."""
+    if _mkl_state is not None:
+        return _mkl_state
+    preloaded = _preloaded()
+    if preloaded is not None:
+        return {"on": True, "why": "preloaded by the parent process (LD_PRELOAD)", "library": preloaded}
+    return {"on": False, "why": "not requested", "library": None}
 
 
 def preload_environment(env=None) -> dict[str, str]:
     """``LD_PRELOAD`` for a child process that must run MKL's products as this one does even
-    if its code does not load the library itself (an older revision of the workbench):
-    this process's library prepended to ``env``'s preload list; {} when it is not loaded."""
+    if its code does not load the library itself (an older revision of the workbench,
+    multiprocessing's spawn): this process's library first, then ``env``'s preload list; {}
+    when it is not loaded, or when its path holds a space or a colon (the loader splits
+    ``LD_PRELOAD`` there)."""
     env = os.environ if env is None else env
     state = mkl_state()
-    if not state["on"]:
+    library = state["library"]
+    if not state["on"] or not library or any(c in library for c in " :"):
         return {}
-    present = [p for p in env.get("LD_PRELOAD", "").replace(":", " ").split() if p != state["library"]]
-    return {"LD_PRELOAD": " ".join([state["library"], *present])}
+    present = [p for p in env.get("LD_PRELOAD", "").replace(":", " ").split() if p != library]
+    return {"LD_PRELOAD": " ".join([library, *present])}
 
 
 @contextlib.contextmanager

@@ -443,3 +443,24 @@ def test_steal_percent_is_the_share_of_ticks_between_two_readings():
     from benchmarks.run import steal_percent
     assert steal_percent((10, 1000), (13, 1400)) == 0.75
     assert steal_percent(None, (13, 1400)) is None and steal_percent((10, 1000), (10, 1000)) is None
+
+
+def test_mkl_paths_times_and_compares_every_product_of_a_step_on_both_paths(tmp_path):
+    out = tmp_path / "paths.json"
+    done = subprocess.run([sys.executable, "-m", "benchmarks.mkl_paths", "--rows", "300", "--repeats", "1",
+                           "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    figures = json.loads(out.read_text())
+    assert [r["product"] for r in figures["products"]] == [
+        f"{k}->{n} {what}" for k, n in ((64, 192), (64, 64), (64, 256), (256, 64))
+        for what in ("forward", "input_gradient", "weight_gradient")]
+    assert all(r["generic_seconds"] > 0 and r["library_seconds"] > 0 for r in figures["products"])
+    from hm4sr_core import runtime
+    if not figures["library"]["on"]:  # no library here: both columns are one path, so the bits agree
+        assert all(r["same_bits"] for r in figures["products"]), figures
+        assert figures["mkl_code_path"]["generic"] == figures["mkl_code_path"]["library"]
+    elif runtime.mkl_shim_wanted(env={}) is None and figures["mkl_code_path"]["generic"] is not None:
+        assert figures["mkl_code_path"]["generic"] == 0 and figures["mkl_code_path"]["library"] != 0
+    assert "all products at 2 threads" in done.stdout
+    assert subprocess.run([sys.executable, "-m", "benchmarks.mkl_paths", "--rows", "0"], capture_output=True,
+                          text=True, timeout=120).returncode == 2

@@ -96,8 +96,8 @@ def test_a_late_call_says_the_openmp_part_reaches_children_only():
     assert _child(code) == ["False", runtime.SPIN_COUNT]
 
 
-def test_the_runtime_launcher_runs_a_command_with_the_setting():
-    env = {k: v for k, v in os.environ.items() if k not in runtime.OPENMP_VARIABLES}
+def test_the_runtime_launcher_runs_a_command_with_the_setting(tmp_path):
+    env = {k: v for k, v in _mkl_env(tmp_path).items() if k not in runtime.OPENMP_VARIABLES}
     done = subprocess.run([sys.executable, "-m", "hm4sr_core.runtime", sys.executable, "-c",
                            "import os; print(os.environ.get('GOMP_SPINCOUNT'))"], env={**env, "PYTHONPATH": str(ROOT)},
                           capture_output=True, text=True, timeout=60)
@@ -153,7 +153,9 @@ def test_the_notebook_runner_leaves_the_callers_environment_as_it_was(tmp_path, 
 
 VENDOR, FLAGS = runtime.cpu_vendor_and_flags()
 AMD_WITH_MKL = (runtime.mkl_shim_wanted(env={}) is None)  # an AMD x86-64 Linux CPU with AVX2 and FMA
-HAS_CC = bool(os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc"))
+HAS_CC = runtime.find_compiler() is not None
+LINUX_X86 = platform.system() == "Linux" and platform.machine() == "x86_64"
+CAN_LOAD = LINUX_X86 and HAS_CC  # HM4SR_MKL_INTEL_PATHS=1 loads it on any such machine
 CPUINFO = "processor\t: 0\nvendor_id\t: {vendor}\nflags\t\t: fpu sse2 {flags}\n\nprocessor\t: 1\nvendor_id\t: {vendor}\n"
 
 
@@ -162,13 +164,15 @@ CPUINFO = "processor\t: 0\nvendor_id\t: {vendor}\nflags\t\t: fpu sse2 {flags}\n\
     ({}, "AuthenticAMD", "avx2 fma", "Linux", None),
     ({runtime.MKL_SWITCH: "0"}, "AuthenticAMD", "avx2 fma", "Linux", "HM4SR_MKL_INTEL_PATHS=0"),
     ({runtime.MKL_SWITCH: "off"}, "AuthenticAMD", "avx2 fma", "Linux", "HM4SR_MKL_INTEL_PATHS=off"),
-    ({runtime.MKL_SWITCH: "1"}, "AuthenticAMD", "avx2 fma", "Linux", None),
     ({}, "GenuineIntel", "avx2 fma avx512f", "Linux", "the CPU is GenuineIntel"),
+    ({runtime.MKL_SWITCH: "1"}, "GenuineIntel", "avx2 fma", "Linux", None),
+    ({runtime.MKL_SWITCH: "force"}, "HygonGenuine", "avx2 fma", "Linux", None),
+    ({}, "HygonGenuine", "avx2 fma", "Linux", "the CPU is HygonGenuine"),
     ({}, "AuthenticAMD", "sse4_2", "Linux", "without AVX2"),
     ({}, "AuthenticAMD", "avx2 fma", "Darwin", "not needed on Darwin"),
+    ({runtime.MKL_SWITCH: "1"}, "AuthenticAMD", "avx2 fma", "Windows", "not needed on Windows"),
 ])
-def test_the_mkl_library_is_wanted_only_on_an_amd_cpu_with_avx2_unless_switched_off(env, vendor, flags, system,
-                                                                                      want):
+def test_the_mkl_library_is_wanted_only_on_an_amd_cpu_with_avx2_unless_switched(env, vendor, flags, system, want):
     why = runtime.mkl_shim_wanted(env=env, cpuinfo=CPUINFO.format(vendor=vendor, flags=flags), system=system,
                                   machine="x86_64")
     assert why is None if want is None else want in why
@@ -180,24 +184,50 @@ def test_cpuinfo_gives_the_first_cpus_vendor_and_flags():
     assert runtime.cpu_vendor_and_flags("") == (None, set())
 
 
-@pytest.mark.skipif(not (HAS_CC and platform.system() == "Linux"), reason="needs a C compiler on Linux")
-def test_the_library_is_compiled_once_into_the_cache_and_exports_the_one_function(tmp_path):
+def test_the_cache_folder_is_an_absolute_path_or_an_error():
+    assert runtime.cache_dir({"XDG_CACHE_HOME": "/x/cache", "HOME": "/home/u"}) == Path("/x/cache/hm4sr")
+    assert runtime.cache_dir({"XDG_CACHE_HOME": "rel", "HOME": "/home/u"}) == Path("/home/u/.cache/hm4sr")
+    with pytest.raises(OSError, match="absolute"):
+        runtime.cache_dir({"XDG_CACHE_HOME": "rel", "HOME": "~"})
+
+
+def test_the_compiler_comes_from_cc_with_its_arguments_else_from_path(tmp_path, monkeypatch):
+    fake = tmp_path / "mycc"
+    fake.write_text("#!/bin/sh\nexit 0\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert runtime.find_compiler({"CC": f"{fake} -m64"}) == [str(fake), "-m64"]
+    assert runtime.find_compiler({"CC": "no-such-wrapper-hm4sr gcc"}) is None  # nothing on this PATH
+    (tmp_path / "cc").symlink_to(fake)
+    assert runtime.find_compiler({"CC": "no-such-wrapper-hm4sr gcc"}) == [str(tmp_path / "cc")]
+
+
+@pytest.mark.skipif(not CAN_LOAD, reason="needs a C compiler on x86-64 Linux")
+def test_the_library_is_compiled_once_into_a_private_cache_and_exports_the_one_function(tmp_path):
     import ctypes
     path = runtime.build_mkl_shim(tmp_path / "cache")
     assert path.parent == tmp_path / "cache" and path.name == runtime.MKL_SHIM_NAME
     assert sorted(p.name for p in path.parent.iterdir()) == [runtime.MKL_SHIM_NAME]  # no scratch left behind
+    assert (tmp_path / "cache").stat().st_mode & 0o777 == 0o700
     assert ctypes.CDLL(str(path)).mkl_serv_intel_cpu_true() == 1
     stamp = path.stat().st_mtime_ns
-    assert runtime.build_mkl_shim(tmp_path / "cache", compiler="no-such-compiler") == path  # reused, not rebuilt
+    assert runtime.build_mkl_shim(tmp_path / "cache", compiler=["no-such-compiler"]) == path  # reused, not rebuilt
     assert path.stat().st_mtime_ns == stamp
+    path.chmod(0o777)  # a file others may have written is never loaded
+    with pytest.raises(OSError, match="others may write"):
+        runtime.build_mkl_shim(tmp_path / "cache")
 
 
-@pytest.mark.parametrize("compiler, message", [("no-such-compiler-hm4sr", "no C compiler"), ("false", "failed")])
-def test_a_missing_or_failing_compiler_is_an_oserror_that_says_so_and_leaves_nothing(tmp_path, compiler, message):
-    if compiler == "false" and shutil.which("false") is None:
+def test_a_missing_or_failing_compiler_is_an_oserror_that_says_so_and_leaves_nothing(tmp_path, monkeypatch):
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    with pytest.raises(OSError, match="no C compiler"):
+        runtime.build_mkl_shim(tmp_path / "cache")
+    monkeypatch.undo()
+    if shutil.which("false") is None:
         pytest.skip("no `false` command")
-    with pytest.raises(OSError, match=message):
-        runtime.build_mkl_shim(tmp_path / "cache", compiler=compiler)
+    with pytest.raises(OSError, match="failed on shim.c"):
+        runtime.build_mkl_shim(tmp_path / "cache", compiler=[shutil.which("false")])
     assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
 
 
@@ -207,11 +237,16 @@ MKL_REPORT = ("import json, os; from hm4sr_core import runtime; r = runtime.conf
 PLAIN_CODE_PATH = "import torch; from hm4sr_core.provenance import mkl_code_path; print(mkl_code_path())"
 
 
-def _mkl_child(code: str, cache: Path, **set_vars):
-    import json
+def _mkl_env(cache: Path, **set_vars) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in (runtime.MKL_SWITCH, "LD_PRELOAD", "XDG_CACHE_HOME")}
     env.update(set_vars, PYTHONPATH=str(ROOT), XDG_CACHE_HOME=str(cache))
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=180)
+    return env
+
+
+def _mkl_child(code: str, cache: Path, **set_vars):
+    import json
+    done = subprocess.run([sys.executable, "-c", code], env=_mkl_env(cache, **set_vars), capture_output=True,
+                          text=True, timeout=180)
     assert done.returncode == 0, done.stderr[-2000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -222,49 +257,64 @@ def test_configure_process_loads_the_library_on_an_amd_cpu_and_every_result_reco
     assert recorded == state["on"]
     if not (AMD_WITH_MKL and HAS_CC):
         assert state["on"] is False and state["why"] and code_path == plain
-        return
-    assert state["on"] is True, state
-    assert Path(state["library"]).parent == tmp_path / "hm4sr"
-    if plain is not None:  # torch with MKL: it now runs another code path than MKL's generic one
-        assert plain == 0 and code_path not in (None, 0), (plain, code_path)
+    else:
+        assert state["on"] is True, state
+        assert Path(state["library"]).parent == tmp_path / "hm4sr"
+        if plain is not None:  # torch with MKL: it now runs another code path than MKL's generic one
+            assert plain == 0 and code_path not in (None, 0), (plain, code_path)
     switched = _mkl_child(MKL_REPORT, tmp_path, HM4SR_MKL_INTEL_PATHS="0")
     assert switched[0] == {"on": False, "why": "HM4SR_MKL_INTEL_PATHS=0", "library": None}
     assert switched[2] == plain
 
 
+@pytest.mark.skipif(not CAN_LOAD, reason="needs a C compiler on x86-64 Linux")
+def test_the_forced_switch_loads_it_on_any_x86_cpu_and_a_planted_file_is_refused(tmp_path):
+    state, recorded, _ = _mkl_child(MKL_REPORT, tmp_path, HM4SR_MKL_INTEL_PATHS="1")
+    assert state["on"] is True and recorded is True and state["library"].startswith(str(tmp_path))
+    Path(state["library"]).chmod(0o666)  # as if another user had written it
+    state, recorded, _ = _mkl_child(MKL_REPORT, tmp_path, HM4SR_MKL_INTEL_PATHS="1")
+    assert state["on"] is False and recorded is False and "others may write" in state["why"]
+
+
 def test_a_late_call_leaves_mkl_alone_and_says_why(tmp_path):
     code = ("import json, torch; from hm4sr_core import runtime; r = runtime.configure_process(); "
             "from hm4sr_core.provenance import mkl_code_path; print(json.dumps([r['mkl_intel_paths'], mkl_code_path()]))")
-    state, code_path = _mkl_child(code, tmp_path)
-    assert state["on"] is False and code_path == _mkl_child(PLAIN_CODE_PATH, tmp_path)
-    if AMD_WITH_MKL:
+    plain = _mkl_child(PLAIN_CODE_PATH, tmp_path)
+    state, code_path = _mkl_child(code, tmp_path, HM4SR_MKL_INTEL_PATHS="1" if LINUX_X86 else "")
+    assert state["on"] is False and code_path == plain
+    if LINUX_X86:
         assert "torch was imported before" in state["why"]
 
 
-def test_children_started_in_the_preload_block_run_the_parents_code_path(tmp_path):
+@pytest.mark.skipif(not CAN_LOAD, reason="needs a C compiler on x86-64 Linux")
+def test_children_started_in_the_preload_block_get_the_library_and_record_it(tmp_path):
     """multiprocessing's spawn imports torch before any workbench code: LD_PRELOAD carries
-    the library to it, and the parent's LD_PRELOAD is as it was afterwards."""
+    the library to it, the child's records say so, and the parent's LD_PRELOAD (here one
+    naming libc) is as it was afterwards."""
+    child = ("import json, torch; from hm4sr_core import runtime; from hm4sr_core.provenance import mkl_code_path; "
+             "print(json.dumps([runtime.mkl_state(), mkl_code_path()]))")
     code = ("import json, os, subprocess, sys; from hm4sr_core import runtime; runtime.configure_process()\n"
             "before = os.environ.get('LD_PRELOAD')\n"
             "with runtime.children_preload():\n"
-            f"    out = subprocess.run([sys.executable, '-c', {PLAIN_CODE_PATH!r}], capture_output=True, text=True,"
+            f"    out = subprocess.run([sys.executable, '-c', {child!r}], capture_output=True, text=True,"
             " check=True).stdout\n"
-            "print(json.dumps([before, os.environ.get('LD_PRELOAD'), int(out) if out.strip() != 'None' else None,"
-            " runtime.preload_environment()]))")
-    before, after, child, extra = _mkl_child(code, tmp_path)
-    assert before == after is None
-    if AMD_WITH_MKL and HAS_CC:
-        assert extra["LD_PRELOAD"].endswith(runtime.MKL_SHIM_NAME)
-        assert child not in (None, 0)
-    else:
-        assert extra == {} and child == _mkl_child(PLAIN_CODE_PATH, tmp_path)
+            "print(json.dumps([before, os.environ.get('LD_PRELOAD'), json.loads(out), runtime.preload_environment()]))")
+    before, after, (state, code_path), extra = _mkl_child(code, tmp_path, HM4SR_MKL_INTEL_PATHS="1",
+                                                          LD_PRELOAD="libc.so.6")
+    assert before == after == "libc.so.6"
+    assert extra["LD_PRELOAD"].split() == [str(tmp_path / "hm4sr" / runtime.MKL_SHIM_NAME), "libc.so.6"]
+    assert state["on"] is True and "LD_PRELOAD" in state["why"]
+    if AMD_WITH_MKL:
+        assert code_path not in (None, 0)
 
 
-def test_matrix_products_stay_within_float32_rounding_of_a_float64_reference(tmp_path):
+def test_matrix_products_stay_within_the_float32_error_bound_of_a_float64_reference(tmp_path):
     """Whatever code path MKL runs here (its AVX-512 one on an AMD CPU with the library),
-    a float32 product stays within the bound of a K-term float32 dot product,
+    a float32 product stays within the error bound of a K-term float32 dot product,
     |error| <= K * eps * sum_k |a_ik| |b_kj| (eps = 2^-24), for the shapes of a training step:
-    forward, input gradient and weight gradient of 64-, 192- and 256-wide layers."""
+    forward, input gradient and weight gradient of 64-, 192- and 256-wide layers. The bound
+    is loose (errors are typically far below it): this catches a wrong kernel, not a
+    different rounding."""
     code = ("import json; from hm4sr_core import runtime; runtime.configure_process(); import torch\n"
             "torch.manual_seed(0); worst = 0.0\n"
             "for m, k, n in [(5000, 64, 192), (5000, 64, 256), (5000, 256, 64), (64, 5000, 256), (192, 5000, 64),"
