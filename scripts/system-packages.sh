@@ -39,7 +39,7 @@ if ! have_postgres; then
 fi
 if ! have_cc; then
   missing="${missing:+$missing and }a C compiler"
-  left_out="${left_out:+$left_out; }on an AMD CPU MKL keeps its generic kernels (slower training; the tests of the library skip)"
+  left_out="${left_out:+$left_out; }on an AMD CPU MKL keeps its generic kernels (slower training; the tests that build the library skip)"
 fi
 skip_line() {
   echo "system packages: $missing missing ($1); $left_out. To get them: apt-get install -y $PACKAGES" \
