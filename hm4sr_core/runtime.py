@@ -266,6 +266,7 @@ def build_mkl_shim(folder: Path | None = None, compiler: list[str] | None = None
                           f"{(done.stderr or done.stdout).strip()[-500:]}")
         if ctypes.CDLL(str(built)).mkl_serv_intel_cpu_true() != 1:  # loads here (a foreign build would not)
             raise OSError(f"{' '.join(cc)} built a library whose function does not answer 1")
+        built.chmod(0o755)  # whatever the umask (002 makes it group-writable, which a later load refuses)
         os.replace(built, target)
     return target
 

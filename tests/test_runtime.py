@@ -209,6 +209,7 @@ def test_the_library_is_compiled_once_into_a_private_cache_and_exports_the_one_f
     assert path.parent == tmp_path / "cache" and path.name == runtime.MKL_SHIM_NAME
     assert sorted(p.name for p in path.parent.iterdir()) == [runtime.MKL_SHIM_NAME]  # no scratch left behind
     assert (tmp_path / "cache").stat().st_mode & 0o777 == 0o700
+    assert path.stat().st_mode & 0o777 == 0o755
     assert ctypes.CDLL(str(path)).mkl_serv_intel_cpu_true() == 1
     stamp = path.stat().st_mtime_ns
     assert runtime.build_mkl_shim(tmp_path / "cache", compiler=["no-such-compiler"]) == path  # reused, not rebuilt
@@ -216,6 +217,16 @@ def test_the_library_is_compiled_once_into_a_private_cache_and_exports_the_one_f
     path.chmod(0o777)  # a file others may have written is never loaded
     with pytest.raises(OSError, match="others may write"):
         runtime.build_mkl_shim(tmp_path / "cache")
+
+
+@pytest.mark.skipif(not CAN_LOAD, reason="needs a C compiler on x86-64 Linux")
+def test_a_build_under_a_permissive_umask_is_still_loaded_next_time(tmp_path):
+    old = os.umask(0o002)
+    try:
+        path = runtime.build_mkl_shim(tmp_path / "cache")
+    finally:
+        os.umask(old)
+    assert runtime.build_mkl_shim(tmp_path / "cache", compiler=["no-such-compiler"]) == path
 
 
 def test_a_missing_or_failing_compiler_is_an_oserror_that_says_so_and_leaves_nothing(tmp_path, monkeypatch):
