@@ -271,12 +271,13 @@ def build_mkl_shim(folder: Path | None = None, compiler: list[str] | None = None
     return target
 
 
-def _preloaded(env=None) -> str | None:
-    """The workbench's library when ``LD_PRELOAD`` names it (``make lab``'s kernels, DDP ranks)."""
+def _preloaded(env=None) -> dict | None:
+    """The state of a process whose ``LD_PRELOAD`` names the workbench's library (``make lab``'s
+    kernels, DDP ranks); None when it does not."""
     env = os.environ if env is None else env
     for entry in env.get("LD_PRELOAD", "").replace(":", " ").split():
         if os.path.basename(entry) == MKL_SHIM_NAME and os.path.isfile(entry):
-            return entry
+            return {"on": True, "why": "preloaded by the parent process (LD_PRELOAD)", "library": entry}
     return None
 
 
@@ -288,26 +289,23 @@ def mkl_intel_paths() -> dict:
     done or why not (the switch, another vendor, torch imported first, no compiler, ...).
     Never raises: without the library MKL keeps its generic path, slower but correct."""
     global _mkl_state
-    if _mkl_state is not None:
-        return _mkl_state
-    preloaded = _preloaded()
+    if _mkl_state is None:
+        _mkl_state = _preloaded() or _load_mkl_shim()
+    return _mkl_state
+
+
+def _load_mkl_shim() -> dict:
     reason = mkl_shim_wanted()
-    if preloaded is not None:
-        _mkl_state = {"on": True, "why": "preloaded by the parent process (LD_PRELOAD)", "library": preloaded}
-        return _mkl_state
     if reason is None and "torch" in sys.modules:
         reason = "torch was imported before the settings were applied (MKL has chosen its path by then)"
     if reason is not None:
-        _mkl_state = {"on": False, "why": reason, "library": None}
-        return _mkl_state
+        return {"on": False, "why": reason, "library": None}
     try:
         path = build_mkl_shim()
         ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
     except Exception as err:  # noqa: BLE001 - whatever fails, MKL's generic path is kept and the record says why
-        _mkl_state = {"on": False, "why": f"not loaded: {err}", "library": None}
-        return _mkl_state
-    _mkl_state = {"on": True, "why": "loaded: MKL chooses its kernels by the CPU's features", "library": str(path)}
-    return _mkl_state
+        return {"on": False, "why": f"not loaded: {err}", "library": None}
+    return {"on": True, "why": "loaded: MKL chooses its kernels by the CPU's features", "library": str(path)}
 
 
 def mkl_state() -> dict:
@@ -315,10 +313,7 @@ def mkl_state() -> dict:
     it was not called but ``LD_PRELOAD`` brought the library, else "not requested"."""
     if _mkl_state is not None:
         return _mkl_state
-    preloaded = _preloaded()
-    if preloaded is not None:
-        return {"on": True, "why": "preloaded by the parent process (LD_PRELOAD)", "library": preloaded}
-    return {"on": False, "why": "not requested", "library": None}
+    return _preloaded() or {"on": False, "why": "not requested", "library": None}
 
 
 def preload_environment(env=None) -> dict[str, str]:

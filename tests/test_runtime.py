@@ -151,7 +151,6 @@ def test_the_notebook_runner_leaves_the_callers_environment_as_it_was(tmp_path, 
 
 # ----------------------------------------------------------------------------- MKL's code paths on AMD CPUs
 
-VENDOR, FLAGS = runtime.cpu_vendor_and_flags()
 AMD_WITH_MKL = (runtime.mkl_shim_wanted(env={}) is None)  # an AMD x86-64 Linux CPU with AVX2 and FMA
 HAS_CC = runtime.find_compiler() is not None
 LINUX_X86 = platform.system() == "Linux" and platform.machine() == "x86_64"
